@@ -1,0 +1,99 @@
+"""The vocabulary between the planner and the adapters: one small dataclass per change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .observed import IPInterface, Route
+
+
+@dataclass(frozen=True)
+class Action:
+    # The network this action serves; a failure marks that network failed.
+    network: str | None
+
+
+@dataclass(frozen=True)
+class CreateBridge(Action):
+    bridge: str
+    mtu: int | None = None
+    mac: str | None = None  # bridged mode: take the uplink's MAC
+
+
+@dataclass(frozen=True)
+class SetBridgeOptions(Action):
+    """STP and forward delay; the adapter applies the delay first when enabling STP."""
+
+    bridge: str
+    stp: bool
+    forward_delay: int
+
+
+@dataclass(frozen=True)
+class SetMtu(Action):
+    ifname: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class SetUp(Action):
+    ifname: str
+
+
+@dataclass(frozen=True)
+class AddAddress(Action):
+    ifname: str
+    address: IPInterface
+
+
+@dataclass(frozen=True)
+class RemoveAddress(Action):
+    ifname: str
+    address: IPInterface
+
+
+@dataclass(frozen=True)
+class AddRoute(Action):
+    ifname: str
+    route: Route
+
+
+@dataclass(frozen=True)
+class RemoveRoute(Action):
+    ifname: str
+    route: Route
+
+
+@dataclass(frozen=True)
+class Enslave(Action):
+    """Attach (or move) a port; it is also set up. Moving never takes it down."""
+
+    ifname: str
+    bridge: str
+
+
+@dataclass(frozen=True)
+class Release(Action):
+    ifname: str
+
+
+@dataclass(frozen=True)
+class DeleteBridge(Action):
+    bridge: str
+
+
+@dataclass(frozen=True)
+class SetForwarding(Action):
+    family: int  # 4 or 6
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class ApplyFirewall(Action):
+    ruleset: str  # the whole table, applied as one transaction
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class RemoveFirewall(Action):
+    pass

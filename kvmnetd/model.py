@@ -1,0 +1,154 @@
+"""Desired state: what the operator declared. Plain frozen data, no I/O."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field, replace
+
+IPv4Interface = ipaddress.IPv4Interface
+IPv6Interface = ipaddress.IPv6Interface
+
+
+class Mode(enum.StrEnum):
+    NAT = "nat"
+    ISOLATED = "isolated"
+    ROUTED = "routed"
+    BRIDGED = "bridged"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a value was declared, so errors can name file and line."""
+
+    file: str
+    line: int
+
+
+@dataclass(frozen=True)
+class DhcpRange:
+    start: ipaddress.IPv4Address | ipaddress.IPv6Address
+    end: ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class DhcpHost:
+    mac: str  # lower case, colon separated
+    ip: ipaddress.IPv4Address | None = None
+    name: str | None = None
+    lease_time: str | None = None  # dnsmasq syntax: "1h", "30m", "infinite"
+
+
+@dataclass(frozen=True)
+class Dhcp:
+    ranges: tuple[DhcpRange, ...] = ()
+    lease_time: str = "1h"
+    hosts: tuple[DhcpHost, ...] = ()
+    # None: the mode decides (isolated networks hand out no default route).
+    router: bool | None = None
+    # dnsmasq pings an address before offering it; off by default because it
+    # delays every first lease by ~3 s and the range is ours alone.
+    ping_check: bool = False
+    tftp_root: str | None = None
+    boot_file: str | None = None
+    next_server: ipaddress.IPv4Address | None = None
+    ra: bool = True
+    dhcpv6: str = "off"  # off | stateless | stateful
+    ranges6: tuple[DhcpRange, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dns:
+    enabled: bool = True
+    domain: str | None = None
+    forwarders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    mode: Mode
+    bridge: str
+    ipv4: IPv4Interface | None = None  # gateway address with prefix
+    ipv6: IPv6Interface | None = None
+    # bridged: the physical NIC enslaved into the bridge.
+    # nat/routed: optional, restricts forwarding/NAT to this outgoing device.
+    uplink: str | None = None
+    stp: bool = False
+    forward_delay: int = 0  # seconds; with STP on the kernel wants 2..30
+    mtu: int | None = None
+    autostart: bool = True
+    # isolated only: may guests reach the host's gateway address (beyond DHCP/DNS)?
+    host_access: bool = False
+    dhcp: Dhcp | None = None
+    dns: Dns = field(default_factory=Dns)
+    allow_users: tuple[str, ...] = ()
+    allow_groups: tuple[str, ...] = ()
+    source: Source | None = field(default=None, compare=False)
+
+    @property
+    def forwards(self) -> bool:
+        """Does the host route this network's traffic (needs ip_forward)?"""
+        return self.mode in (Mode.NAT, Mode.ROUTED)
+
+    @property
+    def needs_dnsmasq(self) -> bool:
+        return self.dhcp is not None or (self.dns.enabled and self.ipv4 is not None)
+
+
+@dataclass(frozen=True)
+class AttachRule:
+    """Auto-attach policy: a tap matching every given field joins `network`."""
+
+    network: str
+    ifname: str | None = None  # glob, e.g. "vnet*"
+    mac: str | None = None  # glob or prefix, e.g. "52:54:00:12:*"
+    domain: str | None = None  # libvirt domain name or UUID
+    source: Source | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Daemon-wide settings; every path can be overridden for side-by-side daemons."""
+
+    run_dir: str = "/run/kvmnetd"
+    state_dir: str = "/var/lib/kvmnetd"
+    config_file: str = "/etc/kvmnetd/kvmnetd.toml"
+    networks_dir: str = "/etc/kvmnetd/networks.d"
+    bus_address: str | None = None  # None: the system bus
+    firewall_table: str = "kvmnetd"
+    teardown_on_stop: bool = False
+    dnsmasq_path: str = "dnsmasq"
+    dnsmasq_user: str = "nobody"
+    libvirt_uri: str | None = "qemu:///system"
+    log_format: str = "kv"  # kv | json | journal
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    networks: dict[str, Network] = field(default_factory=dict)
+    # Networks that should be up: autostart ones plus runtime starts.
+    active: frozenset[str] = frozenset()
+    # Explicit port requests: ifname -> network name.
+    ports: dict[str, str] = field(default_factory=dict)
+    rules: tuple[AttachRule, ...] = ()
+
+    def active_networks(self) -> list[Network]:
+        return [n for name, n in sorted(self.networks.items()) if name in self.active]
+
+    def with_port(self, ifname: str, network: str | None) -> DesiredState:
+        ports = dict(self.ports)
+        if network is None:
+            ports.pop(ifname, None)
+        else:
+            ports[ifname] = network
+        return replace(self, ports=ports)
+
+    def with_active(self, name: str, up: bool) -> DesiredState:
+        active = set(self.active)
+        if up:
+            active.add(name)
+        else:
+            active.discard(name)
+        return replace(self, active=frozenset(active))

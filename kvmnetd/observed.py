@@ -1,0 +1,66 @@
+"""Observed state: a mirror of the system, updated only from adapter events and dumps."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: str | None  # "bridge", "tun", "veth"; None for a physical NIC
+    master: int | None = None  # ifindex of the bridge it is enslaved to
+    up: bool = False
+    mtu: int = 1500
+    mac: str = ""
+    stp: bool | None = None  # bridges only
+    forward_delay: int | None = None  # bridges only, whole seconds
+    tun_owner: int | None = None  # taps only: uid allowed to use it (-1/None: any)
+    tun_group: int | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: IPNetwork
+    oif: int | None = None
+    gateway: str | None = None
+    table: int = 254  # main
+    proto: int = 0
+    scope: int = 0
+    priority: int | None = None
+
+
+@dataclass
+class ObservedState:
+    links: dict[int, Link] = field(default_factory=dict)
+    addresses: dict[int, set[IPInterface]] = field(default_factory=dict)
+    routes: set[Route] = field(default_factory=set)
+    # family (4 or 6) -> forwarding enabled
+    forwarding: dict[int, bool] = field(default_factory=dict)
+    # Fingerprint of our nftables table as found (None: absent or not observed).
+    firewall: str | None = None
+
+    def link(self, name: str) -> Link | None:
+        for link in self.links.values():
+            if link.name == name:
+                return link
+        return None
+
+    def name_of(self, index: int | None) -> str | None:
+        link = self.links.get(index) if index is not None else None
+        return link.name if link else None
+
+    def addresses_of(self, name: str) -> set[IPInterface]:
+        link = self.link(name)
+        return set(self.addresses.get(link.index, set())) if link else set()
+
+    def routes_via(self, name: str) -> set[Route]:
+        link = self.link(name)
+        if link is None:
+            return set()
+        return {r for r in self.routes if r.oif == link.index}
