@@ -1,0 +1,81 @@
+"""What the core reports: plain records shared by the bus, the CLI and the DHCP supervisor."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asked: uid and groups, from the bus or from socket peer credentials."""
+
+    uid: int
+    gids: tuple[int, ...] = ()
+    pid: int | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+
+ROOT = Caller(uid=0)
+
+
+@dataclass(frozen=True)
+class Lease:
+    mac: str
+    ip: str
+    hostname: str = ""
+    client_id: str = ""
+    expires: int = 0  # epoch seconds; 0 = infinite
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DhcpStatus:
+    state: str = "off"  # off | starting | running | degraded | failed
+    reason: str = ""
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
+class NetworkStatus:
+    name: str
+    mode: str
+    bridge: str
+    addresses: tuple[str, ...] = ()
+    state: str = "inactive"  # inactive | pending | configuring | active | failed | degraded
+    reason: str = ""
+    ports: tuple[str, ...] = ()
+    dhcp: DhcpStatus = field(default_factory=DhcpStatus)
+    autostart: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["addresses"] = list(self.addresses)
+        d["ports"] = list(self.ports)
+        return d
+
+
+@dataclass(frozen=True)
+class PortStatus:
+    ifname: str
+    network: str
+    bridge: str
+    state: str = "pending"  # pending | attached | missing | failed
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CoreEvent:
+    """kind: network-changed | port-attached | port-detached | lease-added | lease-removed."""
+
+    kind: str
+    network: str
+    ifname: str = ""
+    lease: Lease | None = None
