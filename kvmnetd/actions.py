@@ -70,6 +70,8 @@ class Enslave(Action):
 
     ifname: str
     bridge: str
+    # bridged mode: this is the physical NIC; its addresses and routes move to the bridge.
+    uplink: bool = False
 
 
 @dataclass(frozen=True)

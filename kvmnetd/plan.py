@@ -1,0 +1,233 @@
+"""The planner: plan(desired, observed, owned) -> ordered actions. Pure: no I/O, no clock.
+
+It only ever touches what `owned` records or what the desired state names, so a
+foreign bridge, address, route or table is never changed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from dataclasses import dataclass, field
+
+from . import actions as A
+from .model import DesiredState, Mode, Network
+from .observed import IPInterface, Link, ObservedState, Route
+from .owned import Owned
+from .render.nft import fingerprint, render_ruleset
+
+PORT_KINDS = ("tun", "veth")
+
+
+@dataclass
+class Plan:
+    actions: list[A.Action] = field(default_factory=list)
+    # network -> why it cannot be made right now (nothing is done for that part)
+    problems: dict[str, str] = field(default_factory=dict)
+    # ifname -> network, for every port that should be attached (explicit or by policy)
+    ports: dict[str, str] = field(default_factory=dict)
+
+
+def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
+         table: str = "kvmnetd") -> Plan:
+    p = Plan()
+    active = desired.active_networks()
+    for net in active:
+        _plan_network(net, observed, owned, p)
+    _plan_firewall(active, observed, table, p)
+    _plan_forwarding(active, observed, owned, p)
+    p.ports = wanted_ports(desired, observed)
+    _plan_ports(desired, observed, owned, p)
+    _plan_teardown(desired, observed, owned, p)
+    return p
+
+
+def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan) -> None:
+    br = observed.link(net.bridge)
+    acts = p.actions
+    if br is not None and br.kind != "bridge":
+        p.problems[net.name] = (
+            f"{net.bridge} exists and is a {br.kind or 'physical'} device, not a bridge; "
+            "choose another bridge name")
+        return
+    other = owned.bridges.get(net.bridge)
+    if other and other != net.name and br is not None:
+        p.problems[net.name] = f"bridge {net.bridge} is already used by network {other}"
+        return
+    uplink = observed.link(net.uplink) if net.mode is Mode.BRIDGED and net.uplink else None
+    if net.mode is Mode.BRIDGED and uplink is None:
+        p.problems[net.name] = f"uplink {net.uplink} not found"
+    if br is None:
+        acts.append(A.CreateBridge(net.name, net.bridge, mtu=net.mtu,
+                                   mac=uplink.mac if uplink else None))
+        if net.stp or net.forward_delay:
+            acts.append(A.SetBridgeOptions(net.name, net.bridge, net.stp, net.forward_delay))
+    else:
+        if br.stp != net.stp or br.forward_delay != net.forward_delay:
+            acts.append(A.SetBridgeOptions(net.name, net.bridge, net.stp, net.forward_delay))
+        if net.mtu is not None and br.mtu != net.mtu:
+            acts.append(A.SetMtu(net.name, net.bridge, net.mtu))
+    have = observed.addresses_of(net.bridge)
+    for addr in _gateway_addresses(net):
+        if addr not in have:
+            acts.append(A.AddAddress(net.name, net.bridge, addr))
+    for addr_s in sorted(owned.addresses.get(net.bridge, set())):
+        addr = ipaddress.ip_interface(addr_s)
+        if addr in have and addr not in _gateway_addresses(net) and not _moved(addr_s, owned,
+                                                                                 net.bridge):
+            acts.append(A.RemoveAddress(net.name, net.bridge, addr))
+    if br is None or not br.up:
+        acts.append(A.SetUp(net.name, net.bridge))
+    if uplink is not None:
+        _plan_uplink(net, uplink, br, observed, acts)
+
+
+def _plan_uplink(net: Network, uplink: Link, br: Link | None, observed: ObservedState,
+                 acts: list[A.Action]) -> None:
+    # Order keeps the host reachable: addresses onto the bridge first, then the NIC
+    # joins, then routes are replaced onto the bridge, then the NIC's copies go.
+    if br is not None and uplink.master == br.index:
+        return
+    addrs = sorted(observed.addresses_of(uplink.name), key=str)
+    routes = sorted((r for r in observed.routes_via(uplink.name) if r.gateway), key=str)
+    have = observed.addresses_of(net.bridge)
+    for addr in addrs:
+        if addr not in have:
+            acts.append(A.AddAddress(net.name, net.bridge, addr))
+    acts.append(A.Enslave(net.name, uplink.name, net.bridge, uplink=True))
+    if not uplink.up:
+        acts.append(A.SetUp(net.name, uplink.name))
+    for r in routes:
+        acts.append(A.AddRoute(net.name, net.bridge, r))
+    for addr in addrs:
+        acts.append(A.RemoveAddress(net.name, uplink.name, addr))
+
+
+def _moved(addr: str, owned: Owned, bridge: str) -> bool:
+    return any(m.bridge == bridge and addr in m.addresses for m in owned.uplinks.values())
+
+
+def _gateway_addresses(net: Network) -> list[IPInterface]:
+    return [a for a in (net.ipv4, net.ipv6) if a is not None]
+
+
+def _plan_firewall(active: list[Network], observed: ObservedState, table: str, p: Plan) -> None:
+    ruled = [n for n in active if n.mode is not Mode.BRIDGED and n.name not in p.problems]
+    if ruled:
+        fp = fingerprint(ruled, table)
+        if observed.firewall != fp:
+            p.actions.append(A.ApplyFirewall(None, render_ruleset(ruled, table), fp))
+    elif observed.firewall is not None:
+        p.actions.append(A.RemoveFirewall(None))
+
+
+def _plan_forwarding(active: list[Network], observed: ObservedState, owned: Owned,
+                     p: Plan) -> None:
+    for fam in (4, 6):
+        need = any(n.forwards and (n.ipv4 if fam == 4 else n.ipv6) is not None
+                   for n in active if n.name not in p.problems)
+        on = observed.forwarding.get(fam)
+        if on is None:
+            continue  # not observed (no such sysctl): leave it alone
+        if need and not on:
+            p.actions.append(A.SetForwarding(None, fam, True))
+        elif not need and fam in owned.forwarding and on != owned.forwarding[fam]:
+            p.actions.append(A.SetForwarding(None, fam, owned.forwarding[fam]))
+
+
+def wanted_ports(desired: DesiredState, observed: ObservedState) -> dict[str, str]:
+    """Explicit requests first; then policy rules for taps not already on a foreign bridge."""
+    ports = {i: n for i, n in desired.ports.items() if n in desired.active}
+    if not desired.rules:
+        return ports
+    ours = {desired.networks[n].bridge for n in desired.active}
+    for link in observed.links.values():
+        if link.name in desired.ports or link.kind not in PORT_KINDS:
+            continue  # an explicit request (or explicit detach) wins over policy
+        master = observed.name_of(link.master)
+        if master is not None and master not in ours:
+            continue
+        for rule in desired.rules:
+            if rule.network in desired.active and rule_matches(rule.ifname, rule.mac, link):
+                ports[link.name] = rule.network
+                break
+    return ports
+
+
+def rule_matches(ifname_glob: str | None, mac_glob: str | None, link: Link) -> bool:
+    if ifname_glob is None and mac_glob is None:
+        return False
+    if ifname_glob is not None and not fnmatch.fnmatchcase(link.name, ifname_glob):
+        return False
+    if mac_glob is not None:
+        pattern = mac_glob.lower()
+        if not any(c in pattern for c in "*?["):
+            pattern += "*"  # a bare prefix
+        if not fnmatch.fnmatchcase(link.mac.lower(), pattern):
+            return False
+    return True
+
+
+def _plan_ports(desired: DesiredState, observed: ObservedState, owned: Owned, p: Plan) -> None:
+    for ifname, netname in sorted(p.ports.items()):
+        net = desired.networks[netname]
+        if netname in p.problems and observed.link(net.bridge) is None:
+            continue
+        link = observed.link(ifname)
+        if link is None:
+            continue  # not there yet: attached when netlink reports it
+        br = observed.link(net.bridge)
+        if br is None or link.master != br.index:
+            p.actions.append(A.Enslave(netname, ifname, net.bridge))
+        elif not link.up:
+            p.actions.append(A.SetUp(netname, ifname))
+    for ifname, bridge in sorted(owned.ports.items()):
+        if ifname in p.ports:
+            continue
+        link = observed.link(ifname)
+        br = observed.link(bridge)
+        if link is not None and br is not None and link.master == br.index:
+            p.actions.append(A.Release(owned.bridges.get(bridge), ifname))
+
+
+def _plan_teardown(desired: DesiredState, observed: ObservedState, owned: Owned,
+                   p: Plan) -> None:
+    wanted = {desired.networks[n].bridge for n in desired.active}
+    for bridge, netname in sorted(owned.bridges.items()):
+        if bridge in wanted:
+            continue
+        br = observed.link(bridge)
+        for up_name, move in sorted(owned.uplinks.items()):
+            if move.bridge == bridge:
+                _restore_uplink(netname, up_name, move.addresses, move.routes, observed, p)
+        if br is None:
+            if bridge in owned.created:
+                p.actions.append(A.DeleteBridge(netname, bridge))  # forget it
+            continue
+        for addr_s in sorted(owned.addresses.get(bridge, set())):
+            addr = ipaddress.ip_interface(addr_s)
+            if addr in observed.addresses_of(bridge):
+                p.actions.append(A.RemoveAddress(netname, bridge, addr))
+        for ifname, on in sorted(owned.ports.items()):
+            link = observed.link(ifname)
+            if on == bridge and link is not None and link.master == br.index:
+                p.actions.append(A.Release(netname, ifname))
+        if bridge in owned.created:
+            p.actions.append(A.DeleteBridge(netname, bridge))
+
+
+def _restore_uplink(netname: str, uplink: str, addresses: list[str], routes: list[dict[str, object]],
+                    observed: ObservedState, p: Plan) -> None:
+    link = observed.link(uplink)
+    if link is None:
+        return
+    p.actions.append(A.Release(netname, uplink))
+    have = observed.addresses_of(uplink)
+    for addr_s in addresses:
+        addr = ipaddress.ip_interface(addr_s)
+        if addr not in have:
+            p.actions.append(A.AddAddress(netname, uplink, addr))
+    for r in routes:
+        p.actions.append(A.AddRoute(netname, uplink, Route(
+            dst=ipaddress.ip_network(str(r["dst"])), gateway=str(r["gateway"]),
+            priority=r.get("priority") if isinstance(r.get("priority"), int) else None)))
