@@ -1,0 +1,327 @@
+"""The core: desired state, access control and the port API, over one reconciler. No bus here."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Protocol
+
+import structlog
+
+from . import __version__
+from . import config as cfg
+from .errors import Conflict, InvalidArgument, NoSuchNetwork, NoSuchPort, PermissionDenied
+from .model import DesiredState, Mode, Network
+from .reconciler import NetState, Reconciler
+from .status import Caller, CoreEvent, DhcpStatus, Lease, NetworkStatus, PortStatus
+
+log = structlog.get_logger("kvmnetd.core")
+IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+PORT_KINDS = ("tun", "veth")
+
+
+class DhcpView(Protocol):
+    def status(self, network: str) -> DhcpStatus: ...
+    def leases(self, network: str) -> list[Lease]: ...
+
+
+class Core:
+    version = __version__
+
+    def __init__(self, reconciler: Reconciler, config: cfg.Config,
+                 dhcp: DhcpView | None = None) -> None:
+        self.rec = reconciler
+        self.config = config
+        self.dhcp = dhcp
+        self.runtime: dict[str, Network] = {}  # defined at runtime only (not on disk)
+        self.started: set[str] = set()  # runtime start/stop overrides
+        self.stopped: set[str] = set()
+        self._listeners: list[Callable[[CoreEvent], None]] = []
+        self._attached: dict[str, str] = {}
+        reconciler.on_state(self._state_changed)
+
+    # ---- desired state -------------------------------------------------------------------
+
+    def networks(self) -> dict[str, Network]:
+        return {**self.config.networks, **self.runtime}
+
+    def build_desired(self, ports: dict[str, str] | None = None) -> DesiredState:
+        nets = self.networks()
+        active = {n.name for n in nets.values() if n.autostart} | self.started
+        active = (active - self.stopped) & set(nets)
+        return DesiredState(networks=nets, active=frozenset(active),
+                            ports=dict(self.rec.desired.ports if ports is None else ports),
+                            rules=self.config.rules)
+
+    async def apply(self, ports: dict[str, str] | None = None) -> None:
+        await self.rec.set_desired(self.build_desired(ports))
+        self._emit_port_changes()
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def list_networks(self) -> list[NetworkStatus]:
+        return [self.network(name) for name in sorted(self.networks())]
+
+    def network(self, name: str) -> NetworkStatus:
+        net = self._net(name)
+        st = self.rec.states.get(name, NetState("inactive"))
+        dhcp = self.dhcp.status(name) if self.dhcp and net.needs_dnsmasq else DhcpStatus()
+        state, reason = st.state, st.reason
+        if state == "active" and dhcp.state in ("degraded", "failed"):
+            state, reason = "degraded", f"dhcp: {dhcp.reason}"
+        addrs = tuple(str(a) for a in (net.ipv4, net.ipv6) if a is not None)
+        ports = tuple(sorted(p.ifname for p in self.list_ports() if p.network == name))
+        return NetworkStatus(name=name, mode=str(net.mode), bridge=net.bridge, addresses=addrs,
+                             state=state, reason=reason, ports=ports, dhcp=dhcp,
+                             autostart=net.autostart)
+
+    def list_ports(self) -> list[PortStatus]:
+        obs = self.rec.netlink.observed
+        nets = self.networks()
+        out = []
+        for ifname, netname in sorted(self.rec.last_plan.ports.items()):
+            bridge = nets[netname].bridge
+            link, br = obs.link(ifname), obs.link(bridge)
+            if link is None:
+                state = "missing"
+            elif br is not None and link.master == br.index:
+                state = "attached"
+            else:
+                state = "pending"
+            out.append(PortStatus(ifname=ifname, network=netname, bridge=bridge, state=state))
+        return out
+
+    def leases(self, network: str) -> list[Lease]:
+        self._net(network)
+        return self.dhcp.leases(network) if self.dhcp else []
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "networks": [n.to_json() for n in self.list_networks()],
+            "ports": [p.to_json() for p in self.list_ports()],
+            "owned": self.rec.owned.to_json(),
+        }
+
+    # ---- writes --------------------------------------------------------------------------
+
+    async def define_network(self, caller: Caller, toml_text: str, persist: bool) -> str:
+        self._require_admin(caller, "define networks")
+        net = cfg.parse_network_text(toml_text, "<define>", self.config,
+                                     host_routes=self._host_routes(exclude=None))
+        if net.name in self.networks():
+            raise Conflict(f"network {net.name} already exists; undefine it first")
+        if persist:
+            _write_network_file(self.config.settings.networks_dir, net)
+            self.config = replace(self.config, networks={**self.config.networks, net.name: net})
+        else:
+            self.runtime[net.name] = net
+        await self.apply()
+        return net.name
+
+    async def undefine_network(self, caller: Caller, name: str, persist: bool) -> None:
+        self._require_admin(caller, "undefine networks")
+        self._net(name)
+        if name in self.runtime:
+            del self.runtime[name]
+        elif persist:
+            path = os.path.join(self.config.settings.networks_dir, f"{name}.toml")
+            if not os.path.exists(path):
+                raise Conflict(f"network {name} comes from {self._origin(name)}; "
+                               "remove it there and reload")
+            os.unlink(path)
+            nets = dict(self.config.networks)
+            del nets[name]
+            self.config = replace(self.config, networks=nets)
+        else:
+            raise InvalidArgument(f"network {name} is defined on disk; undefine it with persist")
+        ports = {i: n for i, n in self.rec.desired.ports.items() if n != name}
+        self.started.discard(name)
+        self.stopped.discard(name)
+        await self.apply(ports)
+
+    async def start_network(self, caller: Caller, name: str) -> None:
+        self._require_admin(caller, "start networks")
+        self._net(name)
+        self.stopped.discard(name)
+        self.started.add(name)
+        await self.apply()
+        st = self.rec.states.get(name)
+        if st is not None and st.state == "failed":
+            raise Conflict(f"network {name} failed to start: {st.reason}")
+
+    async def stop_network(self, caller: Caller, name: str) -> None:
+        self._require_admin(caller, "stop networks")
+        self._net(name)
+        self.started.discard(name)
+        self.stopped.add(name)
+        await self.apply()
+
+    async def attach_port(self, caller: Caller, ifname: str, network: str,
+                          force: bool = False) -> None:
+        net = self._check_port_request(caller, ifname, network, force)
+        ports = dict(self.rec.desired.ports)
+        ports[ifname] = net.name
+        await self.apply(ports)
+        self._check_attached(ifname, net)
+
+    async def move_port(self, caller: Caller, ifname: str, network: str) -> None:
+        if ifname not in {p.ifname for p in self.list_ports()}:
+            raise NoSuchPort(f"{ifname} is not attached to any network; use attach")
+        await self.attach_port(caller, ifname, network)
+
+    async def detach_port(self, caller: Caller, ifname: str) -> None:
+        current = {p.ifname: p.network for p in self.list_ports()}
+        if ifname not in current:
+            raise NoSuchPort(f"{ifname} is not attached by kvmnetd")
+        self._authorize_port(caller, ifname, current[ifname])
+        ports = dict(self.rec.desired.ports)
+        ports[ifname] = ""  # explicitly detached: policy rules leave it alone too
+        await self.apply(ports)
+
+    async def reload(self, caller: Caller) -> None:
+        self._require_admin(caller, "reload")
+        s = self.config.settings
+        new = cfg.load(s.config_file, s.networks_dir,
+                       host_routes=self._host_routes(exclude=None),
+                       overrides=self.config_overrides)
+        self.config = replace(new, settings=s)
+        await self.apply()
+        log.info("config.reloaded", networks=len(self.networks()))
+
+    config_overrides: dict[str, str] = {}
+
+    def subscribe(self, listener: Callable[[CoreEvent], None]) -> None:
+        self._listeners.append(listener)
+
+    def emit(self, event: CoreEvent) -> None:
+        for listener in self._listeners:
+            listener(event)
+
+    # ---- checks --------------------------------------------------------------------------
+
+    def _net(self, name: str) -> Network:
+        net = self.networks().get(name)
+        if net is None:
+            known = ", ".join(sorted(self.networks())) or "none"
+            raise NoSuchNetwork(f"no network named {name!r} (known: {known})")
+        return net
+
+    def _origin(self, name: str) -> str:
+        src = self.networks()[name].source
+        return f"{src.file}:{src.line}" if src else "the configuration"
+
+    def _require_admin(self, caller: Caller, what: str) -> None:
+        if not caller.is_root:
+            raise PermissionDenied(f"only root may {what}")
+
+    def _check_port_request(self, caller: Caller, ifname: str, network: str,
+                            force: bool) -> Network:
+        if not IFNAME.match(ifname):
+            raise InvalidArgument(f"{ifname!r} is not a valid interface name")
+        net = self._net(network)
+        if network not in self.rec.desired.active:
+            raise Conflict(f"network {network} is not started; start it first")
+        obs = self.rec.netlink.observed
+        link = obs.link(ifname)
+        if link is None:
+            raise NoSuchPort(f"no device named {ifname}")
+        if link.kind not in PORT_KINDS:
+            kind = link.kind or "physical"
+            raise InvalidArgument(f"{ifname} is a {kind} device; only tap and veth devices "
+                                  "can be attached")
+        uplinks = {n.uplink for n in self.networks().values() if n.uplink}
+        if ifname in uplinks or ifname in self.rec.owned.uplinks:
+            raise Conflict(f"{ifname} is a host uplink; it cannot join network {network}")
+        if net.mode is Mode.ISOLATED and obs.routes_via(ifname) and any(
+                r.gateway for r in obs.routes_via(ifname)):
+            raise Conflict(f"{ifname} carries the host's routes; it cannot join an isolated "
+                           "network")
+        master = obs.name_of(link.master)
+        ours = {n.bridge for n in self.networks().values()}
+        if master is not None and master not in ours and not force:
+            raise Conflict(f"{ifname} is a port of bridge {master}, which kvmnetd does not "
+                           "manage; detach it there first or pass force")
+        self._authorize_port(caller, ifname, network, link.tun_owner)
+        return net
+
+    def _authorize_port(self, caller: Caller, ifname: str, network: str,
+                        owner: int | None = None) -> None:
+        if caller.is_root:
+            return
+        net = self._net(network)
+        if not _allowed(caller, net):
+            raise PermissionDenied(f"uid {caller.uid} may not use network {network}; "
+                                   "add the user to its allow_users or allow_groups")
+        if owner is None:
+            link = self.rec.netlink.observed.link(ifname)
+            owner = link.tun_owner if link else None
+        if owner is None or owner < 0 or owner != caller.uid:
+            raise PermissionDenied(f"{ifname} is not a tap owned by uid {caller.uid}")
+
+    def _check_attached(self, ifname: str, net: Network) -> None:
+        st = self.rec.states.get(net.name)
+        if st is not None and st.state == "failed":
+            raise Conflict(f"network {net.name} is failed: {st.reason}")
+        obs = self.rec.netlink.observed
+        link, br = obs.link(ifname), obs.link(net.bridge)
+        if link is None or br is None or link.master != br.index:
+            raise Conflict(f"{ifname} could not be attached to {net.bridge}; see the log")
+
+    def _host_routes(self, exclude: str | None) -> list[Any]:
+        ours = {n.bridge for n in self.networks().values()}
+        obs = self.rec.netlink.observed
+        return host_routes(obs, ours)
+
+    # ---- events --------------------------------------------------------------------------
+
+    def _state_changed(self, name: str, st: NetState) -> None:
+        self.emit(CoreEvent(kind="network-changed", network=name))
+
+    def _emit_port_changes(self) -> None:
+        now = {p.ifname: p.network for p in self.list_ports() if p.state == "attached"}
+        for ifname, net in self._attached.items():
+            if now.get(ifname) != net:
+                self.emit(CoreEvent(kind="port-detached", network=net, ifname=ifname))
+        for ifname, net in now.items():
+            if self._attached.get(ifname) != net:
+                self.emit(CoreEvent(kind="port-attached", network=net, ifname=ifname))
+        self._attached = now
+
+    def after_pass(self) -> None:
+        self._emit_port_changes()
+
+
+def host_routes(obs: Any, our_bridges: set[str]) -> list[Any]:
+    """Routes that are the host's own, i.e. not on one of our bridges (those are ours)."""
+    ours = {obs.link(b).index for b in our_bridges if obs.link(b) is not None}
+    return [r.dst for r in obs.routes if r.oif not in ours and r.dst.prefixlen > 0]
+
+
+def _allowed(caller: Caller, net: Network) -> bool:
+    try:
+        user = pwd.getpwuid(caller.uid).pw_name
+    except KeyError:
+        user = None
+    if user is not None and user in net.allow_users:
+        return True
+    for gid in caller.gids:
+        try:
+            if grp.getgrgid(gid).gr_name in net.allow_groups:
+                return True
+        except KeyError:
+            continue
+    return False
+
+
+def _write_network_file(directory: str, net: Network) -> None:
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    path = os.path.join(directory, f"{net.name}.toml")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(cfg.render_network_toml(net))
+    os.replace(tmp, path)

@@ -1,0 +1,226 @@
+"""The one loop: coalesce triggers, observe, plan, apply, record; per-network state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import structlog
+
+from . import actions as A
+from .errors import KvmnetError
+from .model import DesiredState, Network
+from .observed import ObservedState
+from .owned import Owned, load_owned, save_owned
+from .plan import Plan, plan
+
+log = structlog.get_logger("kvmnetd.reconcile")
+
+
+class NetlinkPort(Protocol):
+    observed: ObservedState
+    writes: int
+
+    async def apply(self, action: A.Action) -> None: ...
+
+
+class FirewallPort(Protocol):
+    writes: int
+
+    async def observe(self) -> str | None: ...
+    async def apply(self, ruleset: str) -> None: ...
+    async def remove(self) -> None: ...
+
+
+class SysctlPort(Protocol):
+    writes: int
+
+    def forwarding(self, family: int) -> bool | None: ...
+    def set_forwarding(self, family: int, enabled: bool) -> None: ...
+
+
+class DhcpPort(Protocol):
+    async def sync(self, networks: list[Network]) -> None: ...
+
+
+@dataclass(frozen=True)
+class NetState:
+    state: str  # inactive | configuring | active | failed
+    reason: str = ""
+
+
+class Reconciler:
+    def __init__(self, netlink: NetlinkPort, firewall: FirewallPort, sysctl: SysctlPort,
+                 dhcp: DhcpPort | None, owned_path: str, table: str = "kvmnetd",
+                 verify_interval: float = 1.0) -> None:
+        self.netlink = netlink
+        self.firewall = firewall
+        self.sysctl = sysctl
+        self.dhcp = dhcp
+        self.owned_path = owned_path
+        self.owned: Owned = load_owned(owned_path)
+        self.table = table
+        self.verify_interval = verify_interval
+        self.desired = DesiredState()
+        self.states: dict[str, NetState] = {}
+        self.last_plan = Plan()
+        self.passes = 0
+        self._firewall_seen: str | None = None
+        self._firewall_known = False
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[str, NetState], None]] = []
+
+    def on_state(self, listener: Callable[[str, NetState], None]) -> None:
+        self._listeners.append(listener)
+
+    def trigger(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Forever: wait for a trigger (or the periodic verification), then converge."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.verify_interval)
+                await asyncio.sleep(0)  # let a burst of events land: one pass for all
+            timed_out = not self._wake.is_set()
+            self._wake.clear()
+            try:
+                if timed_out:
+                    self._firewall_known = False  # periodic verification re-reads the table
+                await self.converge()
+            except Exception:  # the loop must survive anything a pass throws
+                log.exception("reconcile.crashed")
+
+    async def converge(self, max_passes: int = 4) -> Plan:
+        """Run passes until one has nothing left to do (or only failures remain)."""
+        async with self._lock:
+            p = Plan()
+            for _ in range(max_passes):
+                p, applied = await self._pass()
+                if applied == 0:
+                    break
+            return p
+
+    async def set_desired(self, desired: DesiredState) -> Plan:
+        self.desired = desired
+        return await self.converge()
+
+    def observe(self) -> ObservedState:
+        obs = self.netlink.observed
+        for fam in (4, 6):
+            value = self.sysctl.forwarding(fam)
+            if value is not None:
+                obs.forwarding[fam] = value
+        obs.firewall = self._firewall_seen
+        return obs
+
+    async def _pass(self) -> tuple[Plan, int]:
+        self.passes += 1
+        if not self._firewall_known:
+            self._firewall_seen = await self.firewall.observe()
+            self._firewall_known = True
+        observed = self.observe()
+        self._adopt(observed)
+        self._forget_vanished(observed)
+        p = plan(self.desired, observed, self.owned, self.table)
+        failed: dict[str, str] = {}
+        applied = 0
+        before = self.owned.to_json()
+        for action in p.actions:
+            if action.network is not None and action.network in failed:
+                continue
+            try:
+                await self._apply(action, observed)
+            except (KvmnetError, OSError) as e:
+                log.warning("reconcile.action_failed", network=action.network,
+                            action=type(action).__name__, error=str(e))
+                if action.network is not None:
+                    failed[action.network] = str(e)
+                continue
+            applied += 1
+            self.owned.record(action, observed)
+            log.info("reconcile.applied", network=action.network, action=_describe(action))
+        if self.owned.to_json() != before:
+            save_owned(self.owned_path, self.owned)
+        if self.dhcp is not None:
+            ok = [n for n in self.desired.active_networks()
+                  if n.needs_dnsmasq and n.name not in failed and n.name not in p.problems]
+            await self.dhcp.sync(ok)
+        self._update_states(p, failed)
+        self.last_plan = p
+        return p, applied
+
+    def _adopt(self, observed: ObservedState) -> None:
+        for net in self.desired.active_networks():
+            if net.bridge not in self.owned.bridges:
+                link = observed.link(net.bridge)
+                if link is not None and link.kind == "bridge":
+                    self.owned.adopt(net.bridge, net.name)
+                    log.info("bridge.adopted", network=net.name, bridge=net.bridge)
+
+    def _forget_vanished(self, observed: ObservedState) -> None:
+        # A deleted tap's binding ends with it: qemu reuses names like vnet0 for other guests.
+        for ifname in [i for i in self.owned.ports if observed.link(i) is None]:
+            del self.owned.ports[ifname]
+        gone = [i for i in self.desired.ports if observed.link(i) is None]
+        if gone:
+            ports = {i: n for i, n in self.desired.ports.items() if i not in gone}
+            self.desired = replace(self.desired, ports=ports)
+
+    def restore_ports(self) -> None:
+        """After a restart, ports we had attached stay requested (crash-only)."""
+        obs = self.netlink.observed
+        ports = dict(self.desired.ports)
+        by_bridge = {n.bridge: n.name for n in self.desired.networks.values()}
+        for ifname, bridge in self.owned.ports.items():
+            link, br = obs.link(ifname), obs.link(bridge)
+            if (link is not None and br is not None and link.master == br.index
+                    and bridge in by_bridge):
+                ports.setdefault(ifname, by_bridge[bridge])
+        self.desired = replace(self.desired, ports=ports)
+
+    async def _apply(self, action: A.Action, observed: ObservedState) -> None:
+        match action:
+            case A.ApplyFirewall(ruleset=text):
+                self._firewall_known = False
+                await self.firewall.apply(text)
+            case A.RemoveFirewall():
+                self._firewall_known = False
+                await self.firewall.remove()
+            case A.SetForwarding(family=fam, enabled=on):
+                self.sysctl.set_forwarding(fam, on)
+            case A.DeleteBridge(bridge=br) if observed.link(br) is None:
+                pass  # already gone: only our record is left to drop
+            case _:
+                await self.netlink.apply(action)
+
+    def _update_states(self, p: Plan, failed: dict[str, str]) -> None:
+        new: dict[str, NetState] = {}
+        for name in sorted(self.desired.networks):
+            if name not in self.desired.active:
+                new[name] = NetState("inactive")
+            elif name in p.problems:
+                new[name] = NetState("failed", p.problems[name])
+            elif name in failed:
+                new[name] = NetState("failed", failed[name])
+            else:
+                new[name] = NetState("active")
+        for name, st in new.items():
+            if self.states.get(name) != st:
+                log.info("network.state", network=name, state=st.state, reason=st.reason)
+                for listener in self._listeners:
+                    listener(name, st)
+        self.states = new
+
+    @property
+    def writes(self) -> int:
+        return self.netlink.writes + self.firewall.writes + self.sysctl.writes
+
+
+def _describe(action: A.Action) -> str:
+    fields = {k: v for k, v in vars(action).items() if k not in ("network", "ruleset")}
+    return f"{type(action).__name__}({', '.join(f'{k}={v}' for k, v in fields.items())})"

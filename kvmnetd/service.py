@@ -1,0 +1,152 @@
+"""The running daemon: adapters, reconciler, core and control server, wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+from . import config as cfg
+from .adapters.netlink import NetlinkAdapter
+from .adapters.nftables import NftablesAdapter
+from .adapters.notify import Notifier
+from .adapters.sysctl import SysctlAdapter
+from .core import Core, host_routes
+from .errors import ConfigError
+from .observed import ObservedState
+from .reconciler import Reconciler
+from .status import ROOT, CoreEvent
+
+log = structlog.get_logger("kvmnetd")
+
+
+def load_config(config_file: str | None, networks_dir: str | None, overrides: dict[str, str],
+                observed: ObservedState) -> cfg.Config:
+    """Load twice: first to learn our bridges and uplinks, whose routes are not the host's."""
+    first = cfg.load(config_file, networks_dir, host_routes=(), overrides=overrides)
+    mine = {n.bridge for n in first.networks.values()}
+    mine |= {n.uplink for n in first.networks.values() if n.uplink}
+    routes = host_routes(observed, mine)
+    return cfg.load(config_file, networks_dir, host_routes=routes, overrides=overrides)
+
+
+class Service:
+    def __init__(self, config_file: str | None, networks_dir: str | None,
+                 overrides: dict[str, str], no_bus: bool = False) -> None:
+        self.config_file = config_file
+        self.networks_dir = networks_dir
+        self.overrides = overrides
+        self.no_bus = no_bus
+        self.netlink = NetlinkAdapter()
+        self.notifier = Notifier()
+        self.control: Any = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        await self.netlink.open(self._on_netlink)
+        conf = load_config(self.config_file, self.networks_dir, self.overrides,
+                           self.netlink.observed)
+        self.settings = s = conf.settings
+        for d in (s.run_dir, s.state_dir):
+            os.makedirs(d, mode=0o755, exist_ok=True)
+        self.dhcp = self._make_dhcp(conf)
+        self.rec = Reconciler(self.netlink, NftablesAdapter(s.firewall_table), SysctlAdapter(),
+                              self.dhcp, os.path.join(s.run_dir, "owned.json"),
+                              table=s.firewall_table)
+        self.core = Core(self.rec, conf, self.dhcp)
+        self.core.config_overrides = self.overrides
+        self.rec.desired = self.core.build_desired({})
+        self.rec.restore_ports()
+        await self.rec.converge()
+        self.core.after_pass()
+        if not self.no_bus:
+            self.control = await self._serve_control()
+        self.notifier.ready(self.status_line())
+        log.info("daemon.ready", networks=len(self.core.networks()), status=self.status_line())
+
+    def _make_dhcp(self, conf: cfg.Config) -> Any:
+        from .adapters.dnsmasq import DnsmasqSupervisor
+
+        return DnsmasqSupervisor(conf.settings, self._on_dhcp_event)
+
+    async def _serve_control(self) -> Any:
+        try:
+            from .bus.server import serve
+        except ImportError:  # the bus layer is optional for --apply-once style use
+            return None
+        sock = os.path.join(self.settings.run_dir, "control.sock")
+        return await serve(self.core, self.settings.bus_address, sock)
+
+    def _on_netlink(self) -> None:
+        self.rec.trigger()
+
+    def _on_dhcp_event(self, event: CoreEvent) -> None:
+        if hasattr(self, "core"):
+            self.core.emit(event)
+        if event.kind not in ("lease-added", "lease-removed") and hasattr(self, "rec"):
+            self.rec.trigger()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self) -> None:
+        self.spawn(self._watchdog())
+        self.rec.on_state(lambda *_: self.notifier.status(self.status_line()))
+        loop_task = asyncio.ensure_future(self.rec.run())
+        try:
+            while True:
+                await asyncio.sleep(0.5)
+                self.core.after_pass()
+        finally:
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+
+    async def _watchdog(self) -> None:
+        # Fed from the event loop itself: a stuck loop stops the pings and systemd restarts us.
+        if not self.notifier.watchdog_usec:
+            return
+        period = self.notifier.watchdog_usec / 2e6
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(period)
+
+    async def reload_from_signal(self) -> None:
+        self.notifier.reloading()
+        try:
+            await self.core.reload(ROOT)
+        except ConfigError as e:
+            log.error("config.reload_refused", errors=[str(i) for i in e.issues])
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        nets = self.core.list_networks()
+        up = sum(1 for n in nets if n.state == "active")
+        bad = sum(1 for n in nets if n.state in ("failed", "degraded"))
+        ports = sum(1 for p in self.core.list_ports() if p.state == "attached")
+        return f"{up} networks up, {ports} ports, {bad} degraded"
+
+    def failed_networks(self) -> list[str]:
+        return [n.name for n in self.core.list_networks() if n.state in ("failed", "degraded")]
+
+    async def close(self, teardown: bool) -> None:
+        self.notifier.stopping()
+        if teardown:
+            self.rec.desired = self.rec.desired.__class__()
+            await self.rec.converge()
+            self.rec.desired = self.rec.desired
+        for task in list(self._tasks):
+            task.cancel()
+        if self.control is not None:
+            with contextlib.suppress(Exception):
+                await self.control.close()
+        if self.dhcp is not None:
+            await self.dhcp.close(stop_children=teardown)
+        await self.netlink.close()
