@@ -1,0 +1,103 @@
+"""In-memory fakes of kvmnetd's own adapter interfaces (never of pyroute2, nft or dnsmasq)."""
+
+from __future__ import annotations
+
+import itertools
+
+from kvmnetd import actions as A
+from kvmnetd.errors import Conflict
+from kvmnetd.model import Network
+from kvmnetd.observed import Link, ObservedState
+
+
+class FakeNetlink:
+    def __init__(self, *links: Link) -> None:
+        self.observed = ObservedState(links={lk.index: lk for lk in links})
+        self.writes = 0
+        self.fail_on: set[str] = set()  # device names whose changes fail
+        self._index = itertools.count(100)
+
+    def _set(self, name: str, **kw: object) -> None:
+        link = self.observed.link(name)
+        assert link is not None, name
+        self.observed.links[link.index] = Link(**{**vars(link), **kw})  # type: ignore[arg-type]
+
+    async def apply(self, action: A.Action) -> None:
+        dev = getattr(action, "bridge", None) or getattr(action, "ifname", None)
+        if isinstance(action, A.Enslave):
+            dev = action.ifname
+        if dev in self.fail_on:
+            raise Conflict(f"{dev}: refused by the fake kernel")
+        self.writes += 1
+        obs = self.observed
+        match action:
+            case A.CreateBridge(bridge=br):
+                i = next(self._index)
+                obs.links[i] = Link(index=i, name=br, kind="bridge", stp=False, forward_delay=0)
+            case A.SetBridgeOptions(bridge=br, stp=stp, forward_delay=fd):
+                self._set(br, stp=stp, forward_delay=fd)
+            case A.SetUp(ifname=dev):
+                self._set(dev, up=True)
+            case A.AddAddress(ifname=dev, address=a):
+                link = obs.link(dev)
+                assert link
+                obs.addresses.setdefault(link.index, set()).add(a)
+            case A.RemoveAddress(ifname=dev, address=a):
+                link = obs.link(dev)
+                assert link
+                obs.addresses.get(link.index, set()).discard(a)
+            case A.Enslave(ifname=dev, bridge=br):
+                master = obs.link(br)
+                assert master
+                self._set(dev, master=master.index, up=True)
+            case A.Release(ifname=dev):
+                self._set(dev, master=None)
+            case A.DeleteBridge(bridge=br):
+                link = obs.link(br)
+                assert link
+                del obs.links[link.index]
+                for other in list(obs.links.values()):
+                    if other.master == link.index:
+                        self._set(other.name, master=None)
+            case _:
+                pass
+
+
+class FakeFirewall:
+    def __init__(self) -> None:
+        self.writes = 0
+        self.ruleset: str | None = None
+
+    async def observe(self) -> str | None:
+        if self.ruleset is None:
+            return None
+        return self.ruleset.split('comment "kvmnetd ', 1)[1].split('"', 1)[0]
+
+    async def apply(self, ruleset: str) -> None:
+        self.writes += 1
+        self.ruleset = ruleset
+
+    async def remove(self) -> None:
+        self.writes += 1
+        self.ruleset = None
+
+
+class FakeSysctl:
+    def __init__(self) -> None:
+        self.values = {4: False, 6: False}
+        self.writes = 0
+
+    def forwarding(self, family: int) -> bool | None:
+        return self.values[family]
+
+    def set_forwarding(self, family: int, enabled: bool) -> None:
+        self.writes += 1
+        self.values[family] = enabled
+
+
+class FakeDhcp:
+    def __init__(self) -> None:
+        self.synced: list[list[str]] = []
+
+    async def sync(self, networks: list[Network]) -> None:
+        self.synced.append([n.name for n in networks])

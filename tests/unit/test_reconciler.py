@@ -1,0 +1,83 @@
+"""The loop over in-memory fakes of our adapters: convergence, idempotence, failure isolation."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from kvmnetd.model import DesiredState, Mode, Network
+from kvmnetd.observed import Link
+from kvmnetd.owned import load_owned
+from kvmnetd.reconciler import Reconciler
+from tests.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeSysctl
+
+
+def make(tmp_path: Path, *links: Link) -> tuple[Reconciler, FakeNetlink, FakeFirewall,
+                                                FakeSysctl]:
+    nl, fw, sc = FakeNetlink(*links), FakeFirewall(), FakeSysctl()
+    rec = Reconciler(nl, fw, sc, FakeDhcp(), str(tmp_path / "owned.json"))
+    return rec, nl, fw, sc
+
+
+def nets() -> dict[str, Network]:
+    return {
+        "nat": Network("nat", Mode.NAT, "kvbr0", ipv4=ipaddress.IPv4Interface("10.0.0.1/24")),
+        "iso": Network("iso", Mode.ISOLATED, "kvbr1",
+                       ipv4=ipaddress.IPv4Interface("10.0.1.1/24")),
+    }
+
+
+async def test_converges_then_second_pass_writes_nothing(tmp_path: Path) -> None:
+    tap = Link(index=5, name="vnet0", kind="tun", up=False)
+    rec, nl, fw, sc = make(tmp_path, tap)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat", "iso"}),
+                                       ports={"vnet0": "iso"}))
+    assert rec.states["nat"].state == "active" and rec.states["iso"].state == "active"
+    vnet = nl.observed.link("vnet0")
+    kvbr1 = nl.observed.link("kvbr1")
+    assert vnet is not None and kvbr1 is not None and vnet.master == kvbr1.index
+    assert sc.values[4] is True and fw.writes == 1
+    before = rec.writes
+    await rec.converge()
+    assert rec.writes == before, "a second pass over a converged system must write nothing"
+
+
+async def test_owned_record_survives_restart(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"})))
+    owned = load_owned(str(tmp_path / "owned.json"))
+    assert owned.created == {"kvbr0"} and owned.forwarding == {4: False}
+    # A new reconciler over the same system and record: nothing to do.
+    rec2 = Reconciler(nl, rec.firewall, rec.sysctl, FakeDhcp(), str(tmp_path / "owned.json"))
+    rec2._firewall_seen = await rec.firewall.observe()
+    before = rec.writes
+    await rec2.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"})))
+    assert rec2.writes == before
+
+
+async def test_failure_marks_only_that_network(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    nl.fail_on.add("kvbr1")
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat", "iso"})))
+    assert rec.states["iso"].state == "failed" and "refused" in rec.states["iso"].reason
+    assert rec.states["nat"].state == "active"
+
+
+async def test_stop_restores_forwarding_and_removes_bridge(tmp_path: Path) -> None:
+    rec, nl, fw, sc = make(tmp_path)
+    d = DesiredState(networks=nets(), active=frozenset({"nat"}))
+    await rec.set_desired(d)
+    await rec.set_desired(d.with_active("nat", False))
+    assert nl.observed.link("kvbr0") is None
+    assert sc.values[4] is False and fw.ruleset is None
+    assert rec.owned.bridges == {} and rec.owned.forwarding == {}
+
+
+async def test_vanished_tap_binding_is_forgotten(tmp_path: Path) -> None:
+    tap = Link(index=5, name="vnet0", kind="tun", up=True)
+    rec, nl, _, _ = make(tmp_path, tap)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       ports={"vnet0": "nat"}))
+    del nl.observed.links[5]
+    await rec.converge()
+    assert "vnet0" not in rec.desired.ports and "vnet0" not in rec.owned.ports
