@@ -1,0 +1,414 @@
+"""Configuration: read the TOML files, validate everything, return model objects.
+
+All issues of all files are collected and raised together as one ConfigError,
+each naming file, line and key, so one edit-and-retry round fixes them all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import validate as val
+from .errors import ConfigError, ConfigIssue
+from .model import AttachRule, Dhcp, DhcpRange, Dns, Mode, Network, Settings, Source
+from .tomlpos import FileCtx, Table, has_control, suggest
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+TOP_KEYS = ("daemon", "network", "attach")
+BUILTIN = "(built-in)"
+
+# libvirt's default network; a guest host often runs both.
+LIBVIRT_DEFAULT = ipaddress.IPv4Network("192.168.122.0/24")
+DEFAULT_CANDIDATES = tuple(
+    [ipaddress.IPv4Network(f"10.{i}.0.0/24") for i in range(88, 100)]
+    + [ipaddress.IPv4Network(f"172.30.{i}.0/24") for i in range(256)]
+)
+
+_OPTIONAL = ("bus_address", "libvirt_uri")  # "" means None
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+DAEMON_CONV: dict[str, Callable[[str], str]] = {
+    "run_dir": val.check_abs_path,
+    "state_dir": val.check_abs_path,
+    "networks_dir": val.check_abs_path,
+    "bus_address": str,
+    "firewall_table": val.check_nft_name,
+    "dnsmasq_path": val.check_command,
+    "dnsmasq_user": val.check_user,
+    "libvirt_uri": str,
+    "log_format": val.one_of("kv", "json", "journal"),
+    "log_level": val.one_of("debug", "info", "warning", "error"),
+}
+DAEMON_KEYS = (*DAEMON_CONV, "teardown_on_stop")
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: Settings
+    networks: dict[str, Network]
+    rules: tuple[AttachRule, ...]
+    files: tuple[str, ...]  # files read, for messages
+
+
+# -- reading ----------------------------------------------------------------
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _read(path: str, issues: list[ConfigIssue]) -> str | None:
+    """File text; None if it does not exist. Other failures become issues."""
+    try:
+        # newline="": tomllib must see line ends as written; a lone CR is a TOML error.
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as e:
+        issues.append(ConfigIssue(path, 1, "(file)", f"not UTF-8: {e.reason}"))
+    except OSError as e:
+        issues.append(ConfigIssue(path, 1, "(file)", f"cannot read: {e.strerror or e}"))
+    raise _Unreadable
+
+
+_AT_LINE = re.compile(r"\s*\(at line (\d+), column \d+\)$")
+_AT_END = re.compile(r"\s*\(at end of document\)$")
+
+
+def _parse(text: str, file: str, issues: list[ConfigIssue]) -> tuple[dict[str, Any], FileCtx]:
+    try:
+        doc = tomllib.loads(text)
+    except RecursionError:
+        issues.append(ConfigIssue(file, 1, "(syntax)", "nested too deeply"))
+        raise _Unreadable from None
+    except ValueError as e:  # TOMLDecodeError, or an integer too long to convert
+        msg = str(e)
+        line = text.count("\n") + 1
+        if m := _AT_LINE.search(msg):
+            line = int(m.group(1))
+        msg = _AT_END.sub("", _AT_LINE.sub("", msg))
+        issues.append(ConfigIssue(file, line, "(syntax)", msg))
+        raise _Unreadable from None
+    return doc, FileCtx(file, text, issues)
+
+
+def _network_files(directory: str, issues: list[ConfigIssue]) -> list[str]:
+    try:
+        names = [e.name for e in os.scandir(directory)
+                 if e.name.endswith(".toml") and not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        issues.append(ConfigIssue(directory, 1, "(directory)",
+                                  f"cannot list: {e.strerror or e}"))
+        return []
+    return [os.path.join(directory, n) for n in sorted(names)]
+
+
+@dataclass
+class _Found:
+    networks: list[tuple[Network, FileCtx | None]]
+    rules: list[tuple[AttachRule, FileCtx, int]]  # with its index in that file
+
+
+def _read_doc(doc: dict[str, Any], ctx: FileCtx, found: _Found, main_file: str | None,
+              settings: Settings) -> Settings:
+    top = Table(ctx, (), doc, TOP_KEYS)
+    daemon = top.table("daemon")
+    if daemon is not None:
+        if main_file is None:
+            top.error("daemon", "[daemon] settings belong in the main configuration file")
+        else:
+            settings = read_daemon(ctx, daemon, settings)
+    for name, data in (top.table("network") or {}).items():
+        if isinstance(data, dict):
+            found.networks.append((val.read_network(ctx, name, data), ctx))
+        else:
+            ctx.error(("network", name), "expected a table: [network.NAME]")
+    for i, data in top.tables("attach"):
+        rule = val.read_attach(ctx, i, data)
+        if rule is not None:
+            found.rules.append((rule, ctx, i))
+    return settings
+
+
+def read_daemon(ctx: FileCtx, data: dict[str, Any], base: Settings) -> Settings:
+    t = Table(ctx, ("daemon",), data, DAEMON_KEYS)
+    values: dict[str, Any] = {}
+    for key, conv in DAEMON_CONV.items():
+        if t.has(key):
+            v = t.text(key, conv, None)
+            if v is not None:
+                values[key] = None if (v == "" and key in _OPTIONAL) else v
+    if t.has("teardown_on_stop"):
+        values["teardown_on_stop"] = t.flag("teardown_on_stop", base.teardown_on_stop)
+    return replace(base, **values)
+
+
+def apply_overrides(base: Settings, overrides: Mapping[str, str],
+                    issues: list[ConfigIssue]) -> Settings:
+    """Command-line values; issues name the file "(command line)" and line 0."""
+    values: dict[str, Any] = {}
+    for key, raw in overrides.items():
+        def bad(msg: str, key: str = key) -> None:
+            issues.append(ConfigIssue("(command line)", 0, key, msg))
+
+        if key not in DAEMON_KEYS:
+            bad(f"unknown setting{suggest(key, DAEMON_KEYS)}")
+        elif has_control(raw):
+            bad(f"{raw!r} contains a control character; refused")
+        elif key == "teardown_on_stop":
+            if raw.lower() not in _TRUE + _FALSE:
+                bad(f"{raw!r} is not a boolean (true/false)")
+            values[key] = raw.lower() in _TRUE
+        elif raw == "" and key in _OPTIONAL:
+            values[key] = None
+        else:
+            try:
+                values[key] = DAEMON_CONV[key](raw)
+            except ValueError as e:
+                bad(str(e))
+    return replace(base, **values)
+
+
+# -- checks across networks -----------------------------------------------
+
+
+def _where(net: Network) -> str:
+    src = net.source
+    return f" ({src.file}:{src.line})" if src else ""
+
+
+def _cross(decls: list[tuple[Network, FileCtx | None]], host_routes: list[IPNetwork]) -> None:
+    """Conflicts between networks; reported on the later one of each pair."""
+    for i, (net, ctx) in enumerate(decls):
+        if ctx is None:
+            continue
+        path = ("network", net.name)
+
+        def err(key: str, msg: str, path: tuple[str, str] = path,
+                ctx: FileCtx = ctx) -> None:
+            ctx.error((*path, key), msg)
+
+        for key in ("ipv4", "ipv6"):
+            mine = getattr(net, key)
+            if mine is None:
+                continue
+            for route in host_routes:
+                if route.prefixlen and route.version == mine.version \
+                        and route.overlaps(mine.network):
+                    err(key, f"subnet {mine.network} overlaps the host route {route}; "
+                             "pick another subnet")
+        for other, _ in decls[:i]:
+            for key in ("ipv4", "ipv6"):
+                mine, theirs = getattr(net, key), getattr(other, key)
+                if mine is not None and theirs is not None \
+                        and mine.network.overlaps(theirs.network):
+                    err(key, f"subnet {mine.network} overlaps {theirs.network} of network "
+                             f"{other.name!r}{_where(other)}")
+            if net.bridge == other.bridge:
+                err("bridge", f"bridge {net.bridge!r} is already used by network "
+                              f"{other.name!r}{_where(other)}")
+            if net.bridge == other.uplink:
+                err("bridge", f"{net.bridge!r} is the uplink of network "
+                              f"{other.name!r}{_where(other)}")
+            if net.uplink is not None and net.uplink == other.uplink:
+                err("uplink", f"uplink {net.uplink!r} is already used by network "
+                              f"{other.name!r}{_where(other)}")
+            if net.uplink is not None and net.uplink == other.bridge:
+                err("uplink", f"{net.uplink!r} is the bridge of network "
+                              f"{other.name!r}{_where(other)}")
+
+
+def _routes(host_routes: Iterable[IPNetwork]) -> list[IPNetwork]:
+    # Default routes would overlap everything; they say nothing about local subnets.
+    return [r for r in host_routes if r.prefixlen > 0]
+
+
+# -- public API -------------------------------------------------------------
+
+
+def load(config_file: str | None, networks_dir: str | None,
+         host_routes: Iterable[IPNetwork] = (),
+         overrides: dict[str, str] | None = None) -> Config:
+    """Read the main file and networks.d; raise ConfigError listing every issue."""
+    issues: list[ConfigIssue] = []
+    routes = _routes(host_routes)
+    main = config_file or Settings().config_file
+    settings = Settings(config_file=main)
+    found = _Found([], [])
+    files: list[str] = []
+    try:
+        text = _read(main, issues)
+        if text is not None:
+            files.append(main)
+            doc, ctx = _parse(text, main, issues)
+            settings = _read_doc(doc, ctx, found, main, settings)
+    except _Unreadable:
+        files.append(main)
+    settings = apply_overrides(settings, overrides or {}, issues)
+    if networks_dir is not None:
+        settings = replace(settings, networks_dir=networks_dir)
+    for path in _network_files(settings.networks_dir, issues):
+        try:
+            text = _read(path, issues)
+            if text is None:  # removed while listing
+                continue
+            files.append(path)
+            doc, ctx = _parse(text, path, issues)
+            _read_doc(doc, ctx, found, None, settings)
+        except _Unreadable:
+            files.append(path)
+
+    networks: dict[str, Network] = {}
+    decls: list[tuple[Network, FileCtx | None]] = []
+    for net, nctx in found.networks:
+        if net.name in networks and nctx is not None:
+            nctx.error(("network", net.name), f"network {net.name!r} is already defined"
+                                              f"{_where(networks[net.name])}")
+            continue
+        networks[net.name] = net
+        decls.append((net, nctx))
+    _cross(decls, routes)
+    rules: list[AttachRule] = []
+    for rule, rctx, idx in found.rules:
+        if rule.network not in networks:
+            rctx.error(("attach", idx, "network"),
+                       f"no network named {rule.network!r}{suggest(rule.network, networks)}")
+        rules.append(rule)
+    if not files:
+        net = default_network(routes)
+        networks[net.name] = net
+    if issues:
+        raise ConfigError(_ordered(issues, files))
+    return Config(settings, networks, tuple(rules), tuple(files))
+
+
+def _ordered(issues: list[ConfigIssue], files: list[str]) -> list[ConfigIssue]:
+    """File by file in reading order, top to bottom within each."""
+    order = {f: i for i, f in enumerate(files)}
+    return sorted(issues, key=lambda i: (order.get(i.file, -1), i.line))
+
+
+def parse_network_text(text: str, filename: str, existing: Config,
+                       host_routes: Iterable[IPNetwork] = ()) -> Network:
+    """One [network.NAME] table, checked like the loader does, also against `existing`.
+
+    A network of the same name in `existing` is not a conflict: this may replace it.
+    """
+    issues: list[ConfigIssue] = []
+    try:
+        doc, ctx = _parse(text, filename, issues)
+    except _Unreadable:
+        raise ConfigError(issues) from None
+    for key in doc:
+        if key != "network":
+            ctx.error((key,), "only a single [network.NAME] table is accepted here")
+    tables = doc.get("network")
+    if not isinstance(tables, dict) or len(tables) != 1:
+        ctx.error(("network",), "expected exactly one [network.NAME] table")
+        raise ConfigError(issues)
+    ((name, data),) = tables.items()
+    if not isinstance(data, dict):
+        ctx.error(("network", name), "expected a table: [network.NAME]")
+        raise ConfigError(issues)
+    net = val.read_network(ctx, name, data)
+    others: list[tuple[Network, FileCtx | None]] = [
+        (n, None) for n in existing.networks.values() if n.name != name]
+    _cross([*others, (net, ctx)], _routes(host_routes))
+    if issues:
+        raise ConfigError(_ordered(issues, [filename]))
+    return net
+
+
+def default_network(host_routes: Iterable[IPNetwork] = ()) -> Network:
+    """The network used when no configuration exists: NAT with DHCP on a free /24."""
+    taken = [LIBVIRT_DEFAULT, *(r for r in _routes(host_routes) if r.version == 4)]
+    for subnet in DEFAULT_CANDIDATES:
+        if not any(subnet.overlaps(t) for t in taken):
+            break
+    else:
+        raise ConfigError([ConfigIssue(BUILTIN, 0, "network.default.ipv4",
+                                       "every candidate subnet overlaps a host route; "
+                                       "declare a network in the configuration")])
+    base = subnet.network_address
+    return Network(
+        name="default",
+        mode=Mode.NAT,
+        bridge="kvbr0",
+        ipv4=ipaddress.IPv4Interface(f"{base + 1}/{subnet.prefixlen}"),
+        dhcp=Dhcp(ranges=(DhcpRange(base + 2, base + 254),)),
+        dns=Dns(domain=None),
+        source=Source(BUILTIN, 0),
+    )
+
+
+# -- rendering --------------------------------------------------------------
+
+
+def _quote(s: str) -> str:
+    out = []
+    for c in s:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def _value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return _quote(str(v))
+
+
+def _key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _quote(name)
+
+
+def _ranges(rs: tuple[DhcpRange, ...]) -> list[str]:
+    return [f"{r.start}-{r.end}" for r in rs]
+
+
+def render_network_toml(net: Network) -> str:
+    """A [network.NAME] document that parses back to an equal Network."""
+    head = f"network.{_key(net.name)}"
+    out: list[str] = []
+
+    def table(header: str, items: list[tuple[str, object]]) -> None:
+        out.append(f"\n{header}" if out else header)
+        out.extend(f"{k} = {_value(v)}" for k, v in items if v is not None)
+
+    table(f"[{head}]", [
+        ("mode", net.mode.value), ("bridge", net.bridge), ("ipv4", net.ipv4),
+        ("ipv6", net.ipv6), ("uplink", net.uplink), ("stp", net.stp),
+        ("forward_delay", net.forward_delay), ("mtu", net.mtu), ("autostart", net.autostart),
+        ("host_access", net.host_access),
+        ("allow_users", net.allow_users or None), ("allow_groups", net.allow_groups or None),
+    ])
+    d = net.dhcp
+    if d is not None:
+        table(f"[{head}.dhcp]", [
+            ("ranges", _ranges(d.ranges)), ("ranges6", _ranges(d.ranges6) or None),
+            ("lease_time", d.lease_time), ("router", d.router), ("ping_check", d.ping_check),
+            ("tftp_root", d.tftp_root), ("boot_file", d.boot_file),
+            ("next_server", d.next_server), ("ra", d.ra), ("dhcpv6", d.dhcpv6),
+        ])
+        for h in d.hosts:
+            table(f"[[{head}.dhcp.host]]", [
+                ("mac", h.mac), ("ip", h.ip), ("name", h.name), ("lease_time", h.lease_time)])
+    table(f"[{head}.dns]", [("enabled", net.dns.enabled), ("domain", net.dns.domain),
+                            ("forwarders", net.dns.forwarders)])
+    return "\n".join(out) + "\n"

@@ -1,0 +1,415 @@
+"""Value checks and a typed reader over one parsed TOML table.
+
+Every check returns an error message (or raises ValueError with one) instead
+of stopping, so the loader can report every issue of a file at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .model import AttachRule, Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network
+from .tomlpos import FileCtx, Table, suggest
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,32}")
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+LEASE_RE = re.compile(r"([0-9]+)([smhdw]?)|infinite")
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+MAC_GLOB_RE = re.compile(r"[0-9a-f:*?\[\]!-]{1,64}")
+LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+NFT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
+_LEASE_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MIN_LEASE = 120  # dnsmasq's own floor; shorter values are silently raised
+
+
+def check_ifname(s: str) -> str:
+    size = len(s.encode("utf-8", "surrogatepass"))
+    if not 1 <= size <= 15:
+        raise ValueError(f"interface name {s!r} must be 1 to 15 bytes, not {size}")
+    if s in (".", ".."):
+        raise ValueError(f"{s!r} is not a valid interface name")
+    bad = [c for c in s if c in "/:%" or c.isspace()]
+    if bad:
+        raise ValueError(f"interface name {s!r} may not contain {bad[0]!r}")
+    return s
+
+
+def check_network_name(s: str) -> str:
+    if not NAME_RE.fullmatch(s):
+        raise ValueError(f"network name {s!r} must be 1 to 32 of A-Z a-z 0-9 _ -")
+    return s
+
+
+def check_hostname(s: str, what: str = "host name") -> str:
+    labels = s.split(".")
+    if len(s) > 253 or not all(LABEL_RE.fullmatch(x) for x in labels):
+        raise ValueError(
+            f"{what} {s!r} is not valid: dot-separated labels of 1 to 63 letters, digits"
+            " and '-', not starting or ending with '-', 253 characters at most"
+        )
+    return s
+
+
+def check_domain(s: str) -> str:
+    return check_hostname(s, "domain")
+
+
+def check_lease(s: str) -> str:
+    m = LEASE_RE.fullmatch(s)
+    if not m:
+        raise ValueError(f"lease time {s!r} must be a number with optional unit s/m/h/d/w, "
+                         "or 'infinite'")
+    if m.group(1) is not None and int(m.group(1)) * _LEASE_UNIT[m.group(2)] < MIN_LEASE:
+        raise ValueError(f"lease time {s!r} is shorter than {MIN_LEASE} s")
+    return s
+
+
+def check_mac(s: str) -> str:
+    mac = s.lower().replace("-", ":")
+    if not MAC_RE.fullmatch(mac):
+        raise ValueError(f"{s!r} is not a MAC address (six hex octets like 52:54:00:12:34:56)")
+    return mac
+
+
+def check_mac_glob(s: str) -> str:
+    mac = s.lower()
+    if not MAC_GLOB_RE.fullmatch(mac):
+        raise ValueError(f"{s!r} is not a MAC pattern (hex digits, ':', and * ? [ ] wildcards)")
+    return mac
+
+
+def check_glob(s: str) -> str:
+    if not s or len(s) > 64 or "/" in s or any(c.isspace() for c in s):
+        raise ValueError(f"pattern {s!r} must be 1 to 64 characters without '/' or spaces")
+    return s
+
+
+def check_user(s: str) -> str:
+    if not USER_RE.fullmatch(s):
+        raise ValueError(f"{s!r} is not a plain user or group name ([a-z_][a-z0-9_-]*)")
+    return s
+
+
+def check_abs_path(s: str) -> str:
+    if not s.startswith("/"):
+        raise ValueError(f"{s!r} must be an absolute path")
+    return s
+
+
+def check_tftp_root(s: str) -> str:
+    # dnsmasq reads a comma as the start of an interface list.
+    if "," in s:
+        raise ValueError(f"{s!r} may not contain ','")
+    return check_abs_path(s)
+
+
+def check_boot_file(s: str) -> str:
+    if not s or "," in s or any(c.isspace() for c in s):
+        raise ValueError(f"boot file {s!r} may not be empty or contain spaces or ','")
+    return s
+
+
+def check_command(s: str) -> str:
+    if not s or ("/" in s and not s.startswith("/")) or any(c.isspace() for c in s):
+        raise ValueError(f"{s!r} must be a command name or an absolute path, without spaces")
+    return s
+
+
+def check_nft_name(s: str) -> str:
+    if not NFT_RE.fullmatch(s):
+        raise ValueError(f"table name {s!r} must be 1 to 32 of A-Z a-z 0-9 _, not a digit first")
+    return s
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def check(s: str) -> str:
+        if s not in choices:
+            raise ValueError(f"{s!r} is not one of {', '.join(choices)}{suggest(s, choices)}")
+        return s
+
+    return check
+
+
+def _plain_ip(s: str) -> IPAddress:
+    if "%" in s:
+        raise ValueError(f"{s!r}: scoped addresses are not supported")
+    try:
+        return ipaddress.ip_address(s)
+    except ValueError:
+        raise ValueError(f"{s!r} is not an IP address") from None
+
+
+def parse_ip(s: str) -> str:
+    return str(_plain_ip(s))
+
+
+def parse_ipv4(s: str) -> ipaddress.IPv4Address:
+    ip = _plain_ip(s)
+    if not isinstance(ip, ipaddress.IPv4Address):
+        raise ValueError(f"{s!r} is not an IPv4 address")
+    return ip
+
+
+def _check_unicast(ip: IPAddress, s: str) -> None:
+    if ip.is_multicast or ip.is_loopback or ip.is_unspecified or ip.is_link_local or (
+        isinstance(ip, ipaddress.IPv4Address) and ip.is_reserved
+    ):
+        raise ValueError(f"{s!r} is not a usable unicast address")
+
+
+def parse_gateway4(s: str) -> ipaddress.IPv4Interface:
+    if "/" not in s:
+        raise ValueError(f"{s!r} needs a prefix length, like 10.0.0.1/24")
+    try:
+        iface = ipaddress.IPv4Interface(s)
+    except ValueError:
+        raise ValueError(f"{s!r} is not an IPv4 address with prefix (10.0.0.1/24)") from None
+    _check_unicast(iface.ip, s)
+    net = iface.network
+    if net.prefixlen == 32:
+        raise ValueError(f"{s!r}: a /32 leaves no room for guests")
+    if net.prefixlen <= 30 and iface.ip in (net.network_address, net.broadcast_address):
+        raise ValueError(f"{s!r} is the network or broadcast address of {net}; "
+                         "the gateway must be a host address")
+    return iface
+
+
+def parse_gateway6(s: str) -> ipaddress.IPv6Interface:
+    if "/" not in s or "%" in s:
+        raise ValueError(f"{s!r} needs a prefix length, like fd00:1::1/64")
+    try:
+        iface = ipaddress.IPv6Interface(s)
+    except ValueError:
+        raise ValueError(f"{s!r} is not an IPv6 address with prefix (fd00:1::1/64)") from None
+    _check_unicast(iface.ip, s)
+    net = iface.network
+    if net.prefixlen == 128:
+        raise ValueError(f"{s!r}: a /128 leaves no room for guests")
+    if net.prefixlen <= 126 and iface.ip == net.network_address:
+        raise ValueError(f"{s!r} is the subnet-router anycast address of {net}")
+    return iface
+
+
+def parse_range(s: str) -> tuple[IPAddress, IPAddress]:
+    start, sep, end = s.partition("-")
+    if not sep:
+        raise ValueError(f"range {s!r} must look like FIRST-LAST, e.g. 10.0.0.1-10.0.0.100")
+    a, b = _plain_ip(start.strip()), _plain_ip(end.strip())
+    if a.version != b.version:
+        raise ValueError(f"range {s!r} mixes IPv4 and IPv6")
+    if a > b:  # type: ignore[operator]  # same version checked above
+        raise ValueError(f"range {s!r} starts after it ends")
+    return a, b
+
+
+# -- schema -------------------------------------------------------------------
+
+NETWORK_KEYS = ("mode", "bridge", "ipv4", "ipv6", "uplink", "stp", "forward_delay", "mtu",
+                "autostart", "host_access", "allow_users", "allow_groups", "dhcp", "dns")
+DHCP_KEYS = ("ranges", "ranges6", "lease_time", "router", "ping_check", "tftp_root",
+             "boot_file", "next_server", "ra", "dhcpv6", "host")
+HOST_KEYS = ("mac", "ip", "name", "lease_time")
+DNS_KEYS = ("enabled", "domain", "forwarders")
+ATTACH_KEYS = ("network", "ifname", "mac", "domain")
+_MODES = one_of(*(m.value for m in Mode))
+
+
+def _in_subnet(ip: IPAddress, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+               what: str) -> None:
+    net = iface.network
+    if ip not in net:
+        raise ValueError(f"{what} {ip} is outside the network's subnet {net}")
+    if ip == iface.ip:
+        raise ValueError(f"{what} {ip} is the gateway address")
+    if isinstance(net, ipaddress.IPv4Network) and net.prefixlen <= 30 and ip in (
+            net.network_address, net.broadcast_address):
+        raise ValueError(f"{what} {ip} is the network or broadcast address of {net}")
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen <= 126 \
+            and ip == net.network_address:
+        raise ValueError(f"{what} {ip} is the subnet-router anycast address of {net}")
+
+
+def _auto_ranges(gw: ipaddress.IPv4Interface) -> tuple[DhcpRange, ...]:
+    """The whole host part of the subnet except the gateway."""
+    net = gw.network
+    lo, hi = net.network_address + 1, net.broadcast_address - 1
+    if net.prefixlen >= 31:
+        lo, hi = net.network_address, net.broadcast_address
+    parts = [(lo, gw.ip - 1), (gw.ip + 1, hi)]
+    return tuple(DhcpRange(a, b) for a, b in parts if lo <= a <= b <= hi)
+
+
+def _ranges(t: Table, key: str, gw: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None,
+            version: int, gw_given: bool) -> tuple[DhcpRange, ...]:
+    family = "ipv4" if version == 4 else "ipv6"
+
+    def conv(s: str) -> DhcpRange:
+        a, b = parse_range(s)
+        if a.version != version:
+            raise ValueError(f"{s!r} is an IPv{a.version} range; use "
+                             f"{'ranges' if a.version == 4 else 'ranges6'}")
+        if gw is None:
+            raise ValueError(f"{family} of the network is {'invalid' if gw_given else 'unset'}")
+        for ip in (a, b):
+            _in_subnet(ip, gw, "range end")
+        if a <= gw.ip <= b:  # type: ignore[operator]  # same family, checked above
+            raise ValueError(f"range {s!r} contains the gateway {gw.ip}")
+        return DhcpRange(a, b)
+
+    out = t.texts(key, conv)
+    for j, r in enumerate(out):
+        for other in out[:j]:
+            if r.start <= other.end and other.start <= r.end:  # type: ignore[operator]
+                t.error((key, j), f"range {r.start}-{r.end} overlaps {other.start}-{other.end}")
+    return out
+
+
+def _hosts(t: Table, gw: ipaddress.IPv4Interface | None) -> tuple[DhcpHost, ...]:
+    def conv_ip(s: str) -> ipaddress.IPv4Address:
+        ip = parse_ipv4(s)
+        if gw is None:
+            raise ValueError("a static address needs ipv4 on the network")
+        _in_subnet(ip, gw, "address")
+        return ip
+
+    hosts: list[DhcpHost] = []
+    seen_mac: dict[str, int] = {}
+    seen_ip: dict[ipaddress.IPv4Address, int] = {}
+    for i, data in t.tables("host"):
+        h = Table(t.ctx, (*t.path, "host", i), data, HOST_KEYS)
+        mac = h.text("mac", check_mac, None)
+        ip = h.text("ip", conv_ip, None)
+        name = h.text("name", check_hostname, None)
+        lease = h.text("lease_time", check_lease, None)
+        if not h.has("mac"):
+            h.error((), "mac is required")
+        if mac in seen_mac:
+            h.error("mac", f"MAC {mac} is already used by host[{seen_mac[mac]}]")
+        elif mac is not None:
+            seen_mac[mac] = i
+        if ip in seen_ip:
+            h.error("ip", f"address {ip} is already used by host[{seen_ip[ip]}]")
+        elif ip is not None:
+            seen_ip[ip] = i
+        if mac is not None:
+            hosts.append(DhcpHost(mac=mac, ip=ip, name=name, lease_time=lease))
+    return tuple(hosts)
+
+
+def _dhcp(t: Table, net: Table, v4: ipaddress.IPv4Interface | None,
+          v6: ipaddress.IPv6Interface | None) -> Dhcp:
+    if t.has("ranges"):
+        ranges = _ranges(t, "ranges", v4, 4, net.has("ipv4"))
+    else:
+        ranges = _auto_ranges(v4) if v4 else ()
+    ranges6 = _ranges(t, "ranges6", v6, 6, net.has("ipv6"))
+    dhcpv6 = t.text("dhcpv6", one_of("off", "stateless", "stateful"), "off")
+    if dhcpv6 != "off" and not net.has("ipv6"):
+        t.error("dhcpv6", "DHCPv6 needs ipv6 on the network")
+    elif dhcpv6 == "stateful" and not t.has("ranges6"):
+        t.error("dhcpv6", "stateful DHCPv6 needs ranges6")
+    if t.has("ranges6") and dhcpv6 != "stateful":
+        t.error("ranges6", 'ranges6 are only used with dhcpv6 = "stateful"')
+    return Dhcp(
+        ranges=ranges,
+        lease_time=t.text("lease_time", check_lease, "1h"),
+        hosts=_hosts(t, v4),
+        router=t.flag("router", False) if t.has("router") else None,
+        ping_check=t.flag("ping_check", False),
+        tftp_root=t.text("tftp_root", check_tftp_root, None),
+        boot_file=t.text("boot_file", check_boot_file, None),
+        next_server=t.text("next_server", parse_ipv4, None),
+        ra=t.flag("ra", True),
+        dhcpv6=dhcpv6,
+        ranges6=ranges6,
+    )
+
+
+def _dns(t: Table) -> Dns:
+    return Dns(enabled=t.flag("enabled", True), domain=t.text("domain", check_domain, None),
+               forwarders=t.texts("forwarders", parse_ip))
+
+
+def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
+    """One [network.NAME] table. Issues go to ctx; the result is only trusted without them."""
+    t = Table(ctx, ("network", name), data, NETWORK_KEYS)
+    try:
+        check_network_name(name)
+    except ValueError as e:
+        t.error((), str(e))
+    mode = Mode(t.text("mode", _MODES, "nat"))
+    bridge = t.text("bridge", check_ifname, f"kv-{name}")
+    if not t.has("bridge") and len(bridge.encode()) > 15:
+        t.error((), f"the default bridge name {bridge!r} is longer than 15 bytes; "
+                    'set bridge = "..." explicitly')
+    v4 = t.text("ipv4", parse_gateway4, None)
+    v6 = t.text("ipv6", parse_gateway6, None)
+    uplink = t.text("uplink", check_ifname, None)
+    stp = t.flag("stp", False)
+    if stp:
+        delay = t.number("forward_delay", 2, 2, 30, ": with stp = true the kernel refuses a "
+                         "forward delay under 2 s; use 2..30 or set stp = false")
+    else:
+        delay = t.number("forward_delay", 0, 0, 30)
+    mtu = t.number("mtu", 0, 68, 65535) if t.has("mtu") else 0
+    host_access = t.flag("host_access", False)
+    sub = t.table("dhcp")
+    dhcp = _dhcp(Table(ctx, (*t.path, "dhcp"), sub, DHCP_KEYS), t, v4, v6) if sub is not None \
+        else None
+    sub = t.table("dns")
+    dns = _dns(Table(ctx, (*t.path, "dns"), sub, DNS_KEYS)) if sub is not None else Dns()
+
+    if "mode" not in t.bad:
+        if mode != Mode.BRIDGED and not (t.has("ipv4") or t.has("ipv6")):
+            t.error((), f"a {mode} network needs ipv4 or ipv6: the gateway address with "
+                        'prefix, e.g. ipv4 = "10.0.0.254/24"')
+        if mode == Mode.BRIDGED and not t.has("uplink"):
+            t.error((), "a bridged network needs uplink: the physical interface to enslave")
+        if mode == Mode.BRIDGED and dhcp is not None:
+            t.error("dhcp", "a bridged network would answer DHCP on the physical LAN; "
+                            "remove the dhcp table")
+        if mode == Mode.ISOLATED and t.has("uplink"):
+            t.error("uplink", "an isolated network has no uplink; remove it or use "
+                              "mode = nat or routed")
+        if mode != Mode.ISOLATED and host_access:
+            t.error("host_access", "host_access only applies to isolated networks")
+    if uplink is not None and uplink == bridge:
+        t.error("uplink", f"the uplink {uplink!r} is the network's own bridge")
+    if mtu and v6 is not None and mtu < 1280:
+        t.error("mtu", f"IPv6 needs an MTU of at least 1280, not {mtu}")
+    return Network(
+        name=name, mode=mode, bridge=bridge, ipv4=v4, ipv6=v6, uplink=uplink, stp=stp,
+        forward_delay=delay, mtu=mtu or None, autostart=t.flag("autostart", True),
+        host_access=host_access, dhcp=dhcp, dns=dns,
+        allow_users=t.texts("allow_users", check_user),
+        allow_groups=t.texts("allow_groups", check_user),
+        source=ctx.source(t.path),
+    )
+
+
+def read_attach(ctx: FileCtx, index: int, data: dict[str, Any]) -> AttachRule | None:
+    t = Table(ctx, ("attach", index), data, ATTACH_KEYS)
+    network = t.text("network", check_network_name, None)
+    if not t.has("network"):
+        t.error((), "network is required")
+    if not (t.has("ifname") or t.has("mac") or t.has("domain")):
+        t.error((), "a rule needs at least one of ifname, mac, domain")
+    rule = AttachRule(
+        network=network or "",
+        ifname=t.text("ifname", check_glob, None),
+        mac=t.text("mac", check_mac_glob, None),
+        domain=t.text("domain", _nonempty, None),
+        source=ctx.source(t.path),
+    )
+    return rule if network else None
+
+
+def _nonempty(s: str) -> str:
+    if not s:
+        raise ValueError("may not be empty")
+    return s
