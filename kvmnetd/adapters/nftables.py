@@ -1,0 +1,94 @@
+"""The only code that runs `nft`: apply, observe and remove kvmnetd's own `inet` table.
+
+nft runs in the network namespace of the thread that calls these methods (the
+child inherits it), which is how the integration tests point it at a namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+_TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+_COMMENT_RE = re.compile(r'^\s*comment "kvmnetd ([0-9a-f]+)"\s*$', re.MULTILINE)
+TAMPERED = "tampered"
+
+
+class NftablesError(RuntimeError):
+    """nft refused a command; the message carries its stderr."""
+
+
+class NftablesAdapter:
+    """Writes whole-table transactions; tells apart absent, ours-as-applied and tampered.
+
+    After every apply the exact `nft list table` output is kept. observe() lists
+    the table again and compares. Without such a baseline (the daemon was just
+    started) the fingerprint in the table's comment is trusted, so a restart over
+    a correct system writes nothing.
+    """
+
+    def __init__(self, table: str = "kvmnetd", nft: str = "nft") -> None:
+        if not _TABLE_RE.match(table):
+            raise ValueError(f"invalid nftables table name: {table!r}")
+        self.table = table
+        self.nft = nft
+        self.writes = 0
+        # Our last write, as nft lists it afterwards (None: we removed the table).
+        self._listing: str | None = None
+        self._known = False  # False until the first write: nothing to compare against
+
+    async def _run(self, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.nft, *args,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as e:
+            raise NftablesError(f"cannot run {self.nft}: {e}") from e
+        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        rc = proc.returncode if proc.returncode is not None else -1
+        return rc, out.decode(), err.decode()
+
+    async def _list(self) -> str | None:
+        """Our table as nft prints it, or None when it does not exist."""
+        rc, out, err = await self._run("list", "table", "inet", self.table)
+        if rc == 0:
+            return out
+        if "No such file or directory" in err:
+            return None
+        raise NftablesError(f"nft list table inet {self.table} failed: {err.strip()}")
+
+    async def observe(self) -> str | None:
+        """Fingerprint if our table is as applied, "tampered" if changed, None if absent."""
+        listing = await self._list()
+        if listing is None:
+            return None
+        m = _COMMENT_RE.search(listing)
+        if m is None:
+            return TAMPERED
+        if self._known and listing != self._listing:
+            return TAMPERED
+        return m.group(1)
+
+    async def apply(self, ruleset: str) -> None:
+        """Load a rendered ruleset as one transaction (all or nothing)."""
+        rc, _, err = await self._run("-f", "-", stdin=ruleset)
+        if rc != 0:
+            raise NftablesError(f"nft rejected the ruleset for table {self.table}:\n{err.strip()}")
+        self.writes += 1
+        self._listing = await self._list()
+        self._known = True
+
+    async def remove(self) -> None:
+        """Delete our table if it is there; other tables are never touched."""
+        self._listing, self._known = None, True
+        if await self._list() is None:
+            return
+        # add+delete: no error if someone removed it in between.
+        script = f"add table inet {self.table}\ndelete table inet {self.table}\n"
+        rc, _, err = await self._run("-f", "-", stdin=script)
+        if rc != 0:
+            raise NftablesError(f"nft could not delete table inet {self.table}: {err.strip()}")
+        self.writes += 1

@@ -1,0 +1,114 @@
+"""Golden files for the nftables renderer, plus nft's own syntax check (inside a namespace)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmnetd.model import Dhcp, Dns, Mode, Network
+from kvmnetd.render.nft import fingerprint, render_ruleset
+
+try:
+    from tests.netns import netns, sh
+except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.netns import netns, sh
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+v4 = ipaddress.IPv4Interface
+v6 = ipaddress.IPv6Interface
+
+NAT = Network("default", Mode.NAT, "kvbr0", v4("10.77.1.1/24"), uplink="eth0", dhcp=Dhcp())
+ISOLATED = Network("iso", Mode.ISOLATED, "kvbr1", v4("10.77.2.1/24"), dhcp=Dhcp())
+ROUTED = Network("lab", Mode.ROUTED, "kvbr2", v4("10.77.3.1/24"), dns=Dns(enabled=False))
+BRIDGED = Network("lan", Mode.BRIDGED, "br0", uplink="eno1")
+MIXED = [
+    Network("default", Mode.NAT, "kvbr0", v4("10.77.1.1/24"), v6("fd00:77:1::1/64"),
+            dhcp=Dhcp()),
+    Network("iso", Mode.ISOLATED, "kvbr1", v4("10.77.2.1/24"), v6("fd00:77:2::1/64"),
+            dhcp=Dhcp(), host_access=True),
+    Network("lab", Mode.ROUTED, "kvbr2", v4("10.77.3.1/24"), v6("fd00:77:3::1/64"),
+            uplink="eth1", dhcp=Dhcp()),
+    BRIDGED,
+]
+CASES = {
+    "nat": [NAT],
+    "isolated": [ISOLATED],
+    "routed": [ROUTED],
+    "bridged": [BRIDGED],
+    "mixed": MIXED,
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str) -> None:
+    text = render_ruleset(CASES[case])
+    path = GOLDEN / f"{case}.nft"
+    if os.environ.get("KVMNETD_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_order_of_input_does_not_matter() -> None:
+    assert render_ruleset(MIXED) == render_ruleset(list(reversed(MIXED)))
+    assert fingerprint(MIXED) == fingerprint(list(reversed(MIXED)))
+
+
+def test_fingerprint_is_in_the_comment_and_tracks_content() -> None:
+    fp = fingerprint([NAT])
+    assert f'comment "kvmnetd {fp}"' in render_ruleset([NAT])
+    assert fp != fingerprint([ISOLATED])
+    assert fp != fingerprint([NAT], table="other")
+    assert len(fp) == 16
+
+
+def test_replaces_only_our_table() -> None:
+    lines = render_ruleset([NAT], table="mine").splitlines()
+    assert lines[:3] == ["add table inet mine", "delete table inet mine", "table inet mine {"]
+    assert not any("flush" in line or "ruleset" in line for line in lines)
+
+
+def test_empty_list_gives_an_empty_table() -> None:
+    text = render_ruleset([])
+    assert "chain" not in text
+    assert render_ruleset([BRIDGED]).count("chain") == 0
+
+
+def test_isolated_keeps_guests_together() -> None:
+    text = render_ruleset([ISOLATED])
+    assert 'iifname "kvbr1" drop' not in text.split("chain input")[0]
+    assert 'iifname "kvbr1" oifname != "kvbr1" drop' in text
+    assert 'iifname "kvbr1" drop comment' in text.split("chain input")[1]
+    opened = render_ruleset([Network("iso", Mode.ISOLATED, "kvbr1", host_access=True)])
+    assert 'iifname "kvbr1" drop' not in opened
+
+
+def test_every_rule_names_its_network() -> None:
+    for line in render_ruleset(MIXED).splitlines():
+        if line.startswith("\t\t") and not line.strip().startswith("type "):
+            assert 'comment "net:' in line, line
+
+
+@pytest.mark.parametrize("bad", ['x"y', "a\nb", ""])
+def test_refuses_names_that_would_break_quoting(bad: str) -> None:
+    with pytest.raises(ValueError):
+        render_ruleset([Network("n", Mode.ROUTED, bad, v4("10.77.9.1/24"))])
+    with pytest.raises(ValueError):
+        render_ruleset([], table="bad table")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None, reason="needs root and nft")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_nft_accepts_rendered_text(case: str) -> None:
+    with netns("ck") as ns:
+        try:
+            sh("nft", "-c", "-f", "-", ns=ns, input=render_ruleset(CASES[case]))
+        except subprocess.CalledProcessError as e:
+            pytest.fail(f"nft -c rejected {case}: {e.stderr}")
