@@ -189,7 +189,9 @@ class Core:
         new = cfg.load(s.config_file, s.networks_dir,
                        host_routes=self._host_routes(exclude=None),
                        overrides=self.config_overrides)
-        self.config = replace(new, settings=s)
+        # Paths stay as started; behaviour settings follow the file.
+        self.config = replace(new, settings=replace(
+            s, teardown_on_stop=new.settings.teardown_on_stop))
         await self.apply()
         log.info("config.reloaded", networks=len(self.networks()))
 

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+
 import structlog
 
 from . import __version__, logsetup
@@ -100,6 +101,12 @@ async def run(args: argparse.Namespace) -> int:
 
     config_file, networks_dir = config_paths(args)
     svc = Service(config_file, networks_dir, overrides_from(args), no_bus=args.no_bus)
+    # Handlers first: a SIGTERM right after READY must stop us cleanly, not kill us.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, svc.request_reload)
     await svc.start()
     if args.apply_once:
         failed = svc.failed_networks()
@@ -107,17 +114,12 @@ async def run(args: argparse.Namespace) -> int:
         if failed:
             print(f"kvmnetd: failed networks: {', '.join(failed)}", file=sys.stderr)
         return 1 if failed else 0
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: svc.spawn(svc.reload_from_signal()))
     runner = asyncio.create_task(svc.run())
     await stop.wait()
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
-    await svc.close(teardown=svc.settings.teardown_on_stop)
+    await svc.close(teardown=svc.core.config.settings.teardown_on_stop)
     return 0
 
 

@@ -10,7 +10,9 @@ import structlog
 
 
 def _journal_renderer() -> Any:
-    from systemd import journal  # type: ignore[import-not-found,unused-ignore]
+    import importlib
+
+    journal = importlib.import_module("systemd.journal")  # optional: systemd-python
 
     def render(_logger: Any, method: str, event: dict[str, Any]) -> str:
         msg = event.pop("event", "")

@@ -216,8 +216,8 @@ def _plan_teardown(desired: DesiredState, observed: ObservedState, owned: Owned,
             p.actions.append(A.DeleteBridge(netname, bridge))
 
 
-def _restore_uplink(netname: str, uplink: str, addresses: list[str], routes: list[dict[str, object]],
-                    observed: ObservedState, p: Plan) -> None:
+def _restore_uplink(netname: str, uplink: str, addresses: list[str],
+                    routes: list[dict[str, object]], observed: ObservedState, p: Plan) -> None:
     link = observed.link(uplink)
     if link is None:
         return
@@ -228,6 +228,7 @@ def _restore_uplink(netname: str, uplink: str, addresses: list[str], routes: lis
         if addr not in have:
             p.actions.append(A.AddAddress(netname, uplink, addr))
     for r in routes:
+        prio = r.get("priority")
         p.actions.append(A.AddRoute(netname, uplink, Route(
             dst=ipaddress.ip_network(str(r["dst"])), gateway=str(r["gateway"]),
-            priority=r.get("priority") if isinstance(r.get("priority"), int) else None)))
+            priority=prio if isinstance(prio, int) else None)))

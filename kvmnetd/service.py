@@ -65,8 +65,9 @@ class Service:
         self.core.after_pass()
         if not self.no_bus:
             self.control = await self._serve_control()
+        log.info("daemon.ready", networks=len(self.core.networks()), status=self.status_line(),
+                 writes=self.rec.writes)
         self.notifier.ready(self.status_line())
-        log.info("daemon.ready", networks=len(self.core.networks()), status=self.status_line())
 
     def _make_dhcp(self, conf: cfg.Config) -> Any:
         from .adapters.dnsmasq import DnsmasqSupervisor
@@ -97,6 +98,8 @@ class Service:
 
     async def run(self) -> None:
         self.spawn(self._watchdog())
+        if self._reload_pending:
+            self.spawn(self.reload_from_signal())
         self.rec.on_state(lambda *_: self.notifier.status(self.status_line()))
         loop_task = asyncio.ensure_future(self.rec.run())
         try:
@@ -116,6 +119,15 @@ class Service:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(period)
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload once started; a signal during start-up is kept for afterwards."""
+        if hasattr(self, "core"):
+            self.spawn(self.reload_from_signal())
+        else:
+            self._reload_pending = True
+
+    _reload_pending = False
 
     async def reload_from_signal(self) -> None:
         self.notifier.reloading()

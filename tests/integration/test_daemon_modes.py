@@ -1,0 +1,211 @@
+"""The real daemon in a sandbox namespace: each mode, end to end, with real traffic."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.netns import ping, sh
+from tests.rig import FAR_HOST, HOST_UPLINK_IP, UPSTREAM_IP, Sandbox, wait_until
+
+pytestmark = pytest.mark.integration
+
+BASE = """
+[network.nat]
+mode = "nat"
+bridge = "kvnat0"
+ipv4 = "10.50.0.1/24"
+[network.nat.dns]
+enabled = false
+
+[network.iso]
+mode = "isolated"
+bridge = "kviso0"
+ipv4 = "10.51.0.1/24"
+host_access = {host_access}
+[network.iso.dns]
+enabled = false
+
+[network.rt]
+mode = "routed"
+bridge = "kvrt0"
+ipv4 = "10.52.0.1/24"
+[network.rt.dns]
+enabled = false
+
+[[attach]]
+network = "nat"
+ifname = "pn*"
+
+[[attach]]
+network = "iso"
+ifname = "pi*"
+
+[[attach]]
+network = "rt"
+ifname = "pr*"
+"""
+
+
+def config(host_access: bool = False) -> str:
+    return BASE.format(host_access="true" if host_access else "false")
+
+
+def master_of(box: Sandbox, ifname: str) -> str | None:
+    out = sh("ip", "-o", "link", "show", ifname, ns=box.host, check=False).stdout
+    m = re.search(r" master (\S+)", out)
+    return m.group(1) if m else None
+
+
+def link_table(box: Sandbox) -> list[tuple[int, str, str | None]]:
+    links = json.loads(sh("ip", "-j", "link", ns=box.host).stdout)
+    return [(lk["ifindex"], lk["ifname"], lk.get("master")) for lk in links]
+
+
+def writes_at_ready(box: Sandbox) -> list[int]:
+    return [int(w) for w in re.findall(r"event='daemon.ready'.*?writes=(\d+)",
+                                       box.log.read_text())]
+
+
+@pytest.fixture
+def box(tmp_path: Path, request: pytest.FixtureRequest) -> Sandbox:
+    with Sandbox(tmp_path) as b:
+        yield b  # type: ignore[misc]
+        if b.log.exists():
+            print(f"--- kvmnetd log ---\n{b.log.read_text()[-8000:]}")
+
+
+def test_nat_guests_reach_each_other_and_upstream_through_masquerade(box: Sandbox) -> None:
+    box.write_config(config())
+    g1 = box.guest("pn1", "10.50.0.11/24", "10.50.0.1")
+    g2 = box.guest("pn2", "10.50.0.12/24", "10.50.0.1")
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: master_of(box, "pn1") == "kvnat0" == master_of(box, "pn2"))
+    assert ping(g1, "10.50.0.12") and ping(g2, "10.50.0.11")
+    assert ping(g1, "10.50.0.1")
+    assert ping(g1, FAR_HOST)
+    assert box.source_seen_by_upstream(g1) == HOST_UPLINK_IP
+    assert sh("cat", "/proc/sys/net/ipv4/ip_forward", ns=box.host).stdout.strip() == "1"
+
+
+def test_isolated_guests_reach_only_each_other(box: Sandbox) -> None:
+    box.write_config(config())
+    g1 = box.guest("pi1", "10.51.0.11/24", "10.51.0.1")
+    g2 = box.guest("pi2", "10.51.0.12/24", "10.51.0.1")
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: master_of(box, "pi2") == "kviso0")
+    assert ping(g1, "10.51.0.12") and ping(g2, "10.51.0.11")
+    assert not ping(g1, "10.51.0.1"), "the host must not be reachable without host_access"
+    assert not ping(g1, UPSTREAM_IP)
+    assert box.source_seen_by_upstream(g1, timeout=0.3) is None
+
+
+def test_isolated_host_access_opens_only_the_host(box: Sandbox) -> None:
+    box.write_config(config(host_access=True))
+    g1 = box.guest("pi1", "10.51.0.11/24", "10.51.0.1")
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: master_of(box, "pi1") == "kviso0")
+    assert ping(g1, "10.51.0.1")
+    assert not ping(g1, UPSTREAM_IP)
+
+
+def test_routed_guests_keep_their_source_address(box: Sandbox) -> None:
+    box.write_config(config())
+    sh("ip", "route", "add", "10.52.0.0/24", "via", HOST_UPLINK_IP, ns=box.upstream)
+    g1 = box.guest("pr1", "10.52.0.11/24", "10.52.0.1")
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: master_of(box, "pr1") == "kvrt0")
+    assert box.source_seen_by_upstream(g1) == "10.52.0.11"
+
+
+def test_bridged_uplink_keeps_the_host_connected(box: Sandbox) -> None:
+    box.write_config("""
+[network.lan]
+mode = "bridged"
+bridge = "kvlan0"
+uplink = "uplink0"
+
+[[attach]]
+network = "lan"
+ifname = "pb*"
+""")
+    g1 = box.guest("pb1", "198.51.100.50/24", UPSTREAM_IP)
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: master_of(box, "uplink0") == "kvlan0")
+    addrs = sh("ip", "-o", "addr", "show", "dev", "kvlan0", ns=box.host).stdout
+    assert f"{HOST_UPLINK_IP}/24" in addrs
+    assert "default via 198.51.100.2 dev kvlan0" in sh("ip", "route", ns=box.host).stdout
+    assert ping(box.host, FAR_HOST), "the host lost its connectivity"
+    assert wait_until(lambda: master_of(box, "pb1") == "kvlan0")
+    assert box.source_seen_by_upstream(g1) == "198.51.100.50"
+    # Stopping with teardown gives the NIC its address and route back.
+    box.write_config(box.config.read_text() + "\n[daemon]\nteardown_on_stop = true\n")
+    box.stop_daemon()
+    box.start_daemon("--no-bus")
+    box.stop_daemon()
+    assert master_of(box, "uplink0") is None
+    assert f"{HOST_UPLINK_IP}/24" in sh("ip", "-o", "addr", "show", "uplink0",
+                                        ns=box.host).stdout
+    assert "default via 198.51.100.2 dev uplink0" in sh("ip", "route", ns=box.host).stdout
+    assert ping(box.host, FAR_HOST)
+
+
+def test_restart_on_a_right_system_writes_nothing(box: Sandbox) -> None:
+    box.write_config(config())
+    box.guest("pn1", "10.50.0.11/24", "10.50.0.1")
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: master_of(box, "pn1") == "kvnat0")
+    links = link_table(box)
+    ruleset = box.nft()
+    box.stop_daemon()
+    box.start_daemon("--no-bus")
+    assert writes_at_ready(box)[-1] == 0
+    assert box.nft() == ruleset
+    assert link_table(box) == links
+
+
+FOREIGN = """
+table inet foreign {
+    chain guard {
+        type filter hook forward priority 10; policy accept;
+        ip saddr 192.0.2.0/24 counter accept comment "someone else's"
+    }
+}
+"""
+
+
+def foreign_state(box: Sandbox) -> tuple[str, str]:
+    table = sh("nft", "list", "table", "inet", "foreign", ns=box.host).stdout
+    ipt = sh("iptables-save", ns=box.host).stdout
+    ipt = "\n".join(line for line in ipt.splitlines() if not line.startswith("#"))
+    return table, ipt
+
+
+def test_foreign_rules_are_byte_identical_after_everything(box: Sandbox) -> None:
+    sh("nft", "-f", "-", ns=box.host, input=FOREIGN)
+    sh("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "192.0.2.0/24", "-j", "MASQUERADE",
+       ns=box.host)
+    sh("iptables", "-A", "FORWARD", "-s", "192.0.2.0/24", "-j", "ACCEPT", ns=box.host)
+    before = foreign_state(box)
+    box.write_config(config())
+    box.guest("pn1", "10.50.0.11/24", "10.50.0.1")
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: master_of(box, "pn1") == "kvnat0")
+    assert foreign_state(box) == before
+    # A reload that moves the policy (nat guests now go to the isolated network).
+    box.write_config(config().replace('ifname = "pn*"', 'ifname = "zz*"')
+                     .replace('ifname = "pi*"', 'ifname = "p[in]*"'))
+    import signal as _signal
+    box.daemon.send_signal(_signal.SIGHUP)  # type: ignore[union-attr]
+    assert wait_until(lambda: master_of(box, "pn1") == "kviso0")
+    assert foreign_state(box) == before
+    box.write_config(box.config.read_text() + "\n[daemon]\nteardown_on_stop = true\n")
+    box.daemon.send_signal(_signal.SIGHUP)  # type: ignore[union-attr]
+    box.wait_notify("READY=1")
+    box.stop_daemon()
+    assert foreign_state(box) == before
+    assert "kvmnetd" not in box.nft()
+    assert "kvnat0" not in sh("ip", "-o", "link", ns=box.host).stdout

@@ -1,0 +1,195 @@
+"""A whole testbed in namespaces: a "host" running kvmnetd, an upstream router, guests.
+
+host ns: uplink0 198.51.100.1/24, default route via the upstream router.
+upstream ns: eth0 198.51.100.2/24, 203.0.113.1/32 on lo (a far host), a UDP echo
+server that answers with the source address it saw. It has no route to guest
+subnets, so a reply reaching a NAT guest proves the masquerade.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.netns import netns, sh, veth_into
+
+UPSTREAM_IP = "198.51.100.2"
+FAR_HOST = "203.0.113.1"
+HOST_UPLINK_IP = "198.51.100.1"
+ECHO_PORT = 9999
+PY = "/usr/bin/python3"
+
+# One socket per address: a reply must leave from the address the guest asked, or
+# conntrack cannot match it to the masqueraded flow.
+ECHO_SERVER = f"""
+import select, socket
+socks = []
+for addr in ("{UPSTREAM_IP}", "{FAR_HOST}"):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((addr, {ECHO_PORT}))
+    socks.append(s)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, peer = s.recvfrom(512)
+        s.sendto(peer[0].encode(), peer)
+"""
+
+ECHO_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(float(sys.argv[3]))
+for _ in range(3):
+    s.sendto(b"who am i", (sys.argv[1], int(sys.argv[2])))
+    try:
+        print(s.recvfrom(512)[0].decode()); break
+    except socket.timeout:
+        continue
+else:
+    sys.exit(1)
+"""
+
+
+class Sandbox:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.stack = contextlib.ExitStack()
+        self.daemon: subprocess.Popen[str] | None = None
+        self.notify: socket.socket | None = None
+        self.notes: list[str] = []
+        self.run_dir = tmp / "run"
+        self.state_dir = tmp / "lib"
+        self.config = tmp / "kvmnetd.toml"
+        self.networks_dir = tmp / "networks.d"
+        self.log = tmp / "kvmnetd.log"
+
+    def __enter__(self) -> Sandbox:
+        try:
+            self.host = self.stack.enter_context(netns("h"))
+            self.upstream = self.stack.enter_context(netns("u"))
+            veth_into(self.host, self.upstream, "uplink0", "eth0", f"{UPSTREAM_IP}/24")
+            sh("ip", "addr", "add", f"{HOST_UPLINK_IP}/24", "dev", "uplink0", ns=self.host)
+            sh("ip", "link", "set", "uplink0", "up", ns=self.host)
+            sh("ip", "route", "add", "default", "via", UPSTREAM_IP, ns=self.host)
+            sh("ip", "addr", "add", f"{FAR_HOST}/32", "dev", "lo", ns=self.upstream)
+            echo = subprocess.Popen(["ip", "netns", "exec", self.upstream, PY, "-c", ECHO_SERVER])
+            self.stack.callback(_reap, echo)
+            self.stack.callback(self.kill_daemon)
+        except BaseException:
+            self.stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None and self.log.exists():
+            sys.stderr.write(f"--- kvmnetd log ---\n{self.log.read_text()[-6000:]}\n")
+        self.stack.close()
+
+    # ---- guests ------------------------------------------------------------------------
+
+    def guest(self, port: str, address: str | None = None, gateway: str | None = None,
+              mac: str | None = None) -> str:
+        """A guest namespace whose eth0 is cabled to `port` (a veth left in the host ns)."""
+        ns = self.stack.enter_context(netns("g"))
+        veth_into(self.host, ns, port, "eth0")
+        if mac:
+            sh("ip", "link", "set", "eth0", "address", mac, ns=ns)
+        if address:
+            sh("ip", "addr", "add", address, "dev", "eth0", ns=ns)
+        if gateway:
+            sh("ip", "route", "add", "default", "via", gateway, ns=ns)
+        return ns
+
+    def source_seen_by_upstream(self, ns: str, target: str = FAR_HOST,
+                                timeout: float = 1.0) -> str | None:
+        r = sh(PY, "-c", ECHO_CLIENT, target, str(ECHO_PORT), str(timeout), ns=ns, check=False)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    # ---- the daemon --------------------------------------------------------------------
+
+    def write_config(self, text: str) -> None:
+        self.config.write_text(text)
+        self.networks_dir.mkdir(exist_ok=True)
+
+    def argv(self, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "kvmnetd", "--config", str(self.config),
+                "--networks-dir", str(self.networks_dir), "--run-dir", str(self.run_dir),
+                "--state-dir", str(self.state_dir), *extra]
+
+    def start_daemon(self, *extra: str, timeout: float = 30, env: dict[str, str] | None = None
+                     ) -> subprocess.Popen[str]:
+        notify_path = str(self.tmp / "notify.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(notify_path)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(notify_path)
+        full_env = {**os.environ, "NOTIFY_SOCKET": notify_path, **(env or {})}
+        logf = open(self.log, "a")
+        self.daemon = subprocess.Popen(["ip", "netns", "exec", self.host, *self.argv(*extra)],
+                                       env=full_env, stdout=logf, stderr=logf, text=True)
+        logf.close()
+        self.wait_notify("READY=1", timeout)
+        return self.daemon
+
+    def wait_notify(self, what: str, timeout: float = 20) -> str:
+        assert self.notify is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.daemon is not None and self.daemon.poll() is not None:
+                raise AssertionError(f"kvmnetd exited with {self.daemon.returncode}:\n"
+                                     f"{self.log.read_text()[-4000:]}")
+            self.notify.settimeout(0.2)
+            try:
+                msg = self.notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.notes.append(msg)
+            if what in msg:
+                return msg
+        raise AssertionError(f"no {what!r} from kvmnetd within {timeout}s; got {self.notes}:\n"
+                             f"{self.log.read_text()[-4000:]}")
+
+    def stop_daemon(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        assert self.daemon is not None
+        self.daemon.send_signal(sig)
+        rc = self.daemon.wait(timeout)
+        self.daemon = None
+        return rc
+
+    def kill_daemon(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.kill()
+            self.daemon.wait(5)
+        self.daemon = None
+
+    def run_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "KVMNETD_SOCKET": str(self.run_dir / "control.sock")}
+        cmd = ["ip", "netns", "exec", self.host, sys.executable, "-m", "kvmnetd.cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, check=check,
+                              timeout=30)
+
+    def nft(self) -> str:
+        return sh("nft", "list", "ruleset", ns=self.host).stdout
+
+
+def wait_until(pred: Any, timeout: float = 5.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def _reap(p: subprocess.Popen[Any]) -> None:
+    if p.poll() is None:
+        p.kill()
+    p.wait(5)
