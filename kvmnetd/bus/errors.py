@@ -1,0 +1,47 @@
+"""Exceptions at the boundary: core errors become named D-Bus errors, anything else Failed."""
+
+from __future__ import annotations
+
+import structlog
+from dbus_fast import DBusError
+
+from .. import errors as core_errors
+from .names import error_name
+
+log = structlog.get_logger("kvmnetd.bus")
+
+# Replies stay small even when a hostile argument ends up in a message.
+MAX_MESSAGE = 4096
+
+_BY_CLASS: tuple[tuple[type[core_errors.KvmnetError], str], ...] = (
+    (core_errors.NoSuchNetwork, "NoSuchNetwork"),
+    (core_errors.NoSuchPort, "NoSuchPort"),
+    (core_errors.InvalidArgument, "InvalidArgument"),  # ConfigError included
+    (core_errors.PermissionDenied, "PermissionDenied"),
+    (core_errors.Conflict, "Conflict"),
+    (core_errors.Busy, "Busy"),
+    (core_errors.NotSupported, "NotSupported"),
+)
+
+
+def _clip(text: str) -> str:
+    text = text.replace("\0", "\\0")
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
+
+
+def classify(exc: BaseException, method: str = "") -> tuple[str, str]:
+    """(full error name, message) for any exception; unexpected ones are logged."""
+    if isinstance(exc, core_errors.KvmnetError):
+        for cls, short in _BY_CLASS:
+            if isinstance(exc, cls):
+                return error_name(short), _clip(str(exc) or short)
+        return error_name("Failed"), _clip(str(exc) or type(exc).__name__)
+    log.error("request failed unexpectedly", method=method, exc_info=exc)
+    return error_name("Failed"), f"internal error in {method or 'request'}: {type(exc).__name__}"
+
+
+def to_dbus_error(exc: BaseException, method: str = "") -> DBusError:
+    if isinstance(exc, DBusError):
+        return exc
+    name, message = classify(exc, method)
+    return DBusError(name, message)

@@ -1,0 +1,302 @@
+"""kvmnetctl: one verb, one call to kvmnetd.
+
+Transport: the control socket when it is there (no D-Bus library to load, so a qemu
+ifup hook stays fast), else the system bus. --bus-address or --bus forces the bus,
+--socket (or KVMNETD_SOCKET) forces the socket. Only bus names are imported up front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+from .bus import names
+
+SOCKET_TIMEOUT = 300.0
+PROPERTY_KEYS = {
+    "Name": "name", "Mode": "mode", "Bridge": "bridge", "Addresses": "addresses",
+    "State": "state", "StateReason": "reason", "Ports": "ports", "DhcpState": "dhcp_state",
+    "Autostart": "autostart",
+}
+
+
+class Unavailable(Exception):
+    """This transport cannot reach kvmnetd; another one may."""
+
+
+class CallFailed(Exception):
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+# -- transports ---------------------------------------------------------------
+
+def socket_call(path: str, method: str, args: list[Any]) -> Any:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise Unavailable(f"no control socket at {path} ({exc.strerror})") from None
+        sock.settimeout(SOCKET_TIMEOUT)
+        sock.sendall(json.dumps({"method": method, "args": args}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise CallFailed(names.error_name("Failed"), "kvmnetd closed the connection")
+            buf += chunk
+    finally:
+        sock.close()
+    reply = json.loads(buf)
+    if not reply.get("ok"):
+        raise CallFailed(str(reply.get("error")), str(reply.get("message")))
+    return reply.get("result")
+
+
+SIGNATURES = {
+    "GetNetwork": "s", "DefineNetwork": "sb", "UndefineNetwork": "sb", "StartNetwork": "s",
+    "StopNetwork": "s", "AttachPort": "ssb", "DetachPort": "s", "MovePort": "ss",
+}
+
+
+def bus_call(address: str | None, method: str, args: list[Any]) -> Any:
+    import asyncio
+    return asyncio.run(_bus_call(address, method, args))
+
+
+def _bus_message(method: str, args: list[Any]) -> tuple[str, str, str, str, list[Any]]:
+    """(path, interface, member, signature, body) for a socket-style method name."""
+    if method == "Network":  # the network object's properties
+        return (names.network_path(args[0]), "org.freedesktop.DBus.Properties", "GetAll", "s",
+                [names.NETWORK_IFACE])
+    if method == "Leases":
+        return names.network_path(args[0]), names.NETWORK_IFACE, "Leases", "", []
+    if method == "Version":
+        return (names.MANAGER_PATH, "org.freedesktop.DBus.Properties", "Get", "ss",
+                [names.MANAGER_IFACE, "Version"])
+    return names.MANAGER_PATH, names.MANAGER_IFACE, method, SIGNATURES.get(method, ""), args
+
+
+async def _bus_call(address: str | None, method: str, args: list[Any]) -> Any:
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    path, iface, member, sig, body = _bus_message(method, args)
+    try:
+        bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+    except Exception as exc:
+        raise Unavailable(f"no system bus ({str(exc) or type(exc).__name__})") from None
+    try:
+        reply = await bus.call(Message(destination=names.BUS_NAME, path=path, interface=iface,
+                                       member=member, signature=sig, body=body))
+    finally:
+        bus.disconnect()
+    if reply.message_type is MessageType.ERROR:
+        error = reply.error_name or ""
+        text = str(reply.body[0]) if reply.body else error
+        if error in ("org.freedesktop.DBus.Error.ServiceUnknown",
+                     "org.freedesktop.DBus.Error.NameHasNoOwner"):
+            raise Unavailable(f"{names.BUS_NAME} is not on the bus")
+        if path != names.MANAGER_PATH and error in ("org.freedesktop.DBus.Error.UnknownObject",
+                                                    "org.freedesktop.DBus.Error.UnknownMethod"):
+            raise CallFailed(names.error_name("NoSuchNetwork"), f"no network named {args[0]!r}")
+        if error == "org.freedesktop.DBus.Error.AccessDenied":
+            # The bus daemon's own text is a dump of its matching rules.
+            text = f"permission denied: the bus policy does not let you call {member}"
+        raise CallFailed(error, text)
+    if method == "Network":
+        return {k: v.value for k, v in reply.body[0].items()}
+    if method == "Version":
+        return reply.body[0].value
+    return reply.body[0] if reply.body else None
+
+
+class Client:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.bus_address: str | None = opts.bus_address
+        self.socket_path: str = (opts.socket or os.environ.get(names.SOCKET_ENV)
+                                 or names.DEFAULT_SOCKET_PATH)
+        if opts.bus_address or opts.bus:
+            self.order = ["bus"]
+        elif opts.socket or os.environ.get(names.SOCKET_ENV):
+            self.order = ["socket"]
+        else:
+            self.order = ["socket", "bus"]
+
+    def call(self, method: str, *args: Any) -> Any:
+        reasons = []
+        for transport in self.order:
+            try:
+                if transport == "socket":
+                    return socket_call(self.socket_path, method, list(args))
+                return bus_call(self.bus_address, method, list(args))
+            except Unavailable as exc:
+                reasons.append(str(exc))
+        raise CallFailed(names.error_name("Failed"),
+                         "kvmnetd is not reachable: " + "; ".join(reasons))
+
+
+# -- output -------------------------------------------------------------------
+
+def table(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    cells = [[c.upper() for c in cols]]
+    cells += [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "-"
+    if value is None or value == "":
+        return "-"
+    return str(value)
+
+
+def emit(opts: argparse.Namespace, data: Any, human: Any) -> None:
+    if getattr(opts, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        human()
+
+
+# -- verbs --------------------------------------------------------------------
+
+def do_status(c: Client, o: argparse.Namespace) -> None:
+    state = json.loads(c.call("Describe"))
+
+    def human() -> None:
+        print(f"kvmnetd {state.get('version', '?')}")
+        nets = state.get("networks", [])
+        print(f"networks: {len(nets)}  ports: {len(state.get('ports', []))}")
+        if nets:
+            table(nets, ["name", "mode", "bridge", "state", "reason"])
+    emit(o, state, human)
+
+
+def do_network_list(c: Client, o: argparse.Namespace) -> None:
+    cols = ["name", "mode", "bridge", "state"]
+    rows = [dict(zip(cols, r, strict=True)) for r in c.call("ListNetworks")]
+    emit(o, rows, lambda: table(rows, cols))
+
+
+def do_network_show(c: Client, o: argparse.Namespace) -> None:
+    props = c.call("Network", o.name)
+    data = {PROPERTY_KEYS.get(k, k): v for k, v in props.items()}
+
+    def human() -> None:
+        for key in PROPERTY_KEYS.values():
+            print(f"{key + ':':12} {_cell(data.get(key))}")
+    emit(o, data, human)
+
+
+def do_network_define(c: Client, o: argparse.Namespace) -> None:
+    try:
+        if o.file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(o.file, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CallFailed("", f"cannot read {o.file}: {exc}") from None
+    path = c.call("DefineNetwork", text, not o.runtime)
+    print(names.network_name(path) or path)
+
+
+def do_leases(c: Client, o: argparse.Namespace) -> None:
+    cols = ["mac", "ip", "hostname", "client_id", "expires"]
+    rows = [dict(zip(cols, r, strict=True)) for r in c.call("Leases", o.network)]
+    emit(o, rows, lambda: table(rows, ["mac", "ip", "hostname", "expires"]))
+
+
+def do_port_list(c: Client, o: argparse.Namespace) -> None:
+    cols = ["ifname", "network", "state"]
+    rows = [dict(zip(cols, r, strict=True)) for r in c.call("ListPorts")]
+    emit(o, rows, lambda: table(rows, cols))
+
+
+def do_version(c: Client, o: argparse.Namespace) -> None:
+    print(c.call("Version"))
+
+
+def simple(method: str, *attrs: str, negate: str | None = None) -> Any:
+    def run(c: Client, o: argparse.Namespace) -> None:
+        args: list[Any] = [getattr(o, a) for a in attrs]
+        if negate is not None:
+            args.append(not getattr(o, negate))
+        c.call(method, *args)
+    return run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmnetctl", description="Control kvmnetd.")
+    p.add_argument("--bus-address", metavar="ADDR", help="use the D-Bus bus at ADDR")
+    p.add_argument("--bus", action="store_true", help="use the system bus only")
+    p.add_argument("--socket", metavar="PATH",
+                   help=f"use the control socket only (default {names.DEFAULT_SOCKET_PATH}, "
+                        f"env {names.SOCKET_ENV})")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(sub: Any, name: str, fn: Any, help: str, json_out: bool = False) -> Any:
+        v = sub.add_parser(name, help=help)
+        v.set_defaults(fn=fn)
+        if json_out:
+            v.add_argument("--json", action="store_true", help="machine-readable output")
+        return v
+
+    verb(verbs, "status", do_status, "daemon and network overview", True)
+    net = verbs.add_parser("network", help="networks").add_subparsers(
+        dest="sub", required=True, metavar="ACTION")
+    verb(net, "list", do_network_list, "list networks", True)
+    verb(net, "show", do_network_show, "show one network", True).add_argument("name")
+    verb(net, "start", simple("StartNetwork", "name"), "start a network").add_argument("name")
+    verb(net, "stop", simple("StopNetwork", "name"), "stop a network").add_argument("name")
+    d = verb(net, "define", do_network_define, "define a network from a TOML file ('-': stdin)")
+    d.add_argument("file")
+    d.add_argument("--runtime", action="store_true", help="until the next restart only")
+    u = verb(net, "undefine", simple("UndefineNetwork", "name", negate="runtime"),
+             "remove a network")
+    u.add_argument("name")
+    u.add_argument("--runtime", action="store_true", help="keep the persistent definition")
+    port = verbs.add_parser("port", help="guest ports").add_subparsers(
+        dest="sub", required=True, metavar="ACTION")
+    a = verb(port, "attach", simple("AttachPort", "ifname", "network", "force"),
+             "attach an interface to a network")
+    a.add_argument("ifname")
+    a.add_argument("network")
+    a.add_argument("--force", action="store_true", help="take it from another network")
+    verb(port, "detach", simple("DetachPort", "ifname"), "detach an interface").add_argument(
+        "ifname")
+    m = verb(port, "move", simple("MovePort", "ifname", "network"), "move to another network")
+    m.add_argument("ifname")
+    m.add_argument("network")
+    verb(port, "list", do_port_list, "list ports", True)
+    verb(verbs, "leases", do_leases, "DHCP leases of a network", True).add_argument("network")
+    verb(verbs, "reload", simple("Reload"), "re-read the configuration")
+    verb(verbs, "version", do_version, "daemon version")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parser().parse_args(argv)
+    try:
+        opts.fn(Client(opts), opts)
+    except CallFailed as exc:
+        print(f"kvmnetctl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Every kvmnetctl verb end to end over a private system bus, then busctl and gdbus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, network_path
+from kvmnetd.status import ROOT, CoreEvent
+
+from .conftest import KVMNETCTL, Served, run
+
+pytestmark = pytest.mark.integration
+
+
+async def ctl(s: Served, *argv: str, user: int | None = None) -> tuple[int, str, str]:
+    assert s.bus is not None
+    return await run(KVMNETCTL, "--bus-address", s.bus.address, *argv, user=user)
+
+
+async def ok_json(s: Served, *argv: str) -> object:
+    rc, out, err = await ctl(s, *argv, "--json")
+    assert rc == 0, err
+    return json.loads(out)
+
+
+async def test_every_verb(served: Served, tmp_path: Path) -> None:
+    s = served
+    assert await ok_json(s, "network", "list") == [
+        {"name": "default", "mode": "nat", "bridge": "virbr-kt", "state": "active"},
+        {"name": "lab", "mode": "isolated", "bridge": "br-lab", "state": "inactive"},
+    ]
+    show = await ok_json(s, "network", "show", "default")
+    assert show == {"name": "default", "mode": "nat", "bridge": "virbr-kt",
+                    "addresses": ["192.0.2.1/24"], "state": "active", "reason": "",
+                    "ports": [], "dhcp_state": "running", "autostart": True}
+    assert await ok_json(s, "leases", "default") == [
+        {"mac": "52:54:00:00:00:01", "ip": "192.0.2.10", "hostname": "guest1",
+         "client_id": "", "expires": 1700000000}]
+    assert (await ctl(s, "version"))[1].strip() == "0.1.0-fake"
+
+    toml = tmp_path / "net.toml"
+    toml.write_text('name = "extra"\nmode = "routed"\n')
+    rc, out, err = await ctl(s, "network", "define", str(toml), "--runtime")
+    assert (rc, out.strip()) == (0, "extra"), err
+    assert "extra" not in s.core.persisted
+    assert (await ctl(s, "network", "start", "extra"))[0] == 0
+    assert s.core.networks["extra"].state == "active"
+    assert (await ctl(s, "network", "stop", "extra"))[0] == 0
+    assert s.core.networks["extra"].state == "inactive"
+
+    assert (await ctl(s, "port", "attach", "vnet0", "default"))[0] == 0
+    assert (await ctl(s, "port", "move", "vnet0", "extra"))[0] == 0
+    assert await ok_json(s, "port", "list") == [
+        {"ifname": "vnet0", "network": "extra", "state": "attached"}]
+    rc, _, err = await ctl(s, "network", "undefine", "extra")
+    assert rc == 1 and "has ports" in err
+    assert (await ctl(s, "port", "detach", "vnet0"))[0] == 0
+    assert (await ctl(s, "network", "undefine", "extra"))[0] == 0
+    assert "extra" not in s.core.networks
+    assert (await ctl(s, "reload"))[0] == 0
+
+    status = await ok_json(s, "status")
+    assert isinstance(status, dict) and status["version"] == "0.1.0-fake"
+    assert [n["name"] for n in status["networks"]] == ["default", "lab"]
+
+
+async def test_errors_and_usage(served: Served) -> None:
+    rc, out, err = await ctl(served, "network", "show", "nope")
+    assert rc == 1 and "nope" in err and out == ""
+    rc, _, err = await ctl(served, "port", "detach", "vnet9")
+    assert rc == 1 and "no port" in err
+    rc, _, err = await ctl(served, "leases", "nope")
+    assert rc == 1 and "nope" in err
+    assert (await ctl(served, "network", "frobnicate"))[0] == 2
+    assert (await ctl(served, "port", "attach", "only-one-arg"))[0] == 2
+
+
+async def test_busctl_and_gdbus(served: Served) -> None:
+    assert served.bus is not None
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": served.bus.address}
+    busctl = ["busctl", "--system", "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE]
+    rc, out, err = await run(*busctl, "ListNetworks", env=env)
+    assert rc == 0, err
+    assert out.startswith('a(ssss) 2 "default" "nat" "virbr-kt" "active"')
+    assert (await run(*busctl, "AttachPort", "ssb", "tap1", "default", "false", env=env))[0] == 0
+    rc, out, _ = await run(*busctl, "ListPorts", env=env)
+    assert out.strip() == 'a(sss) 1 "tap1" "default" "attached"'
+    rc, _, err = await run(*busctl, "StartNetwork", "s", "nope", env=env)
+    assert rc != 0 and "nope" in err
+    rc, out, _ = await run("busctl", "--system", "get-property", BUS_NAME,
+                           network_path("default"), f"{BUS_NAME}.Network", "Ports", env=env)
+    assert out.strip() == 'as 1 "tap1"'
+
+    gdbus = ["gdbus", "call", "--system", "--dest", BUS_NAME, "--object-path", MANAGER_PATH,
+             "--method"]
+    rc, out, err = await run(*gdbus, f"{MANAGER_IFACE}.DetachPort", "tap1", env=env)
+    assert rc == 0, err
+    assert served.core.ports == {}
+    rc, out, _ = await run(*gdbus, f"{MANAGER_IFACE}.GetNetwork", "lab", env=env)
+    assert out.strip() == f"(objectpath '{network_path('lab')}',)"
+    rc, _, err = await run(*gdbus, f"{MANAGER_IFACE}.GetNetwork", "nope", env=env)
+    assert rc != 0 and f"{BUS_NAME}.Error.NoSuchNetwork" in err
+    rc, out, _ = await run("gdbus", "call", "--system", "--dest", BUS_NAME, "--object-path",
+                           network_path("default"), "--method", f"{BUS_NAME}.Network.Leases",
+                           env=env)
+    assert "'52:54:00:00:00:01', '192.0.2.10', 'guest1', '', uint64 1700000000" in out
+
+
+async def test_object_manager_signals(served: Served) -> None:
+    assert served.bus is not None
+    client = await MessageBus(bus_address=served.bus.address, bus_type=BusType.SYSTEM).connect()
+    seen: list[Message] = []
+    got = asyncio.Event()
+
+    def on(msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.sender != "org.freedesktop.DBus":
+            seen.append(msg)
+            got.set()
+
+    client.add_message_handler(on)
+    await client.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                              interface="org.freedesktop.DBus", member="AddMatch",
+                              signature="s", body=["type='signal',sender='" + BUS_NAME + "'"]))
+    try:
+        served.core.add_network("new", "nat")
+        await served.core.attach_port(ROOT, "vnet5", "new")
+        await served.core.stop_network(ROOT, "new")
+        del served.core.networks["new"]
+        served.core._emit(CoreEvent("network-changed", "new"))
+        for _ in range(50):
+            if len({m.member for m in seen} & {"InterfacesAdded", "InterfacesRemoved",
+                                              "PropertiesChanged", "PortAttached",
+                                              "NetworkStateChanged"}) == 5:
+                break
+            await asyncio.sleep(0.05)
+        by = {(m.member, m.path) for m in seen}
+        assert ("InterfacesAdded", MANAGER_PATH) in by
+        assert ("InterfacesRemoved", MANAGER_PATH) in by
+        assert ("PortAttached", MANAGER_PATH) in by
+        assert ("NetworkStateChanged", MANAGER_PATH) in by
+        assert ("PropertiesChanged", network_path("new")) in by
+        added = next(m for m in seen if m.member == "InterfacesAdded")
+        assert added.body[0] == network_path("new")
+        assert added.body[1][f"{BUS_NAME}.Network"]["Mode"].value == "nat"
+        changed = [m.body[1] for m in seen if m.member == "PropertiesChanged"]
+        assert any("Ports" in c and c["Ports"].value == ["vnet5"] for c in changed)
+    finally:
+        client.disconnect()
