@@ -163,6 +163,11 @@ class Core:
 
     async def attach_port(self, caller: Caller, ifname: str, network: str,
                           force: bool = False) -> None:
+        if not caller.is_root and IFNAME.match(ifname):
+            # A tap's owner is not always announced by events: ask the kernel.
+            tap_info = getattr(self.rec.netlink, "tap_info", None)
+            if tap_info is not None:
+                await tap_info(ifname)
         net = self._check_port_request(caller, ifname, network, force)
         ports = dict(self.rec.desired.ports)
         ports[ifname] = net.name

@@ -63,8 +63,10 @@ class Service:
         self.rec.restore_ports()
         await self.rec.converge()
         self.core.after_pass()
-        if not self.no_bus:
-            self.control = await self._serve_control()
+        self.control = await self._serve_control()
+        if self.control is not None and self.control.bus_expected():
+            # READY means reachable: with a bus present, that includes owning our name.
+            await self.control.wait_for_bus(10.0)
         log.info("daemon.ready", networks=len(self.core.networks()), status=self.status_line(),
                  writes=self.rec.writes)
         self.notifier.ready(self.status_line())
@@ -80,7 +82,7 @@ class Service:
         except ImportError:  # the bus layer is optional for --apply-once style use
             return None
         sock = os.path.join(self.settings.run_dir, "control.sock")
-        return await serve(self.core, self.settings.bus_address, sock)
+        return await serve(self.core, self.settings.bus_address, sock, use_bus=not self.no_bus)
 
     def _on_netlink(self) -> None:
         self.rec.trigger()

@@ -41,6 +41,17 @@ while True:
         s.sendto(peer[0].encode(), peer)
 """
 
+UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    echo "ip=$ip"; echo "mask=$mask"; echo "router=$router"; echo "dns=$dns"
+    echo "domain=$domain";;
+esac
+"""
+
 ECHO_CLIENT = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -106,6 +117,16 @@ class Sandbox:
             sh("ip", "route", "add", "default", "via", gateway, ns=ns)
         return ns
 
+    def dhcp(self, ns: str, *extra: str) -> dict[str, str]:
+        """Run busybox udhcpc in a guest: the lease's fields, or {} without one."""
+        script = self.tmp / "udhcpc.sh"
+        if not script.exists():
+            script.write_text(UDHCPC_SCRIPT)
+            script.chmod(0o755)
+        r = sh("busybox", "udhcpc", "-i", "eth0", "-q", "-n", "-f", "-t", "5", "-T", "1",
+               "-s", str(script), *extra, ns=ns, check=False)
+        return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
     def source_seen_by_upstream(self, ns: str, target: str = FAR_HOST,
                                 timeout: float = 1.0) -> str | None:
         r = sh(PY, "-c", ECHO_CLIENT, target, str(ECHO_PORT), str(timeout), ns=ns, check=False)
@@ -168,11 +189,8 @@ class Sandbox:
             self.daemon.wait(5)
         self.daemon = None
 
-    def run_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "KVMNETD_SOCKET": str(self.run_dir / "control.sock")}
-        cmd = ["ip", "netns", "exec", self.host, sys.executable, "-m", "kvmnetd.cli", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, check=check,
-                              timeout=30)
+    def cli_argv(self) -> list[str]:
+        return [sys.executable, "-m", "kvmnetd.cli", "--socket", str(self.run_dir / "control.sock")]
 
     def nft(self) -> str:
         return sh("nft", "list", "ruleset", ns=self.host).stdout

@@ -38,8 +38,9 @@ def bus_socket_present(address: str) -> bool:
 
 class ControlServer:
     def __init__(self, core: CoreAPI, bus_address: str | None, socket_path: str,
-                 retry_interval: float = 1.0) -> None:
+                 retry_interval: float = 1.0, use_bus: bool = True) -> None:
         self.core = core
+        self.use_bus = use_bus
         self.bus_address = bus_address
         self.socket = SocketServer(core, socket_path)
         self.service = BusService(core)
@@ -60,7 +61,12 @@ class ControlServer:
 
     async def start(self) -> None:
         await self.socket.start()
-        self._task = asyncio.create_task(self._bus_loop(), name="kvmnetd-bus")
+        if self.use_bus:
+            self._task = asyncio.create_task(self._bus_loop(), name="kvmnetd-bus")
+
+    def bus_expected(self) -> bool:
+        """Is there a bus whose name we should own before calling ourselves ready?"""
+        return self.use_bus and bus_socket_present(self.bus_address or system_bus_address())
 
     async def close(self) -> None:
         if self._task is not None:
@@ -139,8 +145,8 @@ class ControlServer:
 
 
 async def serve(core: CoreAPI, bus_address: str | None, socket_path: str,
-                retry_interval: float = 1.0) -> ControlServer:
+                retry_interval: float = 1.0, use_bus: bool = True) -> ControlServer:
     """Start serving; the bus is joined in the background and rejoined after it restarts."""
-    server = ControlServer(core, bus_address, socket_path, retry_interval)
+    server = ControlServer(core, bus_address, socket_path, retry_interval, use_bus)
     await server.start()
     return server

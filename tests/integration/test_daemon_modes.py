@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -68,14 +67,6 @@ def link_table(box: Sandbox) -> list[tuple[int, str, str | None]]:
 def writes_at_ready(box: Sandbox) -> list[int]:
     return [int(w) for w in re.findall(r"event='daemon.ready'.*?writes=(\d+)",
                                        box.log.read_text())]
-
-
-@pytest.fixture
-def box(tmp_path: Path, request: pytest.FixtureRequest) -> Sandbox:
-    with Sandbox(tmp_path) as b:
-        yield b  # type: ignore[misc]
-        if b.log.exists():
-            print(f"--- kvmnetd log ---\n{b.log.read_text()[-8000:]}")
 
 
 def test_nat_guests_reach_each_other_and_upstream_through_masquerade(box: Sandbox) -> None:

@@ -1,0 +1,33 @@
+"""Shared fixtures: a whole sandbox (host, upstream, guests) for tests of the real daemon."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.rig import Sandbox
+
+
+@pytest.fixture
+def scratch_dir() -> Iterator[Path]:
+    # Not tmp_path: that sits below a 0700 directory, and dnsmasq reads its hosts file
+    # (and unprivileged clients reach the socket) as other users.
+    d = Path(tempfile.mkdtemp(prefix="kvmnetd-test-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def box(scratch_dir: Path) -> Iterator[Sandbox]:
+    with Sandbox(scratch_dir) as b:
+        yield b
+        if b.log.exists():
+            print(f"--- kvmnetd log ---\n{b.log.read_text()[-8000:]}")

@@ -1,0 +1,187 @@
+"""The real daemon driven through its control plane: kvmnetctl, busctl and gdbus."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.bus.conftest import PrivateBus, start_bus, stop_bus
+from tests.netns import ping, sh
+from tests.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+[network.nat]
+mode = "nat"
+bridge = "kvnat0"
+ipv4 = "10.60.0.1/24"
+[network.nat.dhcp]
+ranges = ["10.60.0.100-10.60.0.150"]
+[[network.nat.dhcp.host]]
+mac = "52:54:00:65:43:21"
+ip = "10.60.0.21"
+name = "cirros2"
+[network.nat.dns]
+domain = "nat.test"
+
+[network.iso]
+mode = "isolated"
+bridge = "kviso0"
+ipv4 = "10.61.0.1/24"
+allow_users = ["nobody"]
+[network.iso.dns]
+enabled = false
+"""
+
+EXTRA = """
+[network.extra]
+mode = "routed"
+bridge = "kvext0"
+ipv4 = "10.62.0.1/24"
+autostart = false
+[network.extra.dns]
+enabled = false
+"""
+
+BUS = "org.kvmnetd.Kvmnetd1"
+PATH = "/org/kvmnetd/Kvmnetd1"
+
+
+@pytest.fixture
+def bus(box: Sandbox) -> Iterator[PrivateBus]:
+    b = start_bus(str(box.tmp))
+    try:
+        yield b
+    finally:
+        stop_bus(b)
+
+
+def ctl(box: Sandbox, *args: str, check: bool = True, user: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    prefix = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups"] if user else []
+    cmd = ["ip", "netns", "exec", box.host, *prefix, *box.cli_argv(), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
+
+
+def jctl(box: Sandbox, *args: str) -> object:
+    return json.loads(ctl(box, *args, "--json").stdout)
+
+
+def master_of(box: Sandbox, ifname: str) -> str | None:
+    link = json.loads(sh("ip", "-j", "link", "show", ifname, ns=box.host).stdout)[0]
+    return link.get("master")
+
+
+def test_every_verb_against_the_real_daemon(box: Sandbox, bus: PrivateBus) -> None:
+    box.write_config(CONFIG)
+    g1 = box.guest("vm1", mac="52:54:00:65:43:21")
+    g2 = box.guest("vm2", mac="52:54:00:00:00:02")
+    box.start_daemon("--bus-address", bus.address)
+
+    st = jctl(box, "status")
+    assert isinstance(st, dict)
+    nets = jctl(box, "network", "list")
+    assert isinstance(nets, list)
+    assert {(n["name"], n["mode"], n["bridge"], n["state"]) for n in nets} == {
+        ("nat", "nat", "kvnat0", "active"), ("iso", "isolated", "kviso0", "active")}
+    show = jctl(box, "network", "show", "nat")
+    assert isinstance(show, dict) and show["name"] == "nat" and "10.60.0.1/24" in str(show)
+
+    ctl(box, "port", "attach", "vm1", "nat")
+    ctl(box, "port", "attach", "vm2", "nat")
+    assert master_of(box, "vm1") == "kvnat0"
+    ports = jctl(box, "port", "list")
+    assert isinstance(ports, list)
+    assert {(p["ifname"], p["network"]) for p in ports} == {("vm1", "nat"), ("vm2", "nat")}
+
+    # DHCP through the daemon's own dnsmasq: the static host gets exactly its address.
+    lease1, lease2 = box.dhcp(g1), box.dhcp(g2)
+    assert lease1["ip"] == "10.60.0.21"
+    assert lease2["ip"].startswith("10.60.0.1")
+    leases = jctl(box, "leases", "nat")
+    assert isinstance(leases, list)
+    assert {"52:54:00:65:43:21", "52:54:00:00:00:02"} <= {x["mac"] for x in leases}
+    assert all({"mac", "ip", "hostname", "expires"} <= set(x) for x in leases)
+    assert ping(g1, lease2["ip"]) and ping(g1, FAR_HOST)
+    assert box.source_seen_by_upstream(g1) == HOST_UPLINK_IP
+
+    # The article's experiment: move both ports to the isolated network, live.
+    ctl(box, "port", "move", "vm1", "iso")
+    ctl(box, "port", "move", "vm2", "iso")
+    assert master_of(box, "vm1") == "kviso0"
+    assert ping(g1, lease2["ip"]), "guests on one isolated network must reach each other"
+    assert not ping(g1, FAR_HOST)
+    ctl(box, "port", "move", "vm1", "nat")
+    ctl(box, "port", "move", "vm2", "nat")
+    assert ping(g1, FAR_HOST)
+
+    ctl(box, "port", "detach", "vm2")
+    assert master_of(box, "vm2") is None
+
+    # define (persistent) / start / stop / undefine; a runtime-only define writes nothing.
+    extra = box.tmp / "extra.toml"
+    extra.write_text(EXTRA)
+    ctl(box, "network", "define", str(extra))
+    assert (box.networks_dir / "extra.toml").exists()
+    ctl(box, "network", "start", "extra")
+    assert wait_until(lambda: "kvext0" in sh("ip", "-o", "link", ns=box.host).stdout)
+    ctl(box, "network", "stop", "extra")
+    assert wait_until(lambda: "kvext0" not in sh("ip", "-o", "link", ns=box.host).stdout)
+    ctl(box, "network", "undefine", "extra")
+    assert not (box.networks_dir / "extra.toml").exists()
+    ctl(box, "network", "define", "--runtime", str(extra))
+    assert not (box.networks_dir / "extra.toml").exists()
+    assert "extra" in {n["name"] for n in jctl(box, "network", "list")}  # type: ignore[union-attr]
+    ctl(box, "reload")
+    assert ctl(box, "version").stdout.strip()
+
+    # Errors: typed, with a message, exit 1; the state is unchanged.
+    before = jctl(box, "port", "list")
+    r = ctl(box, "port", "attach", "vm2", "nosuch", check=False)
+    assert r.returncode == 1 and "nosuch" in r.stderr
+    r = ctl(box, "port", "attach", "kviso0", "nat", check=False)
+    assert r.returncode == 1 and "bridge" in r.stderr
+    r = ctl(box, "port", "attach", "uplink0", "iso", check=False)
+    assert r.returncode == 1
+    assert jctl(box, "port", "list") == before
+
+
+def test_busctl_and_gdbus_drive_the_real_daemon(box: Sandbox, bus: PrivateBus) -> None:
+    box.write_config(CONFIG)
+    box.guest("vm1")
+    box.start_daemon("--bus-address", bus.address)
+    env_addr = f"--address={bus.address}"
+    r = sh("busctl", env_addr, "call", BUS, PATH, f"{BUS}.Manager", "AttachPort", "ssb",
+           "vm1", "iso", "false", ns=box.host)
+    assert master_of(box, "vm1") == "kviso0"
+    r = sh("gdbus", "call", "--address", bus.address, "--dest", BUS, "--object-path", PATH,
+           "--method", f"{BUS}.Manager.ListPorts", ns=box.host)
+    assert "vm1" in r.stdout and "iso" in r.stdout
+    r = sh("busctl", env_addr, "call", BUS, PATH, f"{BUS}.Manager", "MovePort", "ss", "vm1",
+           "nosuch", ns=box.host, check=False)
+    assert r.returncode != 0 and "no network named 'nosuch'" in r.stderr
+    r = sh("gdbus", "call", "--address", bus.address, "--dest", BUS, "--object-path", PATH,
+           "--method", f"{BUS}.Manager.MovePort", "vm1", "nosuch", ns=box.host, check=False)
+    assert r.returncode != 0 and f"{BUS}.Error.NoSuchNetwork" in r.stderr
+
+
+def test_unprivileged_caller(box: Sandbox) -> None:
+    box.write_config(CONFIG)
+    box.guest("vm1")
+    sh("ip", "tuntap", "add", "tapn", "mode", "tap", "user", "nobody", ns=box.host)
+    sh("ip", "tuntap", "add", "tapr", "mode", "tap", ns=box.host)
+    box.start_daemon("--no-bus")
+    r = ctl(box, "network", "list", user="nobody", check=False)
+    assert r.returncode == 0, r.stderr
+    r = ctl(box, "network", "stop", "nat", user="nobody", check=False)
+    assert r.returncode == 1 and "needs root" in r.stderr
+    r = ctl(box, "port", "attach", "tapn", "nat", user="nobody", check=False)
+    assert r.returncode == 1, "nobody is not on nat's allow list"
+    r = ctl(box, "port", "attach", "tapr", "iso", user="nobody", check=False)
+    assert r.returncode == 1, "tapr belongs to root"
+    ctl(box, "port", "attach", "tapn", "iso", user="nobody")
+    assert master_of(box, "tapn") == "kviso0"
