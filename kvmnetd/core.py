@@ -168,11 +168,27 @@ class Core:
             tap_info = getattr(self.rec.netlink, "tap_info", None)
             if tap_info is not None:
                 await tap_info(ifname)
+        if not network:
+            network = self.network_by_policy(ifname)
         net = self._check_port_request(caller, ifname, network, force)
         ports = dict(self.rec.desired.ports)
         ports[ifname] = net.name
         await self.apply(ports)
         self._check_attached(ifname, net)
+
+    def network_by_policy(self, ifname: str) -> str:
+        """The network an [[attach]] rule gives this device, else the built-in default."""
+        from .plan import rule_matches
+
+        link = self.rec.netlink.observed.link(ifname)
+        if link is not None:
+            for rule in self.config.rules:
+                if rule_matches(rule.ifname, rule.mac, link):
+                    return rule.network
+        if "default" in self.rec.desired.active:
+            return "default"
+        raise InvalidArgument(f"no network chosen for {ifname}: name one (qemu-ifup@NET or "
+                              "KVMNET_NETWORK=NET) or add an [[attach]] rule that matches it")
 
     async def move_port(self, caller: Caller, ifname: str, network: str) -> None:
         if ifname not in {p.ifname for p in self.list_ports()}:

@@ -20,12 +20,14 @@ def unique_name(tag: str) -> str:
 
 
 def sh(*cmd: str, ns: str | None = None, check: bool = True, timeout: float = 30,
-       input: str | None = None) -> subprocess.CompletedProcess[str]:
+       input: str | None = None, env: dict[str, str] | None = None
+       ) -> subprocess.CompletedProcess[str]:
     argv = list(cmd)
     if ns is not None:
         argv = ["ip", "netns", "exec", ns, *argv]
     return subprocess.run(argv, check=check, capture_output=True, text=True,
-                          timeout=timeout, input=input)
+                          timeout=timeout, input=input,
+                          env={**os.environ, **env} if env else None)
 
 
 @contextlib.contextmanager

@@ -26,19 +26,30 @@ HOST_UPLINK_IP = "198.51.100.1"
 ECHO_PORT = 9999
 PY = "/usr/bin/python3"
 
-# One socket per address: a reply must leave from the address the guest asked, or
+# One socket per address (UDP, and TCP for busybox nc in guests): a reply must leave
+# from the address the guest asked, or
 # conntrack cannot match it to the masqueraded flow.
 ECHO_SERVER = f"""
 import select, socket
-socks = []
+udp, tcp = [], []
 for addr in ("{UPSTREAM_IP}", "{FAR_HOST}"):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((addr, {ECHO_PORT}))
-    socks.append(s)
+    udp.append(s)
+    t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind((addr, {ECHO_PORT}))
+    t.listen(16)
+    tcp.append(t)
 while True:
-    for s in select.select(socks, [], [])[0]:
-        data, peer = s.recvfrom(512)
-        s.sendto(peer[0].encode(), peer)
+    for s in select.select(udp + tcp, [], [])[0]:
+        if s in udp:
+            data, peer = s.recvfrom(512)
+            s.sendto(peer[0].encode(), peer)
+        else:
+            conn, peer = s.accept()
+            conn.sendall(peer[0].encode() + b"\\n")
+            conn.close()
 """
 
 UDHCPC_SCRIPT = """#!/bin/sh
