@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check_config is not None:
         return check_config(args)
-    logsetup.setup(args.log_format or "kv", args.log_level or "info")
+    # Under systemd, stderr is the journal: send native fields there instead of text.
+    default_format = "journal" if os.environ.get("JOURNAL_STREAM") else "kv"
+    logsetup.setup(args.log_format or default_format, args.log_level or "info")
     try:
         return asyncio.run(run(args))
     except ConfigError as e:

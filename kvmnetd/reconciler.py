@@ -143,7 +143,8 @@ class Reconciler:
                 continue
             applied += 1
             self.owned.record(action, observed)
-            log.info("reconcile.applied", network=action.network, action=_describe(action))
+            log.info("reconcile.applied", network=action.network, ifname=_device(action),
+                     action=_describe(action))
         if self.owned.to_json() != before:
             save_owned(self.owned_path, self.owned)
         if self.dhcp is not None:
@@ -219,6 +220,11 @@ class Reconciler:
     @property
     def writes(self) -> int:
         return self.netlink.writes + self.firewall.writes + self.sysctl.writes
+
+
+def _device(action: A.Action) -> str | None:
+    dev = getattr(action, "ifname", None) or getattr(action, "bridge", None)
+    return dev if isinstance(dev, str) else None
 
 
 def _describe(action: A.Action) -> str:

@@ -160,3 +160,17 @@ def test_check_config_names_file_line_and_key(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert f"{bad}:4: network.nat.brige:" in r.stderr
     assert f"{bad}:3: network.nat.ipv4:" in r.stderr
+
+
+@pytest.mark.integration
+def test_json_logs_carry_stable_event_names_and_fields(box: Sandbox) -> None:
+    box.write_config(NET)
+    box.guest("pn1")
+    box.start_daemon("--no-bus", "--log-format", "json")
+    events = [json.loads(line) for line in box.log.read_text().splitlines()
+              if line.startswith("{")]
+    names = {e["event"] for e in events}
+    assert {"reconcile.applied", "daemon.ready", "network.state"} <= names
+    enslave = [e for e in events if e["event"] == "reconcile.applied"
+               and e["action"].startswith("Enslave")]
+    assert enslave and enslave[0]["network"] == "nat" and enslave[0]["ifname"] == "pn1"
