@@ -44,8 +44,14 @@ class ObservedState:
     forwarding: dict[int, bool] = field(default_factory=dict)
     # Fingerprint of our nftables table as found (None: absent or not observed).
     firewall: str | None = None
+    # name -> index, kept by whoever fills `links` (the netlink mirror); empty: scan.
+    by_name: dict[str, int] = field(default_factory=dict)
 
     def link(self, name: str) -> Link | None:
+        if self.by_name:
+            index = self.by_name.get(name)
+            link = self.links.get(index) if index is not None else None
+            return link if link is not None and link.name == name else None
         for link in self.links.values():
             if link.name == name:
                 return link

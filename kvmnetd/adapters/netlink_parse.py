@@ -136,7 +136,7 @@ class Mirror:
 
     def __init__(self, state: ObservedState) -> None:
         self.state = state
-        self.by_name: dict[str, int] = {}
+        self.by_name: dict[str, int] = state.by_name
         self._by_key: dict[RouteKey, set[Route]] = {}
         self._by_oif: dict[int | None, set[Route]] = {}
 
@@ -146,6 +146,7 @@ class Mirror:
         self.state.addresses = {}
         self.state.routes = set()
         self.by_name = {}
+        self.state.by_name = self.by_name  # shared: ObservedState.link() is O(1)
         self._by_key = {}
         self._by_oif = {}
         for msg in (*links, *addrs, *routes):
