@@ -54,7 +54,9 @@ class Service:
         for d in (s.run_dir, s.state_dir):
             os.makedirs(d, mode=0o755, exist_ok=True)
         self.dhcp = self._make_dhcp(conf)
-        self.rec = Reconciler(self.netlink, NftablesAdapter(s.firewall_table), SysctlAdapter(),
+        nft = NftablesAdapter(s.firewall_table,
+                              state_path=os.path.join(s.run_dir, "firewall.listing"))
+        self.rec = Reconciler(self.netlink, nft, SysctlAdapter(),
                               self.dhcp, os.path.join(s.run_dir, "owned.json"),
                               table=s.firewall_table)
         self.core = Core(self.rec, conf, self.dhcp)

@@ -7,27 +7,33 @@ child inherits it), which is how the integration tests point it at a namespace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+
+from ..errors import KvmnetError
 
 _TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 _COMMENT_RE = re.compile(r'^\s*comment "kvmnetd ([0-9a-f]+)"\s*$', re.MULTILINE)
 TAMPERED = "tampered"
 
 
-class NftablesError(RuntimeError):
+class NftablesError(KvmnetError):
     """nft refused a command; the message carries its stderr."""
 
 
 class NftablesAdapter:
     """Writes whole-table transactions; tells apart absent, ours-as-applied and tampered.
 
-    After every apply the exact `nft list table` output is kept. observe() lists
-    the table again and compares. Without such a baseline (the daemon was just
-    started) the fingerprint in the table's comment is trusted, so a restart over
-    a correct system writes nothing.
+    After every apply the exact `nft list table` output is kept, in memory and in
+    `state_path` (under /run), so tampering while the daemon was stopped is seen
+    too. observe() lists the table again and compares. Without any baseline the
+    fingerprint in the table's comment is trusted, so a restart over a correct
+    system writes nothing.
     """
 
-    def __init__(self, table: str = "kvmnetd", nft: str = "nft") -> None:
+    def __init__(self, table: str = "kvmnetd", nft: str = "nft",
+                 state_path: str | None = None) -> None:
         if not _TABLE_RE.match(table):
             raise ValueError(f"invalid nftables table name: {table!r}")
         self.table = table
@@ -36,6 +42,11 @@ class NftablesAdapter:
         # Our last write, as nft lists it afterwards (None: we removed the table).
         self._listing: str | None = None
         self._known = False  # False until the first write: nothing to compare against
+        self.state_path = state_path
+        if state_path is not None:
+            with contextlib.suppress(OSError):
+                with open(state_path) as f:
+                    self._listing, self._known = f.read(), True
 
     async def _run(self, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
         try:
@@ -80,10 +91,24 @@ class NftablesAdapter:
         self.writes += 1
         self._listing = await self._list()
         self._known = True
+        self._save()
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        if self._listing is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.state_path)
+            return
+        tmp = f"{self.state_path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self._listing)
+        os.replace(tmp, self.state_path)
 
     async def remove(self) -> None:
         """Delete our table if it is there; other tables are never touched."""
         self._listing, self._known = None, True
+        self._save()
         if await self._list() is None:
             return
         # add+delete: no error if someone removed it in between.

@@ -200,3 +200,17 @@ def test_foreign_rules_are_byte_identical_after_everything(box: Sandbox) -> None
     assert foreign_state(box) == before
     assert "kvmnetd" not in box.nft()
     assert "kvnat0" not in sh("ip", "-o", "link", ns=box.host).stdout
+
+
+def test_tampering_while_stopped_is_repaired_at_start(box: Sandbox) -> None:
+    box.write_config(config())
+    box.start_daemon("--no-bus")
+    ruleset = box.nft()
+    box.stop_daemon()
+    handle = re.search(r'oifname "kvnat0" drop comment "net:nat" # handle (\d+)',
+                       sh("nft", "-a", "list", "table", "inet", "kvmnetd", ns=box.host).stdout)
+    assert handle
+    sh("nft", "delete", "rule", "inet", "kvmnetd", "forward", "handle", handle.group(1),
+       ns=box.host)
+    box.start_daemon("--no-bus")
+    assert box.nft() == ruleset
