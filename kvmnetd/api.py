@@ -25,6 +25,8 @@ class CoreAPI(Protocol):
 
     def describe(self) -> dict[str, Any]: ...  # the whole state, JSON-able
 
+    async def doctor(self) -> list[dict[str, Any]]: ...  # findings, JSON-able
+
     async def define_network(self, caller: Caller, toml_text: str, persist: bool) -> str: ...
 
     async def undefine_network(self, caller: Caller, name: str, persist: bool) -> None: ...

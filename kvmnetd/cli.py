@@ -181,6 +181,22 @@ def do_status(c: Client, o: argparse.Namespace) -> None:
     emit(o, state, human)
 
 
+def do_doctor(c: Client, o: argparse.Namespace) -> None:
+    findings = json.loads(c.call("Doctor"))
+
+    def human() -> None:
+        if not findings:
+            print("no problems found")
+        for f in findings:
+            where = f" [{f['network']}]" if f.get("network") else ""
+            print(f"{f['severity'].upper()} {f['check']}{where}: {f['subject']}")
+            print(f"  {f['message']}")
+            print(f"  fix: {f['fix']}")
+    emit(o, findings, human)
+    if any(f["severity"] == "error" for f in findings):
+        raise SystemExit(1)
+
+
 def do_network_list(c: Client, o: argparse.Namespace) -> None:
     cols = ["name", "mode", "bridge", "state"]
     rows = [dict(zip(cols, r, strict=True)) for r in c.call("ListNetworks")]
@@ -279,6 +295,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("network")
     verb(port, "list", do_port_list, "list ports", True)
     verb(verbs, "leases", do_leases, "DHCP leases of a network", True).add_argument("network")
+    verb(verbs, "doctor", do_doctor, "explain why a guest may have no network", True)
     verb(verbs, "reload", simple("Reload"), "re-read the configuration")
     verb(verbs, "version", do_version, "daemon version")
     return p

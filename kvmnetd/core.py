@@ -107,6 +107,19 @@ class Core:
             "owned": self.rec.owned.to_json(),
         }
 
+    async def doctor(self) -> list[dict[str, Any]]:
+        """Why a guest may have no network: findings, each with what to do."""
+        from .doctor import doctor
+
+        nets = self.build_desired().active_networks()
+        findings = await doctor(
+            nets, self.rec.netlink.observed,
+            {p.ifname: p.network for p in self.list_ports()},
+            {n.name: self.leases(n.name) for n in nets if n.dhcp is not None},
+            [self.network(n.name) for n in nets],
+            table=self.config.settings.firewall_table, settings=self.config.settings)
+        return [f.to_json() for f in findings]
+
     # ---- writes --------------------------------------------------------------------------
 
     async def define_network(self, caller: Caller, toml_text: str, persist: bool) -> str:

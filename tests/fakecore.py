@@ -95,6 +95,9 @@ class FakeCore:
         self._net(network)
         return list(self.leases_by_net.get(network, []))
 
+    async def doctor(self) -> list[dict[str, Any]]:
+        return []
+
     def describe(self) -> dict[str, Any]:
         return {
             "version": self.version,

@@ -35,7 +35,7 @@ SOCKET_ENV = "KVMNETD_SOCKET"
 # daemon still decides every request itself.
 ADMIN_GROUP = "kvmnet"
 
-READ_METHODS = ("ListNetworks", "Describe", "GetNetwork", "ListPorts")
+READ_METHODS = ("ListNetworks", "Describe", "Doctor", "GetNetwork", "ListPorts")
 # Port verbs are open at the policy level: the per-network allow lists decide.
 PORT_METHODS = ("AttachPort", "DetachPort", "MovePort")
 ADMIN_METHODS = ("DefineNetwork", "UndefineNetwork", "StartNetwork", "StopNetwork", "Reload")

@@ -160,6 +160,11 @@ class Manager(ServiceInterface):
         return json.dumps(self._svc.core.describe(), sort_keys=True, default=str)
 
     @dbus_method()
+    @_mapped_async
+    async def Doctor(self) -> DBusStr:
+        return json.dumps(await self._svc.core.doctor(), sort_keys=True)
+
+    @dbus_method()
     @_mapped
     def GetNetwork(self, name: DBusStr) -> DBusObjectPath:
         return network_path(self._svc.core.network(name).name)

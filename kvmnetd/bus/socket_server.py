@@ -43,6 +43,10 @@ async def _describe(core: CoreAPI, _c: Caller, _a: list[Any]) -> Any:
     return json.dumps(core.describe(), sort_keys=True, default=str)
 
 
+async def _doctor(core: CoreAPI, _c: Caller, _a: list[Any]) -> Any:
+    return json.dumps(await core.doctor(), sort_keys=True)
+
+
 async def _get_network(core: CoreAPI, _c: Caller, a: list[Any]) -> Any:
     return network_path(core.network(a[0]).name)
 
@@ -100,6 +104,7 @@ async def _reload(core: CoreAPI, c: Caller, _a: list[Any]) -> Any:
 METHODS: dict[str, tuple[tuple[type, ...], Handler]] = {
     "ListNetworks": ((), _list_networks),
     "Describe": ((), _describe),
+    "Doctor": ((), _doctor),
     "GetNetwork": ((str,), _get_network),
     "ListPorts": ((), _list_ports),
     "DefineNetwork": ((str, bool), _define),

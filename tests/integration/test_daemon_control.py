@@ -185,3 +185,18 @@ def test_unprivileged_caller(box: Sandbox) -> None:
     assert r.returncode == 1, "tapr belongs to root"
     ctl(box, "port", "attach", "tapn", "iso", user="nobody")
     assert master_of(box, "tapn") == "kviso0"
+
+
+def test_doctor_explains_a_foreign_forward_drop(box: Sandbox) -> None:
+    box.write_config(CONFIG)
+    box.start_daemon("--no-bus")
+    r = ctl(box, "doctor", "--json", check=False)
+    before = {f["check"] for f in json.loads(r.stdout)}
+    assert "foreign-forward-drop" not in before
+    sh("iptables", "-P", "FORWARD", "DROP", ns=box.host)  # what Docker does
+    r = ctl(box, "doctor", "--json", check=False)
+    findings = json.loads(r.stdout)
+    drop = [f for f in findings if f["check"] == "foreign-forward-drop"]
+    assert r.returncode == 1 and drop and drop[0]["network"] == "nat" and drop[0]["fix"]
+    human = ctl(box, "doctor", check=False).stdout
+    assert "foreign-forward-drop" in human and "fix:" in human
