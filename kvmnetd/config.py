@@ -43,6 +43,7 @@ DAEMON_CONV: dict[str, Callable[[str], str]] = {
     "libvirt_uri": str,
     "log_format": val.one_of("kv", "json", "journal"),
     "log_level": val.one_of("debug", "info", "warning", "error"),
+    "coexist": val.one_of("auto", "off", "all"),
 }
 DAEMON_KEYS = (*DAEMON_CONV, "teardown_on_stop")
 

@@ -31,7 +31,8 @@ __all__ = ["DoctorInput", "Finding", "ForeignListener", "doctor", "render_text",
 
 SEVERITIES = ("error", "warning", "info")
 # The daemon setting that makes kvmnetd add its accept rules to other firewalls' tables.
-COEXISTENCE_HINT = "enable kvmnetd's firewall coexistence in the [daemon] section of kvmnetd.toml"
+COEXISTENCE_HINT = ('set coexist = "auto" (iptables chains such as DOCKER-USER) or "all" '
+                    "(also foreign nftables chains) in the [daemon] section of kvmnetd.toml")
 # Zones that let guests reach the host's DHCP/DNS; kvmnetd's own zone is the one to use.
 OPEN_ZONES = ("kvmnetd", "trusted", "libvirt", "libvirt-routed")
 CLOSED_ZONES = ("drop", "block")

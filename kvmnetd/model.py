@@ -122,6 +122,9 @@ class Settings:
     dnsmasq_user: str = "nobody"
     libvirt_uri: str | None = "qemu:///system"
     log_format: str = "kv"  # kv | json | journal
+    # Accepts for our networks in foreign firewalls that drop forwarded traffic:
+    # auto (iptables chains such as DOCKER-USER), off, all (also foreign nft chains).
+    coexist: str = "auto"
     log_level: str = "info"
 
 

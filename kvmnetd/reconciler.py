@@ -16,6 +16,7 @@ from .model import DesiredState, Network
 from .observed import ObservedState
 from .owned import Owned, load_owned, save_owned
 from .plan import Plan, plan
+from .render.coexist import CoexistChanges, CoexistRule, ForeignForward, coexist_rules
 
 log = structlog.get_logger("kvmnetd.reconcile")
 
@@ -42,6 +43,13 @@ class SysctlPort(Protocol):
     def set_forwarding(self, family: int, enabled: bool) -> None: ...
 
 
+class CoexistPort(Protocol):
+    writes: int
+
+    async def observe(self) -> ForeignForward: ...
+    async def apply(self, rules: tuple[CoexistRule, ...]) -> CoexistChanges: ...
+
+
 class DhcpPort(Protocol):
     async def sync(self, networks: list[Network]) -> None: ...
 
@@ -55,7 +63,8 @@ class NetState:
 class Reconciler:
     def __init__(self, netlink: NetlinkPort, firewall: FirewallPort, sysctl: SysctlPort,
                  dhcp: DhcpPort | None, owned_path: str, table: str = "kvmnetd",
-                 verify_interval: float = 1.0) -> None:
+                 verify_interval: float = 1.0, coexist: CoexistPort | None = None,
+                 coexist_mode: str = "auto") -> None:
         self.netlink = netlink
         self.firewall = firewall
         self.sysctl = sysctl
@@ -73,12 +82,21 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[str, NetState], None]] = []
+        self.coexist = coexist
+        self.coexist_mode = coexist_mode
+        self._foreign: ForeignForward | None = None
+        self.coexist_reports: tuple[str, ...] = ()
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
 
     def trigger(self) -> None:
         self._wake.set()
+
+    def firewall_changed(self) -> None:
+        """nft monitor saw a change: re-read the ruleset on the next pass."""
+        self._firewall_known = False
+        self.trigger()
 
     async def run(self) -> None:
         """Forever: wait for a trigger (or the periodic verification), then converge."""
@@ -121,8 +139,14 @@ class Reconciler:
     async def _pass(self) -> tuple[Plan, int]:
         self.passes += 1
         if not self._firewall_known:
-            self._firewall_seen = await self.firewall.observe()
-            self._firewall_known = True
+            self._firewall_known = True  # a change reported while reading clears it again
+            try:
+                self._firewall_seen = await self.firewall.observe()
+                if self.coexist is not None:
+                    self._foreign = await self.coexist.observe()
+            except BaseException:
+                self._firewall_known = False
+                raise
         observed = self.observe()
         self._adopt(observed)
         self._forget_vanished(observed)
@@ -145,6 +169,7 @@ class Reconciler:
             self.owned.record(action, observed)
             log.info("reconcile.applied", network=action.network, ifname=_device(action),
                      action=_describe(action))
+        applied += await self._coexist(p, failed)
         if self.owned.to_json() != before:
             save_owned(self.owned_path, self.owned)
         if self.dhcp is not None:
@@ -154,6 +179,25 @@ class Reconciler:
         self._update_states(p, failed)
         self.last_plan = p
         return p, applied
+
+    async def _coexist(self, p: Plan, failed: dict[str, str]) -> int:
+        """Accepts for our networks where a foreign firewall drops forwarded traffic."""
+        if self.coexist is None or self._foreign is None:
+            return 0
+        nets = [n for n in self.desired.active_networks()
+                if n.name not in failed and n.name not in p.problems]
+        cp = coexist_rules(nets, self._foreign, self.coexist_mode)
+        self.coexist_reports = cp.reports
+        try:
+            change = await self.coexist.apply(cp.rules)
+        except (KvmnetError, OSError) as e:
+            log.warning("coexist.failed", error=str(e))
+            return 0
+        if not change:
+            return 0
+        self._firewall_known = False
+        log.info("coexist.applied", inserted=len(change.insert), deleted=len(change.delete))
+        return 1
 
     def _adopt(self, observed: ObservedState) -> None:
         for net in self.desired.active_networks():
@@ -219,7 +263,8 @@ class Reconciler:
 
     @property
     def writes(self) -> int:
-        return self.netlink.writes + self.firewall.writes + self.sysctl.writes
+        extra = self.coexist.writes if self.coexist is not None else 0
+        return self.netlink.writes + self.firewall.writes + self.sysctl.writes + extra
 
 
 def _device(action: A.Action) -> str | None:

@@ -11,8 +11,10 @@ from typing import Any
 import structlog
 
 from . import config as cfg
+from .adapters.coexist import ForeignForwardAdapter
 from .adapters.netlink import NetlinkAdapter
 from .adapters.nftables import NftablesAdapter
+from .adapters.nftmonitor import NftMonitor
 from .adapters.notify import Notifier
 from .adapters.sysctl import SysctlAdapter
 from .core import Core, host_routes
@@ -43,6 +45,7 @@ class Service:
         self.no_bus = no_bus
         self.netlink = NetlinkAdapter()
         self.notifier = Notifier()
+        self.nftmon = NftMonitor()
         self.control: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -58,11 +61,15 @@ class Service:
                               state_path=os.path.join(s.run_dir, "firewall.listing"))
         self.rec = Reconciler(self.netlink, nft, SysctlAdapter(),
                               self.dhcp, os.path.join(s.run_dir, "owned.json"),
-                              table=s.firewall_table)
+                              table=s.firewall_table,
+                              coexist=ForeignForwardAdapter(s.firewall_table),
+                              coexist_mode=s.coexist)
         self.core = Core(self.rec, conf, self.dhcp)
         self.core.config_overrides = self.overrides
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
+        # Listen first, then observe: no ruleset change falls between.
+        await self.nftmon.start(self.rec.firewall_changed)
         await self.rec.converge()
         self.core.after_pass()
         self.control = await self._serve_control()
@@ -163,6 +170,7 @@ class Service:
         if self.control is not None:
             with contextlib.suppress(Exception):
                 await self.control.close()
+        await self.nftmon.close()
         if self.dhcp is not None:
             await self.dhcp.close(stop_children=teardown)
         await self.netlink.close()

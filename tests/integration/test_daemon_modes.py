@@ -214,3 +214,45 @@ def test_tampering_while_stopped_is_repaired_at_start(box: Sandbox) -> None:
        ns=box.host)
     box.start_daemon("--no-bus")
     assert box.nft() == ruleset
+
+
+def iptables_state(box: Sandbox) -> str:
+    out = sh("iptables-save", ns=box.host).stdout
+    return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
+
+
+def docker_like(box: Sandbox) -> None:
+    sh("iptables", "-P", "FORWARD", "DROP", ns=box.host)
+    sh("iptables", "-N", "DOCKER-USER", ns=box.host)
+    sh("iptables", "-A", "DOCKER-USER", "-j", "RETURN", ns=box.host)
+    sh("iptables", "-I", "FORWARD", "-j", "DOCKER-USER", ns=box.host)
+
+
+def test_guests_get_through_dockers_forward_drop(box: Sandbox) -> None:
+    docker_like(box)
+    foreign = iptables_state(box)
+    box.write_config(config() + "\n[daemon]\nteardown_on_stop = true\n")
+    g1 = box.guest("pn1", "10.50.0.11/24", "10.50.0.1")
+    i1 = box.guest("pi1", "10.51.0.11/24", "10.51.0.1")
+    i2 = box.guest("pi2", "10.51.0.12/24", "10.51.0.1")
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: master_of(box, "pi2") == "kviso0")
+    assert box.source_seen_by_upstream(g1) == HOST_UPLINK_IP
+    assert ping(i1, "10.51.0.12"), "br_netfilter + FORWARD DROP must not cut isolated guests"
+    assert not ping(i1, UPSTREAM_IP)
+    rules = sh("iptables", "-S", "DOCKER-USER", ns=box.host).stdout
+    assert "kvmnetd:nat" in rules and rules.splitlines()[-1] == "-A DOCKER-USER -j RETURN"
+    box.stop_daemon()
+    assert iptables_state(box) == foreign, "our accepts are gone, Docker's rules untouched"
+    assert i2
+
+
+def test_coexist_off_leaves_foreign_chains_alone(box: Sandbox) -> None:
+    docker_like(box)
+    foreign = iptables_state(box)
+    box.write_config(config() + '\n[daemon]\ncoexist = "off"\n')
+    g1 = box.guest("pn1", "10.50.0.11/24", "10.50.0.1")
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: master_of(box, "pn1") == "kvnat0")
+    assert iptables_state(box) == foreign
+    assert box.source_seen_by_upstream(g1, timeout=0.3) is None
