@@ -129,6 +129,10 @@ class Core:
         if net.name in self.networks():
             raise Conflict(f"network {net.name} already exists; undefine it first")
         if persist:
+            if not self.config.files and "default" in self.config.networks:
+                # The built-in default exists only while no file does: keep it as one.
+                _write_network_file(self.config.settings.networks_dir,
+                                    self.config.networks["default"])
             _write_network_file(self.config.settings.networks_dir, net)
             self.config = replace(self.config, networks={**self.config.networks, net.name: net})
         else:

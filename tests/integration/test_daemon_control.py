@@ -200,3 +200,16 @@ def test_doctor_explains_a_foreign_forward_drop(box: Sandbox) -> None:
     assert r.returncode == 1 and drop and drop[0]["network"] == "nat" and drop[0]["fix"]
     human = ctl(box, "doctor", check=False).stdout
     assert "foreign-forward-drop" in human and "fix:" in human
+
+
+def test_defining_a_network_keeps_the_builtin_default(box: Sandbox) -> None:
+    box.networks_dir.mkdir()
+    box.start_daemon("--no-bus")  # no config file at all: the built-in default network
+    assert [n["name"] for n in jctl(box, "network", "list")] == ["default"]  # type: ignore[union-attr]
+    extra = box.tmp / "extra.toml"
+    extra.write_text(EXTRA)
+    ctl(box, "network", "define", str(extra))
+    ctl(box, "reload")
+    names = {n["name"] for n in jctl(box, "network", "list")}  # type: ignore[union-attr]
+    assert names == {"default", "extra"}
+    assert (box.networks_dir / "default.toml").exists()
