@@ -14,10 +14,17 @@ import structlog
 
 from . import __version__
 from . import config as cfg
-from .errors import Conflict, InvalidArgument, NoSuchNetwork, NoSuchPort, PermissionDenied
+from .errors import (
+    Conflict,
+    InvalidArgument,
+    KvmnetError,
+    NoSuchNetwork,
+    NoSuchPort,
+    PermissionDenied,
+)
 from .model import DesiredState, Mode, Network
 from .reconciler import NetState, Reconciler
-from .status import Caller, CoreEvent, DhcpStatus, Lease, NetworkStatus, PortStatus
+from .status import ROOT, Caller, CoreEvent, DhcpStatus, Lease, NetworkStatus, PortStatus
 
 log = structlog.get_logger("kvmnetd.core")
 IFNAME = re.compile(r"^[^\s/:]{1,15}$")
@@ -90,6 +97,8 @@ class Core:
                 state = "missing"
             elif br is not None and link.master == br.index:
                 state = "attached"
+            elif ifname in self.rec.port_errors:
+                state = "failed"
             else:
                 state = "pending"
             out.append(PortStatus(ifname=ifname, network=netname, bridge=bridge, state=state))
@@ -192,6 +201,28 @@ class Core:
         ports[ifname] = net.name
         await self.apply(ports)
         self._check_attached(ifname, net)
+
+    async def domain_changed(self, name: str, uuid: str, started: bool,
+                             nics: list[Any]) -> None:
+        """A libvirt domain started or stopped: attach or detach its taps by policy."""
+        from .domains import network_for_nic
+
+        for nic in nics:
+            if not nic.tap:
+                continue
+            net = network_for_nic(nic, name, uuid, self.config.rules, self.networks())
+            if net is None:
+                continue
+            try:
+                if started:
+                    await self.attach_port(ROOT, nic.tap, net)
+                    log.info("domain.port_attached", domain=name, ifname=nic.tap, network=net)
+                elif nic.tap in {p.ifname for p in self.list_ports()}:
+                    await self.detach_port(ROOT, nic.tap)
+                    log.info("domain.port_detached", domain=name, ifname=nic.tap, network=net)
+            except KvmnetError as e:
+                log.warning("domain.port_failed", domain=name, ifname=nic.tap, network=net,
+                            error=str(e))
 
     def network_by_policy(self, ifname: str) -> str:
         """The network an [[attach]] rule gives this device, else the built-in default."""
@@ -310,7 +341,8 @@ class Core:
         obs = self.rec.netlink.observed
         link, br = obs.link(ifname), obs.link(net.bridge)
         if link is None or br is None or link.master != br.index:
-            raise Conflict(f"{ifname} could not be attached to {net.bridge}; see the log")
+            why = self.rec.port_errors.get(ifname, "see the log")
+            raise Conflict(f"{ifname} could not be attached to {net.bridge}: {why}")
 
     def _host_routes(self, exclude: str | None) -> list[Any]:
         ours = {n.bridge for n in self.networks().values()}

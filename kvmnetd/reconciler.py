@@ -11,7 +11,7 @@ from typing import Protocol
 import structlog
 
 from . import actions as A
-from .errors import KvmnetError
+from .errors import KvmnetError, NoSuchPort
 from .model import DesiredState, Network
 from .observed import ObservedState
 from .owned import Owned, load_owned, save_owned
@@ -86,6 +86,7 @@ class Reconciler:
         self.coexist_mode = coexist_mode
         self._foreign: ForeignForward | None = None
         self.coexist_reports: tuple[str, ...] = ()
+        self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
@@ -160,11 +161,22 @@ class Reconciler:
             try:
                 await self._apply(action, observed)
             except (KvmnetError, OSError) as e:
+                port = self._port_of(action, p)
+                if port is not None:
+                    # A guest's tap failing (or vanishing mid-pass) is that port's
+                    # problem, never its network's.
+                    if not isinstance(e, NoSuchPort):
+                        self.port_errors[port] = str(e)
+                        log.warning("reconcile.port_failed", network=action.network,
+                                    ifname=port, error=str(e))
+                    continue
                 log.warning("reconcile.action_failed", network=action.network,
                             action=type(action).__name__, error=str(e))
                 if action.network is not None:
                     failed[action.network] = str(e)
                 continue
+            if isinstance(action, A.Enslave | A.SetUp | A.Release):
+                self.port_errors.pop(action.ifname, None)
             applied += 1
             self.owned.record(action, observed)
             log.info("reconcile.applied", network=action.network, ifname=_device(action),
@@ -179,6 +191,15 @@ class Reconciler:
         self._update_states(p, failed)
         self.last_plan = p
         return p, applied
+
+    def _port_of(self, action: A.Action, p: Plan) -> str | None:
+        """The guest port an action is about, if it is one (not a bridge, not an uplink)."""
+        if isinstance(action, A.Enslave) and not action.uplink:
+            return action.ifname
+        if isinstance(action, A.Release | A.SetUp) and (
+                action.ifname in p.ports or action.ifname in self.owned.ports):
+            return action.ifname
+        return None
 
     async def _coexist(self, p: Plan, failed: dict[str, str]) -> int:
         """Accepts for our networks where a foreign firewall drops forwarded traffic."""

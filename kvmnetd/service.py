@@ -46,6 +46,7 @@ class Service:
         self.netlink = NetlinkAdapter()
         self.notifier = Notifier()
         self.nftmon = NftMonitor()
+        self.libvirt: Any = None
         self.control: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -72,6 +73,7 @@ class Service:
         await self.nftmon.start(self.rec.firewall_changed)
         await self.rec.converge()
         self.core.after_pass()
+        await self._watch_libvirt()
         self.control = await self._serve_control()
         if self.control is not None and self.control.bus_expected():
             # READY means reachable: with a bus present, that includes owning our name.
@@ -92,6 +94,19 @@ class Service:
             return None
         sock = os.path.join(self.settings.run_dir, "control.sock")
         return await serve(self.core, self.settings.bus_address, sock, use_bus=not self.no_bus)
+
+    async def _watch_libvirt(self) -> None:
+        """Domains' taps follow their lifecycle; without libvirt the daemon runs on."""
+        uri = self.settings.libvirt_uri
+        if not uri:
+            return
+        from .adapters.libvirt import LibvirtWatcher
+
+        def on_event(ev: Any) -> None:
+            self.spawn(self.core.domain_changed(ev.name, ev.uuid, ev.started, list(ev.nics)))
+
+        self.libvirt = LibvirtWatcher(uri, on_event)
+        await self.libvirt.start()
 
     def _on_netlink(self) -> None:
         self.rec.trigger()
@@ -171,6 +186,8 @@ class Service:
             with contextlib.suppress(Exception):
                 await self.control.close()
         await self.nftmon.close()
+        if self.libvirt is not None:
+            await self.libvirt.close()
         if self.dhcp is not None:
             await self.dhcp.close(stop_children=teardown)
         await self.netlink.close()

@@ -170,3 +170,74 @@ def test_hook_fails_clearly_when_the_daemon_is_down(box: Sandbox, bus: PrivateBu
     r = sh(IFUP, "vnet9", ns=box.host, check=False, env=hook_env(bus))
     assert r.returncode != 0 and "kvmnetd" in r.stderr
     wait_for_link(box.host, "vnet9")
+
+
+def libvirt_guest(name: str, tap: str, mac: str, console: Path,
+                  images: tuple[str, str]) -> str:
+    kernel, initrd = images
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 mitigations=off kvmnet.hold=1 kvmnet.hostname={name}
+      kvmnet.ping=10.0.0.254</cmdline>
+  </os>
+  <cpu mode='custom'><model>qemu64</model></cpu>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <interface type='ethernet'><target dev='{tap}'/><mac address='{mac}'/>
+      <model type='virtio'/><rom enabled='no'/></interface>
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+def console_lease(console: Path) -> dict[str, str] | None:
+    if not console.exists():
+        return None
+    for line in console.read_text(errors="replace").splitlines():
+        if line.startswith("KVMNET lease ok=1"):
+            return dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
+    return None
+
+
+def port_names(box: Sandbox) -> set[str]:
+    return {p["ifname"] for p in json.loads(ctl(box, "port", "list", "--json"))}
+
+
+def test_libvirt_domains_follow_their_lifecycle(box: Sandbox, images: tuple[str, str]) -> None:
+    from tests.libvirtd import private_libvirtd
+
+    with private_libvirtd(ns=box.host) as lv:
+        box.write_config(CONFIG + f"""
+[[attach]]
+network = "nat"
+domain = "lv-static"
+
+[[attach]]
+network = "nat"
+domain = "lv-later"
+
+[daemon]
+libvirt_uri = "{lv.uri}"
+""")
+        box.start_daemon("--no-bus")
+        first = box.tmp / "lv-static.log"
+        lv.create(libvirt_guest("lv-static", "lvt1", STATIC_MAC, first, images))
+        assert wait_until(lambda: "lvt1" in port_names(box), timeout=10)
+        lease = wait_until(lambda: console_lease(first), timeout=60)
+        assert lease and lease["ip"] == "10.0.0.21", "the static host gets its address by MAC"
+        lv.virsh("destroy", "lv-static")
+        assert wait_until(lambda: "lvt1" not in port_names(box), timeout=10)
+        # libvirtd goes away and comes back: kvmnetd reconnects and follows new domains.
+        lv.stop()
+        lv.start()
+        later = box.tmp / "lv-later.log"
+        lv.create(libvirt_guest("lv-later", "lvt2", "52:54:00:00:00:71", later, images))
+        assert wait_until(lambda: "lvt2" in port_names(box), timeout=20)
+        lease = wait_until(lambda: console_lease(later), timeout=60)
+        assert lease and lease["ip"].startswith("10.0.0.")

@@ -81,3 +81,15 @@ async def test_vanished_tap_binding_is_forgotten(tmp_path: Path) -> None:
     del nl.observed.links[5]
     await rec.converge()
     assert "vnet0" not in rec.desired.ports and "vnet0" not in rec.owned.ports
+
+
+async def test_a_failing_port_never_fails_its_network(tmp_path: Path) -> None:
+    taps = [Link(index=5, name="vnet0", kind="tun"), Link(index=6, name="vnet1", kind="tun")]
+    rec, nl, _, _ = make(tmp_path, *taps)
+    nl.fail_on.add("vnet0")
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       ports={"vnet0": "nat", "vnet1": "nat"}))
+    assert rec.states["nat"].state == "active"
+    assert "refused" in rec.port_errors["vnet0"]
+    vnet1 = nl.observed.link("vnet1")
+    assert vnet1 is not None and vnet1.master is not None
