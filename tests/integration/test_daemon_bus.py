@@ -1,0 +1,143 @@
+"""The real daemon on a private system bus: signals, and hostile calls against the real core."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from dbus_fast import BusType, Message, MessageType
+
+from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+from kvmnetd.bus.service import SteadyBus
+from tests.bus.conftest import PrivateBus, start_bus, stop_bus
+from tests.netns import sh
+from tests.rig import Sandbox, wait_until
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+[network.nat]
+mode = "nat"
+bridge = "kvnat0"
+ipv4 = "10.60.0.1/24"
+[network.nat.dhcp]
+ranges = ["10.60.0.100-10.60.0.150"]
+
+[network.iso]
+mode = "isolated"
+bridge = "kviso0"
+ipv4 = "10.61.0.1/24"
+[network.iso.dns]
+enabled = false
+"""
+
+
+@pytest.fixture
+def bus(box: Sandbox) -> Iterator[PrivateBus]:
+    b = start_bus(str(box.tmp))
+    try:
+        yield b
+    finally:
+        stop_bus(b)
+
+
+def ctl(box: Sandbox, *args: str) -> str:
+    cmd = ["ip", "netns", "exec", box.host, *box.cli_argv(), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+def test_signals_for_ports_networks_and_leases(box: Sandbox, bus: PrivateBus) -> None:
+    box.write_config(CONFIG)
+    g = box.guest("vm1", mac="52:54:00:00:00:21")
+    box.start_daemon("--bus-address", bus.address)
+    monitor = subprocess.Popen(["gdbus", "monitor", "--address", bus.address, "--dest", BUS_NAME],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # let the monitor subscribe
+        ctl(box, "port", "attach", "vm1", "nat")
+        assert box.dhcp(g)
+        ctl(box, "port", "move", "vm1", "iso")
+        ctl(box, "network", "stop", "iso")
+        time.sleep(1.5)  # lease events are polled from the lease file
+    finally:
+        monitor.terminate()
+        out = monitor.communicate(timeout=10)[0]
+    assert f"{MANAGER_IFACE}.PortAttached ('vm1', 'nat')" in out
+    assert f"{MANAGER_IFACE}.PortDetached ('vm1', 'nat')" in out
+    assert f"{MANAGER_IFACE}.PortAttached ('vm1', 'iso')" in out
+    assert f"{MANAGER_IFACE}.LeaseAdded ('nat', '52:54:00:00:00:21'" in out
+    assert "NetworkStateChanged ('iso', 'inactive'" in out
+    assert "org.freedesktop.DBus.Properties.PropertiesChanged" in out
+
+
+HOSTILE = ["", "x" * 100_000, "../../etc/passwd", "a\nb", "nat\n", "/", "vm1;rm -rf /",
+           "$(id)", "é" * 300, "-" * 16, "kvnat0", "lo", "uplink0", "vm1 ", "nat\x7f"]
+SIGS = {"AttachPort": "ssb", "DetachPort": "s", "MovePort": "ss", "StartNetwork": "s",
+        "StopNetwork": "s", "UndefineNetwork": "sb", "GetNetwork": "s", "DefineNetwork": "sb"}
+TOML = ['[network.x]\nmode = "nat"\nipv4 = "10.60.0.5/24"\n',  # overlaps nat
+        '[network.y]\nbridge = "a\\nb"\n', "not toml [[[", '[daemon]\nrun_dir = "/"\n',
+        '[network.z]\nmode = "isolated"\nipv4 = "10.63.0.1/24"\n[network.z.dhcp]\n'
+        'ranges = ["10.63.0.2-10.63.0.9"]\n[[network.z.dhcp.host]]\nmac = "52:54:00:00:00:01"\n'
+        'name = "a\\ndhcp-script=/bin/sh"\n']
+
+
+def hostile(r: random.Random) -> Message:
+    member = r.choice(list(SIGS))
+    sig = SIGS[member]
+    if r.random() < 0.2:
+        sig = r.choice(["", "u", "sss", "bs"])
+    body: list[object] = []
+    for c in sig:
+        if c == "b":
+            body.append(r.random() < 0.5)
+        elif c == "u":
+            body.append(r.randrange(2**32))
+        elif member == "DefineNetwork":
+            body.append(r.choice(TOML))
+        else:
+            body.append(r.choice(HOSTILE))
+    return Message(destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE,
+                   member=member, signature=sig, body=body)
+
+
+async def fuzz(address: str, calls: int) -> dict[str, int]:
+    client = await SteadyBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+    r = random.Random(20261125)
+    errors: dict[str, int] = {}
+    sem = asyncio.Semaphore(50)
+
+    async def one() -> None:
+        async with sem:
+            reply = await client.call(hostile(r))
+            assert reply is not None
+            kind = reply.error_name if reply.message_type == MessageType.ERROR else "ok"
+            errors[kind or "?"] = errors.get(kind or "?", 0) + 1
+
+    await asyncio.gather(*(one() for _ in range(calls)))
+    client.disconnect()
+    return errors
+
+
+def test_hostile_calls_against_the_real_core(box: Sandbox, bus: PrivateBus) -> None:
+    box.write_config(CONFIG)
+    box.guest("vm1")
+    box.start_daemon("--bus-address", bus.address)
+    ctl(box, "port", "attach", "vm1", "nat")
+    before = json.loads(ctl(box, "status", "--json"))
+    ruleset, links = box.nft(), sh("ip", "-o", "link", ns=box.host).stdout
+    replies = asyncio.run(fuzz(bus.address, 1500))
+    print(replies)
+    assert "ok" not in replies, f"a hostile call succeeded: {replies}"
+    assert not any(k.endswith(".Failed") for k in replies), replies
+    assert box.daemon is not None and box.daemon.poll() is None
+    after = json.loads(ctl(box, "status", "--json"))
+    assert after["networks"] == before["networks"] and after["ports"] == before["ports"]
+    assert box.nft() == ruleset
+    assert wait_until(lambda: sh("ip", "-o", "link", ns=box.host).stdout.count("\n")
+                      == links.count("\n"))
+    assert not (box.networks_dir / "z.toml").exists()
