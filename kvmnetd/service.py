@@ -47,6 +47,7 @@ class Service:
         self.notifier = Notifier()
         self.nftmon = NftMonitor()
         self.libvirt: Any = None
+        self.firewalld: Any = None
         self.control: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -71,6 +72,12 @@ class Service:
         self.rec.restore_ports()
         # Listen first, then observe: no ruleset change falls between.
         await self.nftmon.start(self.rec.firewall_changed)
+        if not self.no_bus:
+            from .adapters.firewalld import FirewalldWatcher
+
+            self.firewalld = FirewalldWatcher(s.bus_address,
+                                              lambda _why: self.rec.firewall_changed())
+            await self.firewalld.start()
         await self.rec.converge()
         self.core.after_pass()
         await self._watch_libvirt()
@@ -186,6 +193,8 @@ class Service:
             with contextlib.suppress(Exception):
                 await self.control.close()
         await self.nftmon.close()
+        if self.firewalld is not None:
+            await self.firewalld.close()
         if self.libvirt is not None:
             await self.libvirt.close()
         if self.dhcp is not None:

@@ -48,6 +48,7 @@ BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configur
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
   </policy>
   <include>{policy}</include>
+  {extra}
 </busconfig>
 """
 
@@ -66,9 +67,9 @@ def _scratch_dir() -> str:
     return d
 
 
-def start_bus(directory: str) -> PrivateBus:
+def start_bus(directory: str, extra_policy: str = "") -> PrivateBus:
     conf = Path(directory) / "bus.conf"
-    conf.write_text(BUS_CONF.format(socket=f"{directory}/bus", policy=POLICY))
+    conf.write_text(BUS_CONF.format(socket=f"{directory}/bus", policy=POLICY, extra=extra_policy))
     out = subprocess.run(
         ["dbus-daemon", f"--config-file={conf}", "--print-address=1", "--print-pid=2", "--fork"],
         capture_output=True, text=True, check=True, timeout=10)

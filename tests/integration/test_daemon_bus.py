@@ -141,3 +141,34 @@ def test_hostile_calls_against_the_real_core(box: Sandbox, bus: PrivateBus) -> N
     assert wait_until(lambda: sh("ip", "-o", "link", ns=box.host).stdout.count("\n")
                       == links.count("\n"))
     assert not (box.networks_dir / "z.toml").exists()
+
+
+async def fake_firewalld(address: str) -> None:
+    """Take firewalld's name, announce a reload, then leave (as a restarting firewalld)."""
+    fw = await SteadyBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+    await fw.request_name("org.fedoraproject.FirewallD1")
+    await asyncio.sleep(0.2)
+    await fw.send(Message.new_signal("/org/fedoraproject/FirewallD1",
+                                     "org.fedoraproject.FirewallD1", "Reloaded"))
+    await asyncio.sleep(0.2)
+    fw.disconnect()
+
+
+def test_firewalld_reload_and_restart_make_the_daemon_recheck(box: Sandbox) -> None:
+    bus = start_bus(str(box.tmp), '<policy user="root">'
+                                  '<allow own="org.fedoraproject.FirewallD1"/></policy>')
+    try:
+        firewalld_scenario(box, bus)
+    finally:
+        stop_bus(bus)
+
+
+def firewalld_scenario(box: Sandbox, bus: PrivateBus) -> None:
+    box.write_config(CONFIG)
+    box.start_daemon("--bus-address", bus.address)
+    time.sleep(0.3)  # the watcher subscribes in the background
+    asyncio.run(fake_firewalld(bus.address))
+    log = box.log
+    assert wait_until(lambda: "firewalld.reloaded" in log.read_text())
+    assert wait_until(lambda: "state='stopped'" in log.read_text())
+    assert "state='started'" in log.read_text()
