@@ -214,3 +214,16 @@ def test_defining_a_network_keeps_the_builtin_default(box: Sandbox) -> None:
     names = {n["name"] for n in jctl(box, "network", "list")}  # type: ignore[union-attr]
     assert names == {"default", "extra"}
     assert (box.networks_dir / "default.toml").exists()
+
+
+def test_a_port_of_a_foreign_bridge_needs_force(box: Sandbox) -> None:
+    box.write_config(CONFIG)
+    box.guest("vm1")
+    sh("ip", "link", "add", "docker0", "type", "bridge", ns=box.host)
+    sh("ip", "link", "set", "vm1", "master", "docker0", ns=box.host)
+    box.start_daemon("--no-bus")
+    r = ctl(box, "port", "attach", "vm1", "nat", check=False)
+    assert r.returncode == 1 and "docker0" in r.stderr and "force" in r.stderr
+    assert master_of(box, "vm1") == "docker0"
+    ctl(box, "port", "attach", "vm1", "nat", "--force")
+    assert master_of(box, "vm1") == "kvnat0"

@@ -256,3 +256,35 @@ def test_coexist_off_leaves_foreign_chains_alone(box: Sandbox) -> None:
     assert wait_until(lambda: master_of(box, "pn1") == "kvnat0")
     assert iptables_state(box) == foreign
     assert box.source_seen_by_upstream(g1, timeout=0.3) is None
+
+
+def test_ipv6_gateway_mtu_and_stp_are_applied(box: Sandbox) -> None:
+    box.write_config("""
+[network.six]
+mode = "routed"
+bridge = "kvsix0"
+ipv4 = "10.53.0.1/24"
+ipv6 = "fd53::1/64"
+mtu = 1400
+stp = true
+forward_delay = 2
+[network.six.dns]
+enabled = false
+
+[[attach]]
+network = "six"
+ifname = "p6*"
+""")
+    g = box.guest("p61")
+    sh("ip", "addr", "add", "fd53::11/64", "dev", "eth0", "nodad", ns=g)
+    box.start_daemon("--no-bus")
+    link = json.loads(sh("ip", "-j", "-d", "link", "show", "kvsix0", ns=box.host).stdout)[0]
+    assert link["mtu"] == 1400
+    info = link["linkinfo"]["info_data"]
+    assert info["stp_state"] == 1 and info["forward_delay"] in (199, 200)
+    assert "fd53::1/64" in sh("ip", "-6", "addr", "show", "kvsix0", ns=box.host).stdout
+    assert wait_until(lambda: master_of(box, "p61") == "kvsix0")
+    # STP on: the port learns for forward_delay seconds before it forwards.
+    assert wait_until(lambda: sh("busybox", "ping6", "-c", "1", "-W", "1", "fd53::1", ns=g,
+                                 check=False).returncode == 0, timeout=10)
+    assert sh("cat", "/proc/sys/net/ipv6/conf/all/forwarding", ns=box.host).stdout.strip() == "1"
