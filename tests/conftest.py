@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bus.conftest import PrivateBus, start_bus, stop_bus
 from tests.rig import Sandbox
 
 
@@ -31,3 +32,13 @@ def box(scratch_dir: Path) -> Iterator[Sandbox]:
         yield b
         if b.log.exists():
             print(f"--- kvmnetd log ---\n{b.log.read_text()[-8000:]}")
+
+
+@pytest.fixture
+def bus(box: Sandbox) -> Iterator[PrivateBus]:
+    """A private system-type dbus-daemon with our policy, for the sandboxed daemon."""
+    b = start_bus(str(box.tmp))
+    try:
+        yield b
+    finally:
+        stop_bus(b)

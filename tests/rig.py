@@ -9,6 +9,7 @@ subnets, so a reply reaching a NAT guest proves the masquerade.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -202,6 +203,20 @@ class Sandbox:
 
     def cli_argv(self) -> list[str]:
         return [sys.executable, "-m", "kvmnetd.cli", "--socket", str(self.run_dir / "control.sock")]
+
+    def ctl(self, *args: str, check: bool = True, user: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        """kvmnetctl over the control socket, in the host namespace (optionally as `user`)."""
+        prefix = (["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups"]
+                  if user else [])
+        return subprocess.run(["ip", "netns", "exec", self.host, *prefix, *self.cli_argv(), *args],
+                              capture_output=True, text=True, check=check, timeout=30)
+
+    def ctl_out(self, *args: str) -> str:
+        return self.ctl(*args).stdout
+
+    def jctl(self, *args: str) -> Any:
+        return json.loads(self.ctl(*args, "--json").stdout)
 
     def nft(self) -> str:
         return sh("nft", "list", "ruleset", ns=self.host).stdout

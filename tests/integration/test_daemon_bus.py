@@ -7,7 +7,6 @@ import json
 import random
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 from dbus_fast import BusType, Message, MessageType
@@ -37,20 +36,6 @@ enabled = false
 """
 
 
-@pytest.fixture
-def bus(box: Sandbox) -> Iterator[PrivateBus]:
-    b = start_bus(str(box.tmp))
-    try:
-        yield b
-    finally:
-        stop_bus(b)
-
-
-def ctl(box: Sandbox, *args: str) -> str:
-    cmd = ["ip", "netns", "exec", box.host, *box.cli_argv(), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout
-
-
 def test_signals_for_ports_networks_and_leases(box: Sandbox, bus: PrivateBus) -> None:
     box.write_config(CONFIG)
     g = box.guest("vm1", mac="52:54:00:00:00:21")
@@ -59,10 +44,10 @@ def test_signals_for_ports_networks_and_leases(box: Sandbox, bus: PrivateBus) ->
                                stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)  # let the monitor subscribe
-        ctl(box, "port", "attach", "vm1", "nat")
+        box.ctl_out("port", "attach", "vm1", "nat")
         assert box.dhcp(g)
-        ctl(box, "port", "move", "vm1", "iso")
-        ctl(box, "network", "stop", "iso")
+        box.ctl_out("port", "move", "vm1", "iso")
+        box.ctl_out("network", "stop", "iso")
         time.sleep(1.5)  # lease events are polled from the lease file
     finally:
         monitor.terminate()
@@ -127,15 +112,15 @@ def test_hostile_calls_against_the_real_core(box: Sandbox, bus: PrivateBus) -> N
     box.write_config(CONFIG)
     box.guest("vm1")
     box.start_daemon("--bus-address", bus.address)
-    ctl(box, "port", "attach", "vm1", "nat")
-    before = json.loads(ctl(box, "status", "--json"))
+    box.ctl_out("port", "attach", "vm1", "nat")
+    before = json.loads(box.ctl_out("status", "--json"))
     ruleset, links = box.nft(), sh("ip", "-o", "link", ns=box.host).stdout
     replies = asyncio.run(fuzz(bus.address, 1500))
     print(replies)
     assert "ok" not in replies, f"a hostile call succeeded: {replies}"
     assert not any(k.endswith(".Failed") for k in replies), replies
     assert box.daemon is not None and box.daemon.poll() is None
-    after = json.loads(ctl(box, "status", "--json"))
+    after = json.loads(box.ctl_out("status", "--json"))
     assert after["networks"] == before["networks"] and after["ports"] == before["ports"]
     assert box.nft() == ruleset
     assert wait_until(lambda: sh("ip", "-o", "link", ns=box.host).stdout.count("\n")

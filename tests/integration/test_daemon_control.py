@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Iterator
 
 import pytest
 
-from tests.bus.conftest import PrivateBus, start_bus, stop_bus
+from tests.bus.conftest import PrivateBus
 from tests.netns import ping, sh
 from tests.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
 
@@ -51,26 +49,6 @@ BUS = "org.kvmnetd.Kvmnetd1"
 PATH = "/org/kvmnetd/Kvmnetd1"
 
 
-@pytest.fixture
-def bus(box: Sandbox) -> Iterator[PrivateBus]:
-    b = start_bus(str(box.tmp))
-    try:
-        yield b
-    finally:
-        stop_bus(b)
-
-
-def ctl(box: Sandbox, *args: str, check: bool = True, user: str | None = None
-        ) -> subprocess.CompletedProcess[str]:
-    prefix = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups"] if user else []
-    cmd = ["ip", "netns", "exec", box.host, *prefix, *box.cli_argv(), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
-
-
-def jctl(box: Sandbox, *args: str) -> object:
-    return json.loads(ctl(box, *args, "--json").stdout)
-
-
 def master_of(box: Sandbox, ifname: str) -> str | None:
     link = json.loads(sh("ip", "-j", "link", "show", ifname, ns=box.host).stdout)[0]
     return link.get("master")
@@ -82,19 +60,19 @@ def test_every_verb_against_the_real_daemon(box: Sandbox, bus: PrivateBus) -> No
     g2 = box.guest("vm2", mac="52:54:00:00:00:02")
     box.start_daemon("--bus-address", bus.address)
 
-    st = jctl(box, "status")
+    st = box.jctl("status")
     assert isinstance(st, dict)
-    nets = jctl(box, "network", "list")
+    nets = box.jctl("network", "list")
     assert isinstance(nets, list)
     assert {(n["name"], n["mode"], n["bridge"], n["state"]) for n in nets} == {
         ("nat", "nat", "kvnat0", "active"), ("iso", "isolated", "kviso0", "active")}
-    show = jctl(box, "network", "show", "nat")
+    show = box.jctl("network", "show", "nat")
     assert isinstance(show, dict) and show["name"] == "nat" and "10.60.0.1/24" in str(show)
 
-    ctl(box, "port", "attach", "vm1", "nat")
-    ctl(box, "port", "attach", "vm2", "nat")
+    box.ctl("port", "attach", "vm1", "nat")
+    box.ctl("port", "attach", "vm2", "nat")
     assert master_of(box, "vm1") == "kvnat0"
-    ports = jctl(box, "port", "list")
+    ports = box.jctl("port", "list")
     assert isinstance(ports, list)
     assert {(p["ifname"], p["network"]) for p in ports} == {("vm1", "nat"), ("vm2", "nat")}
 
@@ -102,7 +80,7 @@ def test_every_verb_against_the_real_daemon(box: Sandbox, bus: PrivateBus) -> No
     lease1, lease2 = box.dhcp(g1), box.dhcp(g2)
     assert lease1["ip"] == "10.60.0.21"
     assert lease2["ip"].startswith("10.60.0.1")
-    leases = jctl(box, "leases", "nat")
+    leases = box.jctl("leases", "nat")
     assert isinstance(leases, list)
     assert {"52:54:00:65:43:21", "52:54:00:00:00:02"} <= {x["mac"] for x in leases}
     assert all({"mac", "ip", "hostname", "expires"} <= set(x) for x in leases)
@@ -110,44 +88,44 @@ def test_every_verb_against_the_real_daemon(box: Sandbox, bus: PrivateBus) -> No
     assert box.source_seen_by_upstream(g1) == HOST_UPLINK_IP
 
     # The article's experiment: move both ports to the isolated network, live.
-    ctl(box, "port", "move", "vm1", "iso")
-    ctl(box, "port", "move", "vm2", "iso")
+    box.ctl("port", "move", "vm1", "iso")
+    box.ctl("port", "move", "vm2", "iso")
     assert master_of(box, "vm1") == "kviso0"
     assert ping(g1, lease2["ip"]), "guests on one isolated network must reach each other"
     assert not ping(g1, FAR_HOST)
-    ctl(box, "port", "move", "vm1", "nat")
-    ctl(box, "port", "move", "vm2", "nat")
+    box.ctl("port", "move", "vm1", "nat")
+    box.ctl("port", "move", "vm2", "nat")
     assert ping(g1, FAR_HOST)
 
-    ctl(box, "port", "detach", "vm2")
+    box.ctl("port", "detach", "vm2")
     assert master_of(box, "vm2") is None
 
     # define (persistent) / start / stop / undefine; a runtime-only define writes nothing.
     extra = box.tmp / "extra.toml"
     extra.write_text(EXTRA)
-    ctl(box, "network", "define", str(extra))
+    box.ctl("network", "define", str(extra))
     assert (box.networks_dir / "extra.toml").exists()
-    ctl(box, "network", "start", "extra")
+    box.ctl("network", "start", "extra")
     assert wait_until(lambda: "kvext0" in sh("ip", "-o", "link", ns=box.host).stdout)
-    ctl(box, "network", "stop", "extra")
+    box.ctl("network", "stop", "extra")
     assert wait_until(lambda: "kvext0" not in sh("ip", "-o", "link", ns=box.host).stdout)
-    ctl(box, "network", "undefine", "extra")
+    box.ctl("network", "undefine", "extra")
     assert not (box.networks_dir / "extra.toml").exists()
-    ctl(box, "network", "define", "--runtime", str(extra))
+    box.ctl("network", "define", "--runtime", str(extra))
     assert not (box.networks_dir / "extra.toml").exists()
-    assert "extra" in {n["name"] for n in jctl(box, "network", "list")}  # type: ignore[union-attr]
-    ctl(box, "reload")
-    assert ctl(box, "version").stdout.strip()
+    assert "extra" in {n["name"] for n in box.jctl("network", "list")}
+    box.ctl("reload")
+    assert box.ctl("version").stdout.strip()
 
     # Errors: typed, with a message, exit 1; the state is unchanged.
-    before = jctl(box, "port", "list")
-    r = ctl(box, "port", "attach", "vm2", "nosuch", check=False)
+    before = box.jctl("port", "list")
+    r = box.ctl("port", "attach", "vm2", "nosuch", check=False)
     assert r.returncode == 1 and "nosuch" in r.stderr
-    r = ctl(box, "port", "attach", "kviso0", "nat", check=False)
+    r = box.ctl("port", "attach", "kviso0", "nat", check=False)
     assert r.returncode == 1 and "bridge" in r.stderr
-    r = ctl(box, "port", "attach", "uplink0", "iso", check=False)
+    r = box.ctl("port", "attach", "uplink0", "iso", check=False)
     assert r.returncode == 1
-    assert jctl(box, "port", "list") == before
+    assert box.jctl("port", "list") == before
 
 
 def test_busctl_and_gdbus_drive_the_real_daemon(box: Sandbox, bus: PrivateBus) -> None:
@@ -175,15 +153,15 @@ def test_unprivileged_caller(box: Sandbox) -> None:
     sh("ip", "tuntap", "add", "tapn", "mode", "tap", "user", "nobody", ns=box.host)
     sh("ip", "tuntap", "add", "tapr", "mode", "tap", ns=box.host)
     box.start_daemon("--no-bus")
-    r = ctl(box, "network", "list", user="nobody", check=False)
+    r = box.ctl("network", "list", user="nobody", check=False)
     assert r.returncode == 0, r.stderr
-    r = ctl(box, "network", "stop", "nat", user="nobody", check=False)
+    r = box.ctl("network", "stop", "nat", user="nobody", check=False)
     assert r.returncode == 1 and "needs root" in r.stderr
-    r = ctl(box, "port", "attach", "tapn", "nat", user="nobody", check=False)
+    r = box.ctl("port", "attach", "tapn", "nat", user="nobody", check=False)
     assert r.returncode == 1, "nobody is not on nat's allow list"
-    r = ctl(box, "port", "attach", "tapr", "iso", user="nobody", check=False)
+    r = box.ctl("port", "attach", "tapr", "iso", user="nobody", check=False)
     assert r.returncode == 1, "tapr belongs to root"
-    ctl(box, "port", "attach", "tapn", "iso", user="nobody")
+    box.ctl("port", "attach", "tapn", "iso", user="nobody")
     assert master_of(box, "tapn") == "kviso0"
 
 
@@ -191,27 +169,27 @@ def test_doctor_explains_a_foreign_forward_drop(box: Sandbox) -> None:
     # With coexist on (the default) kvmnetd inserts accepts, and there is nothing to explain.
     box.write_config(CONFIG + '\n[daemon]\ncoexist = "off"\n')
     box.start_daemon("--no-bus")
-    r = ctl(box, "doctor", "--json", check=False)
+    r = box.ctl("doctor", "--json", check=False)
     before = {f["check"] for f in json.loads(r.stdout)}
     assert "foreign-forward-drop" not in before
     sh("iptables", "-P", "FORWARD", "DROP", ns=box.host)  # what Docker does
-    r = ctl(box, "doctor", "--json", check=False)
+    r = box.ctl("doctor", "--json", check=False)
     findings = json.loads(r.stdout)
     drop = [f for f in findings if f["check"] == "foreign-forward-drop"]
     assert r.returncode == 1 and drop and drop[0]["network"] == "nat" and drop[0]["fix"]
-    human = ctl(box, "doctor", check=False).stdout
+    human = box.ctl("doctor", check=False).stdout
     assert "foreign-forward-drop" in human and "fix:" in human
 
 
 def test_defining_a_network_keeps_the_builtin_default(box: Sandbox) -> None:
     box.networks_dir.mkdir()
     box.start_daemon("--no-bus")  # no config file at all: the built-in default network
-    assert [n["name"] for n in jctl(box, "network", "list")] == ["default"]  # type: ignore[union-attr]
+    assert [n["name"] for n in box.jctl("network", "list")] == ["default"]
     extra = box.tmp / "extra.toml"
     extra.write_text(EXTRA)
-    ctl(box, "network", "define", str(extra))
-    ctl(box, "reload")
-    names = {n["name"] for n in jctl(box, "network", "list")}  # type: ignore[union-attr]
+    box.ctl("network", "define", str(extra))
+    box.ctl("reload")
+    names = {n["name"] for n in box.jctl("network", "list")}
     assert names == {"default", "extra"}
     assert (box.networks_dir / "default.toml").exists()
 
@@ -222,8 +200,8 @@ def test_a_port_of_a_foreign_bridge_needs_force(box: Sandbox) -> None:
     sh("ip", "link", "add", "docker0", "type", "bridge", ns=box.host)
     sh("ip", "link", "set", "vm1", "master", "docker0", ns=box.host)
     box.start_daemon("--no-bus")
-    r = ctl(box, "port", "attach", "vm1", "nat", check=False)
+    r = box.ctl("port", "attach", "vm1", "nat", check=False)
     assert r.returncode == 1 and "docker0" in r.stderr and "force" in r.stderr
     assert master_of(box, "vm1") == "docker0"
-    ctl(box, "port", "attach", "vm1", "nat", "--force")
+    box.ctl("port", "attach", "vm1", "nat", "--force")
     assert master_of(box, "vm1") == "kvnat0"

@@ -109,9 +109,7 @@ def test_sighup_reload_applies_a_change_and_refuses_a_bad_config(box: Sandbox) -
     assert box.daemon.poll() is None
     links = sh("ip", "-o", "link", ns=box.host).stdout
     assert "kvnat0" in links and "kvrt0" in links
-    r = subprocess.run(["ip", "netns", "exec", box.host, *box.cli_argv(), "network", "list",
-                        "--json"], capture_output=True, text=True, check=True)
-    assert {n["name"] for n in json.loads(r.stdout)} == {"nat", "rt"}
+    assert {n["name"] for n in box.jctl("network", "list")} == {"nat", "rt"}
 
 
 @pytest.mark.integration

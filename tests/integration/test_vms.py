@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.bus.conftest import PrivateBus, start_bus, stop_bus
+from tests.bus.conftest import PrivateBus
 from tests.guest import Guest, guest_images, wait_for_link
 from tests.netns import sh
 from tests.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
@@ -53,26 +51,12 @@ def images() -> tuple[str, str]:
     return guest_images()
 
 
-@pytest.fixture
-def bus(box: Sandbox) -> Iterator[PrivateBus]:
-    b = start_bus(str(box.tmp))
-    try:
-        yield b
-    finally:
-        stop_bus(b)
-
-
 def hook_env(bus: PrivateBus, network: str | None = "nat") -> dict[str, str]:
     env = {"DBUS_SYSTEM_BUS_ADDRESS": bus.address,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     if network:
         env["KVMNET_NETWORK"] = network
     return env
-
-
-def ctl(box: Sandbox, *args: str) -> str:
-    cmd = ["ip", "netns", "exec", box.host, *box.cli_argv(), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 def upstream_sees(g: Guest) -> str | None:
@@ -94,7 +78,7 @@ def test_qemu_ifup_on_nat_lease_gateway_and_upstream(box: Sandbox, bus: PrivateB
         assert lease["ip"].startswith("10.0.0.") and lease["router"] == "10.0.0.254"
         assert g.ping("10.0.0.254") and g.ping(FAR_HOST)
         assert upstream_sees(g) == HOST_UPLINK_IP
-        leases = json.loads(ctl(box, "leases", "nat", "--json"))
+        leases = json.loads(box.ctl_out("leases", "nat", "--json"))
         assert "52:54:00:00:00:11" in {x["mac"] for x in leases}
 
 
@@ -109,12 +93,12 @@ def test_the_articles_experiment_with_live_moves(box: Sandbox, bus: PrivateBus,
         ip_a = a.lease(timeout=30)["ip"]
         assert b.lease(timeout=30)["ip"] == "10.0.0.21", "the static host gets exactly its IP"
         assert a.ping("10.0.0.21") and b.ping(ip_a)
-        ctl(box, "port", "move", "vnet1", "isolated")
-        ctl(box, "port", "move", "vnet2", "isolated")
+        box.ctl_out("port", "move", "vnet1", "isolated")
+        box.ctl_out("port", "move", "vnet2", "isolated")
         assert a.ping("10.0.0.21"), "guests moved together still reach each other"
         assert not a.ping(FAR_HOST, timeout=4) and not b.ping(FAR_HOST, timeout=4)
-        ctl(box, "port", "move", "vnet1", "nat")
-        ctl(box, "port", "move", "vnet2", "nat")
+        box.ctl_out("port", "move", "vnet1", "nat")
+        box.ctl_out("port", "move", "vnet2", "nat")
         assert a.ping(FAR_HOST) and b.ping(FAR_HOST)
 
 
@@ -156,7 +140,7 @@ def test_downscript_removes_only_that_port(box: Sandbox, bus: PrivateBus,
         finally:
             b.stop()
         assert wait_until(lambda: "vnet2" not in sh("ip", "-o", "link", ns=box.host).stdout)
-        ports = json.loads(ctl(box, "port", "list", "--json"))
+        ports = json.loads(box.ctl_out("port", "list", "--json"))
         assert [p["ifname"] for p in ports] == ["vnet1"]
         assert a.ping("10.0.0.254") and a.ping(FAR_HOST)
         assert ip_a
@@ -206,7 +190,7 @@ def console_lease(console: Path) -> dict[str, str] | None:
 
 
 def port_names(box: Sandbox) -> set[str]:
-    return {p["ifname"] for p in json.loads(ctl(box, "port", "list", "--json"))}
+    return {p["ifname"] for p in json.loads(box.ctl_out("port", "list", "--json"))}
 
 
 def test_libvirt_domains_follow_their_lifecycle(box: Sandbox, images: tuple[str, str]) -> None:
