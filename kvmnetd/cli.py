@@ -229,7 +229,15 @@ def do_network_define(c: Client, o: argparse.Namespace) -> None:
 def do_leases(c: Client, o: argparse.Namespace) -> None:
     cols = ["mac", "ip", "hostname", "client_id", "expires"]
     rows = [dict(zip(cols, r, strict=True)) for r in c.call("Leases", o.network)]
-    emit(o, rows, lambda: table(rows, ["mac", "ip", "hostname", "expires"]))
+    # JSON keeps epoch seconds (stable); people read a local time.
+    shown = [{**r, "expires": _when(r["expires"])} for r in rows]
+    emit(o, rows, lambda: table(shown, ["mac", "ip", "hostname", "expires"]))
+
+
+def _when(epoch: int) -> str:
+    import time
+
+    return "never" if not epoch else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def do_port_list(c: Client, o: argparse.Namespace) -> None:
