@@ -26,10 +26,12 @@ class Notifier:
             addr = "\0" + addr[1:]  # abstract namespace socket
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: a supervisor that stops reading must never stall the loop.
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
             self._sock.sendto(text.encode(), addr)
         except OSError:
-            pass  # the supervisor went away; nothing useful to do
+            pass  # queue full or supervisor gone: a status line is not worth waiting for
 
     def ready(self, status: str) -> None:
         self.send(f"READY=1\nSTATUS={status}")

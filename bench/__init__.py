@@ -1,0 +1,1 @@
+"""kvmnetd benchmarks: `bench/run [--quick]` (as root) prints one JSON document."""
