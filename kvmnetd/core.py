@@ -91,6 +91,8 @@ class Core:
         nets = self.networks()
         out = []
         for ifname, netname in sorted(self.rec.last_plan.ports.items()):
+            if netname not in nets:
+                continue  # dropped by a reload; the next pass forgets it
             bridge = nets[netname].bridge
             link, br = obs.link(ifname), obs.link(bridge)
             if link is None:

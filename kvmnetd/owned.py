@@ -33,12 +33,13 @@ class Owned:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "bridges": self.bridges,
+            # Copies: a snapshot taken before a pass must not change with the record.
+            "bridges": dict(self.bridges),
             "created": sorted(self.created),
             "addresses": {k: sorted(v) for k, v in self.addresses.items() if v},
-            "ports": self.ports,
+            "ports": dict(self.ports),
             "forwarding": {str(k): v for k, v in self.forwarding.items()},
-            "uplinks": {k: vars(v) for k, v in self.uplinks.items()},
+            "uplinks": {k: dict(vars(v)) for k, v in self.uplinks.items()},
             "firewall": self.firewall,
         }
 
@@ -78,6 +79,8 @@ class Owned:
                 self.ports.pop(dev, None)
                 self.uplinks.pop(dev, None)
             case A.DeleteBridge(bridge=br):
+                # The kernel released its ports with it.
+                self.ports = {i: b for i, b in self.ports.items() if b != br}
                 self.bridges.pop(br, None)
                 self.created.discard(br)
                 self.addresses.pop(br, None)

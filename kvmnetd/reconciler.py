@@ -158,9 +158,17 @@ class Reconciler:
         for action in p.actions:
             if action.network is not None and action.network in failed:
                 continue
+            if isinstance(action, A.CreateBridge):
+                # Write ahead: a kill right after the kernel made it must not leave a
+                # bridge we would later adopt as someone else's and never delete.
+                self.owned.record(action, observed)
+                save_owned(self.owned_path, self.owned)
             try:
                 await self._apply(action, observed)
             except (KvmnetError, OSError) as e:
+                if isinstance(action, A.CreateBridge) and observed.link(action.bridge) is None:
+                    self.owned.bridges.pop(action.bridge, None)
+                    self.owned.created.discard(action.bridge)
                 port = self._port_of(action, p)
                 if port is not None:
                     # A guest's tap failing (or vanishing mid-pass) is that port's
@@ -188,8 +196,8 @@ class Reconciler:
             ok = [n for n in self.desired.active_networks()
                   if n.needs_dnsmasq and n.name not in failed and n.name not in p.problems]
             await self.dhcp.sync(ok)
+        self.last_plan = p  # before listeners run: they read ports from it
         self._update_states(p, failed)
-        self.last_plan = p
         return p, applied
 
     def _port_of(self, action: A.Action, p: Plan) -> str | None:
@@ -230,24 +238,38 @@ class Reconciler:
 
     def _forget_vanished(self, observed: ObservedState) -> None:
         # A deleted tap's binding ends with it: qemu reuses names like vnet0 for other guests.
-        for ifname in [i for i in self.owned.ports if observed.link(i) is None]:
-            del self.owned.ports[ifname]
+        for ifname, bridge in list(self.owned.ports.items()):
+            if observed.link(ifname) is None or observed.link(bridge) is None:
+                del self.owned.ports[ifname]
         gone = [i for i in self.desired.ports if observed.link(i) is None]
         if gone:
             ports = {i: n for i, n in self.desired.ports.items() if i not in gone}
             self.desired = replace(self.desired, ports=ports)
 
     def restore_ports(self) -> None:
-        """After a restart, ports we had attached stay requested (crash-only)."""
+        """After a restart, guest ports found on our bridges stay requested (crash-only).
+
+        What the kernel shows wins over the record: a kill between an attach or move
+        and the save of owned.json must not make the port unknown.
+        """
         obs = self.netlink.observed
         ports = dict(self.desired.ports)
-        by_bridge = {n.bridge: n.name for n in self.desired.networks.values()}
-        for ifname, bridge in self.owned.ports.items():
-            link, br = obs.link(ifname), obs.link(bridge)
-            if (link is not None and br is not None and link.master == br.index
-                    and bridge in by_bridge):
-                ports.setdefault(ifname, by_bridge[bridge])
+        by_index = {}
+        for net in self.desired.active_networks():
+            br = obs.link(net.bridge)
+            if br is not None:
+                by_index[br.index] = (net.name, net.bridge)
+        uplinks = {n.uplink for n in self.desired.networks.values() if n.uplink}
+        before = dict(self.owned.ports)
+        for link in obs.links.values():
+            hit = by_index.get(link.master) if link.master is not None else None
+            if hit is None or link.kind not in ("tun", "veth") or link.name in uplinks:
+                continue
+            ports.setdefault(link.name, hit[0])
+            self.owned.ports[link.name] = hit[1]
         self.desired = replace(self.desired, ports=ports)
+        if self.owned.ports != before:
+            save_owned(self.owned_path, self.owned)
 
     async def _apply(self, action: A.Action, observed: ObservedState) -> None:
         match action:
@@ -279,7 +301,10 @@ class Reconciler:
             if self.states.get(name) != st:
                 log.info("network.state", network=name, state=st.state, reason=st.reason)
                 for listener in self._listeners:
-                    listener(name, st)
+                    try:
+                        listener(name, st)
+                    except Exception:  # a listener's bug must not break the loop
+                        log.exception("reconcile.listener_failed", network=name)
         self.states = new
 
     @property

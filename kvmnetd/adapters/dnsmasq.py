@@ -60,6 +60,7 @@ class DnsmasqSupervisor:
         self._refused: dict[str, str] = {}
         self._leases = LeaseWatcher(on_event)
         self._lock = asyncio.Lock()
+        self._swept = False
 
     # -- public -----------------------------------------------------------------------------
 
@@ -69,6 +70,9 @@ class DnsmasqSupervisor:
 
     async def _sync(self, networks: list[Network]) -> None:
         desired = {n.name: n for n in networks if n.needs_dnsmasq}
+        if not self._swept:
+            await self._sweep(set(desired))
+            self._swept = True
         for name in [n for n in self._nets if n not in desired]:
             await self._stop(self._nets.pop(name), remove_files=True)
             self._leases.unwatch(name)
@@ -318,6 +322,24 @@ class DnsmasqSupervisor:
             for path in (p.conf, p.hosts, p.pid, p.digest):  # the lease file stays
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+    async def _sweep(self, desired: set[str]) -> None:
+        """First sync after a start: stop our dnsmasq of networks that are gone since."""
+        try:
+            names = [f[:-5] for f in os.listdir(self.settings.run_dir) if f.endswith(".conf")]
+        except FileNotFoundError:
+            return
+        for name in sorted(set(names) - desired):
+            try:
+                paths = dnsmasq_paths(self.settings, name)
+            except InvalidArgument:
+                continue  # not a file of ours
+            for pid in pids_running(paths.conf):
+                await self._stop_stale(pid, name)
+            for path in (paths.conf, paths.hosts, paths.pid, paths.digest):  # leases stay
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            log.info("dnsmasq.swept", network=name)
 
     async def _stop_stale(self, pid: int, network: str) -> None:
         """A dnsmasq of ours (same config file) from an earlier run that we did not adopt."""

@@ -270,30 +270,7 @@ def restart_and_check(w: World, what: str, known: list[str]) -> None:
     w.box.start_daemon("--no-bus")
     if wait_until(lambda: not problems(w), timeout=1.5, interval=0.1):
         return
-    if _known_bug(w, known):
-        assert wait_until(lambda: not problems(w), timeout=10, interval=0.1), problems(w)
-        return
     raise AssertionError(f"not converged after a kill {what}: {problems(w)}")
-
-
-def _known_bug(w: World, known: list[str]) -> bool:
-    """Torn-record bugs (see the xfail tests below): note the hit, repair by hand."""
-    box = w.box
-    lk = links(box.host)
-    ours = set(BRIDGES.values())
-    extra = {n for n in lk if n in ours} - {BRIDGES[n] for n in w.declared}
-    hit = False
-    if extra and not extra & set(owned(box).get("created", [])):
-        for br in extra:
-            sh("ip", "link", "del", br, ns=box.host)
-        known.append(f"orphan bridge {sorted(extra)} (torn create)")
-        hit = True
-    listed = {p[0] for p in call(box, "ListPorts")}
-    if lk.get("pm1", {}).get("master") in ours and "pm1" not in listed:
-        sh("ip", "link", "set", "pm1", "nomaster", ns=box.host)
-        known.append("untracked pm1 (ports not saved / torn move)")
-        hit = True
-    return hit
 
 
 def setup_world(box: Sandbox) -> World:
@@ -372,11 +349,10 @@ def test_random_kill9_then_restart_converges(box: Sandbox) -> None:
         w.explicit = ports.get("pm1")
     took = time.monotonic() - t0
     print(f"CRASH kills={KILLS} by_moment={counts} seconds={took:.1f} "
-          f"known_bug_hits={len(known)} {known}")
+          f"problems={len(known)} {known}")
     # The guest asks again and gets the same address: dnsmasq still knows it.
     assert box.dhcp(w.guest).get("ip") == w.guest_ip
-    if known:
-        pytest.xfail(f"known torn-record bugs hit {len(known)} times: {known}")
+    assert not known
 
 
 def test_nat_guest_pings_through_kill9_and_restarts(box: Sandbox) -> None:
@@ -426,18 +402,16 @@ def _started(box: Sandbox, text: str) -> None:
     box.start_daemon("--no-bus")
 
 
-@pytest.mark.xfail(strict=True, reason="torn create: a bridge made but not yet recorded is "
-                   "adopted on restart, so removing its network later leaves it behind")
 def test_bridge_created_before_a_kill_is_removed_with_its_network(box: Sandbox) -> None:
     base = _nat("1h") + RULES
     _started(box, base)
-    before = (box.run_dir / "owned.json").read_text()
     box.write_config(base + ISO)
     assert box.daemon is not None
     box.daemon.send_signal(signal.SIGHUP)
     assert wait_until(lambda: "kviso0" in links(box.host), 5)
     kill9(box)
-    (box.run_dir / "owned.json").write_text(before)  # killed before the pass saved
+    # Written ahead: the moment the bridge exists, the record already says it is ours.
+    assert "kviso0" in owned(box).get("created", [])
     box.start_daemon("--no-bus")
     box.write_config(base)
     box.daemon.send_signal(signal.SIGHUP)
@@ -445,8 +419,6 @@ def test_bridge_created_before_a_kill_is_removed_with_its_network(box: Sandbox) 
         "kviso0 (and 10.71.0.1/24 on it) outlived network iso"
 
 
-@pytest.mark.xfail(strict=True, reason="Owned.to_json returns its live ports dict, so a pass "
-                   "that only attaches a port never saves owned.json; a restart forgets it")
 def test_port_attached_through_the_api_survives_a_restart(box: Sandbox) -> None:
     _started(box, _nat("1h") + RULES)
     box.guest("pm1")
@@ -457,8 +429,6 @@ def test_port_attached_through_the_api_survives_a_restart(box: Sandbox) -> None:
     assert ["pm1", "nat", "attached"] in call(box, "ListPorts")
 
 
-@pytest.mark.xfail(strict=True, reason="torn move: a port moved but not yet recorded is not "
-                   "restored on restart; it stays on the new bridge unknown to the daemon")
 def test_port_moved_before_a_kill_stays_known(box: Sandbox) -> None:
     _started(box, _nat("1h") + ISO + RULES)
     box.guest("pm1")
@@ -472,8 +442,6 @@ def test_port_moved_before_a_kill_stays_known(box: Sandbox) -> None:
     assert ["pm1", "iso", "attached"] in call(box, "ListPorts")
 
 
-@pytest.mark.xfail(strict=True, reason="a dnsmasq left running for a network that is gone "
-                   "from the config at restart is never stopped")
 def test_restart_without_a_dhcp_network_stops_its_dnsmasq(box: Sandbox) -> None:
     _started(box, ISO + DH)
     assert wait_until(lambda: our_dnsmasqs(box).get("dh"), 5)
@@ -484,9 +452,6 @@ def test_restart_without_a_dhcp_network_stops_its_dnsmasq(box: Sandbox) -> None:
         f"dnsmasq {our_dnsmasqs(box)['dh']} still serves the removed network dh"
 
 
-@pytest.mark.xfail(strict=True, reason="a reload that drops a network with ports while another "
-                   "network changes state leaves Core.list_ports reading the old plan: KeyError "
-                   "in every pass, ListPorts and ListNetworks fail until a restart")
 def test_reload_dropping_a_network_with_ports_keeps_the_api_working(box: Sandbox) -> None:
     box.guest("pr1")
     box.guest("pi1")
