@@ -7,11 +7,12 @@ foreign bridge, address, route or table is never changed.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
 from . import actions as A
-from .model import DesiredState, Mode, Network
+from .model import AttachRule, DesiredState, Mode, Network
 from .observed import IPInterface, Link, ObservedState, Route
 from .owned import Owned
 from .render.nft import fingerprint, render_ruleset
@@ -147,11 +148,18 @@ def wanted_ports(desired: DesiredState, observed: ObservedState) -> dict[str, st
         master = observed.name_of(link.master)
         if master is not None and master not in ours:
             continue
-        for rule in desired.rules:
-            if rule.network in desired.active and rule_matches(rule.ifname, rule.mac, link):
-                ports[link.name] = rule.network
+        for net in _rule_networks(desired.rules, link.name, link.mac):
+            if net in desired.active:  # the first matching rule whose network is up
+                ports[link.name] = net
                 break
     return ports
+
+
+@functools.lru_cache(maxsize=8192)
+def _rule_networks(rules: tuple[AttachRule, ...], ifname: str, mac: str) -> tuple[str, ...]:
+    # Every pass asks again for every tap: match the globs once per (rules, tap).
+    link = Link(index=0, name=ifname, kind="tun", mac=mac)
+    return tuple(r.network for r in rules if rule_matches(r.ifname, r.mac, link))
 
 
 def rule_matches(ifname_glob: str | None, mac_glob: str | None, link: Link) -> bool:

@@ -155,40 +155,10 @@ class Reconciler:
         failed: dict[str, str] = {}
         applied = 0
         before = self.owned.to_json()
-        for action in p.actions:
-            if action.network is not None and action.network in failed:
-                continue
-            if isinstance(action, A.CreateBridge):
-                # Write ahead: a kill right after the kernel made it must not leave a
-                # bridge we would later adopt as someone else's and never delete.
-                self.owned.record(action, observed)
-                save_owned(self.owned_path, self.owned)
-            try:
-                await self._apply(action, observed)
-            except (KvmnetError, OSError) as e:
-                if isinstance(action, A.CreateBridge) and observed.link(action.bridge) is None:
-                    self.owned.bridges.pop(action.bridge, None)
-                    self.owned.created.discard(action.bridge)
-                port = self._port_of(action, p)
-                if port is not None:
-                    # A guest's tap failing (or vanishing mid-pass) is that port's
-                    # problem, never its network's.
-                    if not isinstance(e, NoSuchPort):
-                        self.port_errors[port] = str(e)
-                        log.warning("reconcile.port_failed", network=action.network,
-                                    ifname=port, error=str(e))
-                    continue
-                log.warning("reconcile.action_failed", network=action.network,
-                            action=type(action).__name__, error=str(e))
-                if action.network is not None:
-                    failed[action.network] = str(e)
-                continue
-            if isinstance(action, A.Enslave | A.SetUp | A.Release):
-                self.port_errors.pop(action.ifname, None)
-            applied += 1
-            self.owned.record(action, observed)
-            log.info("reconcile.applied", network=action.network, ifname=_device(action),
-                     action=_describe(action))
+        for batch in self._batches(p):
+            for action, err in zip(batch, await self._apply_batch(batch, observed, failed),
+                                   strict=True):
+                applied += self._settle(action, err, p, observed, failed)
         applied += await self._coexist(p, failed)
         if self.owned.to_json() != before:
             save_owned(self.owned_path, self.owned)
@@ -199,6 +169,71 @@ class Reconciler:
         self.last_plan = p  # before listeners run: they read ports from it
         self._update_states(p, failed)
         return p, applied
+
+    def _batches(self, p: Plan) -> list[list[A.Action]]:
+        """Runs of guest-port actions go together (pipelined); everything else alone, in order."""
+        out: list[list[A.Action]] = []
+        for action in p.actions:
+            if (out and self._port_of(action, p) is not None
+                    and self._port_of(out[-1][-1], p) is not None):
+                out[-1].append(action)
+            else:
+                out.append([action])
+        return out
+
+    async def _apply_batch(self, batch: list[A.Action], observed: ObservedState,
+                           failed: dict[str, str]) -> list[BaseException | None]:
+        # A failure is settled after each batch; other actions are batches of one, so
+        # a network that failed earlier in this pass is skipped here.
+        todo = [a for a in batch if a.network is None or a.network not in failed]
+        results: dict[int, BaseException | None] = {}
+        many = getattr(self.netlink, "apply_many", None)
+        if len(todo) > 1 and many is not None:
+            for action, err in zip(todo, await many(todo), strict=True):
+                results[id(action)] = err
+        else:
+            for action in todo:
+                if isinstance(action, A.CreateBridge):
+                    # Write ahead: a kill right after the kernel made it must not leave a
+                    # bridge we would later adopt as someone else's and never delete.
+                    self.owned.record(action, observed)
+                    save_owned(self.owned_path, self.owned)
+                try:
+                    await self._apply(action, observed)
+                    results[id(action)] = None
+                except (KvmnetError, OSError) as e:
+                    results[id(action)] = e
+        return [results.get(id(a), _SKIPPED) for a in batch]
+
+    def _settle(self, action: A.Action, err: BaseException | None, p: Plan,
+                observed: ObservedState, failed: dict[str, str]) -> int:
+        """Record one action's outcome; 1 if it changed the system."""
+        if err is _SKIPPED:
+            return 0
+        if err is None:
+            if isinstance(action, A.Enslave | A.SetUp | A.Release):
+                self.port_errors.pop(action.ifname, None)
+            self.owned.record(action, observed)
+            log.info("reconcile.applied", network=action.network, ifname=_device(action),
+                     action=_describe(action))
+            return 1
+        if isinstance(action, A.CreateBridge) and observed.link(action.bridge) is None:
+            self.owned.bridges.pop(action.bridge, None)
+            self.owned.created.discard(action.bridge)
+        port = self._port_of(action, p)
+        if port is not None:
+            # A guest's tap failing (or vanishing mid-pass) is that port's problem,
+            # never its network's.
+            if not isinstance(err, NoSuchPort):
+                self.port_errors[port] = str(err)
+                log.warning("reconcile.port_failed", network=action.network, ifname=port,
+                            error=str(err))
+            return 0
+        log.warning("reconcile.action_failed", network=action.network,
+                    action=type(action).__name__, error=str(err))
+        if action.network is not None:
+            failed[action.network] = str(err)
+        return 0
 
     def _port_of(self, action: A.Action, p: Plan) -> str | None:
         """The guest port an action is about, if it is one (not a bridge, not an uplink)."""
@@ -311,6 +346,9 @@ class Reconciler:
     def writes(self) -> int:
         extra = self.coexist.writes if self.coexist is not None else 0
         return self.netlink.writes + self.firewall.writes + self.sysctl.writes + extra
+
+
+_SKIPPED = KvmnetError("skipped: its network failed earlier in this pass")
 
 
 def _device(action: A.Action) -> str | None:

@@ -7,6 +7,7 @@ or comma must never turn into an extra option.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import os.path
@@ -232,4 +233,10 @@ def config_digest(net: Network, paths: DnsmasqPaths | None = None) -> tuple[str,
     reload digest only a rewritten hosts file and SIGHUP (leases stay)."""
     if paths is None:
         paths = dnsmasq_paths(Settings(), net.name)
+    return _config_digest(net, paths)
+
+
+@functools.lru_cache(maxsize=256)
+def _config_digest(net: Network, paths: DnsmasqPaths) -> tuple[str, str]:
+    # Every pass asks again for unchanged, frozen networks: render once per change.
     return _sha(render_config(net, paths)), _sha(render_hosts(net))

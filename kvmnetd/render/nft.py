@@ -17,6 +17,7 @@ forward hook, so every forward rule set first lets bridge-local traffic through
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -163,7 +164,13 @@ def _digest(table: str, body: list[str]) -> str:
 
 def fingerprint(networks: list[Network], table: str = "kvmnetd") -> str:
     """Short sha256 of the table body; it is also written into the table's comment."""
-    return _digest(_check_table(table), _body(networks))
+    return _fingerprint(tuple(networks), table)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(networks: tuple[Network, ...], table: str) -> str:
+    # Called on every pass with the same frozen networks: render once per change.
+    return _digest(_check_table(table), _body(list(networks)))
 
 
 def render_ruleset(networks: list[Network], table: str = "kvmnetd") -> str:

@@ -213,3 +213,11 @@ def test_bridged_teardown_gives_uplink_back() -> None:
 ])
 def test_rule_matches(ifglob: str | None, macglob: str | None, link: Link, ok: bool) -> None:
     assert rule_matches(ifglob, macglob, link) is ok
+
+
+def test_rule_of_an_inactive_network_falls_through_to_the_next() -> None:
+    a, b = net("a", bridge="kvbr0"), net("b", bridge="kvbr1", ipv4=V4("10.0.1.1/24"))
+    rules = (AttachRule(network="a", ifname="vnet*"), AttachRule(network="b", ifname="vnet*"))
+    d = desired(a, b, rules=rules, active={"b"})
+    p = plan(d, observed(TAP), Owned())
+    assert p.ports == {"vnet0": "b"}
