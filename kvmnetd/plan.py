@@ -61,6 +61,9 @@ def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan) 
     if br is None:
         acts.append(A.CreateBridge(net.name, net.bridge, mtu=net.mtu,
                                    mac=uplink.mac if uplink else None))
+        if net.mtu is not None:
+            # Set again after creation: only then does the kernel keep it when ports join.
+            acts.append(A.SetMtu(net.name, net.bridge, net.mtu))
         if net.stp or net.forward_delay:
             acts.append(A.SetBridgeOptions(net.name, net.bridge, net.stp, net.forward_delay))
     else:

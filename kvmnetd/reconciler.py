@@ -87,6 +87,7 @@ class Reconciler:
         self._foreign: ForeignForward | None = None
         self.coexist_reports: tuple[str, ...] = ()
         self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
+        self._last_errors = 0
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
@@ -114,19 +115,26 @@ class Reconciler:
             except Exception:  # the loop must survive anything a pass throws
                 log.exception("reconcile.crashed")
 
-    async def converge(self, max_passes: int = 4) -> Plan:
-        """Run passes until one has nothing left to do (or only failures remain)."""
+    async def converge(self, max_passes: int = 4, quick: bool = False) -> Plan:
+        """Run passes until one has nothing left to do (or only failures remain).
+
+        quick (API calls): also stop after a pass that applied its whole plan cleanly.
+        """
         async with self._lock:
             p = Plan()
             for _ in range(max_passes):
                 p, applied = await self._pass()
-                if applied == 0:
+                # Nothing done, or the whole plan applied cleanly: the mirror already shows
+                # the result (writes are read back), so callers need not wait for a re-check;
+                # the events our writes cause run one in the background.
+                if applied == 0 or (quick and applied >= len(p.actions)
+                                    and not self._last_errors):
                     break
             return p
 
     async def set_desired(self, desired: DesiredState) -> Plan:
         self.desired = desired
-        return await self.converge()
+        return await self.converge(quick=True)
 
     def observe(self) -> ObservedState:
         obs = self.netlink.observed
@@ -155,10 +163,12 @@ class Reconciler:
         failed: dict[str, str] = {}
         applied = 0
         before = self.owned.to_json()
+        self._last_errors = 0
         for batch in self._batches(p):
             for action, err in zip(batch, await self._apply_batch(batch, observed, failed),
                                    strict=True):
                 applied += self._settle(action, err, p, observed, failed)
+                self._last_errors += err is not None
         applied += await self._coexist(p, failed)
         if self.owned.to_json() != before:
             save_owned(self.owned_path, self.owned)
