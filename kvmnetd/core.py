@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import os
 import pwd
@@ -272,8 +273,16 @@ class Core:
         self._listeners.append(listener)
 
     def emit(self, event: CoreEvent) -> None:
+        # After the current call has replied: signals are for watchers, not the caller.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         for listener in self._listeners:
-            listener(event)
+            if loop is not None:
+                loop.call_soon(listener, event)
+            else:
+                listener(event)
 
     # ---- checks --------------------------------------------------------------------------
 

@@ -122,6 +122,5 @@ def save_owned(path: str, owned: Owned) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(owned.to_json(), f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    # No fsync: it lives on /run (tmpfs); the rename alone keeps it whole across a kill.
     os.replace(tmp, path)

@@ -88,6 +88,7 @@ class Reconciler:
         self.coexist_reports: tuple[str, ...] = ()
         self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
         self._last_errors = 0
+        self._sysctl_known = False
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
@@ -110,7 +111,8 @@ class Reconciler:
             self._wake.clear()
             try:
                 if timed_out:
-                    self._firewall_known = False  # periodic verification re-reads the table
+                    # Periodic verification re-reads what no event reports.
+                    self._firewall_known = self._sysctl_known = False
                 await self.converge()
             except Exception:  # the loop must survive anything a pass throws
                 log.exception("reconcile.crashed")
@@ -138,10 +140,12 @@ class Reconciler:
 
     def observe(self) -> ObservedState:
         obs = self.netlink.observed
-        for fam in (4, 6):
-            value = self.sysctl.forwarding(fam)
-            if value is not None:
-                obs.forwarding[fam] = value
+        if not self._sysctl_known:  # first pass, periodic verification, after our writes
+            for fam in (4, 6):
+                value = self.sysctl.forwarding(fam)
+                if value is not None:
+                    obs.forwarding[fam] = value
+            self._sysctl_known = True
         obs.firewall = self._firewall_seen
         return obs
 
@@ -325,6 +329,7 @@ class Reconciler:
                 self._firewall_known = False
                 await self.firewall.remove()
             case A.SetForwarding(family=fam, enabled=on):
+                self._sysctl_known = False
                 self.sysctl.set_forwarding(fam, on)
             case A.DeleteBridge(bridge=br) if observed.link(br) is None:
                 pass  # already gone: only our record is left to drop
