@@ -36,6 +36,25 @@ def load_config(config_file: str | None, networks_dir: str | None, overrides: di
     return cfg.load(config_file, networks_dir, host_routes=routes, overrides=overrides)
 
 
+def libvirt_socket(uri: str) -> str | None:
+    """The local socket a qemu:/// URI connects to, or None when it cannot be told."""
+    scheme, _, rest = uri.partition("://")
+    if "+" in scheme or not rest.startswith("/"):
+        return None  # remote or tunnelled: let libvirt find out
+    query = rest.partition("?")[2]
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == "socket" and value:
+            return value
+    if rest.startswith("/system"):
+        # The monolithic daemon's socket; the modular virtqemud has its own.
+        for path in ("/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock"):
+            if os.path.exists(path):
+                return path
+        return "/run/libvirt/libvirt-sock"
+    return None
+
+
 class Service:
     def __init__(self, config_file: str | None, networks_dir: str | None,
                  overrides: dict[str, str], no_bus: bool = False) -> None:
@@ -107,6 +126,20 @@ class Service:
         uri = self.settings.libvirt_uri
         if not uri:
             return
+        sock = libvirt_socket(uri)
+        if sock is not None and not os.path.exists(sock):
+            # libvirt-python costs ~12 MB once imported: wait for libvirtd to exist first.
+            log.info("libvirt.waiting", uri=uri, socket=sock)
+            self.spawn(self._libvirt_when_present(uri, sock))
+            return
+        await self._start_libvirt(uri)
+
+    async def _libvirt_when_present(self, uri: str, sock: str) -> None:
+        while not os.path.exists(sock):
+            await asyncio.sleep(2.0)
+        await self._start_libvirt(uri)
+
+    async def _start_libvirt(self, uri: str) -> None:
         from .adapters.libvirt import LibvirtWatcher
 
         def on_event(ev: Any) -> None:
