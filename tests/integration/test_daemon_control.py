@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 
@@ -205,3 +207,18 @@ def test_a_port_of_a_foreign_bridge_needs_force(box: Sandbox) -> None:
     assert master_of(box, "vm1") == "docker0"
     box.ctl("port", "attach", "vm1", "nat", "--force")
     assert master_of(box, "vm1") == "kvnat0"
+
+
+@pytest.mark.skipif(shutil.which("dhclient") is None, reason="dhclient is not installed")
+def test_dhclient_gets_a_lease_from_the_range(box: Sandbox) -> None:
+    box.write_config(CONFIG)
+    g = box.guest("vm1", mac="52:54:00:00:00:33")
+    box.start_daemon("--no-bus")
+    box.ctl("port", "attach", "vm1", "nat")
+    lf, pf = box.tmp / "dhclient.leases", box.tmp / "dhclient.pid"
+    sh("dhclient", "-1", "-4", "-sf", "/bin/true", "-lf", str(lf), "-pf", str(pf), "eth0",
+       ns=g, timeout=30)
+    sh("dhclient", "-x", "-sf", "/bin/true", "-pf", str(pf), ns=g, check=False)
+    fixed = re.search(r"fixed-address ([0-9.]+);", lf.read_text())
+    assert fixed and fixed.group(1).startswith("10.60.0.1")
+    assert "52:54:00:00:00:33" in {x["mac"] for x in box.jctl("leases", "nat")}
