@@ -5,74 +5,95 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (
-    RTMGRP_IPV4_IFADDR,
-    RTMGRP_IPV4_ROUTE,
-    RTMGRP_IPV6_IFADDR,
-    RTMGRP_IPV6_ROUTE,
-    RTMGRP_LINK,
-)
 
 from .. import actions as act
 from ..errors import Conflict, InvalidArgument, KvmnetError, NoSuchPort
-from ..observed import Link, ObservedState, Route
-from .netlink_parse import IFA_F_NODAD, MAIN_TABLE, USER_HZ, Mirror, Msg, kernel_error, parse_link
+from ..observed import Link, ObservedState
+from . import netlink_raw as raw
+from .netlink_config import ConfigWriter
+from .netlink_mirror import Mirror
+from .netlink_parse import (
+    IFADDRMSG,
+    IFLA_EXT_MASK,
+    IFLA_MASTER,
+    IFLA_MTU,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETROUTE,
+    RTM_NEWLINK,
+    RTMSG,
+    USER_HZ,
+    LinkRec,
+    Record,
+    kernel_error,
+)
+from .netlink_raw import (
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NetlinkFailure,
+    attr_u32,
+    ifinfo,
+)
 
 log = structlog.get_logger(__name__)
 
-GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
-          | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
 STP_DELAY_RANGE = range(2, 31)  # seconds the kernel accepts while STP is on
 RESYNC_BACKOFF = 1.0
+IN_FLIGHT = 128  # requests sent before their acks are awaited: bounded by the reply buffer
+_PIPELINED = (act.Enslave, act.SetUp, act.Release, act.SetMtu)
 
 
 class NetlinkAdapter:
     def __init__(self) -> None:
         self.writes = 0  # mutating requests sent (refused ones included: they cost the same)
+        self.resyncs = 0  # full re-reads after the kernel dropped events
+        self.event_rcvbuf = raw.EVENT_RCVBUF
         self.observed = ObservedState()
         self._mirror = Mirror(self.observed)
-        self._ipr: Any = None
-        self._ev: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self._chan: raw.RequestChannel | None = None
+        self._cfg = ConfigWriter()  # bridges, addresses, routes: pyroute2's asyncio API
+        self._events: raw.EventSocket | None = None
         # While a dump runs, events wait here and are replayed after it, in order.
-        self._pending: list[Msg] | None = None
+        self._pending: list[Record] | None = None
         self._on_change: Callable[[], None] = lambda: None
         self._dump_lock = asyncio.Lock()
-        self._closed = False
+        self._resync: asyncio.Task[None] | None = None
+        self._resync_again = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self, on_change: Callable[[], None]) -> None:
         """Subscribe, dump, then follow events. Sockets live in the caller's network namespace."""
         self._on_change = on_change
-        self._closed = False
-        self._ipr = AsyncIPRoute(ext_ack=True)
-        await self._subscribe()
+        self._chan = raw.RequestChannel()
+        self._events = raw.EventSocket(self._on_records, self._overflow,
+                                       self.event_rcvbuf)
         await self._dump()
-        self._task = asyncio.create_task(self._pump(), name="netlink-events")
 
     async def refresh(self) -> None:
         await self._dump()
         self._notify()
 
     async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
+        if self._resync is not None:
+            self._resync.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for sock in (self._ev, self._ipr):
+                await self._resync
+            self._resync = None
+        for sock in (self._events, self._chan):
             if sock is not None:
                 sock.close()
-        self._ev = self._ipr = None
+        self._cfg.close()
+        self._events = self._chan = None
+
+    @property
+    def chan(self) -> raw.RequestChannel:
+        if self._chan is None:
+            raise OSError(errno.EBADF, "the netlink adapter is not open")
+        return self._chan
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -87,69 +108,79 @@ class NetlinkAdapter:
         and `ip tuntap add ... user U` sets the owner only after the creation event.
         The answer also refreshes the observed link.
         """
-        try:
-            msgs = await self._ipr.link("get", ifname=ifname)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise kernel_error(exc.code, "", f"look up {ifname}") from exc
-        for msg in msgs:
-            if self._mirror.apply(msg):
-                self._notify()
-        link = parse_link(msgs[0]) if msgs else None
+        link = await self._get(ifname)
         if link is None or link.kind != "tun":
             return None
         return link.tun_owner, link.tun_group
 
+    async def _get(self, name: str) -> Link | None:
+        """Ask the kernel; the answer also goes into the mirror."""
+        try:
+            records = await self.chan.get_link(name)
+        except NetlinkFailure as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise kernel_error(exc.code, exc.reason, f"look up {name}") from exc
+        link = None
+        for rec in records:
+            if isinstance(rec, LinkRec):
+                link = rec.link
+            if self._pending is not None:
+                self._pending.append(rec)
+            elif self._mirror.apply(rec):
+                self._notify()
+        return link
+
     # -- events ------------------------------------------------------------------------------
 
-    async def _subscribe(self) -> None:
-        ev = AsyncIPRoute(groups=GROUPS)
-        await ev.bind(GROUPS)
-        self._ev = ev
-
     async def _dump(self) -> None:
+        skip_stats = attr_u32(IFLA_EXT_MASK, raw.RTEXT_FILTER_SKIP_STATS)
         async with self._dump_lock:
             self._pending = []
             try:
-                links = [m async for m in await self._ipr.link("dump")]
-                addrs = [m async for m in await self._ipr.addr("dump")]
-                routes = [m async for m in await self._ipr.route("dump")]
-                self._mirror.load(links, addrs, routes)
+                records = await self.chan.request(RTM_GETLINK, NLM_F_DUMP, ifinfo() + skip_stats)
+                # AF_UNSPEC: every family; the decoder keeps IPv4 and IPv6.
+                records += await self.chan.request(RTM_GETADDR, NLM_F_DUMP,
+                                                   IFADDRMSG.pack(0, 0, 0, 0, 0))
+                records += await self.chan.request(RTM_GETROUTE, NLM_F_DUMP,
+                                                   RTMSG.pack(0, 0, 0, 0, 0, 0, 0, 0, 0))
+                self._mirror.load(records)
             finally:
                 # Replayed even when the dump failed: the old state plus every event stays right.
                 pending, self._pending = self._pending, None
-                for msg in pending:
-                    self._mirror.apply(msg)
+                for rec in pending:
+                    self._mirror.apply(rec)
 
-    async def _pump(self) -> None:
-        while not self._closed:
+    def _on_records(self, records: list[Record]) -> None:
+        if self._pending is not None:
+            self._pending.extend(records)
+            return
+        changed = False
+        apply = self._mirror.apply
+        for rec in records:
+            changed = apply(rec) or changed
+        if changed:
+            self._notify()
+
+    def _overflow(self) -> None:
+        log.warning("netlink events lost; re-reading all links")
+        if self._resync is not None and not self._resync.done():
+            self._resync_again = True
+            return
+        self._resync = asyncio.get_running_loop().create_task(self._resync_loop(),
+                                                              name="netlink-resync")
+
+    async def _resync_loop(self) -> None:
+        self._resync_again = True
+        while self._resync_again:
+            self._resync_again = False
+            self.resyncs += 1
             try:
-                changed = False
-                async for msg in self._ev.get():
-                    if self._pending is not None:
-                        self._pending.append(msg)
-                    else:
-                        changed = self._mirror.apply(msg) or changed
-                if changed:
-                    self._notify()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # ENOBUFS and friends: the stream has a gap
-                if self._closed:
-                    return
-                log.warning("netlink events lost; re-reading all links", error=str(exc))
-                await self._restart()
-
-    async def _restart(self) -> None:
-        with contextlib.suppress(Exception):
-            self._ev.close()
-        try:
-            await self._subscribe()
-            await self.refresh()
-        except Exception as exc:
-            log.error("netlink resync failed; retrying", error=str(exc))
-            await asyncio.sleep(RESYNC_BACKOFF)
+                await self.refresh()
+            except Exception as exc:
+                log.error("netlink resync failed; retrying", error=str(exc))
+                self._resync_again = True
+                await asyncio.sleep(RESYNC_BACKOFF)
 
     def _notify(self) -> None:
         try:
@@ -159,109 +190,114 @@ class NetlinkAdapter:
 
     # -- writes ------------------------------------------------------------------------------
 
+    async def apply_many(self, actions: Sequence[act.Action]) -> list[BaseException | None]:
+        """Apply in order; runs of port actions are sent together and their acks collected
+        after. One result per action: None, or the error apply() would have raised."""
+        results: list[BaseException | None] = [None] * len(actions)
+
+        async def one(i: int) -> None:
+            try:
+                await self.apply(actions[i])
+            except Exception as exc:
+                results[i] = exc
+
+        batch: list[int] = []
+        for i, action in enumerate(actions):
+            if isinstance(action, _PIPELINED) and len(batch) < IN_FLIGHT:
+                batch.append(i)
+                continue
+            await asyncio.gather(*(one(j) for j in batch))
+            batch = []
+            if isinstance(action, _PIPELINED):
+                batch.append(i)
+            else:
+                await one(i)
+        await asyncio.gather(*(one(j) for j in batch))
+        return results
+
     async def apply(self, action: act.Action) -> None:
+        """Apply one action. When the kernel acknowledges it, the mirror is updated from what
+        the request did: the next plan must not wait for the events."""
+        mirror = self._mirror
         match action:
             case act.CreateBridge():
                 await self._create_bridge(action)
             case act.SetBridgeOptions():
                 await self._bridge_options(action)
+                mirror.update_link(action.bridge, stp=action.stp,
+                                   forward_delay=action.forward_delay)
             case act.SetMtu(ifname=name, mtu=mtu):
-                await self._write(f"set mtu {mtu} on {name}",
-                                  self._ipr.link("set", ifname=name, mtu=mtu))
+                await self._set_link(f"set mtu {mtu} on {name}", name, attr_u32(IFLA_MTU, mtu))
+                mirror.update_link(name, mtu=mtu)
             case act.SetUp(ifname=name):
-                await self._write(f"bring up {name}",
-                                  self._ipr.link("set", ifname=name, state="up"))
+                await self._set_link(f"bring up {name}", name, up=True)
+                mirror.update_link(name, up=True)
             case act.Enslave(ifname=name, bridge=bridge):
                 what = f"attach {name} to bridge {bridge}"
                 master = await self._index(bridge, what)
                 # One request: a port moved between bridges never goes down.
-                await self._write(what, self._ipr.link("set", ifname=name, master=master,
-                                                       state="up"))
+                await self._set_link(what, name, attr_u32(IFLA_MASTER, master), up=True)
+                mirror.update_link(name, master=master, up=True)
             case act.Release(ifname=name):
-                await self._write(f"detach {name} from its bridge",
-                                  self._ipr.link("set", ifname=name, master=0))
+                await self._set_link(f"detach {name} from its bridge", name,
+                                     attr_u32(IFLA_MASTER, 0))
+                mirror.update_link(name, master=None)
             case act.AddAddress() | act.RemoveAddress():
-                await self._address(action)
+                index = await self._address(action)
+                if index is not None:
+                    mirror.set_address(index, action.address, isinstance(action, act.AddAddress))
             case act.AddRoute() | act.RemoveRoute():
+                # No mirror update: the kernel fills in proto and scope; its event is the copy.
                 await self._route(action)
             case act.DeleteBridge(bridge=name):
-                await self._delete_bridge(name)
+                index = await self._delete_bridge(name)
+                mirror.apply_deleted(index)
             case _:
                 name = type(action).__name__
                 raise InvalidArgument(f"the netlink adapter does not handle {name}")
-        await self._read_back(action)
 
-    async def _read_back(self, action: act.Action) -> None:
-        """Put what a write changed into the mirror now: the next plan must not wait for events."""
-        if isinstance(action, act.DeleteBridge):
-            index = self._mirror.by_name.get(action.bridge)
-            if index is not None:
-                self._mirror.apply_deleted(index)
-            return
-        if isinstance(action, act.AddAddress | act.RemoveAddress):
-            index = self._mirror.by_name.get(action.ifname)
-            if index is not None:
-                self._mirror.set_address(index, action.address, isinstance(action, act.AddAddress))
-            return
-        if isinstance(action, act.AddRoute | act.RemoveRoute):
-            return  # the kernel fills in proto and scope; its event is the true copy
-        name = getattr(action, "ifname", None) or getattr(action, "bridge", None)
-        if name is None:
-            return
-        with contextlib.suppress(NetlinkError):
-            for msg in await self._ipr.link("get", ifname=name):
-                self._mirror.apply(msg)
-
-    async def _write(self, what: str, request: Awaitable[Any]) -> Any:
+    async def _write(self, what: str, kind: int, flags: int, body: bytes) -> None:
         self.writes += 1
         try:
-            return await request
-        except NetlinkError as exc:
-            reason = str(exc.args[1]) if len(exc.args) > 1 else ""
-            raise kernel_error(exc.code, reason, what) from exc
+            await self.chan.request(kind, flags | NLM_F_ACK, body)
+        except NetlinkFailure as exc:
+            raise kernel_error(exc.code, exc.reason, what) from exc
 
-    async def _lookup(self, name: str) -> Link | None:
-        link = self._mirror.link(name)
-        if link is not None:
-            return link
-        try:
-            msgs = await self._ipr.link("get", ifname=name)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise kernel_error(exc.code, "", f"look up {name}") from exc
-        return parse_link(msgs[0]) if msgs else None
+    async def _set_link(self, what: str, name: str, attrs: bytes = b"",
+                        up: bool = False) -> None:
+        await self._write(what, RTM_NEWLINK, 0, raw.set_link(name, attrs, up))
 
     async def _index(self, name: str, what: str) -> int:
         index = self._mirror.by_name.get(name)
         if index is not None:
             return index
         # Not seen yet (its event may still be queued): ask the kernel.
-        link = await self._lookup(name)
+        link = await self._get(name)
         if link is None:
             raise NoSuchPort(f"{what}: there is no link named {name}")
         return link.index
+
+    async def _lookup(self, name: str) -> Link | None:
+        link = self._mirror.link(name)
+        return link if link is not None else await self._get(name)
+
+    async def _config(self, call: Awaitable[None]) -> None:
+        self.writes += 1
+        await call
 
     async def _create_bridge(self, a: act.CreateBridge) -> None:
         what = f"create bridge {a.bridge}"
         existing = self._mirror.link(a.bridge)
         if existing is not None:
             raise _exists(what, existing)
-        # STP off and no delay: a bridge without a physical port cannot loop, and a guest's
-        # port should forward at once. It stays down until SetUp.
-        spec: dict[str, Any] = {"ifname": a.bridge, "kind": "bridge",
-                                "br_stp_state": 0, "br_forward_delay": 0}
-        if a.mtu is not None:
-            spec["mtu"] = a.mtu
-        if a.mac is not None:
-            spec["address"] = a.mac
         try:
-            await self._write(what, self._ipr.link("add", **spec))
+            await self._config(self._cfg.create_bridge(what, a.bridge, a.mtu, a.mac))
         except Conflict:
-            existing = await self._lookup(a.bridge)
+            existing = await self._get(a.bridge)
             if existing is not None:
                 raise _exists(what, existing) from None
             raise
+        await self._get(a.bridge)  # its index, for the ports that follow
 
     async def _bridge_options(self, a: act.SetBridgeOptions) -> None:
         what = (f"set stp {'on' if a.stp else 'off'} and forward delay {a.forward_delay} s "
@@ -273,62 +309,45 @@ class NetlinkAdapter:
         if a.stp or a.forward_delay in STP_DELAY_RANGE:
             # The kernel applies the delay before the STP state within one request, and this
             # delay is valid under either STP state.
-            await self._write(what, self._ipr.link("set", ifname=a.bridge, kind="bridge",
-                                                   br_forward_delay=delay, br_stp_state=int(a.stp)))
+            await self._config(self._cfg.bridge_options(what, a.bridge, int(a.stp), delay))
             return
         # A delay outside 2..30 s is refused while STP is on: turn STP off first.
-        await self._write(what, self._ipr.link("set", ifname=a.bridge, kind="bridge",
-                                               br_stp_state=0))
-        await self._write(what, self._ipr.link("set", ifname=a.bridge, kind="bridge",
-                                               br_forward_delay=delay))
+        await self._config(self._cfg.bridge_options(what, a.bridge, stp=0))
+        await self._config(self._cfg.bridge_options(what, a.bridge, delay=delay))
 
-    async def _address(self, a: act.AddAddress | act.RemoveAddress) -> None:
+    async def _address(self, a: act.AddAddress | act.RemoveAddress) -> int | None:
+        """The link's index once the kernel holds the goal."""
         adding = isinstance(a, act.AddAddress)
         what = f"{'add' if adding else 'remove'} address {a.address} {'on' if adding else 'from'} "
         what += a.ifname
         index = await self._index(a.ifname, what)
-        spec: dict[str, Any] = {"index": index, "address": str(a.address.ip),
-                                "prefixlen": a.address.network.prefixlen}
-        if adding:
-            if isinstance(a.address, ipaddress.IPv4Interface):
-                if a.address.network.prefixlen < 31:
-                    spec["broadcast"] = str(a.address.network.broadcast_address)
-            else:
-                spec["flags"] = IFA_F_NODAD  # the gateway address must work at once
         try:
-            await self._write(what, self._ipr.addr("add" if adding else "del", **spec))
+            await self._config(self._cfg.address(what, index, a.address, adding))
         except KvmnetError as exc:
             # Already so (a late event made us plan it twice): the goal holds.
             code = getattr(exc.__cause__, "code", None)
             if code not in (errno.EEXIST, errno.EADDRNOTAVAIL):
                 raise
+        return index
 
     async def _route(self, a: act.AddRoute | act.RemoveRoute) -> None:
         adding = isinstance(a, act.AddRoute)
-        r: Route = a.route
+        r = a.route
         what = f"{'add' if adding else 'remove'} route {r.dst}"
         what += f" via {r.gateway}" if r.gateway else ""
         what += f" dev {a.ifname}"
         index = await self._index(a.ifname, what)
-        spec: dict[str, Any] = {"dst": str(r.dst), "oif": index, "table": MAIN_TABLE,
-                                "scope": r.scope, "proto": r.proto}
-        if r.gateway is not None:
-            spec["gateway"] = r.gateway
-        if r.priority is not None:
-            spec["priority"] = r.priority
-        if adding and r.proto == 0:
-            del spec["proto"]  # let it default to "static" rather than "unspec"
-        # replace: moving an uplink's default route onto the bridge must not fail on the old one
-        await self._write(what, self._ipr.route("replace" if adding else "del", **spec))
+        await self._config(self._cfg.route(what, index, r, adding))
 
-    async def _delete_bridge(self, name: str) -> None:
+    async def _delete_bridge(self, name: str) -> int:
         what = f"delete bridge {name}"
         link = await self._lookup(name)
         if link is None:
             raise NoSuchPort(f"{what}: there is no link named {name}")
         if link.kind != "bridge":
             raise Conflict(f"{what}: refusing, {name} is {_kind(link)}, not a bridge")
-        await self._write(what, self._ipr.link("del", index=link.index))
+        await self._config(self._cfg.delete_link(what, link.index))
+        return link.index
 
 
 def _kind(link: Link) -> str:
@@ -339,3 +358,4 @@ def _exists(what: str, link: Link) -> KvmnetError:
     if link.kind == "bridge":
         return Conflict(f"{what}: a bridge named {link.name} already exists")
     return Conflict(f"{what}: {link.name} already exists and is {_kind(link)}, not a bridge")
+

@@ -1,6 +1,7 @@
-"""Turn rtnetlink messages into observed-state records and keep a mirror current from them.
+"""Decode rtnetlink messages into observed-state records; map kernel errors to typed ones.
 
-Pure: no sockets here, so the mirror logic can be fed recorded messages.
+Pure: no sockets here, so recorded or hand-made bytes can be fed in. Only the fields the
+mirror needs are read (layouts: linux/rtnetlink.h, linux/if_link.h, linux/if_addr.h).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Iterable
-from typing import Any, TypeVar
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from ..errors import (
     Busy,
@@ -21,12 +23,16 @@ from ..errors import (
     NotSupported,
     PermissionDenied,
 )
-from ..observed import IPInterface, Link, ObservedState, Route
+from ..observed import IPInterface, IPNetwork, Link, Route
 
-RTM_NEWLINK, RTM_DELLINK = 16, 17
-RTM_NEWADDR, RTM_DELADDR = 20, 21
-RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+NLM_F_MULTI = 0x2
 NLM_F_REPLACE = 0x100
+NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200  # on NLMSG_ERROR
+NLMSGERR_ATTR_MSG = 1
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
 RTN_UNICAST = 1
@@ -34,49 +40,147 @@ RTM_F_CLONED = 0x200
 MAIN_TABLE = 254
 USER_HZ = 100  # IFLA_BR_FORWARD_DELAY is in clock_t units
 
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 4, 10, 18
+IFLA_EXT_MASK = 29
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_BR_FORWARD_DELAY, IFLA_BR_STP_STATE = 1, 5
+IFLA_TUN_OWNER, IFLA_TUN_GROUP = 1, 2
+IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
+
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+# family, dst_len, src_len, tos, table, proto, scope, type, flags
+RTMSG = struct.Struct("=BBBBBBBBI")
+NLMSGERR = struct.Struct("=i")
+_RTA = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+
 _LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
+_AF_BRIDGE = 7
 
-Msg = Any  # a pyroute2 nlmsg; untyped upstream
-
-RouteKey = tuple[Any, int, int | None]
-K = TypeVar("K")
+Buffer = bytes | bytearray | memoryview
 
 
-def msg_type(msg: Msg) -> int:
-    # pyroute2 sometimes fills 'event' with a number instead of a name; the header is reliable.
-    return int(msg["header"]["type"])
+class LinkRec(NamedTuple):
+    new: bool
+    link: Link
 
 
-def parse_link(msg: Msg) -> Link | None:
+class AddrRec(NamedTuple):
+    new: bool
+    ifindex: int
+    iface: IPInterface
+
+
+class RouteRec(NamedTuple):
+    new: bool
+    replace: bool  # NLM_F_REPLACE: an older route with the same key was swapped out silently
+    route: Route
+
+
+Record = LinkRec | AddrRec | RouteRec
+
+
+def messages(buf: Buffer, size: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(type, flags, seq, start, end) of each message in one datagram; start is past the header."""
+    off = 0
+    while off + 16 <= size:
+        length, kind, flags, seq, _ = NLMSGHDR.unpack_from(buf, off)
+        if length < 16 or off + length > size:
+            return
+        yield kind, flags, seq, off + 16, off + length
+        off += (length + 3) & ~3
+
+
+def attrs(buf: Buffer, off: int, end: int) -> dict[int, tuple[int, int]]:
+    """Attribute type -> (start, end) of its payload; the last one of a type wins."""
+    out: dict[int, tuple[int, int]] = {}
+    unpack = _RTA.unpack_from
+    while off + 4 <= end:
+        length, kind = unpack(buf, off)
+        if length < 4:
+            break
+        out[kind & _NLA_TYPE_MASK] = (off + 4, off + length)
+        off += (length + 3) & ~3
+    return out
+
+
+def decode(kind: int, flags: int, buf: Buffer, start: int, end: int) -> Record | None:
+    """One message body as a record; None for what the mirror does not follow."""
+    if kind == RTM_NEWLINK or kind == RTM_DELLINK:
+        link = decode_link(buf, start, end)
+        return LinkRec(kind == RTM_NEWLINK, link) if link is not None else None
+    if kind == RTM_NEWADDR or kind == RTM_DELADDR:
+        addr = decode_addr(buf, start, end)
+        return AddrRec(kind == RTM_NEWADDR, *addr) if addr is not None else None
+    if kind == RTM_NEWROUTE or kind == RTM_DELROUTE:
+        route = decode_route(buf, start, end)
+        if route is None:
+            return None
+        return RouteRec(kind == RTM_NEWROUTE, bool(flags & NLM_F_REPLACE), route)
+    return None
+
+
+def decode_all(buf: Buffer, size: int) -> list[Record]:
+    out = []
+    for kind, flags, _, start, end in messages(buf, size):
+        rec = decode(kind, flags, buf, start, end)
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+def _u32(buf: Buffer, span: tuple[int, int] | None) -> int | None:
+    return _U32.unpack_from(buf, span[0])[0] if span is not None else None
+
+
+def _str(buf: Buffer, span: tuple[int, int]) -> str:
+    return bytes(buf[span[0]:span[1]]).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def decode_link(buf: Buffer, start: int, end: int) -> Link | None:
+    if end - start < IFINFOMSG.size:
+        return None
+    family, _, index, ifflags, _ = IFINFOMSG.unpack_from(buf, start)
     # AF_BRIDGE copies (family 7) describe a port's bridge view, not the device; a port's
     # release even comes as an AF_BRIDGE RTM_DELLINK while the device lives on.
-    if msg.get("family", 0) != socket.AF_UNSPEC:
+    if family != socket.AF_UNSPEC:
         return None
-    name = msg.get("ifname")
+    at = attrs(buf, start + IFINFOMSG.size, end)
+    name = at.get(IFLA_IFNAME)
     if name is None:
         return None
-    info = msg.get("IFLA_LINKINFO")
-    kind = info.get("IFLA_INFO_KIND") if info is not None else None
-    data = info.get("IFLA_INFO_DATA") if info is not None else None
+    kind = None
     stp = delay = owner = group = None
-    if kind == "bridge" and data is not None:
-        state = data.get("IFLA_BR_STP_STATE")
-        stp = bool(state) if state is not None else None
-        cs = data.get("IFLA_BR_FORWARD_DELAY")
-        # Jiffies to clock_t can lose one tick (15 s reads as 1499).
-        delay = round(cs / USER_HZ) if cs is not None else None
-    elif kind == "tun" and data is not None:
-        owner = data.get("IFLA_TUN_OWNER")
-        group = data.get("IFLA_TUN_GROUP")
-    master = msg.get("master") or None
+    info = at.get(IFLA_LINKINFO)
+    if info is not None:
+        sub = attrs(buf, *info)
+        if IFLA_INFO_KIND in sub:
+            kind = _str(buf, sub[IFLA_INFO_KIND])
+        data = sub.get(IFLA_INFO_DATA)
+        if data is not None and kind == "bridge":
+            opts = attrs(buf, *data)
+            state = _u32(buf, opts.get(IFLA_BR_STP_STATE))
+            stp = bool(state) if state is not None else None
+            cs = _u32(buf, opts.get(IFLA_BR_FORWARD_DELAY))
+            # Jiffies to clock_t can lose one tick (15 s reads as 1499).
+            delay = round(cs / USER_HZ) if cs is not None else None
+        elif data is not None and kind == "tun":
+            opts = attrs(buf, *data)
+            owner = _u32(buf, opts.get(IFLA_TUN_OWNER))
+            group = _u32(buf, opts.get(IFLA_TUN_GROUP))
+    mac = at.get(IFLA_ADDRESS)
     return Link(
-        index=int(msg["index"]),
-        name=str(name),
+        index=index,
+        name=_str(buf, name),
         kind=kind,
-        master=master,
-        up=bool(msg["flags"] & IFF_UP),
-        mtu=int(msg.get("mtu") or 0),
-        mac=str(msg.get("address") or "").lower(),
+        master=_u32(buf, at.get(IFLA_MASTER)) or None,
+        up=bool(ifflags & IFF_UP),
+        mtu=_u32(buf, at.get(IFLA_MTU)) or 0,
+        mac=bytes(buf[mac[0]:mac[1]]).hex(":") if mac is not None else "",
         stp=stp,
         forward_delay=delay,
         tun_owner=owner,
@@ -84,179 +188,81 @@ def parse_link(msg: Msg) -> Link | None:
     )
 
 
-def parse_addr(msg: Msg) -> tuple[int, IPInterface] | None:
-    family = msg.get("family")
+def decode_addr(buf: Buffer, start: int, end: int) -> tuple[int, IPInterface] | None:
+    if end - start < IFADDRMSG.size:
+        return None
+    family, prefixlen, _, _, index = IFADDRMSG.unpack_from(buf, start)
+    at = attrs(buf, start + IFADDRMSG.size, end)
+    iface: IPInterface
     if family == socket.AF_INET:
         # IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on p2p links.
-        addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        span = at.get(IFA_LOCAL) or at.get(IFA_ADDRESS)
+        if span is None or span[1] - span[0] != 4:
+            return None
+        iface = ipaddress.IPv4Interface((bytes(buf[span[0]:span[1]]), prefixlen))
     elif family == socket.AF_INET6:
-        addr = msg.get("IFA_ADDRESS")
+        span = at.get(IFA_ADDRESS)
+        if span is None or span[1] - span[0] != 16:
+            return None
+        iface = ipaddress.IPv6Interface((bytes(buf[span[0]:span[1]]), prefixlen))
+        if iface.ip in _LINK_LOCAL6:
+            return None
     else:
         return None
-    if addr is None:
-        return None
-    iface = ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}")
-    if iface.version == 6 and iface.ip in _LINK_LOCAL6:
-        return None
-    return int(msg["index"]), iface
+    return index, iface
 
 
-def parse_route(msg: Msg) -> Route | None:
-    family = msg.get("family")
-    if family not in (socket.AF_INET, socket.AF_INET6):
+def decode_route(buf: Buffer, start: int, end: int) -> Route | None:
+    if end - start < RTMSG.size:
         return None
-    table = msg.get("RTA_TABLE") or msg.get("table")
-    if table != MAIN_TABLE or msg.get("type") != RTN_UNICAST:
+    family, dst_len, _, _, table, proto, scope, rtype, rflags = RTMSG.unpack_from(buf, start)
+    if family == socket.AF_INET:
+        width = 4
+    elif family == socket.AF_INET6:
+        width = 16
+    else:
         return None
-    if msg.get("flags", 0) & RTM_F_CLONED:
+    if rtype != RTN_UNICAST or rflags & RTM_F_CLONED:
         return None
-    dst = msg.get("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
-    net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
-    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_LINK_LOCAL6):
-        return None  # the kernel adds fe80::/64 on every link; never ours
-    gateway = msg.get("RTA_GATEWAY")
+    at = attrs(buf, start + RTMSG.size, end)
+    table = _u32(buf, at.get(RTA_TABLE)) or table
+    if table != MAIN_TABLE:
+        return None
+    span = at.get(RTA_DST)
+    dst = bytes(buf[span[0]:span[1]]) if span is not None else bytes(width)
+    if len(dst) != width:
+        return None
+    net: IPNetwork
+    if width == 4:
+        net = ipaddress.IPv4Network((dst, dst_len), strict=False)
+    else:
+        net = ipaddress.IPv6Network((dst, dst_len), strict=False)
+        if net.subnet_of(_LINK_LOCAL6):
+            return None  # the kernel adds fe80::/64 on every link; never ours
+    gw = at.get(RTA_GATEWAY)
+    gateway = socket.inet_ntop(family, bytes(buf[gw[0]:gw[1]])) if gw is not None else None
     return Route(
         dst=net,
-        oif=msg.get("RTA_OIF"),
-        gateway=str(gateway) if gateway is not None else None,
+        oif=_u32(buf, at.get(RTA_OIF)),
+        gateway=gateway,
         table=MAIN_TABLE,
-        proto=int(msg.get("proto", 0)),
-        scope=int(msg.get("scope", 0)),
-        priority=msg.get("RTA_PRIORITY"),
+        proto=proto,
+        scope=scope,
+        priority=_u32(buf, at.get(RTA_PRIORITY)),
     )
 
 
-def _route_key(route: Route) -> RouteKey:
-    # What the kernel treats as the same route when NLM_F_REPLACE swaps one silently.
-    return (route.dst, route.table, route.priority)
-
-
-class Mirror:
-    """Applies rtnetlink messages to an ObservedState with O(1) work per message."""
-
-    def __init__(self, state: ObservedState) -> None:
-        self.state = state
-        self.by_name: dict[str, int] = state.by_name
-        self._by_key: dict[RouteKey, set[Route]] = {}
-        self._by_oif: dict[int | None, set[Route]] = {}
-
-    def load(self, links: Iterable[Msg], addrs: Iterable[Msg], routes: Iterable[Msg]) -> None:
-        """Replace links, addresses and routes with a dump's content (other fields untouched)."""
-        self.state.links = {}
-        self.state.addresses = {}
-        self.state.routes = set()
-        self.by_name = {}
-        self.state.by_name = self.by_name  # shared: ObservedState.link() is O(1)
-        self._by_key = {}
-        self._by_oif = {}
-        for msg in (*links, *addrs, *routes):
-            self.apply(msg)
-
-    def link(self, name: str) -> Link | None:
-        index = self.by_name.get(name)
-        return self.state.links.get(index) if index is not None else None
-
-    def apply(self, msg: Msg) -> bool:
-        """Apply one message; True when observed state changed."""
-        kind = msg_type(msg)
-        if kind == RTM_NEWLINK:
-            link = parse_link(msg)
-            return link is not None and self._put_link(link)
-        if kind == RTM_DELLINK:
-            link = parse_link(msg)
-            return link is not None and self._drop_link(link.index)
-        if kind in (RTM_NEWADDR, RTM_DELADDR):
-            parsed = parse_addr(msg)
-            if parsed is None:
-                return False
-            index, iface = parsed
-            addrs = self.state.addresses.setdefault(index, set())
-            if kind == RTM_NEWADDR:
-                if iface in addrs:
-                    return False
-                addrs.add(iface)
-                return True
-            if iface not in addrs:
-                return False
-            addrs.discard(iface)
-            if not addrs:
-                del self.state.addresses[index]
-            return True
-        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
-            route = parse_route(msg)
-            if route is None:
-                return False
-            if kind == RTM_DELROUTE:
-                return self._drop_route(route)
-            changed = False
-            if msg["header"].get("flags", 0) & NLM_F_REPLACE:
-                for old in tuple(self._by_key.get(_route_key(route), ())):
-                    changed |= old != route and self._drop_route(old)
-            return self._put_route(route) or changed
-        return False
-
-    def apply_deleted(self, index: int) -> bool:
-        return self._drop_link(index)
-
-    def set_address(self, index: int, iface: IPInterface, present: bool) -> None:
-        if iface.version == 6 and iface.ip.is_link_local:
-            return
-        addrs = self.state.addresses.setdefault(index, set())
-        if present:
-            addrs.add(iface)
-        else:
-            addrs.discard(iface)
-
-    def _put_link(self, link: Link) -> bool:
-        old = self.state.links.get(link.index)
-        if old == link:
-            return False
-        if old is not None and old.name != link.name and self.by_name.get(old.name) == link.index:
-            del self.by_name[old.name]
-        self.state.links[link.index] = link
-        self.by_name[link.name] = link.index
-        if not link.up and (old is None or old.up):
-            # The kernel flushes IPv4 routes of a downed link without RTM_DELROUTE.
-            for route in tuple(self._by_oif.get(link.index, ())):
-                if route.dst.version == 4:
-                    self._drop_route(route)
-        return True
-
-    def _drop_link(self, index: int) -> bool:
-        old = self.state.links.pop(index, None)
-        if old is None:
-            return False
-        if self.by_name.get(old.name) == index:
-            del self.by_name[old.name]
-        self.state.addresses.pop(index, None)
-        # Not every route of a deleted link is announced as deleted.
-        for route in tuple(self._by_oif.get(index, ())):
-            self._drop_route(route)
-        return True
-
-    def _put_route(self, route: Route) -> bool:
-        if route in self.state.routes:
-            return False
-        self.state.routes.add(route)
-        self._by_key.setdefault(_route_key(route), set()).add(route)
-        self._by_oif.setdefault(route.oif, set()).add(route)
-        return True
-
-    def _drop_route(self, route: Route) -> bool:
-        if route not in self.state.routes:
-            return False
-        self.state.routes.discard(route)
-        _discard(self._by_key, _route_key(route), route)
-        _discard(self._by_oif, route.oif, route)
-        return True
-
-
-def _discard(index: dict[K, set[Route]], key: K, route: Route) -> None:
-    bucket = index.get(key)
-    if bucket is not None:
-        bucket.discard(route)
-        if not bucket:
-            del index[key]
+def decode_error(buf: Buffer, flags: int, start: int, end: int) -> tuple[int, str]:
+    """(errno, extended-ack message) of an NLMSG_ERROR; errno 0 is a plain ack."""
+    code = -NLMSGERR.unpack_from(buf, start)[0]
+    reason = ""
+    if code and flags & NLM_F_ACK_TLVS and end - start >= 20:
+        inner = NLMSGHDR.unpack_from(buf, start + 4)[0]
+        tlvs = start + 4 + (16 if flags & NLM_F_CAPPED else (inner + 3) & ~3)
+        msg = attrs(buf, tlvs, end).get(NLMSGERR_ATTR_MSG)
+        if msg is not None:
+            reason = _str(buf, msg)
+    return code, reason
 
 
 _ERRORS: dict[int, type[KvmnetError]] = {

@@ -35,8 +35,11 @@ def ns() -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def opened(on_change: Callable[[], None] = lambda: None) -> AsyncIterator[NetlinkAdapter]:
+async def opened(on_change: Callable[[], None] = lambda: None,
+                 rcvbuf: int | None = None) -> AsyncIterator[NetlinkAdapter]:
     nl = NetlinkAdapter()
+    if rcvbuf is not None:
+        nl.event_rcvbuf = rcvbuf
     await nl.open(on_change)
     try:
         yield nl
@@ -137,7 +140,9 @@ async def test_enslave_move_release_keeps_port_up(ns: str) -> None:
         seen.clear()
 
         await nl.apply(act.Enslave(None, "v0", "br2"))
-        record()  # the write is read back into the mirror; events only add what differs
+        port = nl.link_by_name("v0")
+        assert port is not None and (port.master, port.up) == (br2, True)  # from the ack
+        record()
         assert await until(lambda: (p := nl.link_by_name("v0")) is not None and p.master == br2)
         assert "UP" in ip(ns, "-o", "link", "show", "v0").split("<")[1].split(">")[0].split(",")
         assert seen and all(up for _, up in seen)
@@ -312,3 +317,43 @@ async def test_events_during_refresh_are_not_lost(ns: str, nl: NetlinkAdapter) -
     names = {link.name for link in nl.observed.links.values()}
     assert {f"c{i}" for i in range(1, 40, 2)} <= names
     assert not {f"c{i}" for i in range(0, 40, 2)} & names
+
+
+async def test_apply_many_pipelines_ports_and_reports_each(ns: str, nl: NetlinkAdapter) -> None:
+    br = await bridge(nl, "br0")
+    names = [f"p{i}" for i in range(150)]
+    sh("ip", "-batch", "-", ns=ns, input="".join(f"tuntap add {n} mode tap\n" for n in names))
+    assert await until(lambda: all(nl.link_by_name(n) is not None for n in names))
+    actions: list[act.Action] = [act.Enslave(None, n, "br0") for n in names]
+    actions.insert(10, act.Enslave(None, "nosuch", "br0"))
+    actions.insert(20, act.SetMtu(None, "br0", 1400))  # pipelined too: one socket keeps order
+    actions.insert(30, act.CreateBridge(None, "br0"))  # not a port action: sent alone
+    actions.append(act.Enslave(None, "p0", "nobr"))
+    actions.append(act.Release(None, "p1"))
+    writes = nl.writes
+    results = await nl.apply_many(actions)
+    assert nl.writes == writes + len(actions) - 2  # refused before sending: br0 exists, nobr
+    failed = {i: type(e).__name__ for i, e in enumerate(results) if e is not None}
+    assert failed == {10: "NoSuchPort", 30: "Conflict", len(actions) - 2: "NoSuchPort"}
+    for n in names:  # the mirror holds what the acks said, before any event
+        link = nl.link_by_name(n)
+        assert link is not None and link.up and link.master == (None if n == "p1" else br)
+    masters = ip(ns, "-o", "link", "show", "master", "br0")
+    assert sum(f" {n}:" in masters for n in names) == len(names) - 1
+
+    async with opened() as fresh:  # the events agree with what the acks said
+        assert await until(lambda: nl.observed.links == fresh.observed.links)
+
+
+async def test_lost_events_are_recovered_by_a_resync(ns: str) -> None:
+    async with opened(rcvbuf=4096) as nl:
+        # The loop is blocked while ip runs: the small buffer overflows (ENOBUFS).
+        sh("ip", "-batch", "-", ns=ns, input="".join(
+            f"link add e{i} type veth peer name f{i}\nlink set e{i} up\n" for i in range(60)))
+        assert await until(lambda: nl.resyncs > 0)
+        assert await until(lambda: len(nl.observed.links) == 121)
+        sh("ip", "link", "del", "e0", ns=ns)
+        assert await until(lambda: nl.link_by_name("e0") is None)  # events flow again
+        async with opened() as fresh:
+            assert await until(lambda: nl.observed.links == fresh.observed.links)
+            assert nl.observed.routes == fresh.observed.routes

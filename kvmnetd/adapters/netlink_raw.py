@@ -1,0 +1,230 @@
+"""Raw rtnetlink sockets: an event subscription and a request channel that matches replies
+to requests by sequence number, so many requests can be in flight at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .netlink_parse import (
+    IFF_UP,
+    IFINFOMSG,
+    IFLA_EXT_MASK,
+    IFLA_IFNAME,
+    NLM_F_MULTI,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSGERR,
+    NLMSGHDR,
+    RTM_GETLINK,
+    Record,
+    decode,
+    decode_error,
+    messages,
+)
+
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
+GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+          | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x200, 0x400, 0x300
+SOL_NETLINK = 270
+NETLINK_CAP_ACK, NETLINK_EXT_ACK = 10, 11
+SO_RCVBUFFORCE = 33
+RTPROT_STATIC = 4
+RTEXT_FILTER_SKIP_STATS = 1 << 3  # dumps and gets: the counters are most of a link message
+
+EVENT_RCVBUF = 8 << 20
+REQUEST_RCVBUF = 4 << 20
+RECV_SIZE = 1 << 17  # a dump datagram is at most 32 KiB; multicast ones are single messages
+
+_RTA = struct.Struct("=HH")
+
+
+class NetlinkFailure(OSError):
+    """The kernel refused a request; `reason` is its extended ack, if it gave one."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason or errno.errorcode.get(code, str(code)))
+        self.code = code
+        self.reason = reason
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    out = _RTA.pack(4 + len(payload), kind) + payload
+    return out + bytes(-len(out) % 4)
+
+
+def attr_u32(kind: int, value: int) -> bytes:
+    return attr(kind, struct.pack("=I", value))
+
+
+def attr_str(kind: int, value: str) -> bytes:
+    return attr(kind, value.encode() + b"\0")
+
+
+def ifinfo(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
+    return IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
+
+
+def set_link(name: str, attrs: bytes = b"", up: bool = False) -> bytes:
+    # By name (index 0): the action names the device, and a stale index must not hit another.
+    flags = IFF_UP if up else 0
+    return ifinfo(0, flags, flags) + attr_str(IFLA_IFNAME, name) + attrs
+
+
+def open_socket(groups: int, rcvbuf: int) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK,
+                         socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                         socket.NETLINK_ROUTE)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:  # not root: capped by net.core.rmem_max
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, groups))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class EventSocket:
+    """The multicast groups, read from the event loop. `on_records` gets each batch decoded;
+    `on_overflow` is called when the kernel dropped events (ENOBUFS): the stream has a gap."""
+
+    def __init__(self, on_records: Callable[[list[Record]], None],
+                 on_overflow: Callable[[], None], rcvbuf: int = EVENT_RCVBUF) -> None:
+        self.sock = open_socket(GROUPS, rcvbuf)
+        self._buf = bytearray(RECV_SIZE)
+        self._on_records = on_records
+        self._on_overflow = on_overflow
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        records: list[Record] = []
+        buf = self._buf
+        # Bounded per wake-up so a flood cannot starve the rest of the loop.
+        for _ in range(256):
+            try:
+                size = self.sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self._on_overflow()
+                continue
+            for kind, flags, _, start, end in messages(buf, size):
+                rec = decode(kind, flags, buf, start, end)
+                if rec is not None:
+                    records.append(rec)
+        if records:
+            self._on_records(records)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[list[Record]]
+    records: list[Record] = field(default_factory=list)
+
+
+class RequestChannel:
+    """Requests and their replies. Each request gets its own sequence number; the kernel
+    handles a socket's requests in the order they were sent."""
+
+    def __init__(self, rcvbuf: int = REQUEST_RCVBUF) -> None:
+        self.sock = open_socket(0, rcvbuf)
+        for opt in (NETLINK_EXT_ACK, NETLINK_CAP_ACK):
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(SOL_NETLINK, opt, 1)
+        self._buf = bytearray(RECV_SIZE)
+        self._seq = itertools.count(1)
+        self._waiting: dict[int, _Waiter] = {}
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.sock.fileno(), self._readable)
+
+    async def request(self, kind: int, flags: int, body: bytes) -> list[Record]:
+        """Send one request; its reply records once acknowledged (or done, for a dump).
+        Raises NetlinkFailure when the kernel refuses it."""
+        seq = next(self._seq) & 0xFFFFFFFF
+        header = NLMSGHDR.pack(16 + len(body), kind, NLM_F_REQUEST | flags, seq, 0)
+        waiter = _Waiter(self._loop.create_future())
+        self._waiting[seq] = waiter
+        try:
+            self.sock.send(header + body)
+            return await waiter.future
+        finally:
+            del self._waiting[seq]
+
+    async def get_link(self, name: str) -> list[Record]:
+        body = ifinfo() + attr_str(IFLA_IFNAME, name)
+        return await self.request(RTM_GETLINK, 0,
+                                  body + attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS))
+
+    def _readable(self) -> None:
+        buf = self._buf
+        for _ in range(256):
+            try:
+                size = self.sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # Replies were dropped: nobody can tell whose, so every waiter fails.
+                for waiter in self._waiting.values():
+                    if not waiter.future.done():
+                        waiter.future.set_exception(OSError(exc.errno, exc.strerror))
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                continue
+            for kind, flags, seq, start, end in messages(buf, size):
+                self._reply(buf, kind, flags, seq, start, end)
+
+    def _reply(self, buf: bytearray, kind: int, flags: int, seq: int, start: int,
+               end: int) -> None:
+        waiter = self._waiting.get(seq)
+        if waiter is None or waiter.future.done():
+            return  # its requester was cancelled
+        if kind == NLMSG_ERROR:
+            code, reason = decode_error(buf, flags, start, end)
+            if code:
+                waiter.future.set_exception(NetlinkFailure(code, reason))
+            else:
+                waiter.future.set_result(waiter.records)
+        elif kind == NLMSG_DONE:
+            code = -NLMSGERR.unpack_from(buf, start)[0] if end - start >= 4 else 0
+            if code > 0:
+                waiter.future.set_exception(NetlinkFailure(code))
+            else:
+                waiter.future.set_result(waiter.records)
+        else:
+            rec = decode(kind, flags, buf, start, end)
+            if rec is not None:
+                waiter.records.append(rec)
+            if not flags & NLM_F_MULTI:
+                waiter.future.set_result(waiter.records)  # a get's single answer
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for waiter in self._waiting.values():
+            if not waiter.future.done():
+                waiter.future.set_exception(OSError(errno.EBADF, "netlink socket closed"))
