@@ -179,6 +179,13 @@ class Reconciler:
         if self.dhcp is not None:
             ok = [n for n in self.desired.active_networks()
                   if n.needs_dnsmasq and n.name not in failed and n.name not in p.problems]
+            # A bridge made anew this pass: a dnsmasq still bound to the old one is replaced
+            # (a new network has none yet; sync starts it).
+            restart = getattr(self.dhcp, "restart", None)
+            made = {a.network for a in p.actions if isinstance(a, A.CreateBridge)}
+            for net in ok:
+                if restart is not None and net.name in made:
+                    await restart(net.name)
             await self.dhcp.sync(ok)
         self.last_plan = p  # before listeners run: they read ports from it
         self._update_states(p, failed)

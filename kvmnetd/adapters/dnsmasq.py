@@ -115,6 +115,16 @@ class DnsmasqSupervisor:
                 st.crashes.clear()
                 await self._start(st, check=True)
 
+    async def restart(self, network: str) -> None:
+        """Its bridge was made anew: a dnsmasq bound to the old one serves nobody."""
+        async with self._lock:
+            st = self._nets.get(network)
+            if st is not None and st.proc is not None and st.proc.alive:
+                log.info("dnsmasq.rebind", network=network, pid=st.proc.pid)
+                await self._stop(st, remove_files=False)
+                st.crashes.clear()
+                await self._start(st, check=True)
+
     async def close(self, stop_children: bool = False) -> None:
         """By default dnsmasq keeps running: guests keep DHCP/DNS while the daemon restarts."""
         await self._leases.close()
