@@ -161,12 +161,12 @@ class Reconciler:
                 self._firewall_known = False
                 raise
         observed = self.observe()
+        before = self.owned.to_json()  # adoption and forgetting below are changes to save too
         self._adopt(observed)
         self._forget_vanished(observed)
         p = plan(self.desired, observed, self.owned, self.table)
         failed: dict[str, str] = {}
         applied = 0
-        before = self.owned.to_json()
         self._last_errors = 0
         for batch in self._batches(p):
             for action, err in zip(batch, await self._apply_batch(batch, observed, failed),

@@ -93,3 +93,14 @@ async def test_a_failing_port_never_fails_its_network(tmp_path: Path) -> None:
     assert "refused" in rec.port_errors["vnet0"]
     vnet1 = nl.observed.link("vnet1")
     assert vnet1 is not None and vnet1.master is not None
+
+
+async def test_forgetting_a_vanished_tap_is_saved(tmp_path: Path) -> None:
+    tap = Link(index=5, name="vnet0", kind="tun", up=True)
+    rec, nl, _, _ = make(tmp_path, tap)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       ports={"vnet0": "nat"}))
+    assert "vnet0" in load_owned(str(tmp_path / "owned.json")).ports
+    del nl.observed.links[5]
+    await rec.converge()
+    assert "vnet0" not in load_owned(str(tmp_path / "owned.json")).ports
