@@ -50,6 +50,7 @@ class Core:
         self.stopped: set[str] = set()
         self._listeners: list[Callable[[CoreEvent], None]] = []
         self._attached: dict[str, str] = {}
+        self._ports_cache: tuple[tuple[int, int], list[PortStatus]] | None = None
         reconciler.on_state(self._state_changed)
 
     # ---- desired state -------------------------------------------------------------------
@@ -88,6 +89,15 @@ class Core:
                              autostart=net.autostart)
 
     def list_ports(self) -> list[PortStatus]:
+        # Asked once per network by status refreshes: compute once per pass.
+        key = (self.rec.completed, len(self.rec.netlink.observed.links))
+        if self._ports_cache is not None and self._ports_cache[0] == key:
+            return self._ports_cache[1]
+        ports = self._list_ports()
+        self._ports_cache = (key, ports)
+        return ports
+
+    def _list_ports(self) -> list[PortStatus]:
         obs = self.rec.netlink.observed
         nets = self.networks()
         out = []

@@ -77,6 +77,7 @@ class Reconciler:
         self.states: dict[str, NetState] = {}
         self.last_plan = Plan()
         self.passes = 0
+        self.completed = 0  # passes finished: what readers of the results key caches on
         self._firewall_seen: str | None = None
         self._firewall_known = False
         self._wake = asyncio.Event()
@@ -188,6 +189,7 @@ class Reconciler:
                     await restart(net.name)
             await self.dhcp.sync(ok)
         self.last_plan = p  # before listeners run: they read ports from it
+        self.completed += 1
         self._update_states(p, failed)
         return p, applied
 
