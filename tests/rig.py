@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -217,6 +218,16 @@ class Sandbox:
 
     def jctl(self, *args: str) -> Any:
         return json.loads(self.ctl(*args, "--json").stdout)
+
+    def master_of(self, ifname: str) -> str | None:
+        """The bridge `ifname` is enslaved to in the host namespace (None: none, or no such)."""
+        out = sh("ip", "-o", "link", "show", ifname, ns=self.host, check=False).stdout
+        m = re.search(r" master (\S+)", out)
+        return m.group(1) if m else None
+
+    def link_table(self) -> list[tuple[int, str, str | None]]:
+        links = json.loads(sh("ip", "-j", "link", ns=self.host).stdout)
+        return [(lk["ifindex"], lk["ifname"], lk.get("master")) for lk in links]
 
     def nft(self) -> str:
         return sh("nft", "list", "ruleset", ns=self.host).stdout

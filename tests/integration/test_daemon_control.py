@@ -51,9 +51,6 @@ BUS = "org.kvmnetd.Kvmnetd1"
 PATH = "/org/kvmnetd/Kvmnetd1"
 
 
-def master_of(box: Sandbox, ifname: str) -> str | None:
-    link = json.loads(sh("ip", "-j", "link", "show", ifname, ns=box.host).stdout)[0]
-    return link.get("master")
 
 
 def test_every_verb_against_the_real_daemon(box: Sandbox, bus: PrivateBus) -> None:
@@ -73,7 +70,7 @@ def test_every_verb_against_the_real_daemon(box: Sandbox, bus: PrivateBus) -> No
 
     box.ctl("port", "attach", "vm1", "nat")
     box.ctl("port", "attach", "vm2", "nat")
-    assert master_of(box, "vm1") == "kvnat0"
+    assert box.master_of("vm1") == "kvnat0"
     ports = box.jctl("port", "list")
     assert isinstance(ports, list)
     assert {(p["ifname"], p["network"]) for p in ports} == {("vm1", "nat"), ("vm2", "nat")}
@@ -92,7 +89,7 @@ def test_every_verb_against_the_real_daemon(box: Sandbox, bus: PrivateBus) -> No
     # The article's experiment: move both ports to the isolated network, live.
     box.ctl("port", "move", "vm1", "iso")
     box.ctl("port", "move", "vm2", "iso")
-    assert master_of(box, "vm1") == "kviso0"
+    assert box.master_of("vm1") == "kviso0"
     assert ping(g1, lease2["ip"]), "guests on one isolated network must reach each other"
     assert not ping(g1, FAR_HOST)
     box.ctl("port", "move", "vm1", "nat")
@@ -100,7 +97,7 @@ def test_every_verb_against_the_real_daemon(box: Sandbox, bus: PrivateBus) -> No
     assert ping(g1, FAR_HOST)
 
     box.ctl("port", "detach", "vm2")
-    assert master_of(box, "vm2") is None
+    assert box.master_of("vm2") is None
 
     # define (persistent) / start / stop / undefine; a runtime-only define writes nothing.
     extra = box.tmp / "extra.toml"
@@ -137,7 +134,7 @@ def test_busctl_and_gdbus_drive_the_real_daemon(box: Sandbox, bus: PrivateBus) -
     env_addr = f"--address={bus.address}"
     r = sh("busctl", env_addr, "call", BUS, PATH, f"{BUS}.Manager", "AttachPort", "ssb",
            "vm1", "iso", "false", ns=box.host)
-    assert master_of(box, "vm1") == "kviso0"
+    assert box.master_of("vm1") == "kviso0"
     r = sh("gdbus", "call", "--address", bus.address, "--dest", BUS, "--object-path", PATH,
            "--method", f"{BUS}.Manager.ListPorts", ns=box.host)
     assert "vm1" in r.stdout and "iso" in r.stdout
@@ -164,7 +161,7 @@ def test_unprivileged_caller(box: Sandbox) -> None:
     r = box.ctl("port", "attach", "tapr", "iso", user="nobody", check=False)
     assert r.returncode == 1, "tapr belongs to root"
     box.ctl("port", "attach", "tapn", "iso", user="nobody")
-    assert master_of(box, "tapn") == "kviso0"
+    assert box.master_of("tapn") == "kviso0"
 
 
 def test_doctor_explains_a_foreign_forward_drop(box: Sandbox) -> None:
@@ -204,9 +201,9 @@ def test_a_port_of_a_foreign_bridge_needs_force(box: Sandbox) -> None:
     box.start_daemon("--no-bus")
     r = box.ctl("port", "attach", "vm1", "nat", check=False)
     assert r.returncode == 1 and "docker0" in r.stderr and "force" in r.stderr
-    assert master_of(box, "vm1") == "docker0"
+    assert box.master_of("vm1") == "docker0"
     box.ctl("port", "attach", "vm1", "nat", "--force")
-    assert master_of(box, "vm1") == "kvnat0"
+    assert box.master_of("vm1") == "kvnat0"
 
 
 @pytest.mark.skipif(shutil.which("dhclient") is None, reason="dhclient is not installed")

@@ -53,15 +53,8 @@ def config(host_access: bool = False) -> str:
     return BASE.format(host_access="true" if host_access else "false")
 
 
-def master_of(box: Sandbox, ifname: str) -> str | None:
-    out = sh("ip", "-o", "link", "show", ifname, ns=box.host, check=False).stdout
-    m = re.search(r" master (\S+)", out)
-    return m.group(1) if m else None
 
 
-def link_table(box: Sandbox) -> list[tuple[int, str, str | None]]:
-    links = json.loads(sh("ip", "-j", "link", ns=box.host).stdout)
-    return [(lk["ifindex"], lk["ifname"], lk.get("master")) for lk in links]
 
 
 def writes_at_ready(box: Sandbox) -> list[int]:
@@ -74,7 +67,7 @@ def test_nat_guests_reach_each_other_and_upstream_through_masquerade(box: Sandbo
     g1 = box.guest("pn1", "10.50.0.11/24", "10.50.0.1")
     g2 = box.guest("pn2", "10.50.0.12/24", "10.50.0.1")
     box.start_daemon("--no-bus")
-    assert wait_until(lambda: master_of(box, "pn1") == "kvnat0" == master_of(box, "pn2"))
+    assert wait_until(lambda: box.master_of("pn1") == "kvnat0" == box.master_of("pn2"))
     assert ping(g1, "10.50.0.12") and ping(g2, "10.50.0.11")
     assert ping(g1, "10.50.0.1")
     assert ping(g1, FAR_HOST)
@@ -87,7 +80,7 @@ def test_isolated_guests_reach_only_each_other(box: Sandbox) -> None:
     g1 = box.guest("pi1", "10.51.0.11/24", "10.51.0.1")
     g2 = box.guest("pi2", "10.51.0.12/24", "10.51.0.1")
     box.start_daemon("--no-bus")
-    assert wait_until(lambda: master_of(box, "pi2") == "kviso0")
+    assert wait_until(lambda: box.master_of("pi2") == "kviso0")
     assert ping(g1, "10.51.0.12") and ping(g2, "10.51.0.11")
     assert not ping(g1, "10.51.0.1"), "the host must not be reachable without host_access"
     assert not ping(g1, UPSTREAM_IP)
@@ -98,7 +91,7 @@ def test_isolated_host_access_opens_only_the_host(box: Sandbox) -> None:
     box.write_config(config(host_access=True))
     g1 = box.guest("pi1", "10.51.0.11/24", "10.51.0.1")
     box.start_daemon("--no-bus")
-    assert wait_until(lambda: master_of(box, "pi1") == "kviso0")
+    assert wait_until(lambda: box.master_of("pi1") == "kviso0")
     assert ping(g1, "10.51.0.1")
     assert not ping(g1, UPSTREAM_IP)
 
@@ -108,7 +101,7 @@ def test_routed_guests_keep_their_source_address(box: Sandbox) -> None:
     sh("ip", "route", "add", "10.52.0.0/24", "via", HOST_UPLINK_IP, ns=box.upstream)
     g1 = box.guest("pr1", "10.52.0.11/24", "10.52.0.1")
     box.start_daemon("--no-bus")
-    assert wait_until(lambda: master_of(box, "pr1") == "kvrt0")
+    assert wait_until(lambda: box.master_of("pr1") == "kvrt0")
     assert box.source_seen_by_upstream(g1) == "10.52.0.11"
 
 
@@ -125,19 +118,19 @@ ifname = "pb*"
 """)
     g1 = box.guest("pb1", "198.51.100.50/24", UPSTREAM_IP)
     box.start_daemon("--no-bus")
-    assert wait_until(lambda: master_of(box, "uplink0") == "kvlan0")
+    assert wait_until(lambda: box.master_of("uplink0") == "kvlan0")
     addrs = sh("ip", "-o", "addr", "show", "dev", "kvlan0", ns=box.host).stdout
     assert f"{HOST_UPLINK_IP}/24" in addrs
     assert "default via 198.51.100.2 dev kvlan0" in sh("ip", "route", ns=box.host).stdout
     assert ping(box.host, FAR_HOST), "the host lost its connectivity"
-    assert wait_until(lambda: master_of(box, "pb1") == "kvlan0")
+    assert wait_until(lambda: box.master_of("pb1") == "kvlan0")
     assert box.source_seen_by_upstream(g1) == "198.51.100.50"
     # Stopping with teardown gives the NIC its address and route back.
     box.write_config(box.config.read_text() + "\n[daemon]\nteardown_on_stop = true\n")
     box.stop_daemon()
     box.start_daemon("--no-bus")
     box.stop_daemon()
-    assert master_of(box, "uplink0") is None
+    assert box.master_of("uplink0") is None
     assert f"{HOST_UPLINK_IP}/24" in sh("ip", "-o", "addr", "show", "uplink0",
                                         ns=box.host).stdout
     assert "default via 198.51.100.2 dev uplink0" in sh("ip", "route", ns=box.host).stdout
@@ -148,14 +141,14 @@ def test_restart_on_a_right_system_writes_nothing(box: Sandbox) -> None:
     box.write_config(config())
     box.guest("pn1", "10.50.0.11/24", "10.50.0.1")
     box.start_daemon("--no-bus")
-    assert wait_until(lambda: master_of(box, "pn1") == "kvnat0")
-    links = link_table(box)
+    assert wait_until(lambda: box.master_of("pn1") == "kvnat0")
+    links = box.link_table()
     ruleset = box.nft()
     box.stop_daemon()
     box.start_daemon("--no-bus")
     assert writes_at_ready(box)[-1] == 0
     assert box.nft() == ruleset
-    assert link_table(box) == links
+    assert box.link_table() == links
 
 
 FOREIGN = """
@@ -184,14 +177,14 @@ def test_foreign_rules_are_byte_identical_after_everything(box: Sandbox) -> None
     box.write_config(config())
     box.guest("pn1", "10.50.0.11/24", "10.50.0.1")
     box.start_daemon("--no-bus")
-    assert wait_until(lambda: master_of(box, "pn1") == "kvnat0")
+    assert wait_until(lambda: box.master_of("pn1") == "kvnat0")
     assert foreign_state(box) == before
     # A reload that moves the policy (nat guests now go to the isolated network).
     box.write_config(config().replace('ifname = "pn*"', 'ifname = "zz*"')
                      .replace('ifname = "pi*"', 'ifname = "p[in]*"'))
     import signal as _signal
     box.daemon.send_signal(_signal.SIGHUP)  # type: ignore[union-attr]
-    assert wait_until(lambda: master_of(box, "pn1") == "kviso0")
+    assert wait_until(lambda: box.master_of("pn1") == "kviso0")
     assert foreign_state(box) == before
     box.write_config(box.config.read_text() + "\n[daemon]\nteardown_on_stop = true\n")
     box.daemon.send_signal(_signal.SIGHUP)  # type: ignore[union-attr]
@@ -236,7 +229,7 @@ def test_guests_get_through_dockers_forward_drop(box: Sandbox) -> None:
     i1 = box.guest("pi1", "10.51.0.11/24", "10.51.0.1")
     i2 = box.guest("pi2", "10.51.0.12/24", "10.51.0.1")
     box.start_daemon("--no-bus")
-    assert wait_until(lambda: master_of(box, "pi2") == "kviso0")
+    assert wait_until(lambda: box.master_of("pi2") == "kviso0")
     assert box.source_seen_by_upstream(g1) == HOST_UPLINK_IP
     assert ping(i1, "10.51.0.12"), "br_netfilter + FORWARD DROP must not cut isolated guests"
     assert not ping(i1, UPSTREAM_IP)
@@ -253,7 +246,7 @@ def test_coexist_off_leaves_foreign_chains_alone(box: Sandbox) -> None:
     box.write_config(config() + '\n[daemon]\ncoexist = "off"\n')
     g1 = box.guest("pn1", "10.50.0.11/24", "10.50.0.1")
     box.start_daemon("--no-bus")
-    assert wait_until(lambda: master_of(box, "pn1") == "kvnat0")
+    assert wait_until(lambda: box.master_of("pn1") == "kvnat0")
     assert iptables_state(box) == foreign
     assert box.source_seen_by_upstream(g1, timeout=0.3) is None
 
@@ -283,7 +276,7 @@ ifname = "p6*"
     info = link["linkinfo"]["info_data"]
     assert info["stp_state"] == 1 and info["forward_delay"] in (199, 200)
     assert "fd53::1/64" in sh("ip", "-6", "addr", "show", "kvsix0", ns=box.host).stdout
-    assert wait_until(lambda: master_of(box, "p61") == "kvsix0")
+    assert wait_until(lambda: box.master_of("p61") == "kvsix0")
     # STP on: the port learns for forward_delay seconds before it forwards.
     assert wait_until(lambda: sh("busybox", "ping6", "-c", "1", "-W", "1", "fd53::1", ns=g,
                                  check=False).returncode == 0, timeout=10)

@@ -9,9 +9,7 @@ generous so a loaded CI machine does not flake.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -48,15 +46,8 @@ def box(tmp_path: Path) -> Iterator[Sandbox]:
         yield b
 
 
-def master_of(box: Sandbox, ifname: str) -> str | None:
-    out = sh("ip", "-o", "link", "show", ifname, ns=box.host, check=False).stdout
-    m = re.search(r" master (\S+)", out)
-    return m.group(1) if m else None
 
 
-def link_table(box: Sandbox) -> list[tuple[int, str, str | None]]:
-    links = json.loads(sh("ip", "-j", "link", ns=box.host).stdout)
-    return [(lk["ifindex"], lk["ifname"], lk.get("master")) for lk in links]
 
 
 def table_ok(box: Sandbox) -> bool:
@@ -67,8 +58,8 @@ def table_ok(box: Sandbox) -> bool:
 def bridge_ok(box: Sandbox) -> bool:
     out = sh("ip", "-o", "addr", "show", "dev", "kvnat0", ns=box.host, check=False).stdout
     link = sh("ip", "-o", "link", "show", "kvnat0", ns=box.host, check=False).stdout
-    return (GW in out and ",UP" in link and master_of(box, "pn1") == "kvnat0"
-            and master_of(box, "pn2") == "kvnat0")
+    return (GW in out and ",UP" in link and box.master_of("pn1") == "kvnat0"
+            and box.master_of("pn2") == "kvnat0")
 
 
 def dnsmasq_pid(box: Sandbox) -> int | None:
@@ -147,7 +138,7 @@ def test_port_detached_by_hand_is_attached_again(box: Sandbox) -> None:
     g1, _ = started(box)
     heal("port-detached",
          lambda: sh("ip", "link", "set", "pn1", "nomaster", ns=box.host),
-         lambda: master_of(box, "pn1") == "kvnat0")
+         lambda: box.master_of("pn1") == "kvnat0")
     assert wait_until(lambda: ping(g1, "10.50.0.12"), 3)
 
 
@@ -169,9 +160,9 @@ def test_healing_a_fault_does_not_disturb_the_rest(box: Sandbox) -> None:
     """The table comes back without touching links or dnsmasq."""
     g1, _ = started(box)
     pid = dnsmasq_pid(box)
-    links = link_table(box)
+    links = box.link_table()
     sh("nft", "delete", "table", "inet", "kvmnetd", ns=box.host)
     assert wait_until(lambda: table_ok(box), BOUND)
     assert dnsmasq_pid(box) == pid
-    assert link_table(box) == links
+    assert box.link_table() == links
     assert ping(g1, FAR_HOST)
