@@ -18,14 +18,13 @@ from . import config as cfg
 from .errors import (
     Conflict,
     InvalidArgument,
-    KvmnetError,
     NoSuchNetwork,
     NoSuchPort,
     PermissionDenied,
 )
 from .model import DesiredState, Mode, Network
 from .reconciler import NetState, Reconciler
-from .status import ROOT, Caller, CoreEvent, DhcpStatus, Lease, NetworkStatus, PortStatus
+from .status import Caller, CoreEvent, DhcpStatus, Lease, NetworkStatus, PortStatus
 
 log = structlog.get_logger("kvmnetd.core")
 IFNAME = re.compile(r"^[^\s/:]{1,15}$")
@@ -214,28 +213,6 @@ class Core:
         ports[ifname] = net.name
         await self.apply(ports)
         self._check_attached(ifname, net)
-
-    async def domain_changed(self, name: str, uuid: str, started: bool,
-                             nics: list[Any]) -> None:
-        """A libvirt domain started or stopped: attach or detach its taps by policy."""
-        from .domains import network_for_nic
-
-        for nic in nics:
-            if not nic.tap:
-                continue
-            net = network_for_nic(nic, name, uuid, self.config.rules, self.networks())
-            if net is None:
-                continue
-            try:
-                if started:
-                    await self.attach_port(ROOT, nic.tap, net)
-                    log.info("domain.port_attached", domain=name, ifname=nic.tap, network=net)
-                elif nic.tap in {p.ifname for p in self.list_ports()}:
-                    await self.detach_port(ROOT, nic.tap)
-                    log.info("domain.port_detached", domain=name, ifname=nic.tap, network=net)
-            except KvmnetError as e:
-                log.warning("domain.port_failed", domain=name, ifname=nic.tap, network=net,
-                            error=str(e))
 
     def network_by_policy(self, ifname: str) -> str:
         """The network an [[attach]] rule gives this device, else the built-in default."""

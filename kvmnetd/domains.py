@@ -1,13 +1,23 @@
-"""Which network a libvirt domain's NIC belongs to. Pure: no libvirt here."""
+"""libvirt domains' NICs: which network each belongs to, and following their lifecycle."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import structlog
 
 from .adapters.domxml import DomainNic
+from .errors import KvmnetError
 from .model import AttachRule, Network
 from .observed import Link
 from .plan import rule_matches
+from .status import ROOT
+
+if TYPE_CHECKING:
+    from .core import Core
+
+log = structlog.get_logger("kvmnetd.domains")
 
 
 def network_for_nic(nic: DomainNic, domain: str, uuid: str, rules: Iterable[AttachRule],
@@ -28,3 +38,24 @@ def network_for_nic(nic: DomainNic, domain: str, uuid: str, rules: Iterable[Atta
             if net.bridge == nic.bridge:
                 return net.name
     return None
+
+
+async def domain_changed(core: Core, name: str, uuid: str, started: bool,
+                         nics: Iterable[DomainNic]) -> None:
+    """A domain started or stopped: attach or detach its taps, as root, by policy."""
+    for nic in nics:
+        if not nic.tap:
+            continue
+        net = network_for_nic(nic, name, uuid, core.config.rules, core.networks())
+        if net is None:
+            continue
+        try:
+            if started:
+                await core.attach_port(ROOT, nic.tap, net)
+                log.info("domain.port_attached", domain=name, ifname=nic.tap, network=net)
+            elif nic.tap in {p.ifname for p in core.list_ports()}:
+                await core.detach_port(ROOT, nic.tap)
+                log.info("domain.port_detached", domain=name, ifname=nic.tap, network=net)
+        except KvmnetError as e:
+            log.warning("domain.port_failed", domain=name, ifname=nic.tap, network=net,
+                        error=str(e))

@@ -141,9 +141,10 @@ class Service:
 
     async def _start_libvirt(self, uri: str) -> None:
         from .adapters.libvirt import LibvirtWatcher
+        from .domains import domain_changed
 
         def on_event(ev: Any) -> None:
-            self.spawn(self.core.domain_changed(ev.name, ev.uuid, ev.started, list(ev.nics)))
+            self.spawn(domain_changed(self.core, ev.name, ev.uuid, ev.started, ev.nics))
 
         self.libvirt = LibvirtWatcher(uri, on_event)
         await self.libvirt.start()

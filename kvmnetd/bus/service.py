@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
-import socket
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
-from typing import Annotated, Any, ParamSpec, TypeVar, cast
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import structlog
 from dbus_fast import Message, MessageType, Variant
@@ -19,6 +18,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus
 from ..api import CoreAPI
 from ..errors import NoSuchNetwork, PermissionDenied
 from ..status import Caller, CoreEvent, NetworkStatus
+from .connection import SteadyBus
 from .credentials import BusCallers
 from .errors import to_dbus_error
 from .names import MANAGER_IFACE, MANAGER_PATH, NETWORK_IFACE, NETWORK_PATH_PREFIX, network_path
@@ -247,44 +247,6 @@ class Manager(ServiceInterface):
     @dbus_signal()
     def LeaseRemoved(self, network: str, mac: str, ip: str, hostname: str) -> FourStr:
         return [network, mac, ip, hostname]
-
-
-class _SendWithoutEAGAIN:
-    """Socket proxy: a full send buffer means "sent 0 bytes", not an error.
-
-    dbus-fast's writer treats EAGAIN from send() as fatal and drops the connection
-    when many replies are queued; with 0 it waits for the socket to become writable.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def send(self, data: Any) -> int:
-        try:
-            return self._sock.send(data)
-        except BlockingIOError:
-            return 0
-
-    def sendmsg(self, *args: Any) -> int:
-        try:
-            return self._sock.sendmsg(*args)
-        except BlockingIOError:
-            return 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
-class SteadyBus(MessageBus):
-    """A connection that survives a full socket buffer under load."""
-
-    async def connect(self) -> SteadyBus:
-        await super().connect()
-        writer = self._writer
-        if writer is not None and writer.sock is not None \
-                and not isinstance(writer.sock, _SendWithoutEAGAIN):
-            writer.sock = cast(socket.socket, _SendWithoutEAGAIN(writer.sock))
-        return self
 
 
 class ServiceBus(SteadyBus):
