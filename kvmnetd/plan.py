@@ -145,24 +145,35 @@ def wanted_ports(desired: DesiredState, observed: ObservedState) -> dict[str, st
     if not desired.rules:
         return ports
     ours = {desired.networks[n].bridge for n in desired.active}
+    matches = _matches_for(desired.rules)
+    if len(matches) > 65536:
+        matches.clear()  # tap names churn: keep the memo bounded
     for link in observed.links.values():
         if link.name in desired.ports or link.kind not in PORT_KINDS:
             continue  # an explicit request (or explicit detach) wins over policy
         master = observed.name_of(link.master)
         if master is not None and master not in ours:
             continue
-        for net in _rule_networks(desired.rules, link.name, link.mac):
+        key = (link.name, link.mac)
+        nets = matches.get(key)
+        if nets is None:
+            nets = matches[key] = tuple(r.network for r in desired.rules
+                                        if rule_matches(r.ifname, r.mac, link))
+        for net in nets:
             if net in desired.active:  # the first matching rule whose network is up
                 ports[link.name] = net
                 break
     return ports
 
 
-@functools.lru_cache(maxsize=8192)
-def _rule_networks(rules: tuple[AttachRule, ...], ifname: str, mac: str) -> tuple[str, ...]:
-    # Every pass asks again for every tap: match the globs once per (rules, tap).
-    link = Link(index=0, name=ifname, kind="tun", mac=mac)
-    return tuple(r.network for r in rules if rule_matches(r.ifname, r.mac, link))
+@functools.lru_cache(maxsize=4)
+def _matches_for(rules: tuple[AttachRule, ...]) -> dict[tuple[str, str], tuple[str, ...]]:
+    """(tap name, MAC) -> networks whose rules match it, for one rule set.
+
+    Every pass asks again for every tap: match the globs once per tap, and hash the
+    rule set once per pass rather than once per tap.
+    """
+    return {}
 
 
 def rule_matches(ifname_glob: str | None, mac_glob: str | None, link: Link) -> bool:
