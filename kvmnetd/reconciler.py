@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -15,7 +15,7 @@ from .errors import KvmnetError, NoSuchPort
 from .model import DesiredState, Network
 from .observed import ObservedState
 from .owned import Owned, load_owned, save_owned
-from .plan import Plan, plan
+from .plan import Plan, plan, wanted_ports
 from .render.coexist import CoexistChanges, CoexistRule, ForeignForward, coexist_rules
 
 log = structlog.get_logger("kvmnetd.reconcile")
@@ -90,6 +90,7 @@ class Reconciler:
         self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
         self._last_errors = 0
         self._sysctl_known = False
+        self._known_links: set[int] = set()
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
@@ -114,9 +115,67 @@ class Reconciler:
                 if timed_out:
                     # Periodic verification re-reads what no event reports.
                     self._firewall_known = self._sysctl_known = False
+                elif await self._fast_attach():
+                    await self._settle_burst()
                 await self.converge()
             except Exception:  # the loop must survive anything a pass throws
                 log.exception("reconcile.crashed")
+
+    async def _fast_attach(self) -> int:
+        """New taps that policy puts on a running network: enslave them now, from their own
+        event, without planning everything else (O(new), not O(all)). The full pass that
+        follows finds them done."""
+        async with self._lock:
+            obs = self.netlink.observed
+            new = [obs.links[i] for i in obs.links.keys() - self._known_links]
+            self._known_links = set(obs.links)
+            if not new or not self.desired.rules:
+                return 0
+            wanted = wanted_ports(replace(self.desired, ports={}), ObservedState(
+                links={lk.index: lk for lk in new}, by_name={}))
+            actions: list[A.Action] = []
+            for link in new:
+                net = wanted.get(link.name)
+                if net is None or link.master is not None or link.name in self.desired.ports:
+                    continue
+                bridge = self.desired.networks[net].bridge
+                if obs.link(bridge) is not None:
+                    actions.append(A.Enslave(net, link.name, bridge))
+            if not actions:
+                return 0
+            many = getattr(self.netlink, "apply_many", None)
+            results = (await many(actions) if many is not None
+                       else [await self._try(self.netlink.apply(a)) for a in actions])
+            done = 0
+            for action, err in zip(actions, results, strict=True):
+                if err is None:
+                    self.owned.record(action, obs)
+                    log.info("reconcile.applied", network=action.network,
+                             ifname=_device(action), action=_describe(action), fast=True)
+                    done += 1
+            if done:
+                save_owned(self.owned_path, self.owned)
+            return done
+
+    async def _settle_burst(self, quiet: float = 0.05, most: float = 0.5) -> None:
+        """While taps keep arriving, keep attaching them; plan everything once it is quiet
+        (or after `most` seconds, so endless churn cannot starve the full pass)."""
+        deadline = asyncio.get_running_loop().time() + most
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                await asyncio.wait_for(self._wake.wait(), quiet)
+            except TimeoutError:
+                return
+            self._wake.clear()
+            await self._fast_attach()
+
+    @staticmethod
+    async def _try(call: Awaitable[None]) -> BaseException | None:
+        try:
+            await call
+        except (KvmnetError, OSError) as e:
+            return e
+        return None
 
     async def converge(self, max_passes: int = 4, quick: bool = False) -> Plan:
         """Run passes until one has nothing left to do (or only failures remain).
@@ -162,6 +221,7 @@ class Reconciler:
                 self._firewall_known = False
                 raise
         observed = self.observe()
+        self._known_links = set(observed.links)  # this pass plans every link it sees
         before = self.owned.to_json()  # adoption and forgetting below are changes to save too
         self._adopt(observed)
         self._forget_vanished(observed)
