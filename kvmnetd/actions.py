@@ -99,3 +99,15 @@ class ApplyFirewall(Action):
 @dataclass(frozen=True)
 class RemoveFirewall(Action):
     pass
+
+
+def device(action: Action) -> str | None:
+    """The device an action changes, for logs."""
+    dev = getattr(action, "ifname", None) or getattr(action, "bridge", None)
+    return dev if isinstance(dev, str) else None
+
+
+def describe(action: Action) -> str:
+    """One line for logs: the action and its fields (not the whole ruleset)."""
+    fields = {k: v for k, v in vars(action).items() if k not in ("network", "ruleset")}
+    return f"{type(action).__name__}({', '.join(f'{k}={v}' for k, v in fields.items())})"

@@ -4,54 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import structlog
 
 from . import actions as A
 from .errors import KvmnetError, NoSuchPort
-from .model import DesiredState, Network
+from .model import DesiredState
 from .observed import ObservedState
 from .owned import Owned, load_owned, save_owned
 from .plan import Plan, plan, wanted_ports
-from .render.coexist import CoexistChanges, CoexistRule, ForeignForward, coexist_rules
+from .ports import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
+from .render.coexist import ForeignForward, coexist_rules
 
 log = structlog.get_logger("kvmnetd.reconcile")
-
-
-class NetlinkPort(Protocol):
-    observed: ObservedState
-    writes: int
-
-    async def apply(self, action: A.Action) -> None: ...
-
-
-class FirewallPort(Protocol):
-    writes: int
-
-    async def observe(self) -> str | None: ...
-    async def apply(self, ruleset: str) -> None: ...
-    async def remove(self) -> None: ...
-
-
-class SysctlPort(Protocol):
-    writes: int
-
-    def forwarding(self, family: int) -> bool | None: ...
-    def set_forwarding(self, family: int, enabled: bool) -> None: ...
-
-
-class CoexistPort(Protocol):
-    writes: int
-
-    async def observe(self) -> ForeignForward: ...
-    async def apply(self, rules: tuple[CoexistRule, ...]) -> CoexistChanges: ...
-
-
-class DhcpPort(Protocol):
-    async def sync(self, networks: list[Network]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -143,15 +110,13 @@ class Reconciler:
                     actions.append(A.Enslave(net, link.name, bridge))
             if not actions:
                 return 0
-            many = getattr(self.netlink, "apply_many", None)
-            results = (await many(actions) if many is not None
-                       else [await self._try(self.netlink.apply(a)) for a in actions])
+            results = await self._apply_batch(actions, obs, {})
             done = 0
             for action, err in zip(actions, results, strict=True):
                 if err is None:
                     self.owned.record(action, obs)
                     log.info("reconcile.applied", network=action.network,
-                             ifname=_device(action), action=_describe(action), fast=True)
+                             ifname=A.device(action), action=A.describe(action), fast=True)
                     done += 1
             if done:
                 save_owned(self.owned_path, self.owned)
@@ -168,14 +133,6 @@ class Reconciler:
                 return
             self._wake.clear()
             await self._fast_attach()
-
-    @staticmethod
-    async def _try(call: Awaitable[None]) -> BaseException | None:
-        try:
-            await call
-        except (KvmnetError, OSError) as e:
-            return e
-        return None
 
     async def converge(self, max_passes: int = 4, quick: bool = False) -> Plan:
         """Run passes until one has nothing left to do (or only failures remain).
@@ -297,8 +254,8 @@ class Reconciler:
             if isinstance(action, A.Enslave | A.SetUp | A.Release):
                 self.port_errors.pop(action.ifname, None)
             self.owned.record(action, observed)
-            log.info("reconcile.applied", network=action.network, ifname=_device(action),
-                     action=_describe(action))
+            log.info("reconcile.applied", network=action.network, ifname=A.device(action),
+                     action=A.describe(action))
             return 1
         if isinstance(action, A.CreateBridge) and observed.link(action.bridge) is None:
             self.owned.bridges.pop(action.bridge, None)
@@ -433,13 +390,3 @@ class Reconciler:
 
 
 _SKIPPED = KvmnetError("skipped: its network failed earlier in this pass")
-
-
-def _device(action: A.Action) -> str | None:
-    dev = getattr(action, "ifname", None) or getattr(action, "bridge", None)
-    return dev if isinstance(dev, str) else None
-
-
-def _describe(action: A.Action) -> str:
-    fields = {k: v for k, v in vars(action).items() if k not in ("network", "ruleset")}
-    return f"{type(action).__name__}({', '.join(f'{k}={v}' for k, v in fields.items())})"

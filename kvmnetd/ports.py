@@ -1,0 +1,43 @@
+"""What the reconciler needs from each adapter. Tests fake these, never the system."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from . import actions as A
+from .model import Network
+from .observed import ObservedState
+from .render.coexist import CoexistChanges, CoexistRule, ForeignForward
+
+
+class NetlinkPort(Protocol):
+    observed: ObservedState
+    writes: int
+
+    async def apply(self, action: A.Action) -> None: ...
+
+
+class FirewallPort(Protocol):
+    writes: int
+
+    async def observe(self) -> str | None: ...
+    async def apply(self, ruleset: str) -> None: ...
+    async def remove(self) -> None: ...
+
+
+class SysctlPort(Protocol):
+    writes: int
+
+    def forwarding(self, family: int) -> bool | None: ...
+    def set_forwarding(self, family: int, enabled: bool) -> None: ...
+
+
+class CoexistPort(Protocol):
+    writes: int
+
+    async def observe(self) -> ForeignForward: ...
+    async def apply(self, rules: tuple[CoexistRule, ...]) -> CoexistChanges: ...
+
+
+class DhcpPort(Protocol):
+    async def sync(self, networks: list[Network]) -> None: ...
