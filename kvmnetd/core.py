@@ -7,7 +7,7 @@ import grp
 import os
 import pwd
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -23,12 +23,12 @@ from .errors import (
     PermissionDenied,
 )
 from .model import DesiredState, Mode, Network
+from .plan import PORT_KINDS
 from .reconciler import NetState, Reconciler
 from .status import Caller, CoreEvent, DhcpStatus, Lease, NetworkStatus, PortStatus
 
 log = structlog.get_logger("kvmnetd.core")
 IFNAME = re.compile(r"^[^\s/:]{1,15}$")
-PORT_KINDS = ("tun", "veth")
 
 
 class DhcpView(Protocol):
@@ -40,9 +40,10 @@ class Core:
     version = __version__
 
     def __init__(self, reconciler: Reconciler, config: cfg.Config,
-                 dhcp: DhcpView | None = None) -> None:
+                 dhcp: DhcpView | None = None, overrides: dict[str, str] | None = None) -> None:
         self.rec = reconciler
         self.config = config
+        self.overrides = dict(overrides or {})  # command-line settings, kept across reloads
         self.dhcp = dhcp
         self.runtime: dict[str, Network] = {}  # defined at runtime only (not on disk)
         self.started: set[str] = set()  # runtime start/stop overrides
@@ -145,8 +146,11 @@ class Core:
 
     async def define_network(self, caller: Caller, toml_text: str, persist: bool) -> str:
         self._require_admin(caller, "define networks")
-        net = cfg.parse_network_text(toml_text, "<define>", self.config,
-                                     host_routes=self._host_routes(exclude=None))
+        # Parsed twice, like the config: the new network's own bridge and uplink first.
+        first = cfg.parse_network_text(toml_text, "<define>", self.config)
+        routes = host_routes(self.rec.netlink.observed,
+                             devices_of([*self.networks().values(), first]))
+        net = cfg.parse_network_text(toml_text, "<define>", self.config, host_routes=routes)
         if net.name in self.networks():
             raise Conflict(f"network {net.name} already exists; undefine it first")
         if persist:
@@ -245,16 +249,13 @@ class Core:
     async def reload(self, caller: Caller) -> None:
         self._require_admin(caller, "reload")
         s = self.config.settings
-        new = cfg.load(s.config_file, s.networks_dir,
-                       host_routes=self._host_routes(exclude=None),
-                       overrides=self.config_overrides)
+        new = load_config(s.config_file, s.networks_dir, self.overrides,
+                          self.rec.netlink.observed)
         # Paths stay as started; behaviour settings follow the file.
         self.config = replace(new, settings=replace(
             s, teardown_on_stop=new.settings.teardown_on_stop))
         await self.apply()
         log.info("config.reloaded", networks=len(self.networks()))
-
-    config_overrides: dict[str, str] = {}
 
     def subscribe(self, listener: Callable[[CoreEvent], None]) -> None:
         self._listeners.append(listener)
@@ -342,11 +343,6 @@ class Core:
             why = self.rec.port_errors.get(ifname, "see the log")
             raise Conflict(f"{ifname} could not be attached to {net.bridge}: {why}")
 
-    def _host_routes(self, exclude: str | None) -> list[Any]:
-        ours = {n.bridge for n in self.networks().values()}
-        obs = self.rec.netlink.observed
-        return host_routes(obs, ours)
-
     # ---- events --------------------------------------------------------------------------
 
     def _state_changed(self, name: str, st: NetState) -> None:
@@ -366,10 +362,24 @@ class Core:
         self._emit_port_changes()
 
 
-def host_routes(obs: Any, our_bridges: set[str]) -> list[Any]:
-    """Routes that are the host's own, i.e. not on one of our bridges (those are ours)."""
-    ours = {obs.link(b).index for b in our_bridges if obs.link(b) is not None}
-    return [r.dst for r in obs.routes if r.oif not in ours and r.dst.prefixlen > 0]
+def host_routes(obs: Any, ours: set[str]) -> list[Any]:
+    """Routes that are the host's own: not on one of our bridges or bridged uplinks."""
+    mine = {obs.link(b).index for b in ours if obs.link(b) is not None}
+    return [r.dst for r in obs.routes if r.oif not in mine and r.dst.prefixlen > 0]
+
+
+def devices_of(networks: Iterable[Network]) -> set[str]:
+    """Our bridges and bridged uplinks: the routes on them are not the host's."""
+    nets = list(networks)
+    return {n.bridge for n in nets} | {n.uplink for n in nets if n.uplink}
+
+
+def load_config(config_file: str | None, networks_dir: str | None, overrides: dict[str, str],
+                observed: Any) -> cfg.Config:
+    """Load twice: first to learn our bridges and uplinks, whose routes are not the host's."""
+    first = cfg.load(config_file, networks_dir, host_routes=(), overrides=overrides)
+    routes = host_routes(observed, devices_of(first.networks.values()))
+    return cfg.load(config_file, networks_dir, host_routes=routes, overrides=overrides)
 
 
 def _allowed(caller: Caller, net: Network) -> bool:

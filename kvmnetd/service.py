@@ -17,23 +17,12 @@ from .adapters.nftables import NftablesAdapter
 from .adapters.nftmonitor import NftMonitor
 from .adapters.notify import Notifier
 from .adapters.sysctl import SysctlAdapter
-from .core import Core, host_routes
+from .core import Core, load_config
 from .errors import ConfigError
-from .observed import ObservedState
 from .reconciler import Reconciler
 from .status import ROOT, CoreEvent
 
 log = structlog.get_logger("kvmnetd")
-
-
-def load_config(config_file: str | None, networks_dir: str | None, overrides: dict[str, str],
-                observed: ObservedState) -> cfg.Config:
-    """Load twice: first to learn our bridges and uplinks, whose routes are not the host's."""
-    first = cfg.load(config_file, networks_dir, host_routes=(), overrides=overrides)
-    mine = {n.bridge for n in first.networks.values()}
-    mine |= {n.uplink for n in first.networks.values() if n.uplink}
-    routes = host_routes(observed, mine)
-    return cfg.load(config_file, networks_dir, host_routes=routes, overrides=overrides)
 
 
 def libvirt_socket(uri: str) -> str | None:
@@ -85,8 +74,7 @@ class Service:
                               table=s.firewall_table,
                               coexist=ForeignForwardAdapter(s.firewall_table),
                               coexist_mode=s.coexist)
-        self.core = Core(self.rec, conf, self.dhcp)
-        self.core.config_overrides = self.overrides
+        self.core = Core(self.rec, conf, self.dhcp, self.overrides)
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
         # Listen first, then observe: no ruleset change falls between.

@@ -219,3 +219,14 @@ def test_dhclient_gets_a_lease_from_the_range(box: Sandbox) -> None:
     fixed = re.search(r"fixed-address ([0-9.]+);", lf.read_text())
     assert fixed and fixed.group(1).startswith("10.60.0.1")
     assert "52:54:00:00:00:33" in {x["mac"] for x in box.jctl("leases", "nat")}
+
+
+def test_define_a_bridged_network_on_the_uplinks_subnet(box: Sandbox) -> None:
+    box.write_config(CONFIG)
+    box.start_daemon("--no-bus")
+    lan = box.tmp / "lan.toml"
+    lan.write_text('[network.lan]\nmode = "bridged"\nbridge = "kvlan0"\nuplink = "uplink0"\n'
+                   'ipv4 = "198.51.100.1/24"\n[network.lan.dns]\nenabled = false\n')
+    r = box.ctl("network", "define", str(lan), check=False)
+    assert r.returncode == 0, r.stderr  # the uplink's own route is not a foreign host route
+    assert wait_until(lambda: box.master_of("uplink0") == "kvlan0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 
 import pytest
 
@@ -125,6 +126,11 @@ ifname = "pb*"
     assert ping(box.host, FAR_HOST), "the host lost its connectivity"
     assert wait_until(lambda: box.master_of("pb1") == "kvlan0")
     assert box.source_seen_by_upstream(g1) == "198.51.100.50"
+    # A reload must not take the uplink's own subnet (now on the bridge) for a host route.
+    assert box.daemon is not None
+    box.daemon.send_signal(signal.SIGHUP)
+    box.wait_notify("READY=1")
+    assert "config.reload_refused" not in box.log.read_text()
     # Stopping with teardown gives the NIC its address and route back.
     box.write_config(box.config.read_text() + "\n[daemon]\nteardown_on_stop = true\n")
     box.stop_daemon()
