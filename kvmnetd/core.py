@@ -15,6 +15,7 @@ import structlog
 
 from . import __version__
 from . import config as cfg
+from .config_render import render_network_toml
 from .errors import (
     Conflict,
     InvalidArgument,
@@ -403,5 +404,5 @@ def _write_network_file(directory: str, net: Network) -> None:
     path = os.path.join(directory, f"{net.name}.toml")
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        f.write(cfg.render_network_toml(net))
+        f.write(render_network_toml(net))
     os.replace(tmp, path)

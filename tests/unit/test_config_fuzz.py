@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from kvmnetd import config as cfg
 from kvmnetd import validate as v
+from kvmnetd.config_render import render_network_toml
 from kvmnetd.errors import ConfigError
 from kvmnetd.model import Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network, Settings
 from kvmnetd.tomlpos import Locator
@@ -168,7 +169,7 @@ def test_toml_documents(workdir: Path, doc: dict[str, Any]) -> None:
         return
     # Whatever was accepted renders back to the same networks.
     for net in conf.networks.values():
-        assert cfg.parse_network_text(cfg.render_network_toml(net), "x", conf) == net
+        assert cfg.parse_network_text(render_network_toml(net), "x", conf) == net
 
 
 @SETTINGS
@@ -180,7 +181,7 @@ def test_single_network(net: dict[str, Any]) -> None:
     except ConfigError as e:
         assert all(i.file == "<define>" and i.line >= 1 for i in e.issues)
         return
-    assert cfg.parse_network_text(cfg.render_network_toml(parsed), "x", EMPTY) == parsed
+    assert cfg.parse_network_text(render_network_toml(parsed), "x", EMPTY) == parsed
 
 
 ROUND_TRIP = [
@@ -208,7 +209,7 @@ ROUND_TRIP = [
 
 @pytest.mark.parametrize("net", ROUND_TRIP, ids=lambda n: n.name)
 def test_render_round_trip(tmp_path: Path, net: Network) -> None:
-    text = cfg.render_network_toml(net)
+    text = render_network_toml(net)
     d = tmp_path / "networks.d"
     d.mkdir()
     (d / f"{net.name}.toml").write_text(text)
@@ -219,4 +220,4 @@ def test_render_round_trip(tmp_path: Path, net: Network) -> None:
 def test_render_example_round_trip(tmp_path: Path) -> None:
     conf = cfg.load(str(REPO / "contrib" / "kvmnetd.example.toml"), None)
     for net in conf.networks.values():
-        assert cfg.parse_network_text(cfg.render_network_toml(net), "x", conf) == net
+        assert cfg.parse_network_text(render_network_toml(net), "x", conf) == net
