@@ -7,7 +7,7 @@ import grp
 import os
 import pwd
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -23,6 +23,7 @@ from .errors import (
     NoSuchPort,
     PermissionDenied,
 )
+from .hostroutes import devices_of, host_routes, load_config
 from .model import DesiredState, Mode, Network
 from .plan import PORT_KINDS
 from .reconciler import NetState, Reconciler
@@ -361,26 +362,6 @@ class Core:
 
     def after_pass(self) -> None:
         self._emit_port_changes()
-
-
-def host_routes(obs: Any, ours: set[str]) -> list[Any]:
-    """Routes that are the host's own: not on one of our bridges or bridged uplinks."""
-    mine = {obs.link(b).index for b in ours if obs.link(b) is not None}
-    return [r.dst for r in obs.routes if r.oif not in mine and r.dst.prefixlen > 0]
-
-
-def devices_of(networks: Iterable[Network]) -> set[str]:
-    """Our bridges and bridged uplinks: the routes on them are not the host's."""
-    nets = list(networks)
-    return {n.bridge for n in nets} | {n.uplink for n in nets if n.uplink}
-
-
-def load_config(config_file: str | None, networks_dir: str | None, overrides: dict[str, str],
-                observed: Any) -> cfg.Config:
-    """Load twice: first to learn our bridges and uplinks, whose routes are not the host's."""
-    first = cfg.load(config_file, networks_dir, host_routes=(), overrides=overrides)
-    routes = host_routes(observed, devices_of(first.networks.values()))
-    return cfg.load(config_file, networks_dir, host_routes=routes, overrides=overrides)
 
 
 def _allowed(caller: Caller, net: Network) -> bool:

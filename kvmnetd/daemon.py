@@ -88,7 +88,7 @@ def check_config(args: argparse.Namespace) -> int:
 async def _load_with_routes(config_file: str, networks_dir: str | None,
                            overrides: dict[str, str]) -> cfg.Config:
     from .adapters.netlink import NetlinkAdapter
-    from .core import load_config
+    from .hostroutes import load_config
 
     nl = NetlinkAdapter()
     await nl.open(lambda: None)

@@ -17,8 +17,9 @@ from .adapters.nftables import NftablesAdapter
 from .adapters.nftmonitor import NftMonitor
 from .adapters.notify import Notifier
 from .adapters.sysctl import SysctlAdapter
-from .core import Core, load_config
+from .core import Core
 from .errors import ConfigError
+from .hostroutes import load_config
 from .reconciler import Reconciler
 from .status import ROOT, CoreEvent
 
