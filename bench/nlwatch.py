@@ -5,16 +5,18 @@ argv: PREFIX BRIDGE[,BRIDGE...]. For each link named PREFIX*, prints one JSON li
 showed it enslaved to one of BRIDGES with IFF_UP. A name deleted and made again is timed
 again. Prints "ready" once subscribed.
 
-Times are the kernel's receive timestamps of each message (SO_TIMESTAMPNS), moved onto
-time.monotonic(): a listener that decodes slower than a burst arrives would otherwise
-measure its own backlog. Decoding uses kvmnetd's lean decoder.
+Netlink sockets carry no kernel receive timestamps (SO_TIMESTAMPNS is ignored on them), so
+each message is stamped with time.monotonic() the moment it is read. To keep that close to
+the kernel's send, the loop only reads and stamps while messages keep coming; decoding waits
+until the socket has been quiet for a moment. A listener that decoded as it read would fall
+behind a burst and measure its own backlog.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import socket
-import struct
 import sys
 import time
 
@@ -22,14 +24,14 @@ from kvmnetd.adapters.netlink_parse import LinkRec, decode_all
 
 RTMGRP_LINK = 1
 SO_RCVBUFFORCE = 33
-SO_TIMESTAMPNS = 35
+QUIET_S = 0.02
 
 
 def main() -> None:
     prefix, bridges = sys.argv[1], set(sys.argv[2].split(","))
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                         socket.NETLINK_ROUTE)
     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
-    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     sock.bind((0, RTMGRP_LINK))
     br_index: set[int] = set()
     for name in bridges:
@@ -37,33 +39,38 @@ def main() -> None:
             br_index.add(socket.if_nametoindex(name))
         except OSError:
             pass  # made later: its NEWLINK adds it
-    offset = time.monotonic() - time.time()  # kernel timestamps are CLOCK_REALTIME
     seen: dict[str, float] = {}
     done: set[str] = set()
+    backlog: list[tuple[float, bytes]] = []
+    recv, now = sock.recv, time.monotonic
     print("ready", flush=True)
     while True:
-        data, anc, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(16))
-        t = time.monotonic()
-        for level, kind, raw in anc:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= 16:
-                sec, nsec = struct.unpack("qq", raw[:16])
-                t = sec + nsec / 1e9 + offset
-        for rec in decode_all(data, len(data)):
-            if not isinstance(rec, LinkRec):
-                continue
-            link = rec.link
-            if link.name in bridges and rec.new:
-                br_index.add(link.index)
-            if not link.name.startswith(prefix):
-                continue
-            if not rec.new:
-                seen.pop(link.name, None)
-                done.discard(link.name)
-                continue
-            first = seen.setdefault(link.name, t)
-            if link.name not in done and link.master in br_index and link.up:
-                done.add(link.name)
-                print(json.dumps({"n": link.name, "seen": first, "up": t}), flush=True)
+        try:
+            while True:
+                data = recv(1 << 16)
+                backlog.append((now(), data))
+        except BlockingIOError:
+            pass
+        if select.select([sock], [], [], QUIET_S if backlog else None)[0]:
+            continue
+        for t, data in backlog:
+            for rec in decode_all(data, len(data)):
+                if not isinstance(rec, LinkRec):
+                    continue
+                link = rec.link
+                if link.name in bridges and rec.new:
+                    br_index.add(link.index)
+                if not link.name.startswith(prefix):
+                    continue
+                if not rec.new:
+                    seen.pop(link.name, None)
+                    done.discard(link.name)
+                    continue
+                first = seen.setdefault(link.name, t)
+                if link.name not in done and link.master in br_index and link.up:
+                    done.add(link.name)
+                    print(json.dumps({"n": link.name, "seen": first, "up": t}), flush=True)
+        backlog.clear()
 
 
 if __name__ == "__main__":
