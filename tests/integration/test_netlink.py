@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from kvmnetd import actions as act
+from kvmnetd.adapters import netlink_raw as raw
 from kvmnetd.adapters.netlink import NetlinkAdapter
+from kvmnetd.adapters.netlink_parse import RTM_DELLINK, RTM_NEWLINK, messages
 from kvmnetd.errors import Conflict, InvalidArgument, NoSuchPort
 from kvmnetd.observed import Route
 from tests.netns import entered, netns, sh
@@ -357,3 +361,39 @@ async def test_lost_events_are_recovered_by_a_resync(ns: str) -> None:
         async with opened() as fresh:
             assert await until(lambda: nl.observed.links == fresh.observed.links)
             assert nl.observed.routes == fresh.observed.routes
+
+
+def _link_families(sock: socket.socket) -> list[int]:
+    families = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            data = sock.recv(1 << 16)
+            for kind, _, _, start, _ in messages(data, len(data)):
+                if kind in (RTM_NEWLINK, RTM_DELLINK):
+                    families.append(data[start])
+    return families
+
+
+async def test_event_filter_drops_only_bridge_port_copies(ns: str) -> None:
+    plain = raw.open_socket(raw.GROUPS, 1 << 20)
+    filtered = raw.open_socket(raw.GROUPS, 1 << 20)
+    raw.drop_bridge_copies(filtered)
+    try:
+        sh("ip", "-batch", "-", ns=ns, input="link add brf type bridge\ntuntap add tf0 mode tap\n"
+           "link set tf0 master brf up\nlink set tf0 nomaster\nlink del tf0\n")
+        await asyncio.sleep(0.1)
+        everything, kept = _link_families(plain), _link_families(filtered)
+        assert socket.AF_BRIDGE in everything
+        assert kept == [f for f in everything if f != socket.AF_BRIDGE] and kept
+    finally:
+        plain.close()
+        filtered.close()
+
+
+async def test_a_closed_channel_refuses_requests(ns: str) -> None:
+    chan = raw.RequestChannel()
+    assert await chan.get_link("lo")
+    chan.close()
+    with pytest.raises(OSError) as exc:
+        await chan.get_link("lo")
+    assert exc.value.errno == errno.EBADF
