@@ -145,25 +145,32 @@ def wanted_ports(desired: DesiredState, observed: ObservedState) -> dict[str, st
     if not desired.rules:
         return ports
     ours = {desired.networks[n].bridge for n in desired.active}
-    matches = _matches_for(desired.rules)
-    if len(matches) > 65536:
-        matches.clear()  # tap names churn: keep the memo bounded
     for link in observed.links.values():
         if link.name in desired.ports or link.kind not in PORT_KINDS:
             continue  # an explicit request (or explicit detach) wins over policy
         master = observed.name_of(link.master)
         if master is not None and master not in ours:
             continue
-        key = (link.name, link.mac)
-        nets = matches.get(key)
-        if nets is None:
-            nets = matches[key] = tuple(r.network for r in desired.rules
-                                        if rule_matches(r.ifname, r.mac, link))
-        for net in nets:
-            if net in desired.active:  # the first matching rule whose network is up
-                ports[link.name] = net
-                break
+        net = policy_network(desired, link)
+        if net is not None:
+            ports[link.name] = net
     return ports
+
+
+def policy_network(desired: DesiredState, link: Link) -> str | None:
+    """The first matching rule whose network is up."""
+    matches = _matches_for(desired.rules)
+    key = (link.name, link.mac)
+    nets = matches.get(key)
+    if nets is None:
+        if len(matches) > 65536:
+            matches.clear()  # tap names churn: keep the memo bounded
+        nets = matches[key] = tuple(r.network for r in desired.rules
+                                    if rule_matches(r.ifname, r.mac, link))
+    for net in nets:
+        if net in desired.active:
+            return net
+    return None
 
 
 @functools.lru_cache(maxsize=4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -12,13 +13,16 @@ import structlog
 from . import actions as A
 from .errors import KvmnetError, NoSuchPort
 from .model import DesiredState
-from .observed import ObservedState
+from .observed import Link, ObservedState
 from .owned import Owned, load_owned, save_owned
-from .plan import Plan, plan, wanted_ports
+from .plan import PORT_KINDS, Plan, plan, policy_network
 from .ports import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
 from .render.coexist import ForeignForward, coexist_rules
 
 log = structlog.get_logger("kvmnetd.reconcile")
+
+BURST_QUIET = 0.05  # seconds without a new tap before the full pass runs
+BURST_MOST = 0.5  # ... but never held back longer than this
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class Reconciler:
         self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
         self._last_errors = 0
         self._sysctl_known = False
-        self._known_links: set[int] = set()
+        self._quiet_at = 0.0  # loop time before which a tap burst holds back the full pass
+        self._owned_dirty = False  # fast attaches recorded but not saved yet
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
@@ -82,57 +87,57 @@ class Reconciler:
                 if timed_out:
                     # Periodic verification re-reads what no event reports.
                     self._firewall_known = self._sysctl_known = False
-                elif await self._fast_attach():
+                else:
                     await self._settle_burst()
                 await self.converge()
             except Exception:  # the loop must survive anything a pass throws
                 log.exception("reconcile.crashed")
 
-    async def _fast_attach(self) -> int:
-        """New taps that policy puts on a running network: enslave them now, from their own
-        event, without planning everything else (O(new), not O(all)). The full pass that
-        follows finds them done."""
-        async with self._lock:
-            obs = self.netlink.observed
-            new = [obs.links[i] for i in obs.links.keys() - self._known_links]
-            self._known_links = set(obs.links)
-            if not new or not self.desired.rules:
-                return 0
-            wanted = wanted_ports(replace(self.desired, ports={}), ObservedState(
-                links={lk.index: lk for lk in new}, by_name={}))
-            actions: list[A.Action] = []
-            for link in new:
-                net = wanted.get(link.name)
-                if net is None or link.master is not None or link.name in self.desired.ports:
-                    continue
-                bridge = self.desired.networks[net].bridge
-                if obs.link(bridge) is not None:
-                    actions.append(A.Enslave(net, link.name, bridge))
-            if not actions:
-                return 0
-            results = await self._apply_batch(actions, obs, {})
-            done = 0
-            for action, err in zip(actions, results, strict=True):
-                if err is None:
-                    self.owned.record(action, obs)
-                    log.info("reconcile.applied", network=action.network,
-                             ifname=A.device(action), action=A.describe(action), fast=True)
-                    done += 1
-            if done:
-                save_owned(self.owned_path, self.owned)
-            return done
+    def link_appeared(self, link: Link) -> None:
+        """Netlink reported a link it never saw before. A tap that policy puts on a running
+        network is enslaved from here, at once: the event loop is not woken for a pass, and
+        nothing is planned (O(1) per tap, not O(all)). The full pass waits for the burst to
+        end and finds it done."""
+        desired = self.desired
+        if (not desired.rules or link.master is not None or link.kind not in PORT_KINDS
+                or link.name in desired.ports):
+            return
+        net = policy_network(desired, link)
+        if net is None:
+            return
+        bridge = desired.networks[net].bridge
+        if self.netlink.observed.link(bridge) is None:
+            return  # the next pass makes the bridge, then attaches
+        action = A.Enslave(net, link.name, bridge)
+        task = asyncio.get_running_loop().create_task(self.netlink.apply(action))
+        task.add_done_callback(functools.partial(self._fast_done, action))
+        self._hold_pass()
 
-    async def _settle_burst(self, quiet: float = 0.05, most: float = 0.5) -> None:
-        """While taps keep arriving, keep attaching them; plan everything once it is quiet
-        (or after `most` seconds, so endless churn cannot starve the full pass)."""
-        deadline = asyncio.get_running_loop().time() + most
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                await asyncio.wait_for(self._wake.wait(), quiet)
-            except TimeoutError:
-                return
-            self._wake.clear()
-            await self._fast_attach()
+    def _fast_done(self, action: A.Enslave, task: asyncio.Task[None]) -> None:
+        self._hold_pass()
+        err = task.exception() if not task.cancelled() else KvmnetError("cancelled")
+        if err is None:
+            self.port_errors.pop(action.ifname, None)
+            self.owned.record(action, self.netlink.observed)
+            self._owned_dirty = True  # saved by the pass after the burst, once
+            log.info("reconcile.applied", network=action.network, ifname=action.ifname,
+                     action=A.describe(action), fast=True)
+        elif not isinstance(err, NoSuchPort):  # a tap gone again is no error
+            self.port_errors[action.ifname] = str(err)
+            log.warning("reconcile.port_failed", network=action.network, ifname=action.ifname,
+                        error=str(err))
+            self.trigger()
+
+    def _hold_pass(self) -> None:
+        self._quiet_at = asyncio.get_running_loop().time() + BURST_QUIET
+
+    async def _settle_burst(self) -> None:
+        """While taps keep arriving, leave them to link_appeared; plan everything once it is
+        quiet (or after BURST_MOST seconds, so endless churn cannot starve the full pass)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BURST_MOST
+        while (left := min(self._quiet_at, deadline) - loop.time()) > 0:
+            await asyncio.sleep(left)
 
     async def converge(self, max_passes: int = 4, quick: bool = False) -> Plan:
         """Run passes until one has nothing left to do (or only failures remain).
@@ -178,7 +183,6 @@ class Reconciler:
                 self._firewall_known = False
                 raise
         observed = self.observe()
-        self._known_links = set(observed.links)  # this pass plans every link it sees
         before = self.owned.to_json()  # adoption and forgetting below are changes to save too
         self._adopt(observed)
         self._forget_vanished(observed)
@@ -192,7 +196,8 @@ class Reconciler:
                 applied += self._settle(action, err, p, observed, failed)
                 self._last_errors += err is not None
         applied += await self._coexist(p, failed)
-        if self.owned.to_json() != before:
+        if self._owned_dirty or self.owned.to_json() != before:
+            self._owned_dirty = False
             save_owned(self.owned_path, self.owned)
         if self.dhcp is not None:
             ok = [n for n in self.desired.active_networks()

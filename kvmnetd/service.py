@@ -78,6 +78,7 @@ class Service:
         self.core = Core(self.rec, conf, self.dhcp, self.overrides)
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
+        self.netlink.on_link_added = self.rec.link_appeared
         # Listen first, then observe: no ruleset change falls between.
         await self.nftmon.start(self.rec.firewall_changed)
         if not self.no_bus:

@@ -59,6 +59,8 @@ class NetlinkAdapter:
         # While a dump runs, events wait here and are replayed after it, in order.
         self._pending: list[Record] | None = None
         self._on_change: Callable[[], None] = lambda: None
+        # Called with each link an event shows for the first time (not for dumps).
+        self.on_link_added: Callable[[Link], None] | None = None
         self._dump_lock = asyncio.Lock()
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
@@ -156,9 +158,20 @@ class NetlinkAdapter:
             self._pending.extend(records)
             return
         changed = False
-        apply = self._mirror.apply
+        apply, links = self._mirror.apply, self.observed.links
+        added: list[int] = []
         for rec in records:
+            if isinstance(rec, LinkRec) and rec.new and rec.link.index not in links:
+                added.append(rec.link.index)
             changed = apply(rec) or changed
+        if added and self.on_link_added is not None:
+            for index in added:
+                link = links.get(index)  # as the whole batch left it
+                if link is not None:
+                    try:
+                        self.on_link_added(link)
+                    except Exception:
+                        log.exception("on_link_added callback failed")
         if changed:
             self._notify()
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+from dataclasses import replace
 from pathlib import Path
 
-from kvmnetd.model import DesiredState, Mode, Network
+from kvmnetd.model import AttachRule, DesiredState, Mode, Network
 from kvmnetd.observed import Link
 from kvmnetd.owned import load_owned
 from kvmnetd.reconciler import Reconciler
@@ -104,3 +106,58 @@ async def test_forgetting_a_vanished_tap_is_saved(tmp_path: Path) -> None:
     del nl.observed.links[5]
     await rec.converge()
     assert "vnet0" not in load_owned(str(tmp_path / "owned.json")).ports
+
+
+async def _settled(rec: Reconciler) -> None:
+    for _ in range(5):  # the attach task, then its completion callback
+        await asyncio.sleep(0)
+
+
+async def test_a_new_tap_matching_policy_is_attached_from_its_own_event(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat", "iso"}),
+                                       rules=(AttachRule("iso", ifname="vnet*"),)))
+    writes, passes = rec.writes, rec.passes
+    tap = Link(index=7, name="vnet3", kind="tun")
+    nl.observed.links[7] = tap
+    rec.link_appeared(tap)
+    await _settled(rec)
+    kvbr1 = nl.observed.link("kvbr1")
+    vnet = nl.observed.link("vnet3")
+    assert kvbr1 is not None and vnet is not None and vnet.master == kvbr1.index and vnet.up
+    assert rec.writes == writes + 1 and rec.passes == passes, "no plan for one tap"
+    assert rec.owned.ports == {"vnet3": "kvbr1"}
+    await rec.converge()  # the pass after the burst saves the record and finds nothing to do
+    assert rec.writes == writes + 1
+    assert load_owned(str(tmp_path / "owned.json")).ports == {"vnet3": "kvbr1"}
+
+
+async def test_fast_attach_leaves_what_policy_does_not_claim(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path, Link(index=9, name="foreign0", kind="bridge"))
+    await rec.set_desired(DesiredState(
+        networks=nets(), active=frozenset({"nat"}),
+        rules=(AttachRule("nat", ifname="vnet*"), AttachRule("iso", ifname="iso*"))))
+    rec.desired = replace(rec.desired, ports={"vnet1": "iso"})  # asked for before it exists
+    writes = rec.writes
+    for link in (Link(index=20, name="vnet1", kind="tun"),  # explicit request: the pass's
+                 Link(index=21, name="vnet2", kind="tun", master=9),  # on a foreign bridge
+                 Link(index=22, name="eth5", kind=None),  # a NIC, not a tap
+                 Link(index=23, name="iso0", kind="tun"),  # its network is not active
+                 Link(index=24, name="other0", kind="tun")):  # no rule
+        nl.observed.links[link.index] = link
+        rec.link_appeared(link)
+    await _settled(rec)
+    assert rec.writes == writes
+
+
+async def test_fast_attach_failure_is_the_ports_and_wakes_the_loop(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       rules=(AttachRule("nat", ifname="vnet*"),)))
+    nl.fail_on.add("vnet4")
+    tap = Link(index=30, name="vnet4", kind="tun")
+    nl.observed.links[30] = tap
+    rec.link_appeared(tap)
+    await _settled(rec)
+    assert "refused" in rec.port_errors["vnet4"] and rec._wake.is_set()
+    assert rec.states["nat"].state == "active"
