@@ -10,6 +10,7 @@ import fnmatch
 import functools
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import actions as A
 from .model import AttachRule, DesiredState, Mode, Network
@@ -145,13 +146,14 @@ def wanted_ports(desired: DesiredState, observed: ObservedState) -> dict[str, st
     if not desired.rules:
         return ports
     ours = {desired.networks[n].bridge for n in desired.active}
+    matches = _memo(desired.rules)
     for link in observed.links.values():
         if link.name in desired.ports or link.kind not in PORT_KINDS:
             continue  # an explicit request (or explicit detach) wins over policy
         master = observed.name_of(link.master)
         if master is not None and master not in ours:
             continue
-        net = policy_network(desired, link)
+        net = _policy(desired, link, matches)
         if net is not None:
             ports[link.name] = net
     return ports
@@ -159,7 +161,11 @@ def wanted_ports(desired: DesiredState, observed: ObservedState) -> dict[str, st
 
 def policy_network(desired: DesiredState, link: Link) -> str | None:
     """The first matching rule whose network is up."""
-    matches = _matches_for(desired.rules)
+    return _policy(desired, link, _memo(desired.rules))
+
+
+def _policy(desired: DesiredState, link: Link,
+            matches: dict[tuple[str, str], tuple[str, ...]]) -> str | None:
     key = (link.name, link.mac)
     nets = matches.get(key)
     if nets is None:
@@ -171,6 +177,17 @@ def policy_network(desired: DesiredState, link: Link) -> str | None:
         if net in desired.active:
             return net
     return None
+
+
+_last_rules: list[Any] = [None, {}]  # the rule set last asked for, and its memo
+
+
+def _memo(rules: tuple[AttachRule, ...]) -> dict[tuple[str, str], tuple[str, ...]]:
+    # Hashing a rule set costs O(rules); the same tuple object is asked for again and again.
+    if _last_rules[0] is not rules:
+        _last_rules[:] = [rules, _matches_for(rules)]
+    memo: dict[tuple[str, str], tuple[str, ...]] = _last_rules[1]
+    return memo
 
 
 @functools.lru_cache(maxsize=4)
