@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -12,17 +11,16 @@ import structlog
 
 from . import actions as A
 from .errors import KvmnetError, NoSuchPort
+from .fastpath import FastPath
 from .model import DesiredState
-from .observed import Link, ObservedState
+from .observed import ObservedState
 from .owned import Owned, load_owned, save_owned
-from .plan import PORT_KINDS, Plan, plan, policy_network
+from .plan import Plan, plan
 from .ports import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
 from .render.coexist import ForeignForward, coexist_rules
 
 log = structlog.get_logger("kvmnetd.reconcile")
 
-BURST_QUIET = 0.05  # seconds without a new tap before the full pass runs
-BURST_MOST = 0.5  # ... but never held back longer than this
 
 
 @dataclass(frozen=True)
@@ -61,14 +59,28 @@ class Reconciler:
         self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
         self._last_errors = 0
         self._sysctl_known = False
-        self._quiet_at = 0.0  # loop time before which a tap burst holds back the full pass
-        self._owned_dirty = False  # fast attaches recorded but not saved yet
+        self.fast = FastPath(self)
+        self._other_trigger = True  # woken by something other than link events
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
 
     def trigger(self) -> None:
+        self._other_trigger = True
         self._wake.set()
+
+    def links_changed(self) -> None:
+        """Netlink events changed links: a pass, unless the fast path explains them all."""
+        self._wake.set()
+
+    def needs_pass(self) -> bool:
+        """False when all that happened since the last pass is taps the fast path attached,
+        still as it left them: the pass would plan every link to find nothing to do."""
+        take = getattr(self.netlink, "take_changes", None)
+        if self._other_trigger or self.fast.in_flight or take is None:
+            return True
+        links, other = take()
+        return other or not self.fast.covers(links)
 
     def firewall_changed(self) -> None:
         """nft monitor saw a change: re-read the ruleset on the next pass."""
@@ -88,56 +100,13 @@ class Reconciler:
                     # Periodic verification re-reads what no event reports.
                     self._firewall_known = self._sysctl_known = False
                 else:
-                    await self._settle_burst()
+                    await self.fast.settle()
+                    if not self.needs_pass():
+                        self._save_owned_if_dirty()
+                        continue
                 await self.converge()
             except Exception:  # the loop must survive anything a pass throws
                 log.exception("reconcile.crashed")
-
-    def link_appeared(self, link: Link) -> None:
-        """Netlink reported a link it never saw before. A tap that policy puts on a running
-        network is enslaved from here, at once: the event loop is not woken for a pass, and
-        nothing is planned (O(1) per tap, not O(all)). The full pass waits for the burst to
-        end and finds it done."""
-        desired = self.desired
-        if (not desired.rules or link.master is not None or link.kind not in PORT_KINDS
-                or link.name in desired.ports):
-            return
-        net = policy_network(desired, link)
-        if net is None:
-            return
-        bridge = desired.networks[net].bridge
-        if self.netlink.observed.link(bridge) is None:
-            return  # the next pass makes the bridge, then attaches
-        action = A.Enslave(net, link.name, bridge)
-        task = asyncio.get_running_loop().create_task(self.netlink.apply(action))
-        task.add_done_callback(functools.partial(self._fast_done, action))
-        self._hold_pass()
-
-    def _fast_done(self, action: A.Enslave, task: asyncio.Task[None]) -> None:
-        self._hold_pass()
-        err = task.exception() if not task.cancelled() else KvmnetError("cancelled")
-        if err is None:
-            self.port_errors.pop(action.ifname, None)
-            self.owned.record(action, self.netlink.observed)
-            self._owned_dirty = True  # saved by the pass after the burst, once
-            log.info("reconcile.applied", network=action.network, ifname=action.ifname,
-                     action=A.describe(action), fast=True)
-        elif not isinstance(err, NoSuchPort):  # a tap gone again is no error
-            self.port_errors[action.ifname] = str(err)
-            log.warning("reconcile.port_failed", network=action.network, ifname=action.ifname,
-                        error=str(err))
-            self.trigger()
-
-    def _hold_pass(self) -> None:
-        self._quiet_at = asyncio.get_running_loop().time() + BURST_QUIET
-
-    async def _settle_burst(self) -> None:
-        """While taps keep arriving, leave them to link_appeared; plan everything once it is
-        quiet (or after BURST_MOST seconds, so endless churn cannot starve the full pass)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BURST_MOST
-        while (left := min(self._quiet_at, deadline) - loop.time()) > 0:
-            await asyncio.sleep(left)
 
     async def converge(self, max_passes: int = 4, quick: bool = False) -> Plan:
         """Run passes until one has nothing left to do (or only failures remain).
@@ -173,6 +142,12 @@ class Reconciler:
 
     async def _pass(self) -> tuple[Plan, int]:
         self.passes += 1
+        # From here on this pass sees everything: later changes are for the next look.
+        self._other_trigger = False
+        take = getattr(self.netlink, "take_changes", None)
+        if take is not None:
+            take()
+        self.fast.done.clear()
         if not self._firewall_known:
             self._firewall_known = True  # a change reported while reading clears it again
             try:
@@ -196,9 +171,9 @@ class Reconciler:
                 applied += self._settle(action, err, p, observed, failed)
                 self._last_errors += err is not None
         applied += await self._coexist(p, failed)
-        if self._owned_dirty or self.owned.to_json() != before:
-            self._owned_dirty = False
-            save_owned(self.owned_path, self.owned)
+        if self.owned.to_json() != before:
+            self.fast.owned_dirty = True
+        self._save_owned_if_dirty()
         if self.dhcp is not None:
             ok = [n for n in self.desired.active_networks()
                   if n.needs_dnsmasq and n.name not in failed and n.name not in p.problems]
@@ -214,6 +189,11 @@ class Reconciler:
         self.completed += 1
         self._update_states(p, failed)
         return p, applied
+
+    def _save_owned_if_dirty(self) -> None:
+        if self.fast.owned_dirty:
+            self.fast.owned_dirty = False
+            save_owned(self.owned_path, self.owned)
 
     def _batches(self, p: Plan) -> list[list[A.Action]]:
         """Runs of guest-port actions go together (pipelined); everything else alone, in order."""

@@ -78,7 +78,7 @@ class Service:
         self.core = Core(self.rec, conf, self.dhcp, self.overrides)
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
-        self.netlink.on_link_added = self.rec.link_appeared
+        self.netlink.on_link_added = self.rec.fast.link_appeared
         # Listen first, then observe: no ruleset change falls between.
         await self.nftmon.start(self.rec.firewall_changed)
         if not self.no_bus:
@@ -140,7 +140,7 @@ class Service:
         await self.libvirt.start()
 
     def _on_netlink(self) -> None:
-        self.rec.trigger()
+        self.rec.links_changed()
 
     def _on_dhcp_event(self, event: CoreEvent) -> None:
         if hasattr(self, "core"):

@@ -16,6 +16,13 @@ class FakeNetlink:
         self.writes = 0
         self.fail_on: set[str] = set()  # device names whose changes fail
         self._index = itertools.count(100)
+        self.changed: set[int] = set()  # what tests say events changed
+        self.changed_other = False
+
+    def take_changes(self) -> tuple[set[int], bool]:
+        out = (self.changed, self.changed_other)
+        self.changed, self.changed_other = set(), False
+        return out
 
     def _set(self, name: str, **kw: object) -> None:
         link = self.observed.link(name)

@@ -61,6 +61,10 @@ class NetlinkAdapter:
         self._on_change: Callable[[], None] = lambda: None
         # Called with each link an event shows for the first time (not for dumps).
         self.on_link_added: Callable[[Link], None] | None = None
+        # What events changed since take_changes(): link indexes, and whether anything else
+        # (an address, a route, a re-read) did.
+        self._changed: set[int] = set()
+        self._changed_other = True
         self._dump_lock = asyncio.Lock()
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
@@ -130,6 +134,7 @@ class NetlinkAdapter:
             if self._pending is not None:
                 self._pending.append(rec)
             elif self._mirror.apply(rec):
+                self._changed_other = True
                 self._notify()
         return link
 
@@ -149,6 +154,7 @@ class NetlinkAdapter:
                 self._mirror.load(records)
             finally:
                 # Replayed even when the dump failed: the old state plus every event stays right.
+                self._changed_other = True
                 pending, self._pending = self._pending, None
                 for rec in pending:
                     self._mirror.apply(rec)
@@ -161,9 +167,14 @@ class NetlinkAdapter:
         apply, links = self._mirror.apply, self.observed.links
         added: list[int] = []
         for rec in records:
-            if isinstance(rec, LinkRec) and rec.new and rec.link.index not in links:
-                added.append(rec.link.index)
-            changed = apply(rec) or changed
+            if isinstance(rec, LinkRec):
+                if rec.new and rec.link.index not in links:
+                    added.append(rec.link.index)
+                if apply(rec):
+                    self._changed.add(rec.link.index)
+                    changed = True
+            elif apply(rec):
+                self._changed_other = changed = True
         if added and self.on_link_added is not None:
             for index in added:
                 link = links.get(index)  # as the whole batch left it
@@ -174,6 +185,12 @@ class NetlinkAdapter:
                         log.exception("on_link_added callback failed")
         if changed:
             self._notify()
+
+    def take_changes(self) -> tuple[set[int], bool]:
+        """(link indexes changed, anything else changed) since the last call."""
+        out = (self._changed, self._changed_other)
+        self._changed, self._changed_other = set(), False
+        return out
 
     def _overflow(self) -> None:
         log.warning("netlink events lost; re-reading all links")

@@ -120,7 +120,7 @@ async def test_a_new_tap_matching_policy_is_attached_from_its_own_event(tmp_path
     writes, passes = rec.writes, rec.passes
     tap = Link(index=7, name="vnet3", kind="tun")
     nl.observed.links[7] = tap
-    rec.link_appeared(tap)
+    rec.fast.link_appeared(tap)
     await _settled(rec)
     kvbr1 = nl.observed.link("kvbr1")
     vnet = nl.observed.link("vnet3")
@@ -145,7 +145,7 @@ async def test_fast_attach_leaves_what_policy_does_not_claim(tmp_path: Path) -> 
                  Link(index=23, name="iso0", kind="tun"),  # its network is not active
                  Link(index=24, name="other0", kind="tun")):  # no rule
         nl.observed.links[link.index] = link
-        rec.link_appeared(link)
+        rec.fast.link_appeared(link)
     await _settled(rec)
     assert rec.writes == writes
 
@@ -157,7 +157,35 @@ async def test_fast_attach_failure_is_the_ports_and_wakes_the_loop(tmp_path: Pat
     nl.fail_on.add("vnet4")
     tap = Link(index=30, name="vnet4", kind="tun")
     nl.observed.links[30] = tap
-    rec.link_appeared(tap)
+    rec.fast.link_appeared(tap)
     await _settled(rec)
     assert "refused" in rec.port_errors["vnet4"] and rec._wake.is_set()
     assert rec.states["nat"].state == "active"
+
+
+async def test_no_pass_when_only_fast_attached_taps_changed(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       rules=(AttachRule("nat", ifname="vnet*"),)))
+    assert not rec.needs_pass()
+    taps = [Link(index=40 + i, name=f"vnet{i}", kind="tun") for i in range(3)]
+    for tap in taps:
+        nl.observed.links[tap.index] = tap
+        rec.fast.link_appeared(tap)
+    assert rec.needs_pass(), "enslaves still in flight"
+    await _settled(rec)
+    nl.changed = {40, 41, 42}
+    assert not rec.needs_pass()
+    assert rec.last_plan.ports == {"vnet0": "nat", "vnet1": "nat", "vnet2": "nat"}
+
+    nl.changed = {41}
+    nl._set("vnet1", master=None)  # someone took it off again
+    assert rec.needs_pass()
+    nl.changed = {40}
+    nl.changed_other = True  # an address or a route changed too
+    assert rec.needs_pass()
+    rec.trigger()  # anything but link events
+    assert rec.needs_pass()
+    await rec.converge()
+    assert not rec.needs_pass()
+    assert load_owned(str(tmp_path / "owned.json")).ports.keys() == {"vnet0", "vnet1", "vnet2"}
