@@ -47,7 +47,8 @@ class FastPath:
         if rec.netlink.observed.link(bridge) is None:
             return  # a pass makes the bridge, then attaches
         action = A.Enslave(net, link.name, bridge)
-        task = asyncio.get_running_loop().create_task(rec.netlink.apply(action))
+        send = getattr(rec.netlink, "enslave_new", rec.netlink.apply)
+        task = asyncio.get_running_loop().create_task(send(action))
         task.add_done_callback(functools.partial(self._finished, action))
         self.in_flight += 1
         self._hold()

@@ -262,12 +262,8 @@ class NetlinkAdapter:
             case act.SetUp(ifname=name):
                 await self._set_link(f"bring up {name}", name, up=True)
                 mirror.update_link(name, up=True)
-            case act.Enslave(ifname=name, bridge=bridge):
-                what = f"attach {name} to bridge {bridge}"
-                master = await self._index(bridge, what)
-                # One request: a port moved between bridges never goes down.
-                await self._set_link(what, name, attr_u32(IFLA_MASTER, master), up=True)
-                mirror.update_link(name, master=master, up=True)
+            case act.Enslave():
+                await self._enslave(action)
             case act.Release(ifname=name):
                 await self._set_link(f"detach {name} from its bridge", name,
                                      attr_u32(IFLA_MASTER, 0))
@@ -286,16 +282,31 @@ class NetlinkAdapter:
                 name = type(action).__name__
                 raise InvalidArgument(f"the netlink adapter does not handle {name}")
 
-    async def _write(self, what: str, kind: int, flags: int, body: bytes) -> None:
+    async def enslave_new(self, action: act.Enslave) -> None:
+        """apply(), for a new tap in what may be a burst of them: sent by the request
+        channel's own thread, so the loop goes on reading the next taps' events."""
+        await self._enslave(action, background=True)
+
+    async def _enslave(self, action: act.Enslave, background: bool = False) -> None:
+        name = action.ifname
+        what = f"attach {name} to bridge {action.bridge}"
+        master = await self._index(action.bridge, what)
+        # One request: a port moved between bridges never goes down.
+        await self._set_link(what, name, attr_u32(IFLA_MASTER, master), up=True,
+                             background=background)
+        self._mirror.update_link(name, master=master, up=True)
+
+    async def _write(self, what: str, kind: int, flags: int, body: bytes,
+                     background: bool = False) -> None:
         self.writes += 1
         try:
-            await self.chan.request(kind, flags | NLM_F_ACK, body)
+            await self.chan.request(kind, flags | NLM_F_ACK, body, background=background)
         except NetlinkFailure as exc:
             raise kernel_error(exc.code, exc.reason, what) from exc
 
     async def _set_link(self, what: str, name: str, attrs: bytes = b"",
-                        up: bool = False) -> None:
-        await self._write(what, RTM_NEWLINK, 0, raw.set_link(name, attrs, up))
+                        up: bool = False, background: bool = False) -> None:
+        await self._write(what, RTM_NEWLINK, 0, raw.set_link(name, attrs, up), background)
 
     async def _index(self, name: str, what: str) -> int:
         index = self._mirror.by_name.get(name)

@@ -188,8 +188,10 @@ class RequestChannel:
     handles a socket's requests in the order they were sent.
 
     The kernel carries out a request inside send(): ~0.3 ms for an enslave, more while
-    another process holds the rtnl lock. Sends therefore happen on one thread of their own,
-    in order, and the event loop goes on reading events (and acks) meanwhile.
+    another process holds the rtnl lock. Requests asked to go in the background (new taps'
+    enslaves, during a burst) are sent by a thread of their own, so the event loop goes on
+    reading events meanwhile. The others are sent at once from the loop, which saves the
+    thread hand-off, unless background ones are still queued: order is kept.
     """
 
     def __init__(self, rcvbuf: int = REQUEST_RCVBUF) -> None:
@@ -203,26 +205,36 @@ class RequestChannel:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._readable)
         self._outbox: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self._queued = 0  # written by the loop only
+        self._sent = 0  # written by the sender only
         self._sender = threading.Thread(target=self._send_loop, name="netlink-send",
                                         daemon=True)
         self._sender.start()
 
-    async def request(self, kind: int, flags: int, body: bytes) -> list[Record]:
+    async def request(self, kind: int, flags: int, body: bytes, *,
+                      background: bool = False) -> list[Record]:
         """Send one request; its reply records once acknowledged (or done, for a dump).
         Raises NetlinkFailure when the kernel refuses it."""
-        return await self.start(kind, flags, body)
+        return await self.start(kind, flags, body, background=background)
 
-    def start(self, kind: int, flags: int, body: bytes) -> asyncio.Future[list[Record]]:
-        """request(), as a future: the request is queued for sending before this returns."""
+    def start(self, kind: int, flags: int, body: bytes, *,
+              background: bool = False) -> asyncio.Future[list[Record]]:
+        """request(), as a future: sent, or queued for sending, before this returns."""
         seq = next(self._seq) & 0xFFFFFFFF
         header = NLMSGHDR.pack(16 + len(body), kind, NLM_F_REQUEST | flags, seq, 0)
         future: asyncio.Future[list[Record]] = self._loop.create_future()
         self._waiting[seq] = _Waiter(future)
         future.add_done_callback(lambda _: self._waiting.pop(seq, None))
-        if self._sender.is_alive():
+        if not self._sender.is_alive():
+            future.set_exception(OSError(errno.EBADF, "netlink socket closed"))
+        elif background or self._sent != self._queued:
+            self._queued += 1
             self._outbox.put((seq, header + body))
         else:
-            future.set_exception(OSError(errno.EBADF, "netlink socket closed"))
+            try:
+                self.sock.send(header + body)
+            except OSError as exc:
+                future.set_exception(OSError(exc.errno, exc.strerror))
         return future
 
     def _send_loop(self) -> None:
@@ -252,6 +264,7 @@ class RequestChannel:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                     for seq, _ in batch:
                         self._loop.call_soon_threadsafe(self._send_failed, seq, exc)
+            self._sent += len(batch)
 
     def _send_failed(self, seq: int, exc: OSError) -> None:
         waiter = self._waiting.get(seq)
