@@ -49,6 +49,9 @@ def config_paths(args: argparse.Namespace) -> tuple[str, str | None]:
     return config_file, args.networks_dir
 
 
+SWITCH_INTERVAL = 0.0005
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.print_introspection:
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     # Under systemd, stderr is the journal: send native fields there instead of text.
     default_format = "journal" if os.environ.get("JOURNAL_STREAM") else "kv"
     logsetup.setup(args.log_format or default_format, args.log_level or "info")
+    # The netlink sender thread needs the GIL for a moment after each wake-up; while the
+    # loop reads a burst of events it would otherwise wait up to the default 5 ms for it.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         return asyncio.run(run(args))
     except ConfigError as e:
