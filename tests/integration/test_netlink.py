@@ -397,3 +397,19 @@ async def test_a_closed_channel_refuses_requests(ns: str) -> None:
     with pytest.raises(OSError) as exc:
         await chan.get_link("lo")
     assert exc.value.errno == errno.EBADF
+
+
+async def test_background_enslaves_keep_their_order_with_later_requests(
+        ns: str, nl: NetlinkAdapter) -> None:
+    br = await bridge(nl, "br0")
+    names = [f"q{i}" for i in range(60)]
+    sh("ip", "-batch", "-", ns=ns, input="".join(f"tuntap add {n} mode tap\n" for n in names))
+    assert await until(lambda: all(nl.link_by_name(n) is not None for n in names))
+    tasks = [asyncio.ensure_future(nl.enslave_new(act.Enslave(None, n, "br0"))) for n in names]
+    await asyncio.sleep(0)  # every task has queued its request
+    await nl.apply(act.Release(None, "q59"))  # asked later: must not overtake the queue
+    await asyncio.gather(*tasks)
+    masters = ip(ns, "-o", "link", "show", "master", "br0")
+    assert sum(f" {n}:" in masters for n in names) == 59 and " q59:" not in masters
+    link = nl.link_by_name("q0")
+    assert link is not None and link.master == br and link.up
