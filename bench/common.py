@@ -92,11 +92,17 @@ class Box(Sandbox):
         tmp = Path(tempfile.mkdtemp(prefix="kvmnetd-bench-"))
         tmp.chmod(0o755)  # dnsmasq runs as nobody and reads its files here
         super().__init__(tmp)
+        # The run dir on a tmpfs, as /run/kvmnetd is under systemd: owned.json is rewritten
+        # after changes, and a rename on this machine's disk costs more than the write.
+        self.run_dir.mkdir(mode=0o755)
+        sh("mount", "-t", "tmpfs", "-o", "mode=0755,size=64m", "kvmnetd-bench-run",
+           str(self.run_dir))
 
     def __exit__(self, *exc: object) -> None:
         try:
             super().__exit__(*exc)
         finally:
+            sh("umount", "-l", str(self.run_dir), check=False)
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     @property
