@@ -47,13 +47,16 @@ class FastPath:
         if rec.netlink.observed.link(bridge) is None:
             return  # a pass makes the bridge, then attaches
         action = A.Enslave(net, link.name, bridge)
-        send = getattr(rec.netlink, "enslave_new", rec.netlink.apply)
-        task = asyncio.get_running_loop().create_task(send(action))
-        task.add_done_callback(functools.partial(self._finished, action))
+        now = getattr(rec.netlink, "enslave_new", None)
+        if now is not None:
+            done: asyncio.Future[None] = now(action)
+        else:
+            done = asyncio.get_running_loop().create_task(rec.netlink.apply(action))
+        done.add_done_callback(functools.partial(self._finished, action))
         self.in_flight += 1
         self._hold()
 
-    def _finished(self, action: A.Enslave, task: asyncio.Task[None]) -> None:
+    def _finished(self, action: A.Enslave, task: asyncio.Future[None]) -> None:
         self.in_flight -= 1
         self._hold()
         rec = self.rec

@@ -282,10 +282,36 @@ class NetlinkAdapter:
                 name = type(action).__name__
                 raise InvalidArgument(f"the netlink adapter does not handle {name}")
 
-    async def enslave_new(self, action: act.Enslave) -> None:
-        """apply(), for a new tap in what may be a burst of them: sent by the request
-        channel's own thread, so the loop goes on reading the next taps' events."""
-        await self._enslave(action, background=True)
+    def enslave_new(self, action: act.Enslave) -> asyncio.Future[None]:
+        """apply(), for a new tap in what may be a burst of them: queued for the request
+        channel's own thread before this returns, so the loop goes straight on to the next
+        taps' events. The future completes as apply() would."""
+        loop = asyncio.get_running_loop()
+        master = self._mirror.by_name.get(action.bridge)
+        if master is None:  # not in the mirror yet: apply() asks the kernel
+            return loop.create_task(self._enslave(action, background=True))
+        name, what = action.ifname, f"attach {action.ifname} to bridge {action.bridge}"
+        self.writes += 1
+        sent = self.chan.start(RTM_NEWLINK, NLM_F_ACK,
+                               raw.set_link(name, attr_u32(IFLA_MASTER, master), up=True),
+                               background=True)
+        out: asyncio.Future[None] = loop.create_future()
+
+        def acked(f: asyncio.Future[list[Record]]) -> None:
+            if f.cancelled():
+                out.cancel()
+            elif (exc := f.exception()) is None:
+                self._mirror.update_link(name, master=master, up=True)
+                out.set_result(None)
+            elif isinstance(exc, NetlinkFailure):
+                err = kernel_error(exc.code, exc.reason, what)
+                err.__cause__ = exc
+                out.set_exception(err)
+            else:
+                out.set_exception(exc)
+
+        sent.add_done_callback(acked)
+        return out
 
     async def _enslave(self, action: act.Enslave, background: bool = False) -> None:
         name = action.ifname

@@ -413,3 +413,5 @@ async def test_background_enslaves_keep_their_order_with_later_requests(
     assert sum(f" {n}:" in masters for n in names) == 59 and " q59:" not in masters
     link = nl.link_by_name("q0")
     assert link is not None and link.master == br and link.up
+    with pytest.raises(NoSuchPort, match="attach nosuch to bridge br0"):
+        await nl.enslave_new(act.Enslave(None, "nosuch", "br0"))
