@@ -22,7 +22,6 @@ from .render.coexist import ForeignForward, coexist_rules
 log = structlog.get_logger("kvmnetd.reconcile")
 
 
-
 @dataclass(frozen=True)
 class NetState:
     state: str  # inactive | configuring | active | failed

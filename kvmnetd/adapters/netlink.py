@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -13,7 +13,7 @@ from .. import actions as act
 from ..errors import Conflict, InvalidArgument, KvmnetError, NoSuchPort
 from ..observed import Link, ObservedState
 from . import netlink_raw as raw
-from .netlink_config import ConfigWriter
+from .netlink_config import ConfigWriter, exists_error, kind_of
 from .netlink_mirror import Mirror
 from .netlink_parse import (
     IFADDRMSG,
@@ -25,7 +25,6 @@ from .netlink_parse import (
     RTM_GETROUTE,
     RTM_NEWLINK,
     RTMSG,
-    USER_HZ,
     LinkRec,
     Record,
     kernel_error,
@@ -40,7 +39,6 @@ from .netlink_raw import (
 
 log = structlog.get_logger(__name__)
 
-STP_DELAY_RANGE = range(2, 31)  # seconds the kernel accepts while STP is on
 RESYNC_BACKOFF = 1.0
 IN_FLIGHT = 128  # requests sent before their acks are awaited: bounded by the reply buffer
 _PIPELINED = (act.Enslave, act.SetUp, act.Release, act.SetMtu)
@@ -54,7 +52,8 @@ class NetlinkAdapter:
         self.observed = ObservedState()
         self._mirror = Mirror(self.observed)
         self._chan: raw.RequestChannel | None = None
-        self._cfg = ConfigWriter()  # bridges, addresses, routes: pyroute2's asyncio API
+        # Bridges, addresses, routes: pyroute2's asyncio API.
+        self._cfg = ConfigWriter(self._count_write)
         self._events: raw.EventSocket | None = None
         # While a dump runs, events wait here and are replayed after it, in order.
         self._pending: list[Record] | None = None
@@ -186,6 +185,9 @@ class NetlinkAdapter:
         if changed:
             self._notify()
 
+    def _count_write(self) -> None:
+        self.writes += 1
+
     def take_changes(self) -> tuple[set[int], bool]:
         """(link indexes changed, anything else changed) since the last call."""
         out = (self._changed, self._changed_other)
@@ -253,7 +255,7 @@ class NetlinkAdapter:
             case act.CreateBridge():
                 await self._create_bridge(action)
             case act.SetBridgeOptions():
-                await self._bridge_options(action)
+                await self._cfg.stp_and_delay(action)
                 mirror.update_link(action.bridge, stp=action.stp,
                                    forward_delay=action.forward_delay)
             case act.SetMtu(ifname=name, mtu=mtu):
@@ -286,16 +288,24 @@ class NetlinkAdapter:
         """apply(), for a new tap in what may be a burst of them: queued for the request
         channel's own thread before this returns, so the loop goes straight on to the next
         taps' events. The future completes as apply() would."""
-        loop = asyncio.get_running_loop()
         master = self._mirror.by_name.get(action.bridge)
-        if master is None:  # not in the mirror yet: apply() asks the kernel
-            return loop.create_task(self._enslave(action, background=True))
-        name, what = action.ifname, f"attach {action.ifname} to bridge {action.bridge}"
+        if master is None:  # not in the mirror yet: ask the kernel first
+            return asyncio.get_running_loop().create_task(self._enslave(action, True))
+        return self._start_enslave(action, master, True)
+
+    async def _enslave(self, action: act.Enslave, background: bool = False) -> None:
+        master = await self._index(action.bridge, _attach(action))
+        await self._start_enslave(action, master, background)
+
+    def _start_enslave(self, action: act.Enslave, master: int,
+                       background: bool) -> asyncio.Future[None]:
+        name = action.ifname
         self.writes += 1
+        # One request: a port moved between bridges never goes down.
         sent = self.chan.start(RTM_NEWLINK, NLM_F_ACK,
                                raw.set_link(name, attr_u32(IFLA_MASTER, master), up=True),
-                               background=True)
-        out: asyncio.Future[None] = loop.create_future()
+                               background=background)
+        out: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def acked(f: asyncio.Future[list[Record]]) -> None:
             if f.cancelled():
@@ -304,7 +314,7 @@ class NetlinkAdapter:
                 self._mirror.update_link(name, master=master, up=True)
                 out.set_result(None)
             elif isinstance(exc, NetlinkFailure):
-                err = kernel_error(exc.code, exc.reason, what)
+                err = kernel_error(exc.code, exc.reason, _attach(action))
                 err.__cause__ = exc
                 out.set_exception(err)
             else:
@@ -313,26 +323,16 @@ class NetlinkAdapter:
         sent.add_done_callback(acked)
         return out
 
-    async def _enslave(self, action: act.Enslave, background: bool = False) -> None:
-        name = action.ifname
-        what = f"attach {name} to bridge {action.bridge}"
-        master = await self._index(action.bridge, what)
-        # One request: a port moved between bridges never goes down.
-        await self._set_link(what, name, attr_u32(IFLA_MASTER, master), up=True,
-                             background=background)
-        self._mirror.update_link(name, master=master, up=True)
-
-    async def _write(self, what: str, kind: int, flags: int, body: bytes,
-                     background: bool = False) -> None:
+    async def _write(self, what: str, kind: int, flags: int, body: bytes) -> None:
         self.writes += 1
         try:
-            await self.chan.request(kind, flags | NLM_F_ACK, body, background=background)
+            await self.chan.request(kind, flags | NLM_F_ACK, body)
         except NetlinkFailure as exc:
             raise kernel_error(exc.code, exc.reason, what) from exc
 
     async def _set_link(self, what: str, name: str, attrs: bytes = b"",
-                        up: bool = False, background: bool = False) -> None:
-        await self._write(what, RTM_NEWLINK, 0, raw.set_link(name, attrs, up), background)
+                        up: bool = False) -> None:
+        await self._write(what, RTM_NEWLINK, 0, raw.set_link(name, attrs, up))
 
     async def _index(self, name: str, what: str) -> int:
         index = self._mirror.by_name.get(name)
@@ -344,43 +344,19 @@ class NetlinkAdapter:
             raise NoSuchPort(f"{what}: there is no link named {name}")
         return link.index
 
-    async def _lookup(self, name: str) -> Link | None:
-        link = self._mirror.link(name)
-        return link if link is not None else await self._get(name)
-
-    async def _config(self, call: Awaitable[None]) -> None:
-        self.writes += 1
-        await call
-
     async def _create_bridge(self, a: act.CreateBridge) -> None:
         what = f"create bridge {a.bridge}"
         existing = self._mirror.link(a.bridge)
         if existing is not None:
-            raise _exists(what, existing)
+            raise exists_error(what, existing)
         try:
-            await self._config(self._cfg.create_bridge(what, a.bridge, a.mtu, a.mac))
+            await self._cfg.create_bridge(what, a.bridge, a.mtu, a.mac)
         except Conflict:
             existing = await self._get(a.bridge)
             if existing is not None:
-                raise _exists(what, existing) from None
+                raise exists_error(what, existing) from None
             raise
         await self._get(a.bridge)  # its index, for the ports that follow
-
-    async def _bridge_options(self, a: act.SetBridgeOptions) -> None:
-        what = (f"set stp {'on' if a.stp else 'off'} and forward delay {a.forward_delay} s "
-                f"on bridge {a.bridge}")
-        if a.stp and a.forward_delay not in STP_DELAY_RANGE:
-            # Checked here: from STP off the kernel would silently raise a delay of 0/1 to 2 s.
-            raise InvalidArgument(f"{what}: with STP on the forward delay must be 2..30 s")
-        delay = a.forward_delay * USER_HZ
-        if a.stp or a.forward_delay in STP_DELAY_RANGE:
-            # The kernel applies the delay before the STP state within one request, and this
-            # delay is valid under either STP state.
-            await self._config(self._cfg.bridge_options(what, a.bridge, int(a.stp), delay))
-            return
-        # A delay outside 2..30 s is refused while STP is on: turn STP off first.
-        await self._config(self._cfg.bridge_options(what, a.bridge, stp=0))
-        await self._config(self._cfg.bridge_options(what, a.bridge, delay=delay))
 
     async def _address(self, a: act.AddAddress | act.RemoveAddress) -> int | None:
         """The link's index once the kernel holds the goal."""
@@ -389,7 +365,7 @@ class NetlinkAdapter:
         what += a.ifname
         index = await self._index(a.ifname, what)
         try:
-            await self._config(self._cfg.address(what, index, a.address, adding))
+            await self._cfg.address(what, index, a.address, adding)
         except KvmnetError as exc:
             # Already so (a late event made us plan it twice): the goal holds.
             code = getattr(exc.__cause__, "code", None)
@@ -404,25 +380,18 @@ class NetlinkAdapter:
         what += f" via {r.gateway}" if r.gateway else ""
         what += f" dev {a.ifname}"
         index = await self._index(a.ifname, what)
-        await self._config(self._cfg.route(what, index, r, adding))
+        await self._cfg.route(what, index, r, adding)
 
     async def _delete_bridge(self, name: str) -> int:
         what = f"delete bridge {name}"
-        link = await self._lookup(name)
+        link = self._mirror.link(name) or await self._get(name)
         if link is None:
             raise NoSuchPort(f"{what}: there is no link named {name}")
         if link.kind != "bridge":
-            raise Conflict(f"{what}: refusing, {name} is {_kind(link)}, not a bridge")
-        await self._config(self._cfg.delete_link(what, link.index))
+            raise Conflict(f"{what}: refusing, {name} is {kind_of(link)}, not a bridge")
+        await self._cfg.delete_link(what, link.index)
         return link.index
 
 
-def _kind(link: Link) -> str:
-    return f"a {link.kind} link" if link.kind else "a physical NIC"
-
-
-def _exists(what: str, link: Link) -> KvmnetError:
-    if link.kind == "bridge":
-        return Conflict(f"{what}: a bridge named {link.name} already exists")
-    return Conflict(f"{what}: {link.name} already exists and is {_kind(link)}, not a bridge")
-
+def _attach(action: act.Enslave) -> str:
+    return f"attach {action.ifname} to bridge {action.bridge}"

@@ -14,15 +14,21 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..observed import IPInterface, Route
-from .netlink_parse import IFA_F_NODAD, MAIN_TABLE, kernel_error
+from ..actions import SetBridgeOptions
+from ..errors import Conflict, InvalidArgument, KvmnetError
+from ..observed import IPInterface, Link, Route
+from .netlink_parse import IFA_F_NODAD, MAIN_TABLE, USER_HZ, kernel_error
+
+STP_DELAY_RANGE = range(2, 31)  # seconds the kernel accepts while STP is on
 
 
 class ConfigWriter:
-    def __init__(self) -> None:
+    def __init__(self, on_write: Callable[[], None]) -> None:
         self._ipr: Any = None
+        self._on_write = on_write  # each request sent, refused ones included
 
     async def _call(self, what: str, request: Callable[[Any], Awaitable[Any]]) -> None:
+        self._on_write()
         if self._ipr is None:
             # Opened on first use, from the loop thread: it lives in the daemon's netns.
             self._ipr = AsyncIPRoute(ext_ack=True)
@@ -52,6 +58,22 @@ class ConfigWriter:
         if stp is not None:
             spec["br_stp_state"] = stp
         await self._call(what, lambda ipr: ipr.link("set", **spec))
+
+    async def stp_and_delay(self, a: SetBridgeOptions) -> None:
+        what = (f"set stp {'on' if a.stp else 'off'} and forward delay {a.forward_delay} s "
+                f"on bridge {a.bridge}")
+        if a.stp and a.forward_delay not in STP_DELAY_RANGE:
+            # Checked here: from STP off the kernel would silently raise a delay of 0/1 to 2 s.
+            raise InvalidArgument(f"{what}: with STP on the forward delay must be 2..30 s")
+        delay = a.forward_delay * USER_HZ
+        if a.stp or a.forward_delay in STP_DELAY_RANGE:
+            # The kernel applies the delay before the STP state within one request, and this
+            # delay is valid under either STP state.
+            await self.bridge_options(what, a.bridge, int(a.stp), delay)
+            return
+        # A delay outside 2..30 s is refused while STP is on: turn STP off first.
+        await self.bridge_options(what, a.bridge, stp=0)
+        await self.bridge_options(what, a.bridge, delay=delay)
 
     async def address(self, what: str, index: int, iface: IPInterface, adding: bool) -> None:
         spec: dict[str, Any] = {"index": index, "address": str(iface.ip),
@@ -83,3 +105,13 @@ class ConfigWriter:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+
+
+def kind_of(link: Link) -> str:
+    return f"a {link.kind} link" if link.kind else "a physical NIC"
+
+
+def exists_error(what: str, link: Link) -> KvmnetError:
+    if link.kind == "bridge":
+        return Conflict(f"{what}: a bridge named {link.name} already exists")
+    return Conflict(f"{what}: {link.name} already exists and is {kind_of(link)}, not a bridge")
