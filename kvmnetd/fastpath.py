@@ -29,7 +29,6 @@ class FastPath:
         self.in_flight = 0
         # Taps attached since the last full pass: ifname -> (its index, its bridge's index).
         self.done: dict[str, tuple[int, int]] = {}
-        self.owned_dirty = False  # recorded in rec.owned, not saved yet
         self._quiet_at = 0.0
 
     def link_appeared(self, link: Link) -> None:
@@ -47,11 +46,7 @@ class FastPath:
         if rec.netlink.observed.link(bridge) is None:
             return  # a pass makes the bridge, then attaches
         action = A.Enslave(net, link.name, bridge)
-        now = getattr(rec.netlink, "enslave_new", None)
-        if now is not None:
-            done: asyncio.Future[None] = now(action)
-        else:
-            done = asyncio.get_running_loop().create_task(rec.netlink.apply(action))
+        done = rec.netlink.enslave_new(action)
         done.add_done_callback(functools.partial(self._finished, action))
         self.in_flight += 1
         self._hold()
@@ -71,7 +66,7 @@ class FastPath:
         obs = rec.netlink.observed
         rec.port_errors.pop(action.ifname, None)
         rec.owned.record(action, obs)
-        self.owned_dirty = True
+        rec.owned_dirty = True
         link, br = obs.link(action.ifname), obs.link(action.bridge)
         if link is not None and br is not None:
             self.done[action.ifname] = (link.index, br.index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 from . import actions as A
@@ -15,6 +16,14 @@ class NetlinkPort(Protocol):
     writes: int
 
     async def apply(self, action: A.Action) -> None: ...
+
+    def enslave_new(self, action: A.Enslave) -> asyncio.Future[None]:
+        """apply(), started before it returns (the fast path's new taps)."""
+        ...
+
+    def take_changes(self) -> tuple[set[int], bool]:
+        """(link indexes events changed, anything else changed) since the last call."""
+        ...
 
 
 class FirewallPort(Protocol):

@@ -58,6 +58,7 @@ class Reconciler:
         self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
         self._last_errors = 0
         self._sysctl_known = False
+        self.owned_dirty = False  # changed since owned.json was last written
         self.fast = FastPath(self)
         self._other_trigger = True  # woken by something other than link events
 
@@ -75,10 +76,9 @@ class Reconciler:
     def needs_pass(self) -> bool:
         """False when all that happened since the last pass is taps the fast path attached,
         still as it left them: the pass would plan every link to find nothing to do."""
-        take = getattr(self.netlink, "take_changes", None)
-        if self._other_trigger or self.fast.in_flight or take is None:
+        if self._other_trigger or self.fast.in_flight:
             return True
-        links, other = take()
+        links, other = self.netlink.take_changes()
         return other or not self.fast.covers(links)
 
     def firewall_changed(self) -> None:
@@ -143,9 +143,7 @@ class Reconciler:
         self.passes += 1
         # From here on this pass sees everything: later changes are for the next look.
         self._other_trigger = False
-        take = getattr(self.netlink, "take_changes", None)
-        if take is not None:
-            take()
+        self.netlink.take_changes()
         self.fast.done.clear()
         if not self._firewall_known:
             self._firewall_known = True  # a change reported while reading clears it again
@@ -171,7 +169,7 @@ class Reconciler:
                 self._last_errors += err is not None
         applied += await self._coexist(p, failed)
         if self.owned.to_json() != before:
-            self.fast.owned_dirty = True
+            self.owned_dirty = True
         self._save_owned_if_dirty()
         if self.dhcp is not None:
             ok = [n for n in self.desired.active_networks()
@@ -190,8 +188,8 @@ class Reconciler:
         return p, applied
 
     def _save_owned_if_dirty(self) -> None:
-        if self.fast.owned_dirty:
-            self.fast.owned_dirty = False
+        if self.owned_dirty:
+            self.owned_dirty = False
             save_owned(self.owned_path, self.owned)
 
     def _batches(self, p: Plan) -> list[list[A.Action]]:

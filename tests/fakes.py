@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 from kvmnetd import actions as A
@@ -18,6 +19,9 @@ class FakeNetlink:
         self._index = itertools.count(100)
         self.changed: set[int] = set()  # what tests say events changed
         self.changed_other = False
+
+    def enslave_new(self, action: A.Enslave) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_task(self.apply(action))
 
     def take_changes(self) -> tuple[set[int], bool]:
         out = (self.changed, self.changed_other)

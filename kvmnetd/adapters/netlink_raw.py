@@ -211,11 +211,10 @@ class RequestChannel:
                                         daemon=True)
         self._sender.start()
 
-    async def request(self, kind: int, flags: int, body: bytes, *,
-                      background: bool = False) -> list[Record]:
+    async def request(self, kind: int, flags: int, body: bytes) -> list[Record]:
         """Send one request; its reply records once acknowledged (or done, for a dump).
         Raises NetlinkFailure when the kernel refuses it."""
-        return await self.start(kind, flags, body, background=background)
+        return await self.start(kind, flags, body)
 
     def start(self, kind: int, flags: int, body: bytes, *,
               background: bool = False) -> asyncio.Future[list[Record]]:
