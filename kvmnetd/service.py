@@ -81,6 +81,8 @@ class Service:
         self.netlink.on_link_added = self.rec.fast.link_appeared
         # Listen first, then observe: no ruleset change falls between.
         await self.nftmon.start(self.rec.firewall_changed)
+        # Foreign chains then change only with an event: the timer reads just our table.
+        self.rec.foreign_events = self.nftmon.listening
         if not self.no_bus:
             from .adapters.firewalld import FirewalldWatcher
 
