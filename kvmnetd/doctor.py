@@ -23,6 +23,7 @@ from .adapters.doctor_probe import (
     has_table,
     probe,
 )
+from .foreign_input import accept_fix, input_blocks, services_of
 from .model import Mode, Network
 from .observed import Link, ObservedState
 from .status import Lease, NetworkStatus
@@ -200,6 +201,24 @@ def check_forward_drops(inp: DoctorInput) -> Iterable[Finding]:
                               "net.bridge.bridge-nf-call-iptables=0 (for every bridge)")
 
 
+def check_input_drops(inp: DoctorInput) -> Iterable[Finding]:
+    """Guests' DHCP/DNS/TFTP requests to the host, dropped by another table's input chain."""
+    if not inp.ruleset.get("nftables"):
+        return
+    for net in inp.networks:
+        services = services_of(net)
+        if not services:
+            continue
+        zone = (inp.firewalld_zones or {}).get(net.bridge) or None
+        for block in input_blocks(inp.ruleset, net.bridge, services, inp.table):
+            what = ", ".join(s.label for s in block.services)
+            yield Finding("foreign-input-drop", "error", net.name, block.where,
+                          f"{what} from guests on {net.bridge} is dropped by {block.where} "
+                          f"({block.how}), so guests get no "
+                          f"{' or '.join(s.name for s in block.services)} from the host",
+                          accept_fix(block, net.bridge, zone))
+
+
 def check_our_table(inp: DoctorInput) -> Iterable[Finding]:
     needs = [n.name for n in inp.networks if n.mode is not Mode.BRIDGED]
     if needs and inp.ruleset.get("nftables") and not has_table(inp.ruleset, inp.table):
@@ -324,8 +343,8 @@ def check_problems(inp: DoctorInput) -> Iterable[Finding]:
 
 
 CHECKS = (check_status, check_foreign_listeners, check_forwarding, check_uplink,
-          check_forward_drops, check_our_table, check_firewalld, check_overlaps,
-          check_bridges, check_leases, check_problems)
+          check_forward_drops, check_input_drops, check_our_table, check_firewalld,
+          check_overlaps, check_bridges, check_leases, check_problems)
 
 
 def run_checks(inp: DoctorInput) -> list[Finding]:
