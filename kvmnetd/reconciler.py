@@ -136,12 +136,25 @@ class Reconciler:
 
     def observe(self) -> ObservedState:
         obs = self.netlink.observed
-        if not self._sysctl_known:  # first pass, periodic verification, after our writes
+        fresh = not self._sysctl_known  # first pass, periodic verification, after our writes
+        if fresh:
             for fam in (4, 6):
                 value = self.sysctl.forwarding(fam)
                 if value is not None:
                     obs.forwarding[fam] = value
             self._sysctl_known = True
+        # accept_ra of devices with an RA-learned default route, for the planner's check
+        # before IPv6 forwarding goes on; a device new since the last read is read now.
+        ra_devices = obs.ra_default_devices()
+        for name in ra_devices:
+            if fresh or name not in obs.accept_ra:
+                ra = self.sysctl.accept_ra(name)
+                if ra is None:
+                    obs.accept_ra.pop(name, None)
+                else:
+                    obs.accept_ra[name] = ra
+        for name in set(obs.accept_ra) - set(ra_devices):
+            del obs.accept_ra[name]
         obs.firewall = self._firewall_seen
         return obs
 

@@ -67,3 +67,54 @@ def test_nft_input_chain_with_policy_drop(box: Sandbox) -> None:
     sh("sh", "-c", f["fix"], ns=box.host)
     assert findings(box, "foreign-input-drop") == []
     assert wait_until(lambda: box.dhcp(g).get("ip", "").startswith("10.58.0."), timeout=10)
+
+
+SIX = """
+[network.six]
+mode = "nat"
+bridge = "kvdoc6"
+ipv4 = "10.59.0.1/24"
+ipv6 = "fd59::1/64"
+[network.six.dns]
+enabled = false
+
+[network.four]
+mode = "nat"
+bridge = "kvdoc4"
+ipv4 = "10.56.0.1/24"
+[network.four.dns]
+enabled = false
+"""
+
+
+def sysctl(box: Sandbox, key: str) -> str:
+    return sh("sysctl", "-n", key, ns=box.host).stdout.strip()
+
+
+def state(box: Sandbox, name: str) -> dict[str, Any]:
+    out: dict[str, Any] = box.jctl("network", "show", name)
+    return out
+
+
+def test_accept_ra_on_an_uplink_that_learned_its_ipv6_route(box: Sandbox) -> None:
+    # An uplink whose IPv6 default route the kernel learned from a router advertisement.
+    sh("sysctl", "-qw", "net.ipv6.conf.uplink0.accept_ra=1",
+       "net.ipv6.conf.all.forwarding=0", ns=box.host)
+    sh("ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "uplink0", "proto", "ra",
+       ns=box.host)
+    box.write_config(SIX)
+    box.start_daemon("--no-bus")
+    six = state(box, "six")
+    assert six["state"] == "failed" and "uplink0" in six["reason"], six
+    assert "net.ipv6.conf.uplink0.accept_ra=2" in six["reason"]
+    assert state(box, "four")["state"] == "active", "only the network needing IPv6 forwarding"
+    assert sysctl(box, "net.ipv6.conf.all.forwarding") == "0", "kvmnetd left it off"
+    [f] = findings(box, "accept-ra-forwarding")
+    assert f["network"] == "six" and f["subject"] == "net.ipv6.conf.uplink0.accept_ra"
+    assert f["fix"].startswith("sysctl -w net.ipv6.conf.uplink0.accept_ra=2")
+    # The fix as given; the periodic verification notices it and the network comes up.
+    sh(*f["fix"].split(",")[0].split(), ns=box.host)
+    assert wait_until(lambda: state(box, "six")["state"] == "active", timeout=15)
+    assert sysctl(box, "net.ipv6.conf.all.forwarding") == "1"
+    assert "default via fe80::1" in sh("ip", "-6", "route", "show", "default", ns=box.host).stdout
+    assert findings(box, "accept-ra-forwarding") == []
