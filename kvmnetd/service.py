@@ -110,8 +110,12 @@ class Service:
             from .bus.server import serve
         except ImportError:  # the bus layer is optional for --apply-once style use
             return None
+        from .bus.polkit import PolkitAuthority
+
         sock = os.path.join(self.settings.run_dir, "control.sock")
-        return await serve(self.core, self.settings.bus_address, sock, use_bus=not self.no_bus)
+        server = await serve(self.core, self.settings.bus_address, sock, use_bus=not self.no_bus)
+        self.core.authority = PolkitAuthority(lambda: server.bus)
+        return server
 
     async def _watch_libvirt(self) -> None:
         """Domains' taps follow their lifecycle; without libvirt the daemon runs on."""

@@ -13,6 +13,7 @@ class Caller:
     uid: int
     gids: tuple[int, ...] = ()
     pid: int | None = None
+    bus_name: str | None = None  # the unique name of a bus caller (polkit's subject)
 
     @property
     def is_root(self) -> bool:
