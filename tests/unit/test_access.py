@@ -68,3 +68,35 @@ def test_check_authorization_message() -> None:
     subject, action, details, flags, cancel = msg.body
     assert subject[0] == "system-bus-name" and subject[1]["name"].value == ":1.7"
     assert (action, details, flags, cancel) == (MANAGE, {}, 1, "")
+
+
+def test_kvmnetctl_asks_the_bus_when_the_socket_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from kvmnetd import cli
+    from kvmnetd.bus.names import error_name
+
+    monkeypatch.delenv("KVMNETD_SOCKET", raising=False)
+    denied = cli.CallFailed(error_name("PermissionDenied"), "only root and members of ...")
+    asked: list[str] = []
+
+    def socket_call(path: str, method: str, args: list[object]) -> object:
+        asked.append("socket")
+        raise denied
+
+    def bus_call(address: str | None, method: str, args: list[object]) -> object:
+        asked.append("bus")
+        if bus_answer is None:
+            raise cli.Unavailable("no system bus")
+        return bus_answer
+
+    monkeypatch.setattr(cli, "socket_call", socket_call)
+    monkeypatch.setattr(cli, "bus_call", bus_call)
+    client = cli.Client(argparse.Namespace(bus_address=None, bus=False, socket=None))
+    bus_answer: object = "polkit said yes"
+    assert client.call("StartNetwork", "lab") == "polkit said yes"
+    assert asked == ["socket", "bus"]
+    bus_answer = None  # no bus: the socket's refusal is the answer
+    with pytest.raises(cli.CallFailed) as exc:
+        client.call("StartNetwork", "lab")
+    assert exc.value is denied
