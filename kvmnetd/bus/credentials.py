@@ -12,7 +12,6 @@ from typing import Any
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..access import in_admin_group
 from ..errors import PermissionDenied
 from ..status import Caller
 
@@ -32,15 +31,24 @@ def groups_of(uid: int) -> tuple[int, ...]:
         return (entry.pw_gid,)
 
 
-def may_administer(caller: Caller) -> bool:
-    """The socket's filter for admin methods: the core's rule without polkit."""
-    return in_admin_group(caller)
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (after the parenthesised command, which may hold spaces)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def caller_from_socket(sock: socket.socket) -> Caller:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, _gid = _UCRED.unpack(raw)
-    return Caller(uid=uid, gids=groups_of(uid), pid=pid or None)
+    # Read at connect time: the pid names this process only while it lives.
+    start = process_start_time(pid) if pid else None
+    return Caller(uid=uid, gids=groups_of(uid), pid=pid or None, start_time=start)
 
 
 class BusCallers:

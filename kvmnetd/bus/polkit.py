@@ -1,7 +1,8 @@
 """Asks polkit (org.freedesktop.PolicyKit1 on the system bus) whether a bus caller may act.
 
-The subject is the caller's unique bus name, as systemd-networkd and firewalld send it:
-polkit resolves it to the process, user and session itself. AllowUserInteraction lets
+The subject is a bus caller's unique name, as systemd-networkd and firewalld send it, or
+a socket caller's process (pid and start time, taken when it connected): polkit
+resolves either to the user and session itself. AllowUserInteraction lets
 an authentication agent prompt the user (virt-manager's "enter your password").
 Where polkit is not on the bus, or cannot answer, check() says None and the core
 falls back to its own rule (root and group kvmnet).
@@ -33,8 +34,18 @@ _ABSENT = ("org.freedesktop.DBus.Error.ServiceUnknown",
            "org.freedesktop.DBus.Error.Disconnected")
 
 
-def check_message(bus_name: str, action: str, interactive: bool = True) -> Message:
-    subject = ["system-bus-name", {"name": Variant("s", bus_name)}]
+def subject_of(caller: Caller) -> list[object] | None:
+    """polkit's subject: the bus name, else the process (pid and start time), else none."""
+    if caller.bus_name is not None:
+        return ["system-bus-name", {"name": Variant("s", caller.bus_name)}]
+    if caller.pid is not None and caller.start_time is not None:
+        return ["unix-process", {"pid": Variant("u", caller.pid),
+                                 "start-time": Variant("t", caller.start_time),
+                                 "uid": Variant("i", caller.uid)}]
+    return None
+
+
+def check_message(subject: list[object], action: str, interactive: bool = True) -> Message:
     flags = ALLOW_USER_INTERACTION if interactive else 0
     return Message(destination=POLKIT, path=AUTHORITY_PATH, interface=AUTHORITY_IFACE,
                    member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
@@ -48,10 +59,11 @@ class PolkitAuthority:
 
     async def check(self, caller: Caller, action: str) -> bool | None:
         bus = self._bus()
-        if bus is None or caller.bus_name is None:
-            return None  # a socket caller, or no bus: the core's own rule decides
+        subject = subject_of(caller)
+        if bus is None or subject is None:
+            return None  # no bus, or nothing polkit could identify: the core's rule decides
         try:
-            reply = await asyncio.wait_for(bus.call(check_message(caller.bus_name, action)),
+            reply = await asyncio.wait_for(bus.call(check_message(subject, action)),
                                            self.timeout)
         except (TimeoutError, OSError, EOFError) as e:
             log.warning("polkit.no_answer", action=action, error=str(e) or type(e).__name__)

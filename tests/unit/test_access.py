@@ -6,7 +6,8 @@ import pytest
 
 from kvmnetd import access
 from kvmnetd.access import MANAGE, authorize
-from kvmnetd.bus.polkit import PolkitAuthority, check_message
+from kvmnetd.bus.credentials import process_start_time
+from kvmnetd.bus.polkit import PolkitAuthority, check_message, subject_of
 from kvmnetd.errors import PermissionDenied
 from kvmnetd.status import Caller
 
@@ -54,49 +55,37 @@ async def test_without_polkit_only_root_and_the_group(authority: FakeAuthority |
     await authorize(MEMBER, "stop networks", authority)
 
 
-async def test_polkit_adapter_has_nothing_to_ask_without_bus_or_bus_name() -> None:
+async def test_polkit_adapter_has_nothing_to_ask_without_bus_or_subject() -> None:
     assert await PolkitAuthority(lambda: None).check(USER, MANAGE) is None
-    socket_caller = Caller(uid=1000, gids=(1000,), pid=123)
-    assert await PolkitAuthority(lambda: None).check(socket_caller, MANAGE) is None
+    assert subject_of(Caller(uid=1000, pid=123)) is None  # no start time: no safe subject
+
+
+def test_subjects_bus_name_then_process() -> None:
+    kind, fields = subject_of(USER)  # type: ignore[misc]
+    assert kind == "system-bus-name" and fields["name"].value == ":1.7"
+    sock = Caller(uid=1000, gids=(1000,), pid=4321, start_time=98765)
+    kind, fields = subject_of(sock)  # type: ignore[misc]
+    assert kind == "unix-process"
+    assert {k: v.value for k, v in fields.items()} == {"pid": 4321, "start-time": 98765,
+                                                       "uid": 1000}
+    assert [v.signature for v in fields.values()] == ["u", "t", "i"]
+
+
+def test_process_start_time_is_field_22_of_stat() -> None:
+    import os
+
+    with open("/proc/self/stat") as f:
+        want = int(f.read().rsplit(")", 1)[1].split()[19])
+    assert process_start_time(os.getpid()) == want
+    assert process_start_time(2**22 + 1) is None
 
 
 def test_check_authorization_message() -> None:
-    msg = check_message(":1.7", MANAGE)
-    assert (msg.destination, msg.path, msg.member) == (
+    subject = subject_of(USER)
+    assert subject is not None
+    msg = check_message(subject, MANAGE)
+    assert (msg.destination, msg.path, msg.member, msg.signature) == (
         "org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority",
-        "CheckAuthorization")
-    subject, action, details, flags, cancel = msg.body
-    assert subject[0] == "system-bus-name" and subject[1]["name"].value == ":1.7"
+        "CheckAuthorization", "(sa{sv})sa{ss}us")
+    _subject, action, details, flags, cancel = msg.body
     assert (action, details, flags, cancel) == (MANAGE, {}, 1, "")
-
-
-def test_kvmnetctl_asks_the_bus_when_the_socket_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse
-
-    from kvmnetd import cli
-    from kvmnetd.bus.names import error_name
-
-    monkeypatch.delenv("KVMNETD_SOCKET", raising=False)
-    denied = cli.CallFailed(error_name("PermissionDenied"), "only root and members of ...")
-    asked: list[str] = []
-
-    def socket_call(path: str, method: str, args: list[object]) -> object:
-        asked.append("socket")
-        raise denied
-
-    def bus_call(address: str | None, method: str, args: list[object]) -> object:
-        asked.append("bus")
-        if bus_answer is None:
-            raise cli.Unavailable("no system bus")
-        return bus_answer
-
-    monkeypatch.setattr(cli, "socket_call", socket_call)
-    monkeypatch.setattr(cli, "bus_call", bus_call)
-    client = cli.Client(argparse.Namespace(bus_address=None, bus=False, socket=None))
-    bus_answer: object = "polkit said yes"
-    assert client.call("StartNetwork", "lab") == "polkit said yes"
-    assert asked == ["socket", "bus"]
-    bus_answer = None  # no bus: the socket's refusal is the answer
-    with pytest.raises(cli.CallFailed) as exc:
-        client.call("StartNetwork", "lab")
-    assert exc.value is denied
