@@ -69,6 +69,37 @@ def test_nft_input_chain_with_policy_drop(box: Sandbox) -> None:
     assert wait_until(lambda: box.dhcp(g).get("ip", "").startswith("10.58.0."), timeout=10)
 
 
+def test_ufw_layout_written_with_iptables(box: Sandbox) -> None:
+    """ufw's INPUT as iptables-nft stores it: policy DROP, conntrack and addrtype as xt."""
+    box.write_config(CONFIG)
+    g = box.guest("vmd3")
+    box.start_daemon("--no-bus")
+    box.ctl("port", "attach", "vmd3", "nat")
+    for chain in ("ufw-before-input", "ufw-user-input", "ufw-after-input",
+                  "ufw-skip-to-policy-input"):
+        sh("iptables", "-N", chain, ns=box.host)
+    for rule in ("INPUT -j ufw-before-input", "INPUT -j ufw-after-input",
+                 "ufw-before-input -i lo -j ACCEPT",
+                 "ufw-before-input -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                 "ufw-before-input -m conntrack --ctstate INVALID -j DROP",
+                 "ufw-before-input -p udp --sport 67 --dport 68 -j ACCEPT",
+                 "ufw-before-input -j ufw-user-input",
+                 "ufw-after-input -m addrtype --dst-type BROADCAST -j ufw-skip-to-policy-input",
+                 "ufw-skip-to-policy-input -j DROP"):
+        sh("iptables", "-A", *rule.split(), ns=box.host)
+    sh("iptables", "-P", "INPUT", "DROP", ns=box.host)
+    [f] = findings(box, "foreign-input-drop")
+    assert "DHCP (udp/67), DNS (udp/53)" in f["message"]
+    assert f["fix"] == (f"ufw allow in on {BR} to any port 67 proto udp; "
+                        f"ufw allow in on {BR} to any port 53 proto udp")
+    assert box.dhcp(g) == {}
+    # What `ufw allow in on BR to any port 67 proto udp` adds.
+    sh("iptables", "-A", "ufw-user-input", "-i", BR, "-p", "udp", "--dport", "67", "-j",
+       "ACCEPT", ns=box.host)
+    [f] = findings(box, "foreign-input-drop")
+    assert "DHCP" not in f["message"] and "DNS (udp/53)" in f["message"]
+    assert box.dhcp(g).get("ip", "").startswith("10.58.0.")
+
 SIX = """
 [network.six]
 mode = "nat"
