@@ -15,6 +15,7 @@ import structlog
 
 from . import __version__
 from . import config as cfg
+from .access import Authority, authorize
 from .config_render import render_network_toml
 from .errors import (
     Conflict,
@@ -47,6 +48,7 @@ class Core:
         self.config = config
         self.overrides = dict(overrides or {})  # command-line settings, kept across reloads
         self.dhcp = dhcp
+        self.authority: Authority | None = None  # polkit, once the bus is there
         self.runtime: dict[str, Network] = {}  # defined at runtime only (not on disk)
         self.started: set[str] = set()  # runtime start/stop overrides
         self.stopped: set[str] = set()
@@ -147,7 +149,7 @@ class Core:
     # ---- writes --------------------------------------------------------------------------
 
     async def define_network(self, caller: Caller, toml_text: str, persist: bool) -> str:
-        self._require_admin(caller, "define networks")
+        await self.authorize_admin(caller, "define networks")
         # Parsed twice, like the config: the new network's own bridge and uplink first.
         first = cfg.parse_network_text(toml_text, "<define>", self.config)
         routes = host_routes(self.rec.netlink.observed,
@@ -168,7 +170,7 @@ class Core:
         return net.name
 
     async def undefine_network(self, caller: Caller, name: str, persist: bool) -> None:
-        self._require_admin(caller, "undefine networks")
+        await self.authorize_admin(caller, "undefine networks")
         self._net(name)
         if name in self.runtime:
             del self.runtime[name]
@@ -189,7 +191,7 @@ class Core:
         await self.apply(ports)
 
     async def start_network(self, caller: Caller, name: str) -> None:
-        self._require_admin(caller, "start networks")
+        await self.authorize_admin(caller, "start networks")
         self._net(name)
         self.stopped.discard(name)
         self.started.add(name)
@@ -199,7 +201,7 @@ class Core:
             raise Conflict(f"network {name} failed to start: {st.reason}")
 
     async def stop_network(self, caller: Caller, name: str) -> None:
-        self._require_admin(caller, "stop networks")
+        await self.authorize_admin(caller, "stop networks")
         self._net(name)
         self.started.discard(name)
         self.stopped.add(name)
@@ -249,7 +251,7 @@ class Core:
         await self.apply(ports)
 
     async def reload(self, caller: Caller) -> None:
-        self._require_admin(caller, "reload")
+        await self.authorize_admin(caller, "reload")
         s = self.config.settings
         new = load_config(s.config_file, s.networks_dir, self.overrides,
                           self.rec.netlink.observed)
@@ -287,9 +289,9 @@ class Core:
         src = self.networks()[name].source
         return f"{src.file}:{src.line}" if src else "the configuration"
 
-    def _require_admin(self, caller: Caller, what: str) -> None:
-        if not caller.is_root:
-            raise PermissionDenied(f"only root may {what}")
+    async def authorize_admin(self, caller: Caller, what: str) -> None:
+        """Root, group kvmnet, or polkit's yes (PermissionDenied otherwise)."""
+        await authorize(caller, what, self.authority)
 
     def _check_port_request(self, caller: Caller, ifname: str, network: str,
                             force: bool) -> Network:

@@ -23,6 +23,8 @@ from .adapters.doctor_probe import (
     has_table,
     probe,
 )
+from .adapters.sysctl import accept_ra_key
+from .foreign_input import accept_fix, input_blocks, services_of
 from .model import Mode, Network
 from .observed import Link, ObservedState
 from .status import Lease, NetworkStatus
@@ -133,6 +135,30 @@ def check_forwarding(inp: DoctorInput) -> Iterable[Finding]:
                                   f"sysctl -w {per}=1")
 
 
+def check_accept_ra(inp: DoctorInput) -> Iterable[Finding]:
+    """An RA-learned IPv6 default route on a device that stops taking RAs once forwarding is on."""
+    nets = [n.name for n in inp.networks if n.forwards and n.ipv6 is not None]
+    on = inp.sysctls.get(V6_FORWARD, "").strip() == "1"
+    if not nets and not on:
+        return
+    for dev in inp.observed.ra_default_devices():
+        key = accept_ra_key(dev)
+        if inp.sysctls.get(key, "").strip() != "1":
+            continue  # 2 accepts RAs anyway; 0: a daemon handles them, not the kernel
+        fix = f"sysctl -w {key}=2, and put {key} = 2 in a file in /etc/sysctl.d/ to keep it"
+        if on:
+            yield Finding("accept-ra-forwarding", "warning", None, key,
+                          f"IPv6 forwarding is on, so the kernel ignores router advertisements "
+                          f"on {dev} ({key}=1): the IPv6 default route learned there is not "
+                          "renewed and the host loses IPv6 when it expires", fix)
+        else:
+            yield Finding("accept-ra-forwarding", "error", nets[0] if len(nets) == 1 else None,
+                          key, f"{', '.join(nets)} need IPv6 forwarding, which kvmnetd leaves "
+                          f"off: with it on, the kernel would ignore router advertisements on "
+                          f"{dev} ({key}=1) and the host would lose its IPv6 default route",
+                          fix)
+
+
 def check_uplink(inp: DoctorInput) -> Iterable[Finding]:
     obs = inp.observed
     for net in inp.networks:
@@ -198,6 +224,24 @@ def check_forward_drops(inp: DoctorInput) -> Iterable[Finding]:
                               f"({drop.how})",
                               _accept_fix(drop, net.bridge, intra=True) + "; or sysctl -w "
                               "net.bridge.bridge-nf-call-iptables=0 (for every bridge)")
+
+
+def check_input_drops(inp: DoctorInput) -> Iterable[Finding]:
+    """Guests' DHCP/DNS/TFTP requests to the host, dropped by another table's input chain."""
+    if not inp.ruleset.get("nftables"):
+        return
+    for net in inp.networks:
+        services = services_of(net)
+        if not services:
+            continue
+        zone = (inp.firewalld_zones or {}).get(net.bridge) or None
+        for block in input_blocks(inp.ruleset, net.bridge, services, inp.table):
+            what = ", ".join(s.label for s in block.services)
+            yield Finding("foreign-input-drop", "error", net.name, block.where,
+                          f"{what} from guests on {net.bridge} is dropped by {block.where} "
+                          f"({block.how}), so guests get no "
+                          f"{' or '.join(s.name for s in block.services)} from the host",
+                          accept_fix(block, net.bridge, zone))
 
 
 def check_our_table(inp: DoctorInput) -> Iterable[Finding]:
@@ -323,9 +367,9 @@ def check_problems(inp: DoctorInput) -> Iterable[Finding]:
                       "run kvmnetd as root with nft and iproute2 installed for a full check")
 
 
-CHECKS = (check_status, check_foreign_listeners, check_forwarding, check_uplink,
-          check_forward_drops, check_our_table, check_firewalld, check_overlaps,
-          check_bridges, check_leases, check_problems)
+CHECKS = (check_status, check_foreign_listeners, check_forwarding, check_accept_ra, check_uplink,
+          check_forward_drops, check_input_drops, check_our_table, check_firewalld,
+          check_overlaps, check_bridges, check_leases, check_problems)
 
 
 def run_checks(inp: DoctorInput) -> list[Finding]:

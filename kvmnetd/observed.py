@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+RTPROT_RA = 9  # a route the kernel (or a daemon) learned from a router advertisement
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class ObservedState:
     routes: set[Route] = field(default_factory=set)
     # family (4 or 6) -> forwarding enabled
     forwarding: dict[int, bool] = field(default_factory=dict)
+    # device -> net.ipv6.conf.DEV.accept_ra, read for devices with an RA-learned default route
+    accept_ra: dict[str, int] = field(default_factory=dict)
     # Fingerprint of our nftables table as found (None: absent or not observed).
     firewall: str | None = None
     # name -> index, kept by whoever fills `links` (the netlink mirror); empty: scan.
@@ -64,6 +67,12 @@ class ObservedState:
     def addresses_of(self, name: str) -> set[IPInterface]:
         link = self.link(name)
         return set(self.addresses.get(link.index, set())) if link else set()
+
+    def ra_default_devices(self) -> list[str]:
+        """Devices whose IPv6 default route came from a router advertisement."""
+        return sorted({name for r in self.routes
+                       if r.dst.version == 6 and r.dst.prefixlen == 0 and r.proto == RTPROT_RA
+                       and (name := self.name_of(r.oif)) is not None})
 
     def routes_via(self, name: str) -> set[Route]:
         link = self.link(name)

@@ -36,6 +36,7 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
     active = desired.active_networks()
     for net in active:
         _plan_network(net, observed, owned, p)
+    _plan_ra_guard(active, observed, p)
     _plan_firewall(active, observed, table, p)
     _plan_forwarding(active, observed, owned, p)
     p.ports = wanted_ports(desired, observed)
@@ -138,6 +139,40 @@ def _plan_forwarding(active: list[Network], observed: ObservedState, owned: Owne
             p.actions.append(A.SetForwarding(None, fam, True))
         elif not need and fam in owned.forwarding and on != owned.forwarding[fam]:
             p.actions.append(A.SetForwarding(None, fam, owned.forwarding[fam]))
+
+
+def ra_blockers(observed: ObservedState) -> list[str]:
+    """Devices that would lose their IPv6 default route if IPv6 forwarding went on.
+
+    With forwarding on, the kernel ignores router advertisements where accept_ra=1. With
+    accept_ra=0 a daemon (NetworkManager, networkd) handles them itself: forwarding
+    changes nothing there. 2 means accept them anyway.
+    """
+    return [d for d in observed.ra_default_devices() if observed.accept_ra.get(d) == 1]
+
+
+def ra_guard_reason(devices: list[str]) -> str:
+    fixes = "; ".join(f"sysctl -w net.ipv6.conf.{d.replace('.', '/')}.accept_ra=2"
+                      for d in devices)
+    return (f"IPv6 forwarding is needed but left off: with it on, the kernel ignores router "
+            f"advertisements on {', '.join(devices)} (accept_ra=1) and the host would lose "
+            f"its IPv6 default route; fix: {fixes} (and keep it in /etc/sysctl.d/)")
+
+
+def _plan_ra_guard(active: list[Network], observed: ObservedState, p: Plan) -> None:
+    """Like libvirt: refuse to turn IPv6 forwarding on under a host that relies on RAs.
+
+    The setting is the host's, not ours to change; the networks that need the forwarding
+    fail with the reason and the fix, the others go on.
+    """
+    if observed.forwarding.get(6) is not False:
+        return  # already on (or not there): nothing of ours would change it
+    devices = ra_blockers(observed)
+    if not devices:
+        return
+    for net in active:
+        if net.forwards and net.ipv6 is not None and net.name not in p.problems:
+            p.problems[net.name] = ra_guard_reason(devices)
 
 
 def wanted_ports(desired: DesiredState, observed: ObservedState) -> dict[str, str]:

@@ -47,7 +47,11 @@ class Reconciler:
         self.passes = 0
         self.completed = 0  # passes finished: what readers of the results key caches on
         self._firewall_seen: str | None = None
-        self._firewall_known = False
+        self._firewall_known = False  # our own table
+        self._foreign_known = False  # other tables' forward chains (coexistence)
+        # Something (nft monitor) reports foreign ruleset changes: then the periodic
+        # verification reads only our own table, not the whole (maybe huge) ruleset.
+        self.foreign_events = False
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[str, NetState], None]] = []
@@ -82,8 +86,8 @@ class Reconciler:
         return other or not self.fast.covers(links)
 
     def firewall_changed(self) -> None:
-        """nft monitor saw a change: re-read the ruleset on the next pass."""
-        self._firewall_known = False
+        """nft monitor saw a change: re-read our table and the foreign chains next pass."""
+        self._firewall_known = self._foreign_known = False
         self.trigger()
 
     async def run(self) -> None:
@@ -98,6 +102,8 @@ class Reconciler:
                 if timed_out:
                     # Periodic verification re-reads what no event reports.
                     self._firewall_known = self._sysctl_known = False
+                    if not self.foreign_events:
+                        self._foreign_known = False
                 else:
                     await self.fast.settle()
                     if not self.needs_pass():
@@ -130,12 +136,25 @@ class Reconciler:
 
     def observe(self) -> ObservedState:
         obs = self.netlink.observed
-        if not self._sysctl_known:  # first pass, periodic verification, after our writes
+        fresh = not self._sysctl_known  # first pass, periodic verification, after our writes
+        if fresh:
             for fam in (4, 6):
                 value = self.sysctl.forwarding(fam)
                 if value is not None:
                     obs.forwarding[fam] = value
             self._sysctl_known = True
+        # accept_ra of devices with an RA-learned default route, for the planner's check
+        # before IPv6 forwarding goes on; a device new since the last read is read now.
+        ra_devices = obs.ra_default_devices()
+        for name in ra_devices:
+            if fresh or name not in obs.accept_ra:
+                ra = self.sysctl.accept_ra(name)
+                if ra is None:
+                    obs.accept_ra.pop(name, None)
+                else:
+                    obs.accept_ra[name] = ra
+        for name in set(obs.accept_ra) - set(ra_devices):
+            del obs.accept_ra[name]
         obs.firewall = self._firewall_seen
         return obs
 
@@ -149,10 +168,15 @@ class Reconciler:
             self._firewall_known = True  # a change reported while reading clears it again
             try:
                 self._firewall_seen = await self.firewall.observe()
-                if self.coexist is not None:
-                    self._foreign = await self.coexist.observe()
             except BaseException:
                 self._firewall_known = False
+                raise
+        if not self._foreign_known and self.coexist is not None:
+            self._foreign_known = True
+            try:
+                self._foreign = await self.coexist.observe()
+            except BaseException:
+                self._foreign_known = False
                 raise
         observed = self.observe()
         before = self.owned.to_json()  # adoption and forgetting below are changes to save too
@@ -281,7 +305,7 @@ class Reconciler:
             return 0
         if not change:
             return 0
-        self._firewall_known = False
+        self._foreign_known = False
         log.info("coexist.applied", inserted=len(change.insert), deleted=len(change.delete))
         return 1
 

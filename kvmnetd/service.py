@@ -81,6 +81,8 @@ class Service:
         self.netlink.on_link_added = self.rec.fast.link_appeared
         # Listen first, then observe: no ruleset change falls between.
         await self.nftmon.start(self.rec.firewall_changed)
+        # Foreign chains then change only with an event: the timer reads just our table.
+        self.rec.foreign_events = self.nftmon.listening
         if not self.no_bus:
             from .adapters.firewalld import FirewalldWatcher
 
@@ -108,8 +110,12 @@ class Service:
             from .bus.server import serve
         except ImportError:  # the bus layer is optional for --apply-once style use
             return None
+        from .bus.polkit import PolkitAuthority
+
         sock = os.path.join(self.settings.run_dir, "control.sock")
-        return await serve(self.core, self.settings.bus_address, sock, use_bus=not self.no_bus)
+        server = await serve(self.core, self.settings.bus_address, sock, use_bus=not self.no_bus)
+        self.core.authority = PolkitAuthority(lambda: server.bus)
+        return server
 
     async def _watch_libvirt(self) -> None:
         """Domains' taps follow their lifecycle; without libvirt the daemon runs on."""

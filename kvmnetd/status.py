@@ -13,6 +13,10 @@ class Caller:
     uid: int
     gids: tuple[int, ...] = ()
     pid: int | None = None
+    bus_name: str | None = None  # the unique name of a bus caller (polkit's subject)
+    # A socket caller's process start time (/proc/PID/stat, clock ticks since boot):
+    # with pid, polkit's unix-process subject, safe against a reused pid.
+    start_time: int | None = None
 
     @property
     def is_root(self) -> bool:

@@ -96,6 +96,7 @@ class FakeFirewall:
 class FakeSysctl:
     def __init__(self) -> None:
         self.values = {4: False, 6: False}
+        self.accept_ra_values: dict[str, int] = {}
         self.writes = 0
 
     def forwarding(self, family: int) -> bool | None:
@@ -104,6 +105,9 @@ class FakeSysctl:
     def set_forwarding(self, family: int, enabled: bool) -> None:
         self.writes += 1
         self.values[family] = enabled
+
+    def accept_ra(self, ifname: str) -> int | None:
+        return self.accept_ra_values.get(ifname)
 
 
 class FakeDhcp:

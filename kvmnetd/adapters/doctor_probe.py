@@ -23,6 +23,7 @@ from ..observed import ObservedState, Route
 from ..render.dnsmasq import dnsmasq_paths
 from ..status import Lease, NetworkStatus
 from .conflicts import find_conflicts
+from .sysctl import accept_ra, accept_ra_key
 
 V4_FORWARD, V6_FORWARD = "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"
 BRNF = {4: "net.bridge.bridge-nf-call-iptables", 6: "net.bridge.bridge-nf-call-ip6tables"}
@@ -188,12 +189,15 @@ def _sysctl_paths(networks: Iterable[Network]) -> dict[str, str]:
     return paths
 
 
-def read_sysctls(networks: Iterable[Network]) -> dict[str, str]:
+def read_sysctls(networks: Iterable[Network], ra_devices: Iterable[str] = ()) -> dict[str, str]:
     out = {}
     for key, path in _sysctl_paths(networks).items():
         with contextlib.suppress(OSError):
             with open(path) as f:
                 out[key] = f.read().strip()
+    for dev in ra_devices:
+        if (value := accept_ra(dev)) is not None:
+            out[accept_ra_key(dev)] = str(value)
     return out
 
 
@@ -300,7 +304,8 @@ async def probe(networks: list[Network], observed: ObservedState, ports: dict[st
     host_routes = [r for r in observed.routes if r.oif not in bridges and r.dst.prefixlen > 0]
     return DoctorInput(
         networks=list(networks), observed=observed, statuses=list(statuses),
-        sysctls=read_sysctls(networks), ruleset=ruleset if isinstance(ruleset, dict) else {},
+        sysctls=read_sysctls(networks, observed.ra_default_devices()),
+        ruleset=ruleset if isinstance(ruleset, dict) else {},
         listeners=listeners, leases=leases, ports=dict(ports), learned=learned,
         firewalld_running=running, firewalld_zones=zones, host_routes=host_routes,
         table=table, problems=problems)

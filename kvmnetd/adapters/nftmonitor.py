@@ -38,6 +38,11 @@ class NftMonitor:
         self._task: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
 
+    @property
+    def listening(self) -> bool:
+        """A monitor process is running (it may still die and be started again)."""
+        return self._proc is not None and self._proc.returncode is None
+
     async def start(self, on_change: Callable[[], None]) -> None:
         """Returns once the first monitor is listening (or has failed to start)."""
         ready = asyncio.get_running_loop().create_future()

@@ -29,6 +29,22 @@ def set_forwarding(family: int, enabled: bool) -> None:
         f.write("1\n" if enabled else "0\n")
 
 
+def accept_ra_key(ifname: str) -> str:
+    """sysctl's name for a device's accept_ra (a dot in the name becomes '/')."""
+    return f"net.ipv6.conf.{ifname.replace('.', '/')}.accept_ra"
+
+
+def accept_ra(ifname: str) -> int | None:
+    """net.ipv6.conf.IFNAME.accept_ra; None if the device (or IPv6 on it) is gone."""
+    if not ifname or "/" in ifname or ifname in (".", ".."):
+        return None
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/accept_ra") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 class SysctlAdapter:
     """Counts writes so tests can check that a settled system is left alone."""
 
@@ -41,3 +57,6 @@ class SysctlAdapter:
     def set_forwarding(self, family: int, enabled: bool) -> None:
         set_forwarding(family, enabled)
         self.writes += 1
+
+    def accept_ra(self, ifname: str) -> int | None:
+        return accept_ra(ifname)

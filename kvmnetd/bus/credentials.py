@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import grp
 import os
 import pwd
 import socket
@@ -15,7 +14,6 @@ from dbus_fast.aio import MessageBus
 
 from ..errors import PermissionDenied
 from ..status import Caller
-from .names import ADMIN_GROUP
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 _CACHE_LIMIT = 4096
@@ -33,23 +31,24 @@ def groups_of(uid: int) -> tuple[int, ...]:
         return (entry.pw_gid,)
 
 
-def admin_gid() -> int | None:
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (after the parenthesised command, which may hold spaces)."""
     try:
-        return grp.getgrnam(ADMIN_GROUP).gr_gid
-    except KeyError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
         return None
-
-
-def may_administer(caller: Caller) -> bool:
-    """The transport-level filter the bus policy applies; the core still decides."""
-    gid = admin_gid()
-    return caller.is_root or (gid is not None and gid in caller.gids)
 
 
 def caller_from_socket(sock: socket.socket) -> Caller:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, _gid = _UCRED.unpack(raw)
-    return Caller(uid=uid, gids=groups_of(uid), pid=pid or None)
+    # Read at connect time: the pid names this process only while it lives.
+    start = process_start_time(pid) if pid else None
+    return Caller(uid=uid, gids=groups_of(uid), pid=pid or None, start_time=start)
 
 
 class BusCallers:
@@ -109,13 +108,13 @@ async def _lookup(bus: MessageBus, sender: str) -> Caller:
         if uid_v is not None:
             uid = int(uid_v.value)
             pid = int(pid_v.value) if pid_v is not None else None
-            return Caller(uid=uid, gids=groups_of(uid), pid=pid)
+            return Caller(uid=uid, gids=groups_of(uid), pid=pid, bus_name=sender)
     # Older or foreign bus daemons: the narrower call every daemon has.
     reply = await _dbus_call(bus, "GetConnectionUnixUser", sender)
     if reply.message_type is not MessageType.METHOD_RETURN:
         raise PermissionDenied(f"cannot identify bus peer {sender}: {reply.error_name}")
     uid = int(reply.body[0])
-    return Caller(uid=uid, gids=groups_of(uid))
+    return Caller(uid=uid, gids=groups_of(uid), bus_name=sender)
 
 
 NAME_OWNER_MATCH = (

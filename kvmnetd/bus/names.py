@@ -31,10 +31,6 @@ SOCKET_NAME = "control.sock"
 DEFAULT_SOCKET_PATH = f"{DEFAULT_RUN_DIR}/{SOCKET_NAME}"
 SOCKET_ENV = "KVMNETD_SOCKET"
 
-# Members of this group pass the bus policy for administrative methods; the
-# daemon still decides every request itself.
-ADMIN_GROUP = "kvmnet"
-
 READ_METHODS = ("ListNetworks", "Describe", "Doctor", "GetNetwork", "ListPorts")
 # Port verbs are open at the policy level: the per-network allow lists decide.
 PORT_METHODS = ("AttachPort", "DetachPort", "MovePort")

@@ -1,0 +1,68 @@
+"""What the periodic verification costs on an idle host: which `nft` commands it runs.
+
+A wrapper named `nft`, first on the daemon's PATH, logs every argv and execs the real nft.
+After start-up has settled, ten idle seconds must show our own table being checked and
+no full-ruleset dump (foreign chains are re-read only when nft monitor reports a change).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.netns import sh
+from tests.rig import Sandbox, wait_until
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+[network.nat]
+mode = "nat"
+bridge = "kvcost0"
+ipv4 = "10.57.0.1/24"
+[network.nat.dns]
+enabled = false
+"""
+
+
+def nft_wrapper(directory: Path, log: Path) -> Path:
+    real = shutil.which("nft")
+    assert real is not None
+    wrapper = directory / "nft"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    return directory
+
+
+def calls(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_idle_verification_lists_only_our_table(box: Sandbox) -> None:
+    log = box.tmp / "nft-calls.log"
+    bindir = box.tmp / "bin"
+    bindir.mkdir()
+    nft_wrapper(bindir, log)
+    box.write_config(CONFIG)
+    box.start_daemon("--no-bus", env={"PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert any("list ruleset" in c for c in calls(log)), "start-up reads foreign chains once"
+    # Start-up settles: our own apply comes back through nft monitor once.
+    box.ctl("status")
+    wait_until(lambda: False, timeout=2.0)
+    start = len(calls(log))
+    time.sleep(10)
+    idle = calls(log)[start:]
+    print(f"NFT idle 10s: {len(idle)} calls: "
+          f"{sum('list ruleset' in c for c in idle)} list ruleset, "
+          f"{sum('list table' in c for c in idle)} list table")
+    assert any(c.startswith("list table inet kvmnetd") for c in idle), idle
+    assert not [c for c in idle if "list ruleset" in c], idle
+    # A foreign change is still noticed: nft monitor makes the next pass read the chains.
+    before = len(calls(log))
+    sh("nft", "add", "table", "ip", "other", ns=box.host)
+    assert wait_until(lambda: any("list ruleset" in c for c in calls(log)[before:]),
+                      timeout=10)
