@@ -157,6 +157,37 @@ CASES = [
      "network.nat.dhcp.host[0].name", "not valid"),
     (NAT + '[[network.nat.dhcp.host]]\nmac = "52:54:00:00:00:01"\nlease_time = "5s"\n', 5,
      "network.nat.dhcp.host[0].lease_time", "shorter"),
+    # boot files per architecture
+    (NAT + '[network.nat.dhcp.boot]\nefi_x64 = "x.efi"\n', 4, "network.nat.dhcp.boot.efi_x64",
+     "did you mean 'efi_x86_64'?"),
+    (NAT + '[network.nat.dhcp.boot]\nbios = "a b"\n', 4, "network.nat.dhcp.boot.bios", "spaces"),
+    (NAT + '[network.nat.dhcp.boot]\nipxe = "#x"\n', 4, "network.nat.dhcp.boot.ipxe",
+     "must start with"),
+    (NAT + '[network.nat.dhcp]\nboot = "x"\n', 4, "network.nat.dhcp.boot", "a table"),
+    # extra dnsmasq options
+    (NAT + '[network.nat.dnsmasq]\noptions = ["log-dhcp", "dhcp-script=/bin/sh"]\n', 4,
+     "network.nat.dnsmasq.options[1]", "'dhcp-script' is refused: it runs a program"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["conf-file=/etc/x"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "reads or writes files"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["nftset=/a/4#inet#t#s"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "firewall"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["dhcp-range=10.0.0.1,10.0.0.9"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "use ranges and ranges6"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["dhcp-optoin=3"]\n', 4,
+     "network.nat.dnsmasq.options[0]",
+     "not on the allow list of extra dnsmasq options (did you mean 'dhcp-option'?)"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["log-dhcp\\ndhcp-script=/x"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "control character"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["--log-dhcp"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "without leading dashes"),
+    (NAT + '[network.nat.dnsmasq]\noptions = [" log-dhcp"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "not 'name' or 'name=value'"),
+    (NAT + '[network.nat.dnsmasq]\noptions = "log-dhcp"\n', 4,
+     "network.nat.dnsmasq.options", "an array"),
+    (NAT + '[network.nat.dnsmasq]\noption = ["log-dhcp"]\n', 4,
+     "network.nat.dnsmasq.option", "did you mean 'options'?"),
+    (NAT + '[network.nat.dns]\nenabled = false\n[network.nat.dnsmasq]\noptions = []\n', 5,
+     "network.nat.dnsmasq", "no dnsmasq runs"),
     # DNS
     (NAT + '[network.nat.dns]\ndomain = "bad domain"\n', 4, "network.nat.dns.domain",
      "not valid"),
@@ -472,9 +503,39 @@ def test_docs_name_every_key() -> None:
     doc = (REPO / "docs" / "config.md").read_text()
     documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", doc, re.M))
     accepted = {*v.NETWORK_KEYS, *v.DHCP_KEYS, *v.HOST_KEYS, *v.DNS_KEYS, *v.ATTACH_KEYS,
-                *cfg.DAEMON_KEYS} - {"dhcp", "dns", "host"}  # tables, with their own sections
+                *v.BOOT_KEYS, *v.DNSMASQ_KEYS, *cfg.DAEMON_KEYS} - {
+        "dhcp", "dns", "host", "boot", "dnsmasq"}  # tables, with their own sections
     assert accepted - documented == set()
     assert documented - accepted == set()
     for section in ("[daemon]", "[network.NAME]", "[network.NAME.dhcp]",
-                    "[[network.NAME.dhcp.host]]", "[network.NAME.dns]", "[[attach]]"):
+                    "[[network.NAME.dhcp.host]]", "[network.NAME.dhcp.boot]",
+                    "[network.NAME.dns]", "[network.NAME.dnsmasq]", "[[attach]]"):
         assert f"`{section}`" in doc
+
+
+PXE_LAB = '''
+[network.lab]
+mode = "isolated"
+ipv4 = "10.0.9.1/24"
+[network.lab.dhcp]
+tftp_root = "/srv/tftp"
+boot_file = "pxelinux.0"
+[network.lab.dhcp.boot]
+bios = "undionly.kpxe"
+efi_x86_64 = "ipxe.efi"
+ipxe = "http://10.0.9.1/boot.ipxe"
+[network.lab.dnsmasq]
+options = ["dhcp-option=option:ntp-server,10.0.9.1", "log-dhcp"]
+'''
+
+
+def test_boot_files_and_extra_options_are_read_and_round_trip(tmp_path: Path) -> None:
+    from kvmnetd.config_render import render_network_toml
+    from kvmnetd.model import BootFiles
+
+    conf = load(tmp_path, PXE_LAB)
+    net = conf.networks["lab"]
+    assert net.dhcp is not None and net.dhcp.boot == BootFiles(
+        bios="undionly.kpxe", efi_x86_64="ipxe.efi", ipxe="http://10.0.9.1/boot.ipxe")
+    assert net.dnsmasq_options == ("dhcp-option=option:ntp-server,10.0.9.1", "log-dhcp")
+    assert cfg.parse_network_text(render_network_toml(net), "x", conf) == net
