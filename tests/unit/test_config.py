@@ -415,22 +415,51 @@ def test_default_network_when_no_files(tmp_path: Path) -> None:
     assert list(conf.networks) == ["default"]
     net = conf.networks["default"]
     assert (net.mode, net.bridge, net.ipv4) == (
-        Mode.NAT, "kvbr0", ipaddress.IPv4Interface("10.88.0.1/24"))
-    assert net.dhcp == Dhcp(ranges=(DhcpRange(ipaddress.ip_address("10.88.0.2"),
-                                              ipaddress.ip_address("10.88.0.254")),))
+        Mode.NAT, "kvbr0", ipaddress.IPv4Interface("10.80.0.1/24"))
+    assert net.dhcp == Dhcp(ranges=(DhcpRange(ipaddress.ip_address("10.80.0.2"),
+                                              ipaddress.ip_address("10.80.0.254")),))
     assert net.dns.domain is None
     # An existing but empty file means "no networks", not the default.
     assert load(tmp_path, "").networks == {}
 
 
+def test_default_network_keeps_the_subnet_it_is_given(tmp_path: Path) -> None:
+    kept = ipaddress.IPv4Network("10.80.7.0/24")
+    conf = cfg.load(str(tmp_path / "missing.toml"), str(tmp_path / "missing.d"),
+                    host_routes=[ipaddress.ip_network("10.80.0.0/16")], default_subnet=kept)
+    assert conf.networks["default"].ipv4 == ipaddress.IPv4Interface("10.80.7.1/24")
+    # Only the built-in default: a declared network is never moved.
+    assert load(tmp_path, NAT, default_subnet=kept).networks["nat"].ipv4 == \
+        ipaddress.IPv4Interface("10.0.0.254/24")
+
+
+def test_default_candidates_avoid_other_tools_ranges() -> None:
+    avoided = [ipaddress.IPv4Network(net) for net, _ in cfg.AVOIDED]
+    cands = list(cfg.default_candidates())
+    assert cands[:3] == [ipaddress.IPv4Network(f"10.80.{i}.0/24") for i in range(3)]
+    assert cands[2047] == ipaddress.IPv4Network("10.87.255.0/24")
+    assert cands[2048] == ipaddress.IPv4Network("172.16.0.0/24")
+    assert len(cands) == len(set(cands)) == 2048 + 256
+    for cand in cands:
+        assert cand.prefixlen == 24 and cand.is_private
+        assert not any(cand.overlaps(a) for a in avoided), cand
+    # What the table in the docs names, at least.
+    for must in ("10.88.0.0/16", "172.17.0.0/16", "192.168.0.0/16"):
+        assert ipaddress.IPv4Network(must) in avoided
+    for inside in ("10.89.5.0/24", "10.255.255.0/24", "172.31.0.0/24", "192.168.122.0/24",
+                   "192.168.121.0/24", "192.168.1.0/24", "10.0.3.0/24"):
+        assert any(ipaddress.IPv4Network(inside).subnet_of(a) for a in avoided), inside
+
+
 def test_default_network_avoids_routes() -> None:
     r = ipaddress.ip_network
+    # A Podman host: its network changes nothing, the first candidate is not near it.
     net = cfg.default_network([r("0.0.0.0/0"), r("10.88.0.0/16"), r("fd00::/8")])
-    assert net.ipv4 == ipaddress.IPv4Interface("10.89.0.1/24")
-    net = cfg.default_network([r("10.0.0.0/8"), r("172.30.0.0/23")])
-    assert net.ipv4 == ipaddress.IPv4Interface("172.30.2.1/24")
-    for cand in cfg.DEFAULT_CANDIDATES:
-        assert not cand.overlaps(r("192.168.122.0/24"))
+    assert net.ipv4 == ipaddress.IPv4Interface("10.80.0.1/24")
+    net = cfg.default_network([r("10.80.0.0/23"), r("10.80.3.0/24")])
+    assert net.ipv4 == ipaddress.IPv4Interface("10.80.2.1/24")
+    net = cfg.default_network([r("10.0.0.0/8"), r("172.16.0.0/23")])
+    assert net.ipv4 == ipaddress.IPv4Interface("172.16.2.1/24")
     with pytest.raises(ConfigError):
         cfg.default_network([r("10.0.0.0/8"), r("172.16.0.0/12")])
 
