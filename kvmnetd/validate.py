@@ -22,8 +22,6 @@ LEASE_RE = re.compile(r"([0-9]+)([smhdw]?)|infinite")
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 MAC_GLOB_RE = re.compile(r"[0-9a-f:*?\[\]!-]{1,64}")
 LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-# A name relative to the TFTP root, or a URL for iPXE; nothing dnsmasq would split on.
-BOOT_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./+:?=&%~-]{0,254}")
 NFT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 _LEASE_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MIN_LEASE = 120  # dnsmasq's own floor; shorter values are silently raised
@@ -108,6 +106,10 @@ def check_tftp_root(s: str) -> str:
     if "," in s:
         raise ValueError(f"{s!r} may not contain ','")
     return check_abs_path(s)
+
+
+# A name relative to the TFTP root, or a URL for iPXE; nothing dnsmasq would split on.
+BOOT_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./+:?=&%~-]{0,254}")
 
 
 def check_boot_file(s: str) -> str:

@@ -464,6 +464,34 @@ def test_default_network_avoids_routes() -> None:
         cfg.default_network([r("10.0.0.0/8"), r("172.16.0.0/12")])
 
 
+PXE_LAB = '''
+[network.lab]
+mode = "isolated"
+ipv4 = "10.0.9.1/24"
+[network.lab.dhcp]
+tftp_root = "/srv/tftp"
+boot_file = "pxelinux.0"
+[network.lab.dhcp.boot]
+bios = "undionly.kpxe"
+efi_x86_64 = "ipxe.efi"
+ipxe = "http://10.0.9.1/boot.ipxe"
+[network.lab.dnsmasq]
+options = ["dhcp-option=option:ntp-server,10.0.9.1", "log-dhcp"]
+'''
+
+
+def test_boot_files_and_extra_options_are_read_and_round_trip(tmp_path: Path) -> None:
+    from kvmnetd.config_render import render_network_toml
+    from kvmnetd.model import BootFiles
+
+    conf = load(tmp_path, PXE_LAB)
+    net = conf.networks["lab"]
+    assert net.dhcp is not None and net.dhcp.boot == BootFiles(
+        bios="undionly.kpxe", efi_x86_64="ipxe.efi", ipxe="http://10.0.9.1/boot.ipxe")
+    assert net.dnsmasq_options == ("dhcp-option=option:ntp-server,10.0.9.1", "log-dhcp")
+    assert cfg.parse_network_text(render_network_toml(net), "x", conf) == net
+
+
 def test_example_file_validates() -> None:
     example = REPO / "contrib" / "kvmnetd.example.toml"
     conf = cfg.load(str(example), "/nonexistent/networks.d")
@@ -541,30 +569,3 @@ def test_docs_name_every_key() -> None:
                     "[network.NAME.dns]", "[network.NAME.dnsmasq]", "[[attach]]"):
         assert f"`{section}`" in doc
 
-
-PXE_LAB = '''
-[network.lab]
-mode = "isolated"
-ipv4 = "10.0.9.1/24"
-[network.lab.dhcp]
-tftp_root = "/srv/tftp"
-boot_file = "pxelinux.0"
-[network.lab.dhcp.boot]
-bios = "undionly.kpxe"
-efi_x86_64 = "ipxe.efi"
-ipxe = "http://10.0.9.1/boot.ipxe"
-[network.lab.dnsmasq]
-options = ["dhcp-option=option:ntp-server,10.0.9.1", "log-dhcp"]
-'''
-
-
-def test_boot_files_and_extra_options_are_read_and_round_trip(tmp_path: Path) -> None:
-    from kvmnetd.config_render import render_network_toml
-    from kvmnetd.model import BootFiles
-
-    conf = load(tmp_path, PXE_LAB)
-    net = conf.networks["lab"]
-    assert net.dhcp is not None and net.dhcp.boot == BootFiles(
-        bios="undionly.kpxe", efi_x86_64="ipxe.efi", ipxe="http://10.0.9.1/boot.ipxe")
-    assert net.dnsmasq_options == ("dhcp-option=option:ntp-server,10.0.9.1", "log-dhcp")
-    assert cfg.parse_network_text(render_network_toml(net), "x", conf) == net
