@@ -100,7 +100,7 @@ async def _load_with_routes(config_file: str, networks_dir: str | None,
     nl = NetlinkAdapter()
     await nl.open(lambda: None)
     try:
-        # Shows the subnet a running daemon uses; checking never writes state.
+        # The default subnet a running daemon would use; checking never writes state.
         return load_config(config_file, networks_dir, overrides, nl.observed,
                            DefaultSubnetFile(writable=False))
     finally:

@@ -76,7 +76,7 @@ REFUSED: dict[str, str] = {
 }
 
 _NAME = re.compile(r"[a-z][a-zA-Z0-9-]*")
-MAX_LENGTH = 1024  # dnsmasq reads config lines into a buffer of this size
+MAX_LENGTH = 1024  # far above any real option; keeps a config line of sane size
 
 
 def option_name(option: str) -> str:
