@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,12 +23,42 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 TOP_KEYS = ("daemon", "network", "attach")
 BUILTIN = "(built-in)"
 
-# libvirt's default network; a guest host often runs both.
-LIBVIRT_DEFAULT = ipaddress.IPv4Network("192.168.122.0/24")
-DEFAULT_CANDIDATES = tuple(
-    [ipaddress.IPv4Network(f"10.{i}.0.0/24") for i in range(88, 100)]
-    + [ipaddress.IPv4Network(f"172.30.{i}.0/24") for i in range(256)]
+# Where the built-in default network's /24 comes from, in this order: 10.80.0.0/13 is
+# the top of 10/8 below Podman's 10.88.0.0/16 and its pools, outside every range in
+# AVOIDED; 172.16.0.0/16 is below Docker's pools, for hosts that route all of 10/8.
+DEFAULT_POOLS = (ipaddress.IPv4Network("10.80.0.0/13"), ipaddress.IPv4Network("172.16.0.0/16"))
+
+# Ranges other software on a KVM host takes by default (docs/config.md has the table).
+# Incus and LXD pick a random 10.x.y.0/24 (and fd42::/16 for IPv6): no range avoids
+# that, the check against the host's routes does.
+AVOIDED: tuple[tuple[str, str], ...] = (
+    ("10.88.0.0/16", "Podman: its default network"),
+    ("10.89.0.0/16", "Podman: subnet pools of `podman network create`, 10.89.0.0/24 upwards"),
+    ("10.90.0.0/15", "Podman: subnet pools"),
+    ("10.92.0.0/14", "Podman: subnet pools"),
+    ("10.96.0.0/11", "Podman: subnet pools; Kubernetes services (10.96.0.0/12)"),
+    ("10.128.0.0/9", "Podman: subnet pools, up to 10.255.255.0/24"),
+    ("10.0.0.0/16", "Docker Swarm overlays (10.0.0.0/8 from 10.0.0.0/24 up), VirtualBox NAT "
+                    "(10.0.2.0/24), LXC's lxcbr0 (10.0.3.0/24), home routers (10.0.0.0/24)"),
+    ("10.42.0.0/15", "k3s: pods and services"),
+    ("172.17.0.0/16", "Docker: docker0"),
+    ("172.18.0.0/15", "Docker: default address pools (172.17-31.0.0/16)"),
+    ("172.20.0.0/14", "Docker: default address pools"),
+    ("172.24.0.0/13", "Docker: default address pools; OpenShift services (172.30.0.0/16)"),
+    ("192.168.0.0/16", "Docker's last default pool (/20s), libvirt (192.168.122.0/24), "
+                       "vagrant-libvirt (192.168.121.0/24), virt-manager's new networks "
+                       "(192.168.100.0/24 up), VirtualBox host-only (192.168.56.0/24), "
+                       "minikube (192.168.39.0/24, 192.168.49.0/24), home routers "
+                       "(192.168.0.0/24, 192.168.1.0/24, 192.168.178.0/24, ...)"),
+    ("100.64.0.0/10", "carrier-grade NAT: Tailscale and ISPs"),
 )
+
+
+def default_candidates() -> Iterator[ipaddress.IPv4Network]:
+    """Every /24 the built-in default network may take, in the order they are tried."""
+    for pool in DEFAULT_POOLS:
+        yield from pool.subnets(new_prefix=24)
+
 
 _OPTIONAL = ("bus_address", "libvirt_uri")  # "" means None
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -237,8 +267,12 @@ def _routes(host_routes: Iterable[IPNetwork]) -> list[IPNetwork]:
 
 def load(config_file: str | None, networks_dir: str | None,
          host_routes: Iterable[IPNetwork] = (),
-         overrides: dict[str, str] | None = None) -> Config:
-    """Read the main file and networks.d; raise ConfigError listing every issue."""
+         overrides: dict[str, str] | None = None,
+         default_subnet: ipaddress.IPv4Network | None = None) -> Config:
+    """Read the main file and networks.d; raise ConfigError listing every issue.
+
+    default_subnet: the built-in default network's subnet, chosen at an earlier start.
+    """
     issues: list[ConfigIssue] = []
     routes = _routes(host_routes)
     main = config_file or Settings().config_file
@@ -284,7 +318,7 @@ def load(config_file: str | None, networks_dir: str | None,
                        f"no network named {rule.network!r}{suggest(rule.network, networks)}")
         rules.append(rule)
     if not files:
-        net = default_network(routes)
+        net = default_network(routes, default_subnet)
         networks[net.name] = net
     if issues:
         raise ConfigError(_ordered(issues, files))
@@ -328,25 +362,33 @@ def parse_network_text(text: str, filename: str, existing: Config,
     return net
 
 
-def default_network(host_routes: Iterable[IPNetwork] = ()) -> Network:
-    """The network used when no configuration exists: NAT with DHCP on a free /24."""
-    taken = [LIBVIRT_DEFAULT, *(r for r in _routes(host_routes) if r.version == 4)]
-    for subnet in DEFAULT_CANDIDATES:
+def choose_default_subnet(host_routes: Iterable[IPNetwork] = ()) -> ipaddress.IPv4Network:
+    """The first candidate /24 that overlaps no route of the host (default routes aside)."""
+    taken = [r for r in _routes(host_routes) if r.version == 4]
+    for subnet in default_candidates():
         if not any(subnet.overlaps(t) for t in taken):
-            break
-    else:
-        raise ConfigError([ConfigIssue(BUILTIN, 0, "network.default.ipv4",
-                                       "every candidate subnet overlaps a host route; "
-                                       "declare a network in the configuration")])
+            return subnet
+    raise ConfigError([ConfigIssue(BUILTIN, 0, "network.default.ipv4",
+                                   "every candidate subnet overlaps a host route; "
+                                   "declare a network in the configuration")])
+
+
+def default_network(host_routes: Iterable[IPNetwork] = (),
+                    subnet: ipaddress.IPv4Network | None = None) -> Network:
+    """The network used when no configuration exists: NAT with DHCP on a free /24.
+
+    `subnet` is the one chosen at an earlier start: kept even where a route now
+    overlaps it, so the network does not move under its guests.
+    """
+    if subnet is None:
+        subnet = choose_default_subnet(host_routes)
     base = subnet.network_address
     return Network(
         name="default",
         mode=Mode.NAT,
         bridge="kvbr0",
         ipv4=ipaddress.IPv4Interface(f"{base + 1}/{subnet.prefixlen}"),
-        dhcp=Dhcp(ranges=(DhcpRange(base + 2, base + 254),)),
+        dhcp=Dhcp(ranges=(DhcpRange(base + 2, subnet.broadcast_address - 1),)),
         dns=Dns(domain=None),
         source=Source(BUILTIN, 0),
     )
-
-

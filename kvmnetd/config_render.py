@@ -64,9 +64,13 @@ def render_network_toml(net: Network) -> str:
             ("tftp_root", d.tftp_root), ("boot_file", d.boot_file),
             ("next_server", d.next_server), ("ra", d.ra), ("dhcpv6", d.dhcpv6),
         ])
+        if d.boot.items():
+            table(f"[{head}.dhcp.boot]", list(d.boot.items()))
         for h in d.hosts:
             table(f"[[{head}.dhcp.host]]", [
                 ("mac", h.mac), ("ip", h.ip), ("name", h.name), ("lease_time", h.lease_time)])
     table(f"[{head}.dns]", [("enabled", net.dns.enabled), ("domain", net.dns.domain),
                             ("forwarders", net.dns.forwarders)])
+    if net.dnsmasq_options:
+        table(f"[{head}.dnsmasq]", [("options", net.dnsmasq_options)])
     return "\n".join(out) + "\n"

@@ -24,7 +24,7 @@ from .errors import (
     NoSuchPort,
     PermissionDenied,
 )
-from .hostroutes import devices_of, host_routes, load_config
+from .hostroutes import DefaultSubnetStore, devices_of, host_routes, load_config
 from .model import DesiredState, Mode, Network
 from .plan import PORT_KINDS
 from .reconciler import NetState, Reconciler
@@ -43,8 +43,10 @@ class Core:
     version = __version__
 
     def __init__(self, reconciler: Reconciler, config: cfg.Config,
-                 dhcp: DhcpView | None = None, overrides: dict[str, str] | None = None) -> None:
+                 dhcp: DhcpView | None = None, overrides: dict[str, str] | None = None,
+                 default_subnets: DefaultSubnetStore | None = None) -> None:
         self.rec = reconciler
+        self.default_subnets = default_subnets
         self.config = config
         self.overrides = dict(overrides or {})  # command-line settings, kept across reloads
         self.dhcp = dhcp
@@ -254,7 +256,7 @@ class Core:
         await self.authorize_admin(caller, "reload")
         s = self.config.settings
         new = load_config(s.config_file, s.networks_dir, self.overrides,
-                          self.rec.netlink.observed)
+                          self.rec.netlink.observed, self.default_subnets)
         # Paths stay as started; behaviour settings follow the file.
         self.config = replace(new, settings=replace(
             s, teardown_on_stop=new.settings.teardown_on_stop))

@@ -93,13 +93,16 @@ def check_config(args: argparse.Namespace) -> int:
 
 async def _load_with_routes(config_file: str, networks_dir: str | None,
                            overrides: dict[str, str]) -> cfg.Config:
+    from .adapters.default_subnet import DefaultSubnetFile
     from .adapters.netlink import NetlinkAdapter
     from .hostroutes import load_config
 
     nl = NetlinkAdapter()
     await nl.open(lambda: None)
     try:
-        return load_config(config_file, networks_dir, overrides, nl.observed)
+        # The default subnet a running daemon would use; checking never writes state.
+        return load_config(config_file, networks_dir, overrides, nl.observed,
+                           DefaultSubnetFile(writable=False))
     finally:
         await nl.close()
 

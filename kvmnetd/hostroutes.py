@@ -6,8 +6,9 @@ to learn those before checking subnets against the rest.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from . import config as cfg
 from .model import Network
@@ -25,9 +26,27 @@ def devices_of(networks: Iterable[Network]) -> set[str]:
     return {n.bridge for n in nets} | {n.uplink for n in nets if n.uplink}
 
 
+class DefaultSubnetStore(Protocol):
+    """Where the built-in default network's subnet is kept once chosen (an adapter)."""
+
+    def read(self, state_dir: str) -> ipaddress.IPv4Network | None: ...
+    def write(self, state_dir: str, subnet: ipaddress.IPv4Network) -> None: ...
+
+
 def load_config(config_file: str | None, networks_dir: str | None, overrides: dict[str, str],
-                observed: Any) -> cfg.Config:
-    """Load twice: first to learn our bridges and uplinks, whose routes are not the host's."""
+                observed: Any, store: DefaultSubnetStore | None = None) -> cfg.Config:
+    """Load twice: first to learn our bridges and uplinks, whose routes are not the host's.
+
+    With a store, the built-in default network takes the subnet kept there, or keeps
+    the one chosen now: it does not move when the host's routes change later.
+    """
     first = cfg.load(config_file, networks_dir, host_routes=(), overrides=overrides)
+    builtin = not first.files
+    kept = store.read(first.settings.state_dir) if store is not None and builtin else None
     routes = host_routes(observed, devices_of(first.networks.values()))
-    return cfg.load(config_file, networks_dir, host_routes=routes, overrides=overrides)
+    conf = cfg.load(config_file, networks_dir, host_routes=routes, overrides=overrides,
+                    default_subnet=kept)
+    default = conf.networks.get("default")
+    if store is not None and builtin and kept is None and default and default.ipv4:
+        store.write(conf.settings.state_dir, default.ipv4.network)
+    return conf

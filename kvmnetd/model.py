@@ -40,6 +40,25 @@ class DhcpHost:
 
 
 @dataclass(frozen=True)
+class BootFiles:
+    """Boot files by client architecture (DHCP option 93) and for iPXE itself.
+
+    A client that matches none of them gets Dhcp.boot_file.
+    """
+
+    bios: str | None = None  # client-arch 0: x86 BIOS PXE
+    efi_x86_64: str | None = None  # client-arch 7 and 9: x86-64 UEFI
+    efi_arm64: str | None = None  # client-arch 11: arm64 UEFI
+    # iPXE asking again after being chain-loaded, whatever its architecture: without
+    # this, iPXE would be handed itself and load in a loop.
+    ipxe: str | None = None
+
+    def items(self) -> list[tuple[str, str]]:
+        names = ("bios", "efi_x86_64", "efi_arm64", "ipxe")
+        return [(n, v) for n in names if (v := getattr(self, n)) is not None]
+
+
+@dataclass(frozen=True)
 class Dhcp:
     ranges: tuple[DhcpRange, ...] = ()
     lease_time: str = "1h"
@@ -52,6 +71,7 @@ class Dhcp:
     tftp_root: str | None = None
     boot_file: str | None = None
     next_server: ipaddress.IPv4Address | None = None
+    boot: BootFiles = field(default_factory=BootFiles)
     ra: bool = True
     dhcpv6: str = "off"  # off | stateless | stateful
     ranges6: tuple[DhcpRange, ...] = ()
@@ -84,6 +104,9 @@ class Network:
     dns: Dns = field(default_factory=Dns)
     allow_users: tuple[str, ...] = ()
     allow_groups: tuple[str, ...] = ()
+    # Extra dnsmasq options ("name" or "name=value"), each on the config's allow list;
+    # written after kvmnetd's own.
+    dnsmasq_options: tuple[str, ...] = ()
     source: Source | None = field(default=None, compare=False)
 
     @property

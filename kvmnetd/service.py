@@ -12,6 +12,7 @@ import structlog
 
 from . import config as cfg
 from .adapters.coexist import ForeignForwardAdapter
+from .adapters.default_subnet import DefaultSubnetFile
 from .adapters.netlink import NetlinkAdapter
 from .adapters.nftables import NftablesAdapter
 from .adapters.nftmonitor import NftMonitor
@@ -62,8 +63,9 @@ class Service:
 
     async def start(self) -> None:
         await self.netlink.open(self._on_netlink)
+        subnets = DefaultSubnetFile()
         conf = load_config(self.config_file, self.networks_dir, self.overrides,
-                           self.netlink.observed)
+                           self.netlink.observed, subnets)
         self.settings = s = conf.settings
         for d in (s.run_dir, s.state_dir):
             os.makedirs(d, mode=0o755, exist_ok=True)
@@ -75,7 +77,7 @@ class Service:
                               table=s.firewall_table,
                               coexist=ForeignForwardAdapter(s.firewall_table),
                               coexist_mode=s.coexist)
-        self.core = Core(self.rec, conf, self.dhcp, self.overrides)
+        self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets)
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
         self.netlink.on_link_added = self.rec.fast.link_appeared

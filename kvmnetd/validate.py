@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .addresses import IPAddress, parse_gateway4, parse_gateway6, parse_ip, parse_ipv4, parse_range
-from .model import AttachRule, Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network
+from .dnsmasq_options import check_option
+from .model import AttachRule, BootFiles, Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network
 from .tomlpos import FileCtx, Table, suggest
 
 NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,32}")
@@ -107,9 +108,16 @@ def check_tftp_root(s: str) -> str:
     return check_abs_path(s)
 
 
+# A name relative to the TFTP root, or a URL for iPXE; nothing dnsmasq would split on.
+BOOT_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./+:?=&%~-]{0,254}")
+
+
 def check_boot_file(s: str) -> str:
     if not s or "," in s or any(c.isspace() for c in s):
         raise ValueError(f"boot file {s!r} may not be empty or contain spaces or ','")
+    if not BOOT_FILE_RE.fullmatch(s):
+        raise ValueError(f"boot file {s!r} must start with a letter, digit or '_' and hold "
+                         "only letters, digits and _ . / + : ? = & % ~ -, 255 at most")
     return s
 
 
@@ -135,9 +143,12 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 
 NETWORK_KEYS = ("mode", "bridge", "ipv4", "ipv6", "uplink", "stp", "forward_delay", "mtu",
-                "autostart", "host_access", "allow_users", "allow_groups", "dhcp", "dns")
+                "autostart", "host_access", "allow_users", "allow_groups", "dhcp", "dns",
+                "dnsmasq")
 DHCP_KEYS = ("ranges", "ranges6", "lease_time", "router", "ping_check", "tftp_root",
-             "boot_file", "next_server", "ra", "dhcpv6", "host")
+             "boot_file", "next_server", "ra", "dhcpv6", "host", "boot")
+BOOT_KEYS = ("bios", "efi_x86_64", "efi_arm64", "ipxe")
+DNSMASQ_KEYS = ("options",)
 HOST_KEYS = ("mac", "ip", "name", "lease_time")
 DNS_KEYS = ("enabled", "domain", "forwarders")
 ATTACH_KEYS = ("network", "ifname", "mac", "domain")
@@ -249,10 +260,27 @@ def _dhcp(t: Table, net: Table, v4: ipaddress.IPv4Interface | None,
         tftp_root=t.text("tftp_root", check_tftp_root, None),
         boot_file=t.text("boot_file", check_boot_file, None),
         next_server=t.text("next_server", parse_ipv4, None),
+        boot=_boot(t),
         ra=t.flag("ra", True),
         dhcpv6=dhcpv6,
         ranges6=ranges6,
     )
+
+
+def _boot(dhcp: Table) -> BootFiles:
+    sub = dhcp.table("boot")
+    if sub is None:
+        return BootFiles()
+    t = Table(dhcp.ctx, (*dhcp.path, "boot"), sub, BOOT_KEYS)
+    return BootFiles(**{key: t.text(key, check_boot_file, None) for key in BOOT_KEYS})
+
+
+def _dnsmasq_options(net: Table) -> tuple[str, ...]:
+    sub = net.table("dnsmasq")
+    if sub is None:
+        return ()
+    return Table(net.ctx, (*net.path, "dnsmasq"), sub, DNSMASQ_KEYS).texts("options",
+                                                                          check_option)
 
 
 def _dns(t: Table) -> Dns:
@@ -288,6 +316,7 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
         else None
     sub = t.table("dns")
     dns = _dns(Table(ctx, (*t.path, "dns"), sub, DNS_KEYS)) if sub is not None else Dns()
+    options = _dnsmasq_options(t)
 
     if "mode" not in t.bad:
         if mode != Mode.BRIDGED and not (t.has("ipv4") or t.has("ipv6")):
@@ -303,6 +332,10 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
                               "mode = nat or routed")
         if mode != Mode.ISOLATED and host_access:
             t.error("host_access", "host_access only applies to isolated networks")
+        # The same rule as Network.needs_dnsmasq: options for a dnsmasq that never runs.
+        if t.has("dnsmasq") and dhcp is None and not (dns.enabled and t.has("ipv4")):
+            t.error("dnsmasq", "no dnsmasq runs for this network (no dhcp table, and DNS is "
+                               "off or there is no ipv4); remove the dnsmasq table")
     if uplink is not None and uplink == bridge:
         t.error("uplink", f"the uplink {uplink!r} is the network's own bridge")
     if mtu and v6 is not None and mtu < 1280:
@@ -310,7 +343,7 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
     return Network(
         name=name, mode=mode, bridge=bridge, ipv4=v4, ipv6=v6, uplink=uplink, stp=stp,
         forward_delay=delay, mtu=mtu or None, autostart=t.flag("autostart", True),
-        host_access=host_access, dhcp=dhcp, dns=dns,
+        host_access=host_access, dhcp=dhcp, dns=dns, dnsmasq_options=options,
         allow_users=t.texts("allow_users", check_user),
         allow_groups=t.texts("allow_groups", check_user),
         source=ctx.source(t.path),

@@ -14,8 +14,9 @@ import os.path
 import re
 from dataclasses import dataclass
 
+from ..dnsmasq_options import check_option
 from ..errors import InvalidArgument
-from ..model import Dhcp, Mode, Network, Settings
+from ..model import BootFiles, Dhcp, Mode, Network, Settings
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,14}")
@@ -23,7 +24,15 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9])?")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _LEASE = re.compile(r"\d{1,9}[smhdw]?|infinite")
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
-_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./+-]{0,254}")
+_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./+:?=&%~-]{0,254}")
+
+# Client architectures (DHCP option 93, RFC 4578 and IANA's registry) per boot file key,
+# with the tag dnsmasq sets for them; the tags are documented for extra options.
+_ARCH_TAGS = {
+    "bios": ("bios", (0,)),
+    "efi_x86_64": ("efi-x86_64", (7, 9)),  # 9 is what early firmware sent for x86-64
+    "efi_arm64": ("efi-arm64", (11,)),
+}
 
 
 @dataclass(frozen=True)
@@ -151,10 +160,45 @@ def _dhcp4_lines(net: Network, dhcp: Dhcp, paths: DnsmasqPaths) -> list[str]:
         out.append("no-ping")
     if dhcp.tftp_root:
         out += ["enable-tftp", f"tftp-root={_path(dhcp.tftp_root, 'tftp root')}"]
+    out += _boot_lines(dhcp)
+    return out
+
+
+def _boot_lines(dhcp: Dhcp) -> list[str]:
+    """dhcp-boot per client architecture, iPXE first, then the default boot_file.
+
+    dnsmasq prefers a dhcp-boot whose tags all match over an untagged one; the tags
+    here never match together, so the order of the lines does not matter to it.
+    """
+    server = f",,{dhcp.next_server}" if dhcp.next_server else ""
+    boot: BootFiles = dhcp.boot
+    out: list[str] = []
+    not_ipxe = ""
+    if boot.ipxe:
+        # iPXE sends its own option 175 and the user class "iPXE".
+        out += ["dhcp-match=set:ipxe,175", "dhcp-userclass=set:ipxe,iPXE",
+                f"dhcp-boot=tag:ipxe,{_match(_FILE, boot.ipxe, 'boot file')}{server}"]
+        not_ipxe = ",tag:!ipxe"
+    for key, (tag, arches) in _ARCH_TAGS.items():
+        name = getattr(boot, key)
+        if name is None:
+            continue
+        out += [f"dhcp-match=set:{tag},option:client-arch,{a}" for a in arches]
+        out.append(f"dhcp-boot=tag:{tag}{not_ipxe},{_match(_FILE, name, 'boot file')}{server}")
     if dhcp.boot_file:
-        boot = _match(_FILE, dhcp.boot_file, "boot file")
-        server = f",,{dhcp.next_server}" if dhcp.next_server else ""
-        out.append(f"dhcp-boot={boot}{server}")
+        out.append(f"dhcp-boot={_match(_FILE, dhcp.boot_file, 'boot file')}{server}")
+    return out
+
+
+def _extra_lines(net: Network) -> list[str]:
+    out: list[str] = []
+    for option in net.dnsmasq_options:
+        try:
+            out.append(check_option(option))
+        except ValueError as e:
+            raise InvalidArgument(f"extra dnsmasq option: {e}") from None
+    if out:
+        out.insert(0, f"# extra options from [network.{net.name}.dnsmasq]")
     return out
 
 
@@ -204,6 +248,8 @@ def render_config(net: Network, paths: DnsmasqPaths) -> str:
     if net.dhcp is not None:
         lines += _dhcp4_lines(net, net.dhcp, paths)
         lines += _ipv6_lines(net, net.dhcp)
+    # Last: kvmnetd's own options come first and cannot be changed by these.
+    lines += _extra_lines(net)
     return "\n".join(lines) + "\n"
 
 

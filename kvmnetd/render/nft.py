@@ -72,23 +72,33 @@ def _families(net: Network) -> Iterable[tuple[str, ipaddress.IPv4Network | ipadd
 
 
 def _service_rules(r: _Rules, open_host: bool) -> None:
-    """Input from the bridge: DHCP, DNS and neighbour discovery; the rest only if open_host."""
+    """Input from the bridge: the services the network's config turns on, on every mode.
+
+    On isolated networks without host_access everything else to the host is dropped.
+    """
     net, br = r.net, r.br
-    if net.dhcp is not None and net.ipv4 is not None:
+    dhcp = net.dhcp
+    if dhcp is not None and net.ipv4 is not None:
         r.add(r.input, f"iifname {br} udp dport 67 accept")
-    if net.dhcp is not None and net.ipv6 is not None:
+    if dhcp is not None and net.ipv6 is not None:
         r.add(r.input, f"iifname {br} udp dport 547 accept")
     if net.dns.enabled:
         r.add(r.input, f"iifname {br} udp dport 53 accept")
         r.add(r.input, f"iifname {br} tcp dport 53 accept")
-    if net.mode is not Mode.ISOLATED:
+    if dhcp is not None and dhcp.tftp_root:
+        # Only the request: dnsmasq answers from a new port of its own, so the guest's
+        # acknowledgements are replies to that flow and pass as established below.
+        r.add(r.input, f"iifname {br} udp dport 69 accept")
+    if net.ipv6 is not None or not open_host:
+        # Router solicitations for RA, and neighbour discovery, which even a bridge
+        # with only its link-local address needs where the rest is dropped.
+        r.add(r.input, f"iifname {br} icmpv6 type "
+                       "{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept")
+    if open_host:
         return
-    r.add(r.input, f"iifname {br} icmpv6 type "
-                   "{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept")
-    # Replies to connections the host itself opened towards a guest.
+    # Replies to flows the host opened: TFTP data, its own connections to guests.
     r.add(r.input, f"iifname {br} ct state established,related accept")
-    if not open_host:
-        r.add(r.input, f"iifname {br} drop")
+    r.add(r.input, f"iifname {br} drop")
 
 
 def _forward_rules(r: _Rules) -> None:

@@ -157,6 +157,37 @@ CASES = [
      "network.nat.dhcp.host[0].name", "not valid"),
     (NAT + '[[network.nat.dhcp.host]]\nmac = "52:54:00:00:00:01"\nlease_time = "5s"\n', 5,
      "network.nat.dhcp.host[0].lease_time", "shorter"),
+    # boot files per architecture
+    (NAT + '[network.nat.dhcp.boot]\nefi_x64 = "x.efi"\n', 4, "network.nat.dhcp.boot.efi_x64",
+     "did you mean 'efi_x86_64'?"),
+    (NAT + '[network.nat.dhcp.boot]\nbios = "a b"\n', 4, "network.nat.dhcp.boot.bios", "spaces"),
+    (NAT + '[network.nat.dhcp.boot]\nipxe = "#x"\n', 4, "network.nat.dhcp.boot.ipxe",
+     "must start with"),
+    (NAT + '[network.nat.dhcp]\nboot = "x"\n', 4, "network.nat.dhcp.boot", "a table"),
+    # extra dnsmasq options
+    (NAT + '[network.nat.dnsmasq]\noptions = ["log-dhcp", "dhcp-script=/bin/sh"]\n', 4,
+     "network.nat.dnsmasq.options[1]", "'dhcp-script' is refused: it runs a program"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["conf-file=/etc/x"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "reads or writes files"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["nftset=/a/4#inet#t#s"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "firewall"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["dhcp-range=10.0.0.1,10.0.0.9"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "use ranges and ranges6"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["dhcp-optoin=3"]\n', 4,
+     "network.nat.dnsmasq.options[0]",
+     "not on the allow list of extra dnsmasq options (did you mean 'dhcp-option'?)"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["log-dhcp\\ndhcp-script=/x"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "control character"),
+    (NAT + '[network.nat.dnsmasq]\noptions = ["--log-dhcp"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "without leading dashes"),
+    (NAT + '[network.nat.dnsmasq]\noptions = [" log-dhcp"]\n', 4,
+     "network.nat.dnsmasq.options[0]", "not 'name' or 'name=value'"),
+    (NAT + '[network.nat.dnsmasq]\noptions = "log-dhcp"\n', 4,
+     "network.nat.dnsmasq.options", "an array"),
+    (NAT + '[network.nat.dnsmasq]\noption = ["log-dhcp"]\n', 4,
+     "network.nat.dnsmasq.option", "did you mean 'options'?"),
+    (NAT + '[network.nat.dns]\nenabled = false\n[network.nat.dnsmasq]\noptions = []\n', 5,
+     "network.nat.dnsmasq", "no dnsmasq runs"),
     # DNS
     (NAT + '[network.nat.dns]\ndomain = "bad domain"\n', 4, "network.nat.dns.domain",
      "not valid"),
@@ -384,24 +415,81 @@ def test_default_network_when_no_files(tmp_path: Path) -> None:
     assert list(conf.networks) == ["default"]
     net = conf.networks["default"]
     assert (net.mode, net.bridge, net.ipv4) == (
-        Mode.NAT, "kvbr0", ipaddress.IPv4Interface("10.88.0.1/24"))
-    assert net.dhcp == Dhcp(ranges=(DhcpRange(ipaddress.ip_address("10.88.0.2"),
-                                              ipaddress.ip_address("10.88.0.254")),))
+        Mode.NAT, "kvbr0", ipaddress.IPv4Interface("10.80.0.1/24"))
+    assert net.dhcp == Dhcp(ranges=(DhcpRange(ipaddress.ip_address("10.80.0.2"),
+                                              ipaddress.ip_address("10.80.0.254")),))
     assert net.dns.domain is None
     # An existing but empty file means "no networks", not the default.
     assert load(tmp_path, "").networks == {}
 
 
+def test_default_network_keeps_the_subnet_it_is_given(tmp_path: Path) -> None:
+    kept = ipaddress.IPv4Network("10.80.7.0/24")
+    conf = cfg.load(str(tmp_path / "missing.toml"), str(tmp_path / "missing.d"),
+                    host_routes=[ipaddress.ip_network("10.80.0.0/16")], default_subnet=kept)
+    assert conf.networks["default"].ipv4 == ipaddress.IPv4Interface("10.80.7.1/24")
+    # Only the built-in default: a declared network is never moved.
+    assert load(tmp_path, NAT, default_subnet=kept).networks["nat"].ipv4 == \
+        ipaddress.IPv4Interface("10.0.0.254/24")
+
+
+def test_default_candidates_avoid_other_tools_ranges() -> None:
+    avoided = [ipaddress.IPv4Network(net) for net, _ in cfg.AVOIDED]
+    cands = list(cfg.default_candidates())
+    assert cands[:3] == [ipaddress.IPv4Network(f"10.80.{i}.0/24") for i in range(3)]
+    assert cands[2047] == ipaddress.IPv4Network("10.87.255.0/24")
+    assert cands[2048] == ipaddress.IPv4Network("172.16.0.0/24")
+    assert len(cands) == len(set(cands)) == 2048 + 256
+    for cand in cands:
+        assert cand.prefixlen == 24 and cand.is_private
+        assert not any(cand.overlaps(a) for a in avoided), cand
+    # What the table in the docs names, at least.
+    for must in ("10.88.0.0/16", "172.17.0.0/16", "192.168.0.0/16"):
+        assert ipaddress.IPv4Network(must) in avoided
+    for inside in ("10.89.5.0/24", "10.255.255.0/24", "172.31.0.0/24", "192.168.122.0/24",
+                   "192.168.121.0/24", "192.168.1.0/24", "10.0.3.0/24"):
+        assert any(ipaddress.IPv4Network(inside).subnet_of(a) for a in avoided), inside
+
+
 def test_default_network_avoids_routes() -> None:
     r = ipaddress.ip_network
+    # A Podman host: its network changes nothing, the first candidate is not near it.
     net = cfg.default_network([r("0.0.0.0/0"), r("10.88.0.0/16"), r("fd00::/8")])
-    assert net.ipv4 == ipaddress.IPv4Interface("10.89.0.1/24")
-    net = cfg.default_network([r("10.0.0.0/8"), r("172.30.0.0/23")])
-    assert net.ipv4 == ipaddress.IPv4Interface("172.30.2.1/24")
-    for cand in cfg.DEFAULT_CANDIDATES:
-        assert not cand.overlaps(r("192.168.122.0/24"))
+    assert net.ipv4 == ipaddress.IPv4Interface("10.80.0.1/24")
+    net = cfg.default_network([r("10.80.0.0/23"), r("10.80.3.0/24")])
+    assert net.ipv4 == ipaddress.IPv4Interface("10.80.2.1/24")
+    net = cfg.default_network([r("10.0.0.0/8"), r("172.16.0.0/23")])
+    assert net.ipv4 == ipaddress.IPv4Interface("172.16.2.1/24")
     with pytest.raises(ConfigError):
         cfg.default_network([r("10.0.0.0/8"), r("172.16.0.0/12")])
+
+
+PXE_LAB = '''
+[network.lab]
+mode = "isolated"
+ipv4 = "10.0.9.1/24"
+[network.lab.dhcp]
+tftp_root = "/srv/tftp"
+boot_file = "pxelinux.0"
+[network.lab.dhcp.boot]
+bios = "undionly.kpxe"
+efi_x86_64 = "ipxe.efi"
+ipxe = "http://10.0.9.1/boot.ipxe"
+[network.lab.dnsmasq]
+options = ["dhcp-option=option:ntp-server,10.0.9.1", "log-dhcp"]
+'''
+
+
+def test_boot_files_and_extra_options_are_read_and_round_trip(tmp_path: Path) -> None:
+    from kvmnetd.config_render import render_network_toml
+    from kvmnetd.model import BootFiles
+
+    conf = load(tmp_path, PXE_LAB)
+    net = conf.networks["lab"]
+    assert net.dhcp is not None and net.dhcp.boot == BootFiles(
+        bios="undionly.kpxe", efi_x86_64="ipxe.efi", ipxe="http://10.0.9.1/boot.ipxe")
+    assert net.dnsmasq_options == ("dhcp-option=option:ntp-server,10.0.9.1", "log-dhcp")
+    assert cfg.parse_network_text(render_network_toml(net), "x", conf) == net
 
 
 def test_example_file_validates() -> None:
@@ -472,9 +560,12 @@ def test_docs_name_every_key() -> None:
     doc = (REPO / "docs" / "config.md").read_text()
     documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", doc, re.M))
     accepted = {*v.NETWORK_KEYS, *v.DHCP_KEYS, *v.HOST_KEYS, *v.DNS_KEYS, *v.ATTACH_KEYS,
-                *cfg.DAEMON_KEYS} - {"dhcp", "dns", "host"}  # tables, with their own sections
+                *v.BOOT_KEYS, *v.DNSMASQ_KEYS, *cfg.DAEMON_KEYS} - {
+        "dhcp", "dns", "host", "boot", "dnsmasq"}  # tables, with their own sections
     assert accepted - documented == set()
     assert documented - accepted == set()
     for section in ("[daemon]", "[network.NAME]", "[network.NAME.dhcp]",
-                    "[[network.NAME.dhcp.host]]", "[network.NAME.dns]", "[[attach]]"):
+                    "[[network.NAME.dhcp.host]]", "[network.NAME.dhcp.boot]",
+                    "[network.NAME.dns]", "[network.NAME.dnsmasq]", "[[attach]]"):
         assert f"`{section}`" in doc
+

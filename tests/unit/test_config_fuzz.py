@@ -16,7 +16,7 @@ from kvmnetd import config as cfg
 from kvmnetd import validate as v
 from kvmnetd.config_render import render_network_toml
 from kvmnetd.errors import ConfigError
-from kvmnetd.model import Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network, Settings
+from kvmnetd.model import BootFiles, Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network, Settings
 from kvmnetd.tomlpos import Locator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,6 +115,8 @@ plausible = st.builds(
         "mtu": st.integers(1280, 9000),
         "allow_users": st.lists(st.sampled_from(["alice", "bob", "_svc"]), max_size=2),
         "allow_groups": st.lists(st.sampled_from(["kvm", "libvirt"]), max_size=2),
+        "dnsmasq": _opt(options=st.lists(st.sampled_from(
+            ["log-dhcp", "dhcp-option=42,10.0.0.254", "dhcp-script=/bin/sh", "x"]), max_size=2)),
         "dns": _opt(enabled=st.booleans(), domain=st.sampled_from(["lab", "lab.kvm"]),
                     forwarders=st.lists(st.sampled_from(["9.9.9.9", "2620:FE::FE"]))),
         "dhcp": _opt(
@@ -122,6 +124,7 @@ plausible = st.builds(
             lease_time=st.sampled_from(["1h", "infinite", "300"]), router=st.booleans(),
             ping_check=st.booleans(), tftp_root=st.just("/srv/tftp"),
             boot_file=st.just("pxelinux.0"), next_server=st.just("10.0.0.5"), ra=st.booleans(),
+            boot=_opt(bios=st.just("undionly.kpxe"), ipxe=st.just("http://10.0.0.254/b.ipxe")),
             host=st.lists(plausible_host, max_size=3,
                           unique_by=(lambda h: h["mac"].lower(), lambda h: h.get("ip")))),
     }),
@@ -194,13 +197,17 @@ ROUND_TRIP = [
             dhcp=Dhcp(ranges=(), lease_time="infinite", router=True, ping_check=True,
                       tftp_root="/srv/tftp", boot_file="pxelinux.0",
                       next_server=ipaddress.IPv4Address("10.5.0.9"), ra=False,
+                      boot=BootFiles(bios="undionly.kpxe", efi_arm64="a/b.efi",
+                                     ipxe="http://10.5.0.9/x.ipxe?a=1&b=2"),
                       dhcpv6="stateful",
                       ranges6=(DhcpRange(ipaddress.ip_address("fd00:5::10"),
                                          ipaddress.ip_address("fd00:5::ff")),),
                       hosts=(DhcpHost("52:54:00:00:00:01", ipaddress.IPv4Address("10.5.1.1"),
                                       "web.lab.kvm", "12h"),
                              DhcpHost("52:54:00:00:00:02"))),
-            dns=Dns(enabled=False, domain="lab.kvm", forwarders=("9.9.9.9", "2620:fe::fe"))),
+            dns=Dns(enabled=False, domain="lab.kvm", forwarders=("9.9.9.9", "2620:fe::fe")),
+            dnsmasq_options=("dhcp-option=option:ntp-server,10.5.0.1", "log-dhcp",
+                             'txt-record=t.lab,"a \\"quoted\\" text"')),
     Network(name="iso", mode=Mode.ISOLATED, bridge="kv-iso",
             ipv6=ipaddress.IPv6Interface("fd00:6::1/64"), host_access=True),
     Network(name="lan", mode=Mode.BRIDGED, bridge="br0", uplink="eth0"),

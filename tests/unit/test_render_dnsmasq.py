@@ -15,7 +15,7 @@ import pytest
 from kvmnetd.adapters.conflicts import names_interface
 from kvmnetd.adapters.leases import parse_leases
 from kvmnetd.errors import InvalidArgument
-from kvmnetd.model import Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network, Settings
+from kvmnetd.model import BootFiles, Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network, Settings
 from kvmnetd.render.dnsmasq import config_digest, dnsmasq_paths, render_config, render_hosts
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "dnsmasq"
@@ -44,7 +44,18 @@ IPV6 = Network("six", Mode.ROUTED, "kvbr3", v4("10.77.4.1/24"), v6("fd77::1/64")
 DNS_OFF = Network("nodns", Mode.NAT, "kvbr4", v4("10.77.5.1/24"),
                   dhcp=Dhcp(ranges=(DhcpRange(a4("10.77.5.10"), a4("10.77.5.20")),)),
                   dns=Dns(enabled=False))
-CASES = {"nat": NAT, "isolated": ISOLATED, "pxe": PXE, "ipv6": IPV6, "dns-off": DNS_OFF}
+# A PXE lab: a boot file per client architecture, iPXE chain-loading its script.
+PXE_ARCH = Network("lab", Mode.ISOLATED, "kvbr5", v4("10.77.6.1/24"),
+                   dhcp=Dhcp(ranges=(DhcpRange(a4("10.77.6.10"), a4("10.77.6.20")),),
+                             tftp_root="/srv/tftp", boot_file="pxelinux.0",
+                             boot=BootFiles(bios="undionly.kpxe", efi_x86_64="ipxe.efi",
+                                            efi_arm64="ipxe-arm64.efi",
+                                            ipxe="http://10.77.6.1/boot.ipxe")))
+EXTRA = replace(DNS_OFF, name="extra", dnsmasq_options=(
+    "dhcp-option=option:ntp-server,10.77.5.1", "log-dhcp",
+    "dhcp-option=tag:ipxe,option:domain-search,lab.test"))
+CASES = {"nat": NAT, "isolated": ISOLATED, "pxe": PXE, "ipv6": IPV6, "dns-off": DNS_OFF,
+         "pxe-arch": PXE_ARCH, "extra-options": EXTRA}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -102,6 +113,34 @@ def test_ipv6_modes() -> None:
         render_config(replace(IPV6, dhcp=replace(dhcp, dhcpv6="stateful")), PATHS)
     nora = render_config(replace(IPV6, dhcp=replace(dhcp, dhcpv6="off", ra=False)), PATHS)
     assert "enable-ra" not in nora and "::" not in nora.replace("fd77::1", "")
+
+
+def test_boot_file_per_client_architecture() -> None:
+    lines = render_config(PXE_ARCH, PATHS).splitlines()
+    boots = [x for x in lines if x.startswith("dhcp-boot=")]
+    assert boots == ["dhcp-boot=tag:ipxe,http://10.77.6.1/boot.ipxe",
+                     "dhcp-boot=tag:bios,tag:!ipxe,undionly.kpxe",
+                     "dhcp-boot=tag:efi-x86_64,tag:!ipxe,ipxe.efi",
+                     "dhcp-boot=tag:efi-arm64,tag:!ipxe,ipxe-arm64.efi",
+                     "dhcp-boot=pxelinux.0"]
+    for arch, tag in ((0, "bios"), (7, "efi-x86_64"), (9, "efi-x86_64"), (11, "efi-arm64")):
+        assert f"dhcp-match=set:{tag},option:client-arch,{arch}" in lines
+    # Without an iPXE file, iPXE clients are served by their architecture like any other.
+    only_bios = replace(PXE_ARCH, dhcp=replace(PXE_ARCH.dhcp or Dhcp(), boot_file=None,
+                                               boot=BootFiles(bios="undionly.kpxe")))
+    text = render_config(only_bios, PATHS)
+    assert "ipxe" not in text and "dhcp-boot=tag:bios,undionly.kpxe" in text.splitlines()
+
+
+def test_extra_options_come_last_and_are_checked_again() -> None:
+    lines = render_config(EXTRA, PATHS).splitlines()
+    assert lines[-3:] == list(EXTRA.dnsmasq_options)
+    assert lines[-4] == "# extra options from [network.extra.dnsmasq]"
+    assert "extra options" not in render_config(DNS_OFF, PATHS)
+    for bad in ("dhcp-script=/bin/sh", "conf-file=/etc/shadow", "log-dhcp\ndhcp-script=/x",
+                "addn-hosts=/etc/passwd", "--log-dhcp", "dhcp-range=10.0.0.1,10.0.0.2"):
+        with pytest.raises(InvalidArgument):
+            render_config(replace(EXTRA, dnsmasq_options=(bad,)), PATHS)
 
 
 def test_hosts_file() -> None:

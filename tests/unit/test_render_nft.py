@@ -37,8 +37,12 @@ MIXED = [
             uplink="eth1", dhcp=Dhcp()),
     BRIDGED,
 ]
+# PXE on an isolated network without host access: DHCP, DHCPv6, DNS, TFTP, RA only.
+PXE = Network("pxe", Mode.ISOLATED, "kvbr3", v4("10.77.4.1/24"), v6("fd00:77:4::1/64"),
+              dhcp=Dhcp(tftp_root="/srv/tftp", boot_file="pxelinux.0", dhcpv6="stateless"))
 CASES = {
     "nat": [NAT],
+    "pxe": [PXE],
     "isolated": [ISOLATED],
     "routed": [ROUTED],
     "bridged": [BRIDGED],
@@ -53,6 +57,40 @@ def test_golden(case: str) -> None:
     if os.environ.get("KVMNETD_UPDATE_GOLDEN") == "1":
         path.write_text(text)
     assert text == path.read_text()
+
+
+SERVICES = {
+    "dhcp": "udp dport 67 accept",
+    "dhcpv6": "udp dport 547 accept",
+    "dns-udp": "udp dport 53 accept",
+    "dns-tcp": "tcp dport 53 accept",
+    "tftp": "udp dport 69 accept",
+    "ra": "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept",
+}
+
+
+@pytest.mark.parametrize("mode", [Mode.NAT, Mode.ROUTED, Mode.ISOLATED])
+def test_services_a_network_turns_on_are_open_on_every_mode(mode: Mode) -> None:
+    net = Network("svc", mode, "kvbr9", v4("10.77.9.1/24"), v6("fd00:77:9::1/64"),
+                  dhcp=Dhcp(tftp_root="/srv/tftp", dhcpv6="stateless"))
+    rules = [line.strip() for line in render_ruleset([net]).splitlines()]
+    for what, rule in SERVICES.items():
+        assert f'iifname "kvbr9" {rule} comment "net:svc"' in rules, (mode, what)
+    # Off in the config, closed on the host's side too.
+    quiet = Network("svc", mode, "kvbr9", v4("10.77.9.1/24"), dns=Dns(enabled=False))
+    text = render_ruleset([quiet])
+    for what in ("dhcp", "dhcpv6", "dns-udp", "dns-tcp", "tftp"):
+        assert SERVICES[what] not in text, (mode, what)
+
+
+def test_isolated_without_host_access_drops_everything_else() -> None:
+    rules = [line.strip() for line in render_ruleset([PXE]).splitlines()
+             if '"net:pxe"' in line and line.strip().startswith('iifname "kvbr3" ')]
+    # The drop is last; only service ports and replies are accepted before it.
+    assert rules[-1] == 'iifname "kvbr3" drop comment "net:pxe"'
+    accepts = [r for r in rules[:-1] if "oifname" not in r]
+    assert accepts and all(r.endswith('accept comment "net:pxe"') for r in accepts)
+    assert any("ct state established,related" in r for r in accepts)
 
 
 def test_order_of_input_does_not_matter() -> None:
