@@ -178,3 +178,18 @@ def test_man_pages_render(tree: Path, page: str) -> None:
     assert where.startswith(str(tree))
     text = run("man", "-P", "cat", page, env=env).stdout
     assert "NAME" in text and page in text
+
+
+def test_stage_lays_out_what_the_package_holds(deb: Path) -> None:
+    """scripts/build-deb --stage (and DESTDIR=... scripts/install) for packagers."""
+    stage = Path(tempfile.mkdtemp(prefix="kvmnetd-stage-"))
+    try:
+        run(REPO / "scripts/build-deb", "--stage", stage,
+            env={**os.environ, "KVMNETD_VERSION": VERSION}, cwd="/")
+        staged = {str(p.relative_to(stage)) for p in stage.rglob("*") if not p.is_dir()}
+        listing = run("dpkg-deb", "-c", deb).stdout.splitlines()
+        packaged = {line.split()[-1].removeprefix("./") for line in listing
+                    if not line.startswith("d")}
+        assert staged == packaged
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
