@@ -100,6 +100,8 @@ def test_file_list(deb: Path) -> None:
     for exe in ["usr/sbin/kvmnetd", "usr/bin/kvmnetctl", "usr/share/kvmnetd/qemu-ifup"]:
         assert modes[exe] == "-rwxr-xr-x"
     assert all(line.split()[1] == "root/root" for line in listing)
+    # kvmnetctl and the qemu hooks run as any user: everything must be readable.
+    assert all(mode[7] == "r" for mode in modes.values()), modes
     # Byte-compiled at build time: /usr is read-only to the unit.
     assert "usr/lib/kvmnetd/python/kvmnetd/__pycache__/daemon.cpython-311.pyc" in paths
     # Nothing of pip's own or pyroute2's command-line tools, nothing in /etc or /usr/local.
