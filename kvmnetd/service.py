@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import Coroutine
 from typing import Any
 
@@ -18,8 +19,9 @@ from .adapters.nftmonitor import NftMonitor
 from .adapters.notify import Notifier
 from .adapters.sysctl import SysctlAdapter
 from .core import Core
-from .errors import ConfigError
+from .errors import ConfigError, ConfigIssue
 from .hostroutes import load_config
+from .model import Settings
 from .reconciler import Reconciler
 from .status import ROOT, CoreEvent
 
@@ -45,6 +47,57 @@ def libvirt_socket(uri: str) -> str | None:
     return None
 
 
+# The unit's ReadWritePaths (systemd/kvmnetd.service): under ProtectSystem=strict every
+# other path is read-only for the daemon and dnsmasq.
+UNIT_WRITABLE = ("/run/kvmnetd", "/var/lib/kvmnetd", "/etc/kvmnetd/networks.d")
+
+
+def check_writable_dirs(s: Settings, config_file: str | None, overrides: dict[str, str]) -> None:
+    """Make run_dir and state_dir, and refuse to start when one cannot be written.
+
+    A run_dir or state_dir moved outside the unit's ReadWritePaths is read-only under
+    ProtectSystem=strict: better to say so at start than to fail every network later.
+    networks_dir may be read-only on purpose (configuration managed elsewhere): only
+    networks defined over D-Bus need it, so that is a warning.
+    """
+    issues = []
+    for key, path in (("run_dir", s.run_dir), ("state_dir", s.state_dir)):
+        try:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            probe = os.path.join(path, f".kvmnetd-probe{os.getpid()}")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as e:
+            issues.append(ConfigIssue(*_where(key, config_file, overrides), key,
+                                      f"{path} is not writable ({e.strerror}){_unit_hint()}"))
+    if issues:
+        raise ConfigError(issues)
+    if os.path.isdir(s.networks_dir) and not os.access(s.networks_dir, os.W_OK):
+        log.warning("config.networks_dir_read_only", path=s.networks_dir,
+                    consequence="networks defined over D-Bus cannot be saved")
+
+
+def _unit_hint() -> str:
+    if not os.environ.get("INVOCATION_ID"):  # not started by systemd
+        return ""
+    return ("; kvmnetd.service may write only its ReadWritePaths (" + " ".join(UNIT_WRITABLE)
+            + "): keep the default, or add the path in a drop-in (systemctl edit kvmnetd)")
+
+
+def _where(key: str, config_file: str | None, overrides: dict[str, str]) -> tuple[str, int]:
+    """FILE and LINE that set `key`, for the error message."""
+    if key in overrides:
+        return "(command line)", 0
+    if config_file:
+        with contextlib.suppress(OSError):
+            with open(config_file, encoding="utf-8", errors="replace") as f:
+                for n, line in enumerate(f, 1):
+                    if re.match(rf"\s*{key}\s*=", line):
+                        return config_file, n
+        return config_file, 0
+    return "(default)", 0
+
+
 class Service:
     def __init__(self, config_file: str | None, networks_dir: str | None,
                  overrides: dict[str, str], no_bus: bool = False) -> None:
@@ -59,14 +112,14 @@ class Service:
         self.firewalld: Any = None
         self.control: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._status_sent = ""
 
     async def start(self) -> None:
         await self.netlink.open(self._on_netlink)
         conf = load_config(self.config_file, self.networks_dir, self.overrides,
                            self.netlink.observed)
         self.settings = s = conf.settings
-        for d in (s.run_dir, s.state_dir):
-            os.makedirs(d, mode=0o755, exist_ok=True)
+        check_writable_dirs(s, self.config_file, self.overrides)
         self.dhcp = self._make_dhcp(conf)
         nft = NftablesAdapter(s.firewall_table,
                               state_path=os.path.join(s.run_dir, "firewall.listing"))
@@ -94,9 +147,10 @@ class Service:
         if self.control is not None and self.control.bus_expected():
             # READY means reachable: with a bus present, that includes owning our name.
             await self.control.wait_for_bus(10.0)
-        log.info("daemon.ready", networks=len(self.core.networks()), status=self.status_line(),
+        self._status_sent = self.status_line()
+        log.info("daemon.ready", networks=len(self.core.networks()), status=self._status_sent,
                  writes=self.rec.writes)
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(self._status_sent)
 
     def _make_dhcp(self, conf: cfg.Config) -> Any:
         from .adapters.dnsmasq import DnsmasqSupervisor
@@ -157,12 +211,15 @@ class Service:
         self.spawn(self._watchdog())
         if self._reload_pending:
             self.spawn(self.reload_from_signal())
-        self.rec.on_state(lambda *_: self.notifier.status(self.status_line()))
+        self.rec.on_state(lambda *_: self.refresh_status())
+        self.core.subscribe(self._on_core_event)
         loop_task = asyncio.ensure_future(self.rec.run())
         try:
             while True:
                 await asyncio.sleep(0.5)
                 self.core.after_pass()
+                # dnsmasq going degraded (or recovering) is no event of its own.
+                self.refresh_status()
         finally:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -193,7 +250,19 @@ class Service:
         except ConfigError as e:
             log.error("config.reload_refused", errors=[str(i) for i in e.issues])
         finally:
-            self.notifier.ready(self.status_line())
+            self._status_sent = self.status_line()
+            self.notifier.ready(self._status_sent)
+
+    def _on_core_event(self, event: CoreEvent) -> None:
+        if event.kind in ("port-attached", "port-detached", "network-changed"):
+            self.refresh_status()
+
+    def refresh_status(self) -> None:
+        """STATUS= for systemctl status: sent only when the line changed."""
+        line = self.status_line()
+        if line != self._status_sent:
+            self._status_sent = line
+            self.notifier.status(line)
 
     def status_line(self) -> str:
         nets = self.core.list_networks()
