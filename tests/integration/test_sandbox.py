@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmnetd.model import Settings
+from kvmnetd.service import UNIT_WRITABLE
 from tests.netns import sh
 from tests.rig import Sandbox, wait_until
 
@@ -56,6 +58,14 @@ def test_the_unit_grants_no_dac_override() -> None:
     caps = unit_capabilities()
     assert "CAP_NET_ADMIN" in caps and "CAP_CHOWN" in caps
     assert "CAP_DAC_OVERRIDE" not in caps and "CAP_FOWNER" not in caps
+
+
+def test_what_the_code_assumes_of_the_unit_is_what_it_ships() -> None:
+    unit = UNIT.read_text()
+    m = re.search(r"^ReadWritePaths=(.*)$", unit, re.M)
+    assert m and tuple(m.group(1).split()) == UNIT_WRITABLE
+    sysusers = (REPO / "systemd/sysusers.d/kvmnetd.conf").read_text()
+    assert re.search(rf"^u {Settings().dnsmasq_user} ", sysusers, re.M), sysusers
 
 
 @pytest.mark.integration

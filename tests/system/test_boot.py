@@ -196,6 +196,8 @@ def test_an_attached_veth_gets_a_lease_from_the_range(system: System) -> None:
     assert ip != ipaddress.ip_interface(system.facts["address"]).ip
     leases = system.ctl_json("leases", "default")
     assert any(x["ip"] == str(ip) for x in leases), leases
+    owner = sh("stat", "-c", "%U:%G %a", "/var/lib/kvmnetd/default.leases").strip()
+    assert owner == "kvmnetd-dnsmasq:root 664", owner
     ports = system.ctl_json("port", "list")
     assert any(p["ifname"] == "sysg0" and p["state"] == "attached" for p in ports), ports
     # STATUS= followed the port.
