@@ -283,3 +283,22 @@ def test_man_kvmnetctl_renders(system: System) -> None:
     r = system.box.sh("env", "MANPAGER=cat", "MANWIDTH=80", "man", "kvmnetctl", check=False)
     assert r.returncode == 0, r.stderr
     assert "kvmnetctl" in r.stdout and "NAME" in r.stdout, r.stdout[:500]
+
+
+def test_a_state_dir_outside_the_units_paths_is_refused_with_the_reason(system: System) -> None:
+    conf = "/etc/kvmnetd/kvmnetd.toml"
+    assert system.box.sh("test", "-e", conf, check=False).returncode != 0
+    system.sh("sh", "-c", f"printf '[daemon]\\nstate_dir = \"/srv/kvmnetd\"\\n' > {conf}")
+    try:
+        r = system.box.sh("systemctl", "restart", "kvmnetd", check=False, timeout=120)
+        assert r.returncode != 0
+        text = system.sh("journalctl", "-u", "kvmnetd", "-n", "50", "--no-pager", "-o", "cat")
+        assert (f"{conf}:2: state_dir: /srv/kvmnetd is not writable (Read-only file system); "
+                "kvmnetd.service may write only its ReadWritePaths") in text, text[-2000:]
+    finally:
+        system.sh("rm", "-f", conf)
+        system.sh("systemctl", "reset-failed", "kvmnetd", check=False)
+        system.sh("systemctl", "start", "kvmnetd", timeout=120)
+    assert system.wait_active()
+    # The networks were left running while it was down; the new start adopts them.
+    assert _ready_events(system)[-1]["WRITES"] == "0"
