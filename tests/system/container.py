@@ -60,12 +60,14 @@ def unpack(tar: Path, parent: str = "/var/tmp") -> Path:
 
 
 def nspawn_run(root: Path, *cmd: str, binds: dict[str, str] | None = None,
-               env: dict[str, str] | None = None, timeout: float = 900
-               ) -> subprocess.CompletedProcess[str]:
+               ro_binds: dict[str, str] | None = None, env: dict[str, str] | None = None,
+               timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """Run a command in the tree without booting it, with the host's network (install steps)."""
     argv = ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit",
             "--resolv-conf=copy-host"]
     for src, dst in (binds or {}).items():
+        argv.append(f"--bind={src}:{dst}")
+    for src, dst in (ro_binds or {}).items():
         argv.append(f"--bind-ro={src}:{dst}")
     for k, v in (env or {}).items():
         argv.append(f"--setenv={k}={v}")

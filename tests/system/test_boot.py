@@ -98,7 +98,7 @@ def copy_tree(src: Path, dst: Path) -> None:
 
 
 def bump_version(tree: Path) -> str:
-    """A newer version string everywhere the version is stated."""
+    """A newer version string everywhere the version is stated in the tree."""
     init = tree / "kvmnetd" / "__init__.py"
     old = re.search(r'__version__ = "([^"]+)"', init.read_text())
     assert old, init
@@ -110,8 +110,8 @@ def bump_version(tree: Path) -> str:
 
 
 def install(root: Path, src: Path) -> str:
-    r = nspawn_run(root, "/src/scripts/install", env=INSTALL_ENV,
-                   binds={str(src): "/src", HOST_CA: "/host-ca.crt"})
+    r = nspawn_run(root, "/src/scripts/install", env=INSTALL_ENV, binds={str(src): "/src"},
+                   ro_binds={HOST_CA: "/host-ca.crt"})
     assert r.returncode == 0, f"scripts/install failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
     return r.stdout + r.stderr
 
@@ -123,20 +123,22 @@ def system() -> Iterator[System]:
     root = unpack(tar)
     box = Booted(root, work / "console.log")
     try:
-        next_src = work / "next"
+        # Copies, as a user's own checkout would be: the install may build in its tree.
+        src, next_src = work / "src", work / "next"
+        copy_tree(SRC, src)
         copy_tree(SRC, next_src)
         sysobj = System(root, work, box, next_src)
         sysobj.facts["next_version"] = bump_version(next_src)
         t = time.monotonic()
-        print(install(root, SRC)[-2000:])
+        print(install(root, src)[-2000:])
         FIGURES.append(f"install (apt and pip from the network): {time.monotonic() - t:.1f} s")
         # The README: enable the unit, unless the install did.
         enabled = nspawn_run(root, "systemctl", "is-enabled", "kvmnetd")
         if enabled.stdout.strip() != "enabled":
             r = nspawn_run(root, "systemctl", "enable", "kvmnetd")
             assert r.returncode == 0, r.stderr
-        # Seen by the booted system for the in-place upgrade (read-only).
-        box.extra = [f"--bind-ro={next_src}:/src-next", f"--bind-ro={HOST_CA}:/host-ca.crt"]
+        # Seen by the booted system, for the in-place upgrade.
+        box.extra = [f"--bind={next_src}:/src-next", f"--bind-ro={HOST_CA}:/host-ca.crt"]
         sysobj.boot()
         yield sysobj
     finally:
@@ -250,7 +252,9 @@ def test_an_upgrade_in_place_writes_nothing(system: System) -> None:
     # apt and pip only: every namespace of the container but its network.
     argv = ["nsenter", "-t", str(system.box.pid), "-m", "-u", "-i", "-p", "-C", "-r", "-w",
             "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
-            *(f"{k}={v}" for k, v in INSTALL_ENV.items()), "/src-next/scripts/install"]
+            *(f"{k}={v}" for k, v in INSTALL_ENV.items()),
+            # The version is stamped in the tree too, for installs that read it from there.
+            f"KVMNETD_VERSION={system.facts['next_version']}", "/src-next/scripts/install"]
     t = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"upgrade failed:\n{r.stdout}\n{r.stderr}"
