@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmnetd.adapters.dirs import UNIT_WRITABLE
 from kvmnetd.model import Settings
-from kvmnetd.service import UNIT_WRITABLE
 from tests.netns import sh
 from tests.rig import Sandbox, wait_until
 
