@@ -14,6 +14,7 @@ import socket
 import sys
 from typing import Any
 
+from . import __version__
 from .bus import names
 
 SOCKET_TIMEOUT = 300.0
@@ -266,6 +267,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH",
                    help=f"use the control socket only (default {names.DEFAULT_SOCKET_PATH}, "
                         f"env {names.SOCKET_ENV})")
+    p.add_argument("--version", action="version", version=f"kvmnetctl {__version__}")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(sub: Any, name: str, fn: Any, help: str, json_out: bool = False) -> Any:

@@ -18,7 +18,7 @@ from .errors import ConfigError
 log = structlog.get_logger("kvmnetd")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmnetd", description="Guest networks for KVM hosts.")
     p.add_argument("--config", help="main config file (default /etc/kvmnetd/kvmnetd.toml)")
     p.add_argument("--networks-dir", help="directory of *.toml network files")
@@ -34,7 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print-introspection", action="store_true",
                    help="print the D-Bus introspection XML and exit")
     p.add_argument("--version", action="version", version=f"kvmnetd {__version__}")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, str]:
