@@ -33,11 +33,12 @@ def setup(fmt: str = "kv", level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
     ]
+    missing_journal = False
     if fmt == "journal":
         try:
             procs.append(_journal_renderer())
         except ImportError:
-            fmt = "kv"
+            fmt, missing_journal = "kv", True
     if fmt == "json":
         procs.append(structlog.processors.JSONRenderer(sort_keys=True))
     elif fmt == "kv":
@@ -49,3 +50,9 @@ def setup(fmt: str = "kv", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    if missing_journal:
+        # Said once, at start: the journal still gets the text, but without its fields.
+        structlog.get_logger("kvmnetd").warning(
+            "log.journal_unavailable",
+            reason="systemd-python (python3-systemd) is not importable",
+            consequence="plain text logs: no NETWORK=, EVENT= fields in the journal")

@@ -142,7 +142,7 @@ class Settings:
     firewall_table: str = "kvmnetd"
     teardown_on_stop: bool = False
     dnsmasq_path: str = "dnsmasq"
-    dnsmasq_user: str = "nobody"
+    dnsmasq_user: str = "kvmnetd-dnsmasq"  # made by sysusers.d/kvmnetd.conf
     libvirt_uri: str | None = "qemu:///system"
     log_format: str = "kv"  # kv | json | journal
     # Accepts for our networks in foreign firewalls that drop forwarded traffic:

@@ -13,6 +13,7 @@ import structlog
 from . import config as cfg
 from .adapters.coexist import ForeignForwardAdapter
 from .adapters.default_subnet import DefaultSubnetFile
+from .adapters.dirs import check_writable_dirs
 from .adapters.netlink import NetlinkAdapter
 from .adapters.nftables import NftablesAdapter
 from .adapters.nftmonitor import NftMonitor
@@ -60,6 +61,7 @@ class Service:
         self.firewalld: Any = None
         self.control: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._status_sent = ""
 
     async def start(self) -> None:
         await self.netlink.open(self._on_netlink)
@@ -67,8 +69,7 @@ class Service:
         conf = load_config(self.config_file, self.networks_dir, self.overrides,
                            self.netlink.observed, subnets)
         self.settings = s = conf.settings
-        for d in (s.run_dir, s.state_dir):
-            os.makedirs(d, mode=0o755, exist_ok=True)
+        check_writable_dirs(s, self.config_file, self.overrides)
         self.dhcp = self._make_dhcp(conf)
         nft = NftablesAdapter(s.firewall_table,
                               state_path=os.path.join(s.run_dir, "firewall.listing"))
@@ -98,9 +99,10 @@ class Service:
         if self.control is not None and self.control.bus_expected():
             # READY means reachable: with a bus present, that includes owning our name.
             await self.control.wait_for_bus(10.0)
-        log.info("daemon.ready", networks=len(self.core.networks()), status=self.status_line(),
+        self._status_sent = self.status_line()
+        log.info("daemon.ready", networks=len(self.core.networks()), status=self._status_sent,
                  writes=self.rec.writes)
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(self._status_sent)
 
     def _make_dhcp(self, conf: cfg.Config) -> Any:
         from .adapters.dnsmasq import DnsmasqSupervisor
@@ -165,12 +167,15 @@ class Service:
         self.spawn(self._watchdog())
         if self._reload_pending:
             self.spawn(self.reload_from_signal())
-        self.rec.on_state(lambda *_: self.notifier.status(self.status_line()))
+        self.rec.on_state(lambda *_: self.refresh_status())
+        self.core.subscribe(self._on_core_event)
         loop_task = asyncio.ensure_future(self.rec.run())
         try:
             while True:
                 await asyncio.sleep(0.5)
                 self.core.after_pass()
+                # dnsmasq going degraded (or recovering) is no event of its own.
+                self.refresh_status()
         finally:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -201,7 +206,19 @@ class Service:
         except ConfigError as e:
             log.error("config.reload_refused", errors=[str(i) for i in e.issues])
         finally:
-            self.notifier.ready(self.status_line())
+            self._status_sent = self.status_line()
+            self.notifier.ready(self._status_sent)
+
+    def _on_core_event(self, event: CoreEvent) -> None:
+        if event.kind in ("port-attached", "port-detached", "network-changed"):
+            self.refresh_status()
+
+    def refresh_status(self) -> None:
+        """STATUS= for systemctl status: sent only when the line changed."""
+        line = self.status_line()
+        if line != self._status_sent:
+            self._status_sent = line
+            self.notifier.status(line)
 
     def status_line(self) -> str:
         nets = self.core.list_networks()

@@ -156,8 +156,9 @@ class Sandbox:
                 "--networks-dir", str(self.networks_dir), "--run-dir", str(self.run_dir),
                 "--state-dir", str(self.state_dir), *extra]
 
-    def start_daemon(self, *extra: str, timeout: float = 30, env: dict[str, str] | None = None
-                     ) -> subprocess.Popen[str]:
+    def start_daemon(self, *extra: str, timeout: float = 30, env: dict[str, str] | None = None,
+                     wrap: list[str] | None = None) -> subprocess.Popen[str]:
+        """Start kvmnetd in the host namespace; `wrap` goes before it (e.g. setpriv ...)."""
         notify_path = str(self.tmp / "notify.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(notify_path)
@@ -165,7 +166,8 @@ class Sandbox:
         self.notify.bind(notify_path)
         full_env = {**os.environ, "NOTIFY_SOCKET": notify_path, **(env or {})}
         logf = open(self.log, "a")
-        self.daemon = subprocess.Popen(["ip", "netns", "exec", self.host, *self.argv(*extra)],
+        self.daemon = subprocess.Popen(["ip", "netns", "exec", self.host, *(wrap or []),
+                                        *self.argv(*extra)],
                                        env=full_env, stdout=logf, stderr=logf, text=True)
         logf.close()
         self.wait_notify("READY=1", timeout)

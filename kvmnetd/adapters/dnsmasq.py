@@ -203,7 +203,8 @@ class DnsmasqSupervisor:
         try:
             pwd.getpwnam(st.paths.user)
         except KeyError:
-            self._fail(st, f"dnsmasq user {st.paths.user!r} does not exist")
+            self._fail(st, f"dnsmasq user {st.paths.user!r} does not exist: create it "
+                           "(systemd-sysusers kvmnetd.conf) or set dnsmasq_user in [daemon]")
             return
         for pid in pids_running(st.paths.conf):
             await self._stop_stale(pid, st.net.name)

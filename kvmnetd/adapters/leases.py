@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import stat
 from collections.abc import Callable
 
 import structlog
@@ -131,17 +132,35 @@ class LeaseWatcher:
             self._task = None
 
 
-def prepare_lease_file(path: str, user: str) -> None:
-    """Create the lease file owned by dnsmasq's user.
+LEASE_MODE = 0o664
 
-    dnsmasq opens it as root before dropping privileges and keeps that descriptor,
-    but owning it keeps things working should it ever be reopened (and shows whose it is).
+
+def prepare_lease_file(path: str, user: str) -> None:
+    """Make the lease file owned by dnsmasq's user, group root, mode 0664.
+
+    Under the unit the daemon and dnsmasq run as root without CAP_DAC_OVERRIDE: root then
+    reaches a file of another user only through the group or other bits. dnsmasq opens the
+    file before dropping to its user, and the daemon reads it, both through group root;
+    dnsmasq's user owns it, so it can also reopen it after the drop.
     """
     pw = pwd.getpwnam(user)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
     try:
-        st = os.fstat(fd)
-        if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid):
-            os.fchown(fd, pw.pw_uid, pw.pw_gid)
-    finally:
-        os.close(fd)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     LEASE_MODE)
+        try:
+            os.fchmod(fd, LEASE_MODE)
+            os.fchown(fd, pw.pw_uid, 0)
+        finally:
+            os.close(fd)
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"{path} is not a regular file")
+    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (pw.pw_uid, 0, LEASE_MODE):
+        return
+    # Left by an older version or another user. Without CAP_FOWNER root may chmod only
+    # its own files: take it back first (CAP_CHOWN), then hand it over.
+    os.chown(path, 0, 0, follow_symlinks=False)
+    os.chmod(path, LEASE_MODE)  # a regular file (checked above) in a directory only root writes
+    os.chown(path, pw.pw_uid, 0, follow_symlinks=False)

@@ -74,7 +74,7 @@ def test_required_lines_everywhere() -> None:
         lines = render_config(net, dnsmasq_paths(Settings(), net.name)).splitlines()
         for must in ("conf-file=", "strict-order", "bind-interfaces", f"interface={net.bridge}",
                      "except-interface=lo", f"listen-address={net.ipv4.ip if net.ipv4 else ''}",
-                     f"pid-file=/run/kvmnetd/{net.name}.pid", "user=nobody",
+                     f"pid-file=/run/kvmnetd/{net.name}.pid", "user=kvmnetd-dnsmasq",
                      f"dhcp-leasefile=/var/lib/kvmnetd/{net.name}.leases",
                      f"dhcp-hostsfile=/run/kvmnetd/{net.name}.hosts",
                      "dhcp-authoritative", "dhcp-no-override"):
