@@ -30,6 +30,7 @@ EXPECTED_FILES = [
     "usr/lib/tmpfiles.d/kvmnetd.conf",
     "usr/share/dbus-1/system.d/org.kvmnetd.Kvmnetd1.conf",
     "usr/share/dbus-1/interfaces/org.kvmnetd.Kvmnetd1.xml",
+    "usr/share/polkit-1/actions/org.kvmnetd.policy",
     "usr/share/kvmnetd/qemu-ifup",
     "usr/share/kvmnetd/qemu-ifdown",
     "usr/share/man/man8/kvmnetd.8.gz",
