@@ -23,7 +23,7 @@ from .errors import (
     NoSuchPort,
     PermissionDenied,
 )
-from .hostroutes import devices_of, host_routes, load_config
+from .hostroutes import load_config
 from .model import DesiredState, Mode, Network
 from .plan import PORT_KINDS
 from .reconciler import NetState, Reconciler
@@ -148,11 +148,8 @@ class Core:
 
     async def define_network(self, caller: Caller, toml_text: str, persist: bool) -> str:
         self._require_admin(caller, "define networks")
-        # Parsed twice, like the config: the new network's own bridge and uplink first.
-        first = cfg.parse_network_text(toml_text, "<define>", self.config)
-        routes = host_routes(self.rec.netlink.observed,
-                             devices_of([*self.networks().values(), first]))
-        net = cfg.parse_network_text(toml_text, "<define>", self.config, host_routes=routes)
+        # A host route over its subnet does not refuse it: the planner reports that.
+        net = cfg.parse_network_text(toml_text, "<define>", self.config)
         if net.name in self.networks():
             raise Conflict(f"network {net.name} already exists; undefine it first")
         if persist:
@@ -195,8 +192,8 @@ class Core:
         self.started.add(name)
         await self.apply()
         st = self.rec.states.get(name)
-        if st is not None and st.state == "failed":
-            raise Conflict(f"network {name} failed to start: {st.reason}")
+        if st is not None and (st.state == "failed" or name in self.rec.last_plan.problems):
+            raise Conflict(f"network {name} could not start: {st.reason}")
 
     async def stop_network(self, caller: Caller, name: str) -> None:
         self._require_admin(caller, "stop networks")
@@ -337,8 +334,8 @@ class Core:
 
     def _check_attached(self, ifname: str, net: Network) -> None:
         st = self.rec.states.get(net.name)
-        if st is not None and st.state == "failed":
-            raise Conflict(f"network {net.name} is failed: {st.reason}")
+        if st is not None and (st.state == "failed" or net.name in self.rec.last_plan.problems):
+            raise Conflict(f"network {net.name} is {st.state}: {st.reason}")
         obs = self.rec.netlink.observed
         link, br = obs.link(ifname), obs.link(net.bridge)
         if link is None or br is None or link.master != br.index:

@@ -15,7 +15,7 @@ from .fastpath import FastPath
 from .model import DesiredState
 from .observed import ObservedState
 from .owned import Owned, load_owned, save_owned
-from .plan import Plan, plan
+from .plan import Plan, foreign_bridge, plan
 from .ports import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
 from .render.coexist import ForeignForward, coexist_rules
 
@@ -24,7 +24,7 @@ log = structlog.get_logger("kvmnetd.reconcile")
 
 @dataclass(frozen=True)
 class NetState:
-    state: str  # inactive | configuring | active | failed
+    state: str  # inactive | configuring | active | degraded | failed
     reason: str = ""
 
 
@@ -289,7 +289,8 @@ class Reconciler:
         for net in self.desired.active_networks():
             if net.bridge not in self.owned.bridges:
                 link = observed.link(net.bridge)
-                if link is not None and link.kind == "bridge":
+                if (link is not None and link.kind == "bridge"
+                        and foreign_bridge(net, observed, self.owned) is None):
                     self.owned.adopt(net.bridge, net.name)
                     log.info("bridge.adopted", network=net.name, bridge=net.bridge)
 
@@ -349,10 +350,12 @@ class Reconciler:
         for name in sorted(self.desired.networks):
             if name not in self.desired.active:
                 new[name] = NetState("inactive")
-            elif name in p.problems:
+            elif name in p.problems and name not in p.degraded:
                 new[name] = NetState("failed", p.problems[name])
             elif name in failed:
                 new[name] = NetState("failed", failed[name])
+            elif name in p.degraded:
+                new[name] = NetState("degraded", p.degraded[name])
             else:
                 new[name] = NetState("active")
         for name, st in new.items():
