@@ -475,3 +475,24 @@ def test_docs_name_every_key() -> None:
     for section in ("[daemon]", "[network.NAME]", "[network.NAME.dhcp]",
                     "[[network.NAME.dhcp.host]]", "[network.NAME.dns]", "[[attach]]"):
         assert f"`{section}`" in doc
+
+
+@pytest.mark.parametrize("table", ["_x", "9t", "a-b", "x" * 33, "", "kvmnetd", "K_9", "x" * 32])
+def test_one_rule_for_the_firewall_table_name(tmp_path: Path, table: str) -> None:
+    # What --check-config accepts, the renderer and the nft adapter accept too, and
+    # what they would refuse is a FILE:LINE error instead of a traceback at start.
+    from kvmnetd.adapters.nftables import NftablesAdapter
+    from kvmnetd.render.nft import render_ruleset
+
+    text = f'[daemon]\nfirewall_table = "{table}"\n'
+    try:
+        load(tmp_path, text)
+    except ConfigError as e:
+        assert e.issues[0].line == 2 and e.issues[0].key == "daemon.firewall_table"
+        with pytest.raises(ValueError):
+            render_ruleset([], table)
+        with pytest.raises(ValueError):
+            NftablesAdapter(table)
+        return
+    render_ruleset([], table)
+    NftablesAdapter(table)
