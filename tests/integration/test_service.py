@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import sh
+from tests.netns import netns, sh
 from tests.rig import FAR_HOST, Sandbox, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,3 +172,19 @@ def test_json_logs_carry_stable_event_names_and_fields(box: Sandbox) -> None:
     enslave = [e for e in events if e["event"] == "reconcile.applied"
                and e["action"].startswith("Enslave")]
     assert enslave and enslave[0]["network"] == "nat" and enslave[0]["ifname"] == "pn1"
+
+
+def test_a_named_config_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such.toml"
+    with netns("c") as ns:  # should the check ever regress, the daemon starts in there
+        for args in (["--check-config", str(missing)],
+                     ["--config", str(missing), "--check-config"],
+                     ["--config", str(missing), "--no-bus", "--apply-once"]):
+            r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "kvmnetd",
+                                *args, "--networks-dir", str(tmp_path / "none"),
+                                "--run-dir", str(tmp_path / "run"),
+                                "--state-dir", str(tmp_path / "lib")],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 1, (args, r.stdout, r.stderr)
+            assert f"{missing}: no such config file" in r.stderr
+            assert "ok" not in r.stdout
