@@ -62,6 +62,7 @@ def socket_call(path: str, method: str, args: list[Any]) -> Any:
 SIGNATURES = {
     "GetNetwork": "s", "DefineNetwork": "sb", "UndefineNetwork": "sb", "StartNetwork": "s",
     "StopNetwork": "s", "AttachPort": "ssb", "DetachPort": "s", "MovePort": "ss",
+    "SetLogLevel": "s",
 }
 
 
@@ -305,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
     verb(verbs, "leases", do_leases, "DHCP leases of a network", True).add_argument("network")
     verb(verbs, "doctor", do_doctor, "explain why a guest may have no network", True)
     verb(verbs, "reload", simple("Reload"), "re-read the configuration")
+    verb(verbs, "log-level", simple("SetLogLevel", "level"),
+         "change the daemon's verbosity until the next reload or restart").add_argument(
+        "level", choices=["debug", "info", "warning", "error"])
     verb(verbs, "version", do_version, "daemon version")
     return p
 
@@ -314,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts.fn(Client(opts), opts)
     except CallFailed as exc:
-        print(f"kvmnetctl: {exc}", file=sys.stderr)
+        if exc.error == names.error_name("ConfigInvalid"):
+            # One FILE:LINE: key: message a line, as --check-config prints them.
+            print("kvmnetctl: the configuration has errors; nothing was changed:",
+                  file=sys.stderr)
+            print(str(exc), file=sys.stderr)
+        else:
+            print(f"kvmnetctl: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

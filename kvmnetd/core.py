@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from . import __version__
+from . import __version__, logsetup
 from . import config as cfg
 from .config_render import render_network_toml
 from .errors import (
@@ -245,6 +245,15 @@ class Core:
         ports[ifname] = ""  # explicitly detached: policy rules leave it alone too
         await self.apply(ports)
 
+    async def set_log_level(self, caller: Caller, level: str) -> None:
+        """Verbosity from now on, until the next reload or restart."""
+        self._require_admin(caller, "change the log level")
+        if level not in logsetup.LEVELS:
+            raise InvalidArgument(f"log level {level!r} must be one of "
+                                  f"{', '.join(logsetup.LEVELS)}")
+        logsetup.set_level(level)
+        log.warning("log.level_changed", level=level, uid=caller.uid)
+
     async def reload(self, caller: Caller) -> None:
         self._require_admin(caller, "reload")
         s = self.config.settings
@@ -252,7 +261,9 @@ class Core:
                           self.rec.netlink.observed)
         # Paths stay as started; behaviour settings follow the file.
         self.config = replace(new, settings=replace(
-            s, teardown_on_stop=new.settings.teardown_on_stop))
+            s, teardown_on_stop=new.settings.teardown_on_stop,
+            log_level=new.settings.log_level))
+        logsetup.set_level(new.settings.log_level)
         await self.apply()
         log.info("config.reloaded", networks=len(self.networks()))
 

@@ -65,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         # Only the default path may be absent (the built-in default network then).
         print(f"kvmnetd: {args.config}: no such config file", file=sys.stderr)
         return 1
-    # Under systemd, stderr is the journal: send native fields there instead of text.
-    default_format = "journal" if os.environ.get("JOURNAL_STREAM") else "kv"
-    logsetup.setup(args.log_format or default_format, args.log_level or "info")
+    # Until the config is read; then its [daemon] log settings apply (the command line wins).
+    logsetup.setup(args.log_format or logsetup.default_format(), args.log_level or "info")
     # The netlink sender thread needs the GIL for a moment after each wake-up; while the
     # loop reads a burst of events it would otherwise wait up to the default 5 ms for it.
     sys.setswitchinterval(SWITCH_INTERVAL)

@@ -184,6 +184,8 @@ class Reconciler:
             await self.dhcp.sync(ok)
         self.last_plan = p  # before listeners run: they read ports from it
         self.completed += 1
+        log.debug("reconcile.pass", number=self.passes, actions=len(p.actions),
+                  applied=applied, problems=sorted(p.problems))
         self._update_states(p, failed)
         return p, applied
 

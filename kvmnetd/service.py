@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 
 from . import config as cfg
+from . import logsetup
 from .adapters.coexist import ForeignForwardAdapter
 from .adapters.netlink import NetlinkAdapter
 from .adapters.nftables import NftablesAdapter
@@ -65,6 +66,8 @@ class Service:
         conf = load_config(self.config_file, self.networks_dir, self.overrides,
                            self.netlink.observed)
         self.settings = s = conf.settings
+        logsetup.setup(logsetup.format_for(s.log_format, "log_format" in self.overrides),
+                       s.log_level)
         for d in (s.run_dir, s.state_dir):
             os.makedirs(d, mode=0o755, exist_ok=True)
         self.dhcp = self._make_dhcp(conf)

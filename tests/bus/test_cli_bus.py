@@ -11,6 +11,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, network_path
+from kvmnetd.errors import ConfigIssue
 from kvmnetd.status import ROOT, CoreEvent
 
 from .conftest import KVMNETCTL, Served, run
@@ -152,3 +153,39 @@ async def test_object_manager_signals(served: Served) -> None:
         assert any("Ports" in c and c["Ports"].value == ["vnet5"] for c in changed)
     finally:
         client.disconnect()
+
+
+@pytest.mark.parametrize("socket", [False, True], ids=["bus", "socket"])
+async def test_reload_errors_and_log_level_reach_the_caller(served: Served, socket: bool) -> None:
+    assert served.bus is not None
+    where = ["--socket", served.socket_path] if socket else ["--bus-address", served.bus.address]
+    served.core.config_issues = [
+        ConfigIssue("/etc/kvmnetd/kvmnetd.toml", 3, "network.a.ipv4", "not an address"),
+        ConfigIssue("/etc/kvmnetd/networks.d/b.toml", 7, "network.b.brige", "unknown key")]
+    rc, out, err = await run(KVMNETCTL, *where, "reload")
+    assert rc == 1 and out == ""
+    lines = err.splitlines()
+    assert "/etc/kvmnetd/kvmnetd.toml:3: network.a.ipv4: not an address" in lines, err
+    assert "/etc/kvmnetd/networks.d/b.toml:7: network.b.brige: unknown key" in lines, err
+    served.core.config_issues = []
+    assert (await run(KVMNETCTL, *where, "reload"))[0] == 0
+
+    assert (await run(KVMNETCTL, *where, "log-level", "debug"))[0] == 0
+    assert served.core.log_level == "debug"
+    rc, _, err = await run(KVMNETCTL, *where, "log-level", "loud")
+    assert rc == 2 and "invalid choice" in err
+
+
+async def test_config_errors_are_a_typed_bus_error(served: Served) -> None:
+    assert served.bus is not None
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": served.bus.address}
+    served.core.config_issues = [ConfigIssue("/x.toml", 1, "daemon.y", "unknown key")]
+    rc, _, err = await run("busctl", "--system", "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                           "Reload", env=env)
+    assert rc != 0 and "/x.toml:1: daemon.y: unknown key" in err, err
+    rc, _, err = await run("gdbus", "call", "--system", "--dest", BUS_NAME, "--object-path",
+                           MANAGER_PATH, "--method", f"{MANAGER_IFACE}.Reload", env=env)
+    assert rc != 0 and f"{BUS_NAME}.Error.ConfigInvalid" in err, err
+    rc, _, err = await run("busctl", "--system", "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                           "SetLogLevel", "s", "loud", env=env)
+    assert rc != 0 and "loud" in err
