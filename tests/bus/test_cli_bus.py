@@ -48,7 +48,7 @@ async def test_every_verb(served: Served, tmp_path: Path) -> None:
     toml = tmp_path / "net.toml"
     toml.write_text('name = "extra"\nmode = "routed"\n')
     rc, out, err = await ctl(s, "network", "define", str(toml), "--runtime")
-    assert (rc, out.strip()) == (0, "extra"), err
+    assert (rc, out.strip()) == (0, "extra: defined (runtime)"), err
     assert "extra" not in s.core.persisted
     assert (await ctl(s, "network", "start", "extra"))[0] == 0
     assert s.core.networks["extra"].state == "active"
@@ -189,3 +189,50 @@ async def test_config_errors_are_a_typed_bus_error(served: Served) -> None:
     rc, _, err = await run("busctl", "--system", "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
                            "SetLogLevel", "s", "loud", env=env)
     assert rc != 0 and "loud" in err
+
+
+@pytest.mark.parametrize("socket", [False, True], ids=["bus", "socket"])
+async def test_changes_say_what_changed(served: Served, tmp_path: Path, socket: bool) -> None:
+    assert served.bus is not None
+    where = ["--socket", served.socket_path] if socket else ["--bus-address", served.bus.address]
+
+    async def line(*argv: str) -> str:
+        rc, out, err = await run(KVMNETCTL, *where, *argv)
+        assert rc == 0, (argv, err)
+        return out
+
+    async def obj(*argv: str) -> object:
+        return json.loads(await line(*argv, "--json"))
+
+    toml = tmp_path / "lab2.toml"
+    toml.write_text('name = "lab2"\nmode = "isolated"\n')
+    assert await line("network", "define", str(toml)) == "lab2: defined (persistent)\n"
+    assert await line("network", "start", "lab") == "lab: started\n"
+    assert await line("port", "attach", "vnet0", "default") == \
+        "vnet0: attached to default (virbr-kt)\n"
+    assert await line("port", "move", "vnet0", "lab") == \
+        "vnet0: moved from default to lab (br-lab)\n"
+    assert await line("port", "detach", "vnet0") == "vnet0: detached from lab\n"
+    assert await line("network", "stop", "lab") == "lab: stopped\n"
+    assert await line("network", "undefine", "lab2", "--runtime") == "lab2: undefined (runtime)\n"
+
+    assert await obj("port", "attach", "vnet1", "default") == {
+        "ifname": "vnet1", "network": "default", "bridge": "virbr-kt", "action": "attached"}
+    assert await obj("port", "move", "vnet1", "lab") == {
+        "ifname": "vnet1", "from": "default", "network": "lab", "bridge": "br-lab",
+        "action": "moved"}
+    assert await obj("port", "detach", "vnet1") == {
+        "ifname": "vnet1", "network": "lab", "action": "detached"}
+    assert await obj("network", "start", "lab") == {"network": "lab", "action": "started"}
+    assert await obj("network", "stop", "lab") == {"network": "lab", "action": "stopped"}
+    toml.write_text('name = "lab3"\nmode = "isolated"\n')
+    assert await obj("network", "define", str(toml), "--runtime") == {
+        "network": "lab3", "action": "defined", "persistent": False}
+    assert await obj("network", "undefine", "lab3", "--runtime") == {
+        "network": "lab3", "action": "undefined", "persistent": False}
+
+    # --quiet, global or per verb: nothing on success.
+    assert await line("--quiet", "port", "attach", "vnet2", "default") == ""
+    assert await line("port", "move", "vnet2", "lab", "--quiet") == ""
+    assert await line("-q", "port", "detach", "vnet2") == ""
+    assert await line("network", "start", "lab", "-q") == ""
