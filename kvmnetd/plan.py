@@ -73,9 +73,9 @@ def overlapping_route(net: Network, observed: ObservedState, ours: set[int]
 
 
 def describe_route(route: Route, observed: ObservedState) -> str:
-    dev = observed.name_of(route.oif) or "?"
     via = f" via {route.gateway}" if route.gateway else ""
-    return f"{route.dst}{via} dev {dev}"
+    dev = observed.name_of(route.oif)
+    return f"{route.dst}{via} dev {dev}" if dev else f"{route.dst}{via}"
 
 
 def _blocked_by_route(net: Network, observed: ObservedState, owned: Owned, ours: set[int],
