@@ -37,9 +37,9 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
          table: str = "kvmnetd") -> Plan:
     p = Plan()
     active = desired.active_networks()
-    ours = _our_devices(desired, observed)
+    routes = host_routes(desired, observed)
     for net in active:
-        if _blocked_by_route(net, observed, owned, ours, p):
+        if _blocked_by_route(net, observed, owned, routes, p):
             continue
         _plan_network(net, observed, owned, p)
     _plan_firewall(active, observed, table, p)
@@ -50,25 +50,35 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
     return p
 
 
-def _our_devices(desired: DesiredState, observed: ObservedState) -> set[int]:
-    """Indexes of our bridges and bridged uplinks: the routes on them are ours."""
+# A host route as (IP version, first address, last address, route): plain integers, so
+# checking every network against every route stays cheap on hosts with many routes.
+HostRoute = tuple[int, int, int, Route]
+
+
+def host_routes(desired: DesiredState, observed: ObservedState) -> list[HostRoute]:
+    """The routes that are the host's own, not ours: ours are those on our bridges and
+    bridged uplinks. Default routes say nothing about local subnets and do not count."""
     names = {n.bridge for n in desired.networks.values()}
     names |= {n.uplink for n in desired.networks.values() if n.uplink}
-    return {lk.index for name in names if (lk := observed.link(name)) is not None}
+    ours = {lk.index for name in names if (lk := observed.link(name)) is not None}
+    return [(*_span(r.dst), r) for r in observed.routes
+            if r.oif not in ours and r.dst.prefixlen > 0]
 
 
-def overlapping_route(net: Network, observed: ObservedState, ours: set[int]
-                      ) -> tuple[IPNetwork, Route] | None:
-    """(our subnet, the host route) of the first host route over one of net's subnets.
+@functools.lru_cache(maxsize=16384)
+def _span(dst: IPNetwork) -> tuple[int, int, int]:
+    return dst.version, int(dst.network_address), int(dst.broadcast_address)
 
-    Default routes say nothing about local subnets and do not count.
-    """
+
+def overlapping_route(net: Network, routes: list[HostRoute]) -> tuple[IPNetwork, Route] | None:
+    """(our subnet, the host route) of the first host route over one of net's subnets."""
     for iface in _gateway_addresses(net):
-        hits = [r for r in observed.routes
-                if r.dst.prefixlen > 0 and r.oif not in ours
-                and r.dst.version == iface.version and r.dst.overlaps(iface.network)]
+        sub = iface.network
+        lo, hi = int(sub.network_address), int(sub.broadcast_address)
+        hits = [r for v, first, last, r in routes
+                if v == sub.version and first <= hi and lo <= last]
         if hits:
-            return iface.network, min(hits, key=lambda r: (str(r.dst), r.oif or 0))
+            return sub, min(hits, key=lambda r: (str(r.dst), r.oif or 0))
     return None
 
 
@@ -78,14 +88,14 @@ def describe_route(route: Route, observed: ObservedState) -> str:
     return f"{route.dst}{via} dev {dev}" if dev else f"{route.dst}{via}"
 
 
-def _blocked_by_route(net: Network, observed: ObservedState, owned: Owned, ours: set[int],
-                      p: Plan) -> bool:
+def _blocked_by_route(net: Network, observed: ObservedState, owned: Owned,
+                      routes: list[HostRoute], p: Plan) -> bool:
     """A host route (a VPN, a LAN that came up later) over the subnet degrades the network.
 
     Not yet up: it is not brought up, and comes up by itself once the route goes. Already
     running: it is left running, as networkd and libvirt do, and reported.
     """
-    hit = overlapping_route(net, observed, ours)
+    hit = overlapping_route(net, routes)
     if hit is None:
         return False
     subnet, route = hit
