@@ -89,8 +89,11 @@ class Reconciler:
     async def run(self) -> None:
         """Forever: wait for a trigger (or the periodic verification), then converge."""
         while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+            # comes as the event is set, and the daemon would not stop on SIGTERM.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.verify_interval)
+                async with asyncio.timeout(self.verify_interval):
+                    await self._wake.wait()
                 await asyncio.sleep(0)  # let a burst of events land: one pass for all
             timed_out = not self._wake.is_set()
             self._wake.clear()
