@@ -44,9 +44,10 @@ def run(quick: bool) -> dict[str, Any]:
             res = asyncio.run(_calls(bus.address, reads, attaches))
             sock = str(box.run_dir / "control.sock")
             res["kvmnetctl_port_attach_ms_socket"] = r(wall_ms(
-                [KVMNETCTL, "--socket", sock, "port", "attach", "ct00", "ct"], walls))
+                [KVMNETCTL, "--socket", sock, "--quiet", "port", "attach", "ct00", "ct"], walls))
             res["kvmnetctl_port_attach_ms_bus"] = r(wall_ms(
-                [KVMNETCTL, "--bus-address", bus.address, "port", "attach", "ct00", "ct"],
+                [KVMNETCTL, "--bus-address", bus.address, "--quiet", "port", "attach", "ct00",
+                 "ct"],
                 walls))
             res["kvmnetctl_network_list_ms_socket"] = r(wall_ms(
                 [KVMNETCTL, "--socket", sock, "network", "list"], walls))

@@ -76,9 +76,9 @@ async def main() -> None:
                               [[f"b{i % 50}", "default", False] for i in range(5000)])
         client.disconnect()
         sock_ms = await wall_ms([KVMNETCTL, "--socket", server.socket.path,
-                                 "port", "attach", "vnet0", "default"])
+                                 "--quiet", "port", "attach", "vnet0", "default"])
         bus_ms = await wall_ms([KVMNETCTL, "--bus-address", bus.address,
-                                "port", "attach", "vnet0", "default"])
+                                "--quiet", "port", "attach", "vnet0", "default"])
     finally:
         if server is not None:
             await server.close()

@@ -63,6 +63,7 @@ def socket_call(path: str, method: str, args: list[Any]) -> Any:
 SIGNATURES = {
     "GetNetwork": "s", "DefineNetwork": "sb", "UndefineNetwork": "sb", "StartNetwork": "s",
     "StopNetwork": "s", "AttachPort": "ssb", "DetachPort": "s", "MovePort": "ss",
+    "SetLogLevel": "s",
 }
 
 
@@ -214,6 +215,73 @@ def do_network_show(c: Client, o: argparse.Namespace) -> None:
     emit(o, data, human)
 
 
+def done(o: argparse.Namespace, data: dict[str, Any], line: str) -> None:
+    """One line saying what changed (or the same as an object); nothing with --quiet."""
+    if not _quiet(o):
+        emit(o, data, lambda: print(line))
+
+
+def _persistence(persistent: bool) -> str:
+    return "persistent" if persistent else "runtime"
+
+
+def _port_network(c: Client, ifname: str) -> str | None:
+    return next((r[1] for r in c.call("ListPorts") if r[0] == ifname), None)
+
+
+def _bridge(c: Client, network: str) -> str:
+    return str(c.call("Network", network).get("Bridge", ""))
+
+
+def _quiet(o: argparse.Namespace) -> bool:
+    return bool(getattr(o, "quiet", False) or getattr(o, "quiet_all", False))
+
+
+def do_network_start(c: Client, o: argparse.Namespace) -> None:
+    c.call("StartNetwork", o.name)
+    done(o, {"network": o.name, "action": "started"}, f"{o.name}: started")
+
+
+def do_network_stop(c: Client, o: argparse.Namespace) -> None:
+    c.call("StopNetwork", o.name)
+    done(o, {"network": o.name, "action": "stopped"}, f"{o.name}: stopped")
+
+
+def do_network_undefine(c: Client, o: argparse.Namespace) -> None:
+    c.call("UndefineNetwork", o.name, not o.runtime)
+    kept = _persistence(not o.runtime)
+    done(o, {"network": o.name, "action": "undefined", "persistent": not o.runtime},
+         f"{o.name}: undefined ({kept})")
+
+
+def do_port_attach(c: Client, o: argparse.Namespace) -> None:
+    c.call("AttachPort", o.ifname, o.network, o.force)
+    if _quiet(o):
+        return  # no look-ups: qemu hooks pass --quiet and stay fast
+    network = o.network or _port_network(c, o.ifname) or ""
+    bridge = _bridge(c, network) if network else ""
+    done(o, {"ifname": o.ifname, "network": network, "bridge": bridge, "action": "attached"},
+         f"{o.ifname}: attached to {network} ({bridge})")
+
+
+def do_port_move(c: Client, o: argparse.Namespace) -> None:
+    before = None if _quiet(o) else _port_network(c, o.ifname)
+    c.call("MovePort", o.ifname, o.network)
+    if _quiet(o):
+        return
+    bridge = _bridge(c, o.network)
+    done(o, {"ifname": o.ifname, "from": before, "network": o.network, "bridge": bridge,
+             "action": "moved"},
+         f"{o.ifname}: moved from {before or '?'} to {o.network} ({bridge})")
+
+
+def do_port_detach(c: Client, o: argparse.Namespace) -> None:
+    before = None if _quiet(o) else _port_network(c, o.ifname)
+    c.call("DetachPort", o.ifname)
+    done(o, {"ifname": o.ifname, "network": before, "action": "detached"},
+         f"{o.ifname}: detached from {before or '?'}")
+
+
 def do_network_define(c: Client, o: argparse.Namespace) -> None:
     try:
         if o.file == "-":
@@ -224,7 +292,9 @@ def do_network_define(c: Client, o: argparse.Namespace) -> None:
     except (OSError, UnicodeDecodeError) as exc:
         raise CallFailed("", f"cannot read {o.file}: {exc}") from None
     path = c.call("DefineNetwork", text, not o.runtime)
-    print(names.network_name(path) or path)
+    name = names.network_name(path) or path
+    done(o, {"network": name, "action": "defined", "persistent": not o.runtime},
+         f"{name}: defined ({_persistence(not o.runtime)})")
 
 
 def do_leases(c: Client, o: argparse.Namespace) -> None:
@@ -251,12 +321,9 @@ def do_version(c: Client, o: argparse.Namespace) -> None:
     print(c.call("Version"))
 
 
-def simple(method: str, *attrs: str, negate: str | None = None) -> Any:
+def simple(method: str, *attrs: str) -> Any:
     def run(c: Client, o: argparse.Namespace) -> None:
-        args: list[Any] = [getattr(o, a) for a in attrs]
-        if negate is not None:
-            args.append(not getattr(o, negate))
-        c.call(method, *args)
+        c.call(method, *[getattr(o, a) for a in attrs])
     return run
 
 
@@ -264,17 +331,22 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmnetctl", description="Control kvmnetd.")
     p.add_argument("--bus-address", metavar="ADDR", help="use the D-Bus bus at ADDR")
     p.add_argument("--bus", action="store_true", help="use the system bus only")
+    p.add_argument("-q", "--quiet", dest="quiet_all", action="store_true",
+                   help="print nothing on success (errors still go to stderr)")
     p.add_argument("--socket", metavar="PATH",
                    help=f"use the control socket only (default {names.DEFAULT_SOCKET_PATH}, "
                         f"env {names.SOCKET_ENV})")
     p.add_argument("--version", action="version", version=f"kvmnetctl {__version__}")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(sub: Any, name: str, fn: Any, help: str, json_out: bool = False) -> Any:
+    def verb(sub: Any, name: str, fn: Any, help: str, json_out: bool = False,
+             change: bool = False) -> Any:
         v = sub.add_parser(name, help=help)
         v.set_defaults(fn=fn)
-        if json_out:
+        if json_out or change:
             v.add_argument("--json", action="store_true", help="machine-readable output")
+        if change:  # verbs that change something say what, in one line
+            v.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
         return v
 
     verb(verbs, "status", do_status, "daemon and network overview", True)
@@ -282,31 +354,33 @@ def parser() -> argparse.ArgumentParser:
         dest="sub", required=True, metavar="ACTION")
     verb(net, "list", do_network_list, "list networks", True)
     verb(net, "show", do_network_show, "show one network", True).add_argument("name")
-    verb(net, "start", simple("StartNetwork", "name"), "start a network").add_argument("name")
-    verb(net, "stop", simple("StopNetwork", "name"), "stop a network").add_argument("name")
-    d = verb(net, "define", do_network_define, "define a network from a TOML file ('-': stdin)")
+    verb(net, "start", do_network_start, "start a network", change=True).add_argument("name")
+    verb(net, "stop", do_network_stop, "stop a network", change=True).add_argument("name")
+    d = verb(net, "define", do_network_define, "define a network from a TOML file ('-': stdin)",
+             change=True)
     d.add_argument("file")
     d.add_argument("--runtime", action="store_true", help="until the next restart only")
-    u = verb(net, "undefine", simple("UndefineNetwork", "name", negate="runtime"),
-             "remove a network")
+    u = verb(net, "undefine", do_network_undefine, "remove a network", change=True)
     u.add_argument("name")
     u.add_argument("--runtime", action="store_true", help="keep the persistent definition")
     port = verbs.add_parser("port", help="guest ports").add_subparsers(
         dest="sub", required=True, metavar="ACTION")
-    a = verb(port, "attach", simple("AttachPort", "ifname", "network", "force"),
-             "attach an interface to a network")
+    a = verb(port, "attach", do_port_attach, "attach an interface to a network", change=True)
     a.add_argument("ifname")
     a.add_argument("network")
     a.add_argument("--force", action="store_true", help="take it from another network")
-    verb(port, "detach", simple("DetachPort", "ifname"), "detach an interface").add_argument(
+    verb(port, "detach", do_port_detach, "detach an interface", change=True).add_argument(
         "ifname")
-    m = verb(port, "move", simple("MovePort", "ifname", "network"), "move to another network")
+    m = verb(port, "move", do_port_move, "move to another network", change=True)
     m.add_argument("ifname")
     m.add_argument("network")
     verb(port, "list", do_port_list, "list ports", True)
     verb(verbs, "leases", do_leases, "DHCP leases of a network", True).add_argument("network")
     verb(verbs, "doctor", do_doctor, "explain why a guest may have no network", True)
     verb(verbs, "reload", simple("Reload"), "re-read the configuration")
+    verb(verbs, "log-level", simple("SetLogLevel", "level"),
+         "change the daemon's verbosity until the next reload or restart").add_argument(
+        "level", choices=["debug", "info", "warning", "error"])
     verb(verbs, "version", do_version, "daemon version")
     return p
 
@@ -316,7 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts.fn(Client(opts), opts)
     except CallFailed as exc:
-        print(f"kvmnetctl: {exc}", file=sys.stderr)
+        if exc.error == names.error_name("ConfigInvalid"):
+            # One FILE:LINE: key: message a line, as --check-config prints them.
+            print("kvmnetctl: the configuration has errors; nothing was changed:",
+                  file=sys.stderr)
+            print(str(exc), file=sys.stderr)
+        else:
+            print(f"kvmnetctl: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -216,8 +216,12 @@ def _where(net: Network) -> str:
     return f" ({src.file}:{src.line})" if src else ""
 
 
-def _cross(decls: list[tuple[Network, FileCtx | None]], host_routes: list[IPNetwork]) -> None:
-    """Conflicts between networks; reported on the later one of each pair."""
+def _cross(decls: list[tuple[Network, FileCtx | None]]) -> None:
+    """Conflicts between networks; reported on the later one of each pair.
+
+    Host routes are not checked here: a route that overlaps one network is that
+    network's trouble at run time (the planner's), never the whole file's.
+    """
     for i, (net, ctx) in enumerate(decls):
         if ctx is None:
             continue
@@ -227,15 +231,6 @@ def _cross(decls: list[tuple[Network, FileCtx | None]], host_routes: list[IPNetw
                 ctx: FileCtx = ctx) -> None:
             ctx.error((*path, key), msg)
 
-        for key in ("ipv4", "ipv6"):
-            mine = getattr(net, key)
-            if mine is None:
-                continue
-            for route in host_routes:
-                if route.prefixlen and route.version == mine.version \
-                        and route.overlaps(mine.network):
-                    err(key, f"subnet {mine.network} overlaps the host route {route}; "
-                             "pick another subnet")
         for other, _ in decls[:i]:
             for key in ("ipv4", "ipv6"):
                 mine, theirs = getattr(net, key), getattr(other, key)
@@ -272,6 +267,7 @@ def load(config_file: str | None, networks_dir: str | None,
     """Read the main file and networks.d; raise ConfigError listing every issue.
 
     default_subnet: the built-in default network's subnet, chosen at an earlier start.
+    host_routes only steer the choice of the built-in default network's subnet.
     """
     issues: list[ConfigIssue] = []
     routes = _routes(host_routes)
@@ -310,7 +306,7 @@ def load(config_file: str | None, networks_dir: str | None,
             continue
         networks[net.name] = net
         decls.append((net, nctx))
-    _cross(decls, routes)
+    _cross(decls)
     rules: list[AttachRule] = []
     for rule, rctx, idx in found.rules:
         if rule.network not in networks:
@@ -331,8 +327,7 @@ def _ordered(issues: list[ConfigIssue], files: list[str]) -> list[ConfigIssue]:
     return sorted(issues, key=lambda i: (order.get(i.file, -1), i.line))
 
 
-def parse_network_text(text: str, filename: str, existing: Config,
-                       host_routes: Iterable[IPNetwork] = ()) -> Network:
+def parse_network_text(text: str, filename: str, existing: Config) -> Network:
     """One [network.NAME] table, checked like the loader does, also against `existing`.
 
     A network of the same name in `existing` is not a conflict: this may replace it.
@@ -356,7 +351,7 @@ def parse_network_text(text: str, filename: str, existing: Config,
     net = val.read_network(ctx, name, data)
     others: list[tuple[Network, FileCtx | None]] = [
         (n, None) for n in existing.networks.values() if n.name != name]
-    _cross([*others, (net, ctx)], _routes(host_routes))
+    _cross([*others, (net, ctx)])
     if issues:
         raise ConfigError(_ordered(issues, [filename]))
     return net

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from . import __version__
+from . import __version__, logsetup
 from . import config as cfg
 from .access import Authority, authorize
 from .config_render import render_network_toml
@@ -24,7 +24,7 @@ from .errors import (
     NoSuchPort,
     PermissionDenied,
 )
-from .hostroutes import DefaultSubnetStore, devices_of, host_routes, load_config
+from .hostroutes import DefaultSubnetStore, load_config
 from .model import DesiredState, Mode, Network
 from .plan import PORT_KINDS
 from .reconciler import NetState, Reconciler
@@ -152,11 +152,8 @@ class Core:
 
     async def define_network(self, caller: Caller, toml_text: str, persist: bool) -> str:
         await self.authorize_admin(caller, "define networks")
-        # Parsed twice, like the config: the new network's own bridge and uplink first.
-        first = cfg.parse_network_text(toml_text, "<define>", self.config)
-        routes = host_routes(self.rec.netlink.observed,
-                             devices_of([*self.networks().values(), first]))
-        net = cfg.parse_network_text(toml_text, "<define>", self.config, host_routes=routes)
+        # A host route over its subnet does not refuse it: the planner reports that.
+        net = cfg.parse_network_text(toml_text, "<define>", self.config)
         if net.name in self.networks():
             raise Conflict(f"network {net.name} already exists; undefine it first")
         if persist:
@@ -199,8 +196,8 @@ class Core:
         self.started.add(name)
         await self.apply()
         st = self.rec.states.get(name)
-        if st is not None and st.state == "failed":
-            raise Conflict(f"network {name} failed to start: {st.reason}")
+        if st is not None and (st.state == "failed" or name in self.rec.last_plan.problems):
+            raise Conflict(f"network {name} could not start: {st.reason}")
 
     async def stop_network(self, caller: Caller, name: str) -> None:
         await self.authorize_admin(caller, "stop networks")
@@ -252,6 +249,15 @@ class Core:
         ports[ifname] = ""  # explicitly detached: policy rules leave it alone too
         await self.apply(ports)
 
+    async def set_log_level(self, caller: Caller, level: str) -> None:
+        """Verbosity from now on, until the next reload or restart."""
+        await self.authorize_admin(caller, "change the log level")
+        if level not in logsetup.LEVELS:
+            raise InvalidArgument(f"log level {level!r} must be one of "
+                                  f"{', '.join(logsetup.LEVELS)}")
+        logsetup.set_level(level)
+        log.warning("log.level_changed", level=level, uid=caller.uid)
+
     async def reload(self, caller: Caller) -> None:
         await self.authorize_admin(caller, "reload")
         s = self.config.settings
@@ -259,7 +265,9 @@ class Core:
                           self.rec.netlink.observed, self.default_subnets)
         # Paths stay as started; behaviour settings follow the file.
         self.config = replace(new, settings=replace(
-            s, teardown_on_stop=new.settings.teardown_on_stop))
+            s, teardown_on_stop=new.settings.teardown_on_stop,
+            log_level=new.settings.log_level))
+        logsetup.set_level(new.settings.log_level)
         await self.apply()
         log.info("config.reloaded", networks=len(self.networks()))
 
@@ -341,8 +349,8 @@ class Core:
 
     def _check_attached(self, ifname: str, net: Network) -> None:
         st = self.rec.states.get(net.name)
-        if st is not None and st.state == "failed":
-            raise Conflict(f"network {net.name} is failed: {st.reason}")
+        if st is not None and (st.state == "failed" or net.name in self.rec.last_plan.problems):
+            raise Conflict(f"network {net.name} is {st.state}: {st.reason}")
         obs = self.rec.netlink.observed
         link, br = obs.link(ifname), obs.link(net.bridge)
         if link is None or br is None or link.master != br.index:

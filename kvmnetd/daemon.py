@@ -65,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check_config is not None:
         return check_config(args)
-    # Under systemd, stderr is the journal: send native fields there instead of text.
-    default_format = "journal" if os.environ.get("JOURNAL_STREAM") else "kv"
-    logsetup.setup(args.log_format or default_format, args.log_level or "info")
+    if args.config and not os.path.exists(args.config):
+        # Only the default path may be absent (the built-in default network then).
+        print(f"kvmnetd: {args.config}: no such config file", file=sys.stderr)
+        return 1
+    # Until the config is read; then its [daemon] log settings apply (the command line wins).
+    logsetup.setup(args.log_format or logsetup.default_format(), args.log_level or "info")
     # The netlink sender thread needs the GIL for a moment after each wake-up; while the
     # loop reads a burst of events it would otherwise wait up to the default 5 ms for it.
     sys.setswitchinterval(SWITCH_INTERVAL)
@@ -84,6 +87,9 @@ def check_config(args: argparse.Namespace) -> int:
     config_file, networks_dir = config_paths(args)
     if args.check_config:
         config_file = args.check_config
+    if (args.check_config or args.config) and not os.path.exists(config_file):
+        print(f"{config_file}: no such config file", file=sys.stderr)
+        return 1
     try:
         conf = asyncio.run(_load_with_routes(config_file, networks_dir, overrides_from(args)))
     except ConfigError as e:

@@ -85,7 +85,8 @@ def check_status(inp: DoctorInput) -> Iterable[Finding]:
                           f"network {st.name} is still {st.state}",
                           f"wait a moment; if it stays {st.state}, see the daemon log")
         dhcp_bad = st.dhcp.state in ("degraded", "failed")
-        if (dhcp_bad or st.state == "degraded") and st.name not in foreign:
+        # A network degraded by a host route over its subnet: check_overlaps names it.
+        if dhcp_bad and st.name not in foreign:
             reason = st.dhcp.reason or st.reason or st.dhcp.state
             fix = (f"apt-get install dnsmasq-base, then {restart}" if "not installed" in reason
                    else f"fix the cause named, then {restart}")
@@ -284,7 +285,8 @@ def check_firewalld(inp: DoctorInput) -> Iterable[Finding]:
 
 def check_overlaps(inp: DoctorInput) -> Iterable[Finding]:
     obs = inp.observed
-    ours = {lk.index for n in inp.networks if (lk := obs.link(n.bridge)) is not None}
+    devices = {n.bridge for n in inp.networks} | {n.uplink for n in inp.networks if n.uplink}
+    ours = {lk.index for d in devices if (lk := obs.link(d)) is not None}
     for net in inp.networks:
         for iface in (net.ipv4, net.ipv6):
             if iface is None:
@@ -306,7 +308,8 @@ def check_overlaps(inp: DoctorInput) -> Iterable[Finding]:
 
 def check_bridges(inp: DoctorInput) -> Iterable[Finding]:
     obs = inp.observed
-    failed = {s.name for s in inp.statuses if s.state == "failed"}
+    # Degraded by a host route: not brought up, on purpose (check_overlaps says why).
+    failed = {s.name for s in inp.statuses if s.state in ("failed", "degraded")}
     for net in inp.networks:
         br = obs.link(net.bridge)
         if br is None:

@@ -1,7 +1,8 @@
-"""Which routes are the host's own, for the config's overlap check.
+"""Which routes are the host's own, for the built-in default network's choice of subnet.
 
 Routes on our bridges and on bridged uplinks are ours; the config is read twice
-to learn those before checking subnets against the rest.
+to learn those first. Host routes never make a config invalid: a network whose
+subnet overlaps one is reported by the planner, for that network alone.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field, replace
 
 IPv4Interface = ipaddress.IPv4Interface
@@ -128,6 +129,16 @@ class AttachRule:
     mac: str | None = None  # glob or prefix, e.g. "52:54:00:12:*"
     domain: str | None = None  # libvirt domain name or UUID
     source: Source | None = field(default=None, compare=False)
+
+
+# nft's own identifier rule (a letter first), kept to what needs no quoting and to
+# 32 bytes. The config check, the renderer and the adapter all ask this one.
+_NFT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+
+
+def is_nft_name(name: str) -> bool:
+    """True if `name` can be our nftables table's name."""
+    return _NFT_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import actions as A
 from .model import AttachRule, DesiredState, Mode, Network
-from .observed import IPInterface, Link, ObservedState, Route
+from .observed import IPInterface, IPNetwork, Link, ObservedState, Route
 from .owned import Owned
 from .render.nft import fingerprint, render_ruleset
 
@@ -26,6 +26,9 @@ class Plan:
     actions: list[A.Action] = field(default_factory=list)
     # network -> why it cannot be made right now (nothing is done for that part)
     problems: dict[str, str] = field(default_factory=dict)
+    # network -> why it is degraded rather than failed: a host route over its subnet.
+    # Also in `problems` while that keeps it from being brought up.
+    degraded: dict[str, str] = field(default_factory=dict)
     # ifname -> network, for every port that should be attached (explicit or by policy)
     ports: dict[str, str] = field(default_factory=dict)
 
@@ -34,7 +37,10 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
          table: str = "kvmnetd") -> Plan:
     p = Plan()
     active = desired.active_networks()
+    routes = host_routes(desired, observed)
     for net in active:
+        if _blocked_by_route(net, observed, owned, routes, p):
+            continue
         _plan_network(net, observed, owned, p)
     _plan_ra_guard(active, observed, p)
     _plan_firewall(active, observed, table, p)
@@ -43,6 +49,67 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
     _plan_ports(desired, observed, owned, p)
     _plan_teardown(desired, observed, owned, p)
     return p
+
+
+# A host route as (IP version, first address, last address, route): plain integers, so
+# checking every network against every route stays cheap on hosts with many routes.
+HostRoute = tuple[int, int, int, Route]
+
+
+def host_routes(desired: DesiredState, observed: ObservedState) -> list[HostRoute]:
+    """The routes that are the host's own, not ours: ours are those on our bridges and
+    bridged uplinks. Default routes say nothing about local subnets and do not count."""
+    names = {n.bridge for n in desired.networks.values()}
+    names |= {n.uplink for n in desired.networks.values() if n.uplink}
+    ours = {lk.index for name in names if (lk := observed.link(name)) is not None}
+    return [(*_span(r.dst), r) for r in observed.routes
+            if r.oif not in ours and r.dst.prefixlen > 0]
+
+
+@functools.lru_cache(maxsize=16384)
+def _span(dst: IPNetwork) -> tuple[int, int, int]:
+    return dst.version, int(dst.network_address), int(dst.broadcast_address)
+
+
+def overlapping_route(net: Network, routes: list[HostRoute]) -> tuple[IPNetwork, Route] | None:
+    """(our subnet, the host route) of the first host route over one of net's subnets."""
+    for iface in _gateway_addresses(net):
+        sub = iface.network
+        lo, hi = int(sub.network_address), int(sub.broadcast_address)
+        hits = [r for v, first, last, r in routes
+                if v == sub.version and first <= hi and lo <= last]
+        if hits:
+            return sub, min(hits, key=lambda r: (str(r.dst), r.oif or 0))
+    return None
+
+
+def describe_route(route: Route, observed: ObservedState) -> str:
+    via = f" via {route.gateway}" if route.gateway else ""
+    dev = observed.name_of(route.oif)
+    return f"{route.dst}{via} dev {dev}" if dev else f"{route.dst}{via}"
+
+
+def _blocked_by_route(net: Network, observed: ObservedState, owned: Owned,
+                      routes: list[HostRoute], p: Plan) -> bool:
+    """A host route (a VPN, a LAN that came up later) over the subnet degrades the network.
+
+    Not yet up: it is not brought up, and comes up by itself once the route goes. Already
+    running: it is left running, as networkd and libvirt do, and reported.
+    """
+    hit = overlapping_route(net, routes)
+    if hit is None:
+        return False
+    subnet, route = hit
+    what = f"subnet {subnet} overlaps the host route {describe_route(route, observed)}"
+    br = observed.link(net.bridge)
+    running = (br is not None and br.kind == "bridge" and br.up
+               and owned.bridges.get(net.bridge) == net.name)
+    if running:
+        p.degraded[net.name] = f"{what}; guests' traffic to it may leave the wrong way"
+        return False
+    p.degraded[net.name] = p.problems[net.name] = (
+        f"{what}; not started, it starts by itself once that route goes away")
+    return True
 
 
 def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan) -> None:
@@ -56,6 +123,10 @@ def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan) 
     other = owned.bridges.get(net.bridge)
     if other and other != net.name and br is not None:
         p.problems[net.name] = f"bridge {net.bridge} is already used by network {other}"
+        return
+    taken = foreign_bridge(net, observed, owned)
+    if taken is not None:
+        p.problems[net.name] = taken
         return
     uplink = observed.link(net.uplink) if net.mode is Mode.BRIDGED and net.uplink else None
     if net.mode is Mode.BRIDGED and uplink is None:
@@ -86,6 +157,27 @@ def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan) 
         acts.append(A.SetUp(net.name, net.bridge))
     if uplink is not None:
         _plan_uplink(net, uplink, br, observed, acts)
+
+
+def foreign_bridge(net: Network, observed: ObservedState, owned: Owned) -> str | None:
+    """Why an existing bridge of net's name is someone else's; None if it may be adopted.
+
+    An empty bridge made beforehand is adopted (and never deleted). One that carries
+    an address other than this network's gateway belongs to something else, such as
+    libvirt's virbr0 or docker0. A bridged network's bridge may carry the host's own.
+    """
+    if net.bridge in owned.bridges or net.mode is Mode.BRIDGED:
+        return None
+    br = observed.link(net.bridge)
+    if br is None or br.kind != "bridge":
+        return None
+    mine = set(_gateway_addresses(net))
+    theirs = sorted(str(a) for a in observed.addresses_of(net.bridge)
+                    if a not in mine and not a.ip.is_link_local)
+    if not theirs:
+        return None
+    return (f"bridge {net.bridge} already exists with address {theirs[0]}, so it is not "
+            "kvmnetd's; choose another bridge name")
 
 
 def _plan_uplink(net: Network, uplink: Link, br: Link | None, observed: ObservedState,

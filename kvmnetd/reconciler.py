@@ -15,7 +15,7 @@ from .fastpath import FastPath
 from .model import DesiredState
 from .observed import ObservedState
 from .owned import Owned, load_owned, save_owned
-from .plan import Plan, plan
+from .plan import Plan, foreign_bridge, plan
 from .ports import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
 from .render.coexist import ForeignForward, coexist_rules
 
@@ -24,7 +24,7 @@ log = structlog.get_logger("kvmnetd.reconcile")
 
 @dataclass(frozen=True)
 class NetState:
-    state: str  # inactive | configuring | active | failed
+    state: str  # inactive | configuring | active | degraded | failed
     reason: str = ""
 
 
@@ -93,8 +93,11 @@ class Reconciler:
     async def run(self) -> None:
         """Forever: wait for a trigger (or the periodic verification), then converge."""
         while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+            # comes as the event is set, and the daemon would not stop on SIGTERM.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.verify_interval)
+                async with asyncio.timeout(self.verify_interval):
+                    await self._wake.wait()
                 await asyncio.sleep(0)  # let a burst of events land: one pass for all
             timed_out = not self._wake.is_set()
             self._wake.clear()
@@ -208,6 +211,8 @@ class Reconciler:
             await self.dhcp.sync(ok)
         self.last_plan = p  # before listeners run: they read ports from it
         self.completed += 1
+        log.debug("reconcile.pass", number=self.passes, actions=len(p.actions),
+                  applied=applied, problems=sorted(p.problems))
         self._update_states(p, failed)
         return p, applied
 
@@ -313,7 +318,8 @@ class Reconciler:
         for net in self.desired.active_networks():
             if net.bridge not in self.owned.bridges:
                 link = observed.link(net.bridge)
-                if link is not None and link.kind == "bridge":
+                if (link is not None and link.kind == "bridge"
+                        and foreign_bridge(net, observed, self.owned) is None):
                     self.owned.adopt(net.bridge, net.name)
                     log.info("bridge.adopted", network=net.name, bridge=net.bridge)
 
@@ -373,10 +379,12 @@ class Reconciler:
         for name in sorted(self.desired.networks):
             if name not in self.desired.active:
                 new[name] = NetState("inactive")
-            elif name in p.problems:
+            elif name in p.problems and name not in p.degraded:
                 new[name] = NetState("failed", p.problems[name])
             elif name in failed:
                 new[name] = NetState("failed", failed[name])
+            elif name in p.degraded:
+                new[name] = NetState("degraded", p.degraded[name])
             else:
                 new[name] = NetState("active")
         for name, st in new.items():

@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 
 from . import config as cfg
+from . import logsetup
 from .adapters.coexist import ForeignForwardAdapter
 from .adapters.default_subnet import DefaultSubnetFile
 from .adapters.dirs import check_writable_dirs
@@ -69,6 +70,8 @@ class Service:
         conf = load_config(self.config_file, self.networks_dir, self.overrides,
                            self.netlink.observed, subnets)
         self.settings = s = conf.settings
+        logsetup.setup(logsetup.format_for(s.log_format, "log_format" in self.overrides),
+                       s.log_level)
         check_writable_dirs(s, self.config_file, self.overrides)
         self.dhcp = self._make_dhcp(conf)
         nft = NftablesAdapter(s.firewall_table,

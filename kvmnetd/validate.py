@@ -13,7 +13,17 @@ from typing import Any
 
 from .addresses import IPAddress, parse_gateway4, parse_gateway6, parse_ip, parse_ipv4, parse_range
 from .dnsmasq_options import check_option
-from .model import AttachRule, BootFiles, Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network
+from .model import (
+    AttachRule,
+    BootFiles,
+    Dhcp,
+    DhcpHost,
+    DhcpRange,
+    Dns,
+    Mode,
+    Network,
+    is_nft_name,
+)
 from .tomlpos import FileCtx, Table, suggest
 
 NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,32}")
@@ -22,7 +32,6 @@ LEASE_RE = re.compile(r"([0-9]+)([smhdw]?)|infinite")
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 MAC_GLOB_RE = re.compile(r"[0-9a-f:*?\[\]!-]{1,64}")
 LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-NFT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 _LEASE_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MIN_LEASE = 120  # dnsmasq's own floor; shorter values are silently raised
 
@@ -128,8 +137,9 @@ def check_command(s: str) -> str:
 
 
 def check_nft_name(s: str) -> str:
-    if not NFT_RE.fullmatch(s):
-        raise ValueError(f"table name {s!r} must be 1 to 32 of A-Z a-z 0-9 _, not a digit first")
+    if not is_nft_name(s):
+        raise ValueError(f"table name {s!r} must be 1 to 32 of A-Z a-z 0-9 _, starting "
+                         "with a letter")
     return s
 
 

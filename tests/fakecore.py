@@ -14,6 +14,8 @@ from dataclasses import replace
 from typing import Any
 
 from kvmnetd.errors import (
+    ConfigError,
+    ConfigIssue,
     Conflict,
     InvalidArgument,
     NoSuchNetwork,
@@ -38,6 +40,8 @@ class FakeCore:
         self.listeners: list[Callable[[CoreEvent], None]] = []
         self.calls: list[tuple[str, Caller]] = []
         self.delay = 0.0
+        self.config_issues: list[ConfigIssue] = []  # a reload then fails with these
+        self.log_level = "info"
 
     # -- helpers for tests -------------------------------------------------
     def add_network(self, name: str, mode: str = "nat", bridge: str | None = None,
@@ -180,6 +184,14 @@ class FakeCore:
 
     async def reload(self, caller: Caller) -> None:
         self._check(caller, "reload")
+        if self.config_issues:
+            raise ConfigError(list(self.config_issues))
+
+    async def set_log_level(self, caller: Caller, level: str) -> None:
+        self._check(caller, "change the log level")
+        if level not in ("debug", "info", "warning", "error"):
+            raise InvalidArgument(f"log level {level!r} is not one of debug, info, warning, error")
+        self.log_level = level
 
     def subscribe(self, listener: Callable[[CoreEvent], None]) -> None:
         self.listeners.append(listener)

@@ -152,7 +152,9 @@ class Sandbox:
         self.networks_dir.mkdir(exist_ok=True)
 
     def argv(self, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "kvmnetd", "--config", str(self.config),
+        # Without a file, the default path (absent on test hosts): the built-in network.
+        config = ["--config", str(self.config)] if self.config.exists() else []
+        return [sys.executable, "-m", "kvmnetd", *config,
                 "--networks-dir", str(self.networks_dir), "--run-dir", str(self.run_dir),
                 "--state-dir", str(self.state_dir), *extra]
 

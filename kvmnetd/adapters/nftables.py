@@ -12,8 +12,8 @@ import os
 import re
 
 from ..errors import KvmnetError
+from ..model import is_nft_name
 
-_TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 _COMMENT_RE = re.compile(r'^\s*comment "kvmnetd ([0-9a-f]+)"\s*$', re.MULTILINE)
 TAMPERED = "tampered"
 
@@ -34,7 +34,7 @@ class NftablesAdapter:
 
     def __init__(self, table: str = "kvmnetd", nft: str = "nft",
                  state_path: str | None = None) -> None:
-        if not _TABLE_RE.match(table):
+        if not is_nft_name(table):
             raise ValueError(f"invalid nftables table name: {table!r}")
         self.table = table
         self.nft = nft

@@ -16,7 +16,8 @@ MAX_MESSAGE = 4096
 _BY_CLASS: tuple[tuple[type[core_errors.KvmnetError], str], ...] = (
     (core_errors.NoSuchNetwork, "NoSuchNetwork"),
     (core_errors.NoSuchPort, "NoSuchPort"),
-    (core_errors.InvalidArgument, "InvalidArgument"),  # ConfigError included
+    (core_errors.ConfigError, "ConfigInvalid"),
+    (core_errors.InvalidArgument, "InvalidArgument"),
     (core_errors.PermissionDenied, "PermissionDenied"),
     (core_errors.Conflict, "Conflict"),
     (core_errors.Busy, "Busy"),
@@ -29,8 +30,24 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
 
 
+def _clip_lines(lines: list[str]) -> str:
+    """Whole lines, as many as fit; the count of the rest after them."""
+    out: list[str] = []
+    size = 0
+    for i, line in enumerate(lines):
+        line = _clip(line)
+        if size + len(line) + 1 > MAX_MESSAGE and out:
+            out.append(f"... and {len(lines) - i} more")
+            break
+        out.append(line)
+        size += len(line) + 1
+    return "\n".join(out)
+
+
 def classify(exc: BaseException, method: str = "") -> tuple[str, str]:
     """(full error name, message) for any exception; unexpected ones are logged."""
+    if isinstance(exc, core_errors.ConfigError) and exc.issues:
+        return error_name("ConfigInvalid"), _clip_lines([str(i) for i in exc.issues])
     if isinstance(exc, core_errors.KvmnetError):
         for cls, short in _BY_CLASS:
             if isinstance(exc, cls):

@@ -19,6 +19,7 @@ ERROR_NAMES = (
     "NoSuchNetwork",
     "NoSuchPort",
     "InvalidArgument",
+    "ConfigInvalid",  # the configuration has errors: one FILE:LINE: key: message a line
     "PermissionDenied",
     "Conflict",
     "Busy",
@@ -34,7 +35,8 @@ SOCKET_ENV = "KVMNETD_SOCKET"
 READ_METHODS = ("ListNetworks", "Describe", "Doctor", "GetNetwork", "ListPorts")
 # Port verbs are open at the policy level: the per-network allow lists decide.
 PORT_METHODS = ("AttachPort", "DetachPort", "MovePort")
-ADMIN_METHODS = ("DefineNetwork", "UndefineNetwork", "StartNetwork", "StopNetwork", "Reload")
+ADMIN_METHODS = ("DefineNetwork", "UndefineNetwork", "StartNetwork", "StopNetwork", "Reload",
+                 "SetLogLevel")
 MANAGER_METHODS = READ_METHODS + PORT_METHODS + ADMIN_METHODS
 
 

@@ -228,6 +228,12 @@ class Manager(ServiceInterface):
         await self._svc.core.reload(caller)
         self._svc.sync_all()
 
+    @dbus_method()
+    @_mapped_async
+    async def SetLogLevel(self, level: DBusStr) -> NoReply:
+        caller = await self._svc.caller("SetLogLevel")
+        await self._svc.core.set_log_level(caller, level)
+
     @dbus_signal()
     def PortAttached(self, ifname: str, network: str) -> TwoStr:
         return [ifname, network]

@@ -99,6 +99,10 @@ async def _reload(core: CoreAPI, c: Caller, _a: list[Any]) -> Any:
     await core.reload(c)
 
 
+async def _set_log_level(core: CoreAPI, c: Caller, a: list[Any]) -> Any:
+    await core.set_log_level(c, a[0])
+
+
 # name -> (argument types, handler); names and order as on the bus.
 METHODS: dict[str, tuple[tuple[type, ...], Handler]] = {
     "ListNetworks": ((), _list_networks),
@@ -114,6 +118,7 @@ METHODS: dict[str, tuple[tuple[type, ...], Handler]] = {
     "DetachPort": ((str,), _detach),
     "MovePort": ((str, str), _move),
     "Reload": ((), _reload),
+    "SetLogLevel": ((str,), _set_log_level),
     # The bus reaches these through the network object and the Version property.
     "Network": ((str,), _network),
     "Leases": ((str,), _leases),

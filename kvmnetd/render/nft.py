@@ -20,12 +20,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-import re
 from collections.abc import Iterable
 
-from ..model import Mode, Network
+from ..model import Mode, Network, is_nft_name
 
-_TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 # Multicast control and limited broadcast are never masqueraded (as libvirt does).
 _NO_MASQUERADE = ("224.0.0.0/24", "255.255.255.255")
 
@@ -44,7 +42,7 @@ def _q(value: str) -> str:
 
 
 def _check_table(table: str) -> str:
-    if not _TABLE_RE.match(table):
+    if not is_nft_name(table):
         raise ValueError(f"invalid nftables table name: {table!r}")
     return table
 

@@ -29,7 +29,7 @@ async def test_nobody_reads_but_may_not_change(served: Served, socket: bool) -> 
     assert (await as_nobody(served, "status", socket=socket))[0] == 0
     before = served.core.describe()
     for argv in (["network", "start", "lab"], ["network", "stop", "default"],
-                 ["network", "undefine", "lab"], ["reload"],
+                 ["network", "undefine", "lab"], ["reload"], ["log-level", "debug"],
                  ["port", "attach", "vnet1", "default"]):
         rc, _, err = await as_nobody(served, *argv, socket=socket)
         assert rc == 1, argv

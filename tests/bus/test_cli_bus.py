@@ -11,6 +11,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, network_path
+from kvmnetd.errors import ConfigIssue
 from kvmnetd.status import ROOT, CoreEvent
 
 from .conftest import KVMNETCTL, Served, run
@@ -47,7 +48,7 @@ async def test_every_verb(served: Served, tmp_path: Path) -> None:
     toml = tmp_path / "net.toml"
     toml.write_text('name = "extra"\nmode = "routed"\n')
     rc, out, err = await ctl(s, "network", "define", str(toml), "--runtime")
-    assert (rc, out.strip()) == (0, "extra"), err
+    assert (rc, out.strip()) == (0, "extra: defined (runtime)"), err
     assert "extra" not in s.core.persisted
     assert (await ctl(s, "network", "start", "extra"))[0] == 0
     assert s.core.networks["extra"].state == "active"
@@ -152,3 +153,86 @@ async def test_object_manager_signals(served: Served) -> None:
         assert any("Ports" in c and c["Ports"].value == ["vnet5"] for c in changed)
     finally:
         client.disconnect()
+
+
+@pytest.mark.parametrize("socket", [False, True], ids=["bus", "socket"])
+async def test_reload_errors_and_log_level_reach_the_caller(served: Served, socket: bool) -> None:
+    assert served.bus is not None
+    where = ["--socket", served.socket_path] if socket else ["--bus-address", served.bus.address]
+    served.core.config_issues = [
+        ConfigIssue("/etc/kvmnetd/kvmnetd.toml", 3, "network.a.ipv4", "not an address"),
+        ConfigIssue("/etc/kvmnetd/networks.d/b.toml", 7, "network.b.brige", "unknown key")]
+    rc, out, err = await run(KVMNETCTL, *where, "reload")
+    assert rc == 1 and out == ""
+    lines = err.splitlines()
+    assert "/etc/kvmnetd/kvmnetd.toml:3: network.a.ipv4: not an address" in lines, err
+    assert "/etc/kvmnetd/networks.d/b.toml:7: network.b.brige: unknown key" in lines, err
+    served.core.config_issues = []
+    assert (await run(KVMNETCTL, *where, "reload"))[0] == 0
+
+    assert (await run(KVMNETCTL, *where, "log-level", "debug"))[0] == 0
+    assert served.core.log_level == "debug"
+    rc, _, err = await run(KVMNETCTL, *where, "log-level", "loud")
+    assert rc == 2 and "invalid choice" in err
+
+
+async def test_config_errors_are_a_typed_bus_error(served: Served) -> None:
+    assert served.bus is not None
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": served.bus.address}
+    served.core.config_issues = [ConfigIssue("/x.toml", 1, "daemon.y", "unknown key")]
+    rc, _, err = await run("busctl", "--system", "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                           "Reload", env=env)
+    assert rc != 0 and "/x.toml:1: daemon.y: unknown key" in err, err
+    rc, _, err = await run("gdbus", "call", "--system", "--dest", BUS_NAME, "--object-path",
+                           MANAGER_PATH, "--method", f"{MANAGER_IFACE}.Reload", env=env)
+    assert rc != 0 and f"{BUS_NAME}.Error.ConfigInvalid" in err, err
+    rc, _, err = await run("busctl", "--system", "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE,
+                           "SetLogLevel", "s", "loud", env=env)
+    assert rc != 0 and "loud" in err
+
+
+@pytest.mark.parametrize("socket", [False, True], ids=["bus", "socket"])
+async def test_changes_say_what_changed(served: Served, tmp_path: Path, socket: bool) -> None:
+    assert served.bus is not None
+    where = ["--socket", served.socket_path] if socket else ["--bus-address", served.bus.address]
+
+    async def line(*argv: str) -> str:
+        rc, out, err = await run(KVMNETCTL, *where, *argv)
+        assert rc == 0, (argv, err)
+        return out
+
+    async def obj(*argv: str) -> object:
+        return json.loads(await line(*argv, "--json"))
+
+    toml = tmp_path / "lab2.toml"
+    toml.write_text('name = "lab2"\nmode = "isolated"\n')
+    assert await line("network", "define", str(toml)) == "lab2: defined (persistent)\n"
+    assert await line("network", "start", "lab") == "lab: started\n"
+    assert await line("port", "attach", "vnet0", "default") == \
+        "vnet0: attached to default (virbr-kt)\n"
+    assert await line("port", "move", "vnet0", "lab") == \
+        "vnet0: moved from default to lab (br-lab)\n"
+    assert await line("port", "detach", "vnet0") == "vnet0: detached from lab\n"
+    assert await line("network", "stop", "lab") == "lab: stopped\n"
+    assert await line("network", "undefine", "lab2", "--runtime") == "lab2: undefined (runtime)\n"
+
+    assert await obj("port", "attach", "vnet1", "default") == {
+        "ifname": "vnet1", "network": "default", "bridge": "virbr-kt", "action": "attached"}
+    assert await obj("port", "move", "vnet1", "lab") == {
+        "ifname": "vnet1", "from": "default", "network": "lab", "bridge": "br-lab",
+        "action": "moved"}
+    assert await obj("port", "detach", "vnet1") == {
+        "ifname": "vnet1", "network": "lab", "action": "detached"}
+    assert await obj("network", "start", "lab") == {"network": "lab", "action": "started"}
+    assert await obj("network", "stop", "lab") == {"network": "lab", "action": "stopped"}
+    toml.write_text('name = "lab3"\nmode = "isolated"\n')
+    assert await obj("network", "define", str(toml), "--runtime") == {
+        "network": "lab3", "action": "defined", "persistent": False}
+    assert await obj("network", "undefine", "lab3", "--runtime") == {
+        "network": "lab3", "action": "undefined", "persistent": False}
+
+    # --quiet, global or per verb: nothing on success.
+    assert await line("--quiet", "port", "attach", "vnet2", "default") == ""
+    assert await line("port", "move", "vnet2", "lab", "--quiet") == ""
+    assert await line("-q", "port", "detach", "vnet2") == ""
+    assert await line("network", "start", "lab", "-q") == ""

@@ -45,7 +45,8 @@ async def test_verbs_over_the_socket(busless: ControlServer, tmp_path: Path) -> 
         == "isolated"
     toml = tmp_path / "n.toml"
     toml.write_text('name = "sock"\n')
-    assert (await sock(busless, "network", "define", str(toml)))[1].strip() == "sock"
+    assert (await sock(busless, "network", "define", str(toml)))[1].strip() \
+        == "sock: defined (persistent)"
     for argv in (["network", "start", "sock"], ["port", "attach", "vnet3", "sock"],
                  ["port", "move", "vnet3", "default"], ["reload"]):
         rc, _, err = await sock(busless, *argv)

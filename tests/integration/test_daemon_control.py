@@ -68,8 +68,8 @@ def test_every_verb_against_the_real_daemon(box: Sandbox, bus: PrivateBus) -> No
     show = box.jctl("network", "show", "nat")
     assert isinstance(show, dict) and show["name"] == "nat" and "10.60.0.1/24" in str(show)
 
-    box.ctl("port", "attach", "vm1", "nat")
-    box.ctl("port", "attach", "vm2", "nat")
+    assert box.ctl_out("port", "attach", "vm1", "nat") == "vm1: attached to nat (kvnat0)\n"
+    box.ctl("port", "attach", "vm2", "nat", "--quiet")
     assert box.master_of("vm1") == "kvnat0"
     ports = box.jctl("port", "list")
     assert isinstance(ports, list)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import sh
+from tests.netns import netns, sh
 from tests.rig import FAR_HOST, Sandbox, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,6 +153,31 @@ def test_apply_once_converges_and_exits(box: Sandbox) -> None:
     assert r.returncode == 0 and re.search(r"writes=0\b", r.stderr), r.stderr
 
 
+@pytest.mark.integration
+def test_unit_reload_fails_with_every_config_error_and_keeps_the_state(box: Sandbox) -> None:
+    # The unit's own reload command, with this checkout's kvmnetctl and the test's socket.
+    line = next(ln for ln in UNIT.read_text().splitlines() if ln.startswith("ExecReload="))
+    cmd = line.removeprefix("ExecReload=").split()
+    assert cmd[0] == "/usr/bin/kvmnetctl", "systemctl reload must go through kvmnetctl"
+    reload = ["ip", "netns", "exec", box.host, *box.cli_argv(), *cmd[1:]]
+    box.write_config(NET)
+    box.start_daemon("--no-bus")
+    bad = NET + MORE + '\n[network.bad]\nmode = "nat"\nipv4 = "10.50.0.7/24"\nbrige = "x"\n'
+    box.write_config(bad)
+    lines = bad.splitlines()
+    r = subprocess.run(reload, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    ipv4 = lines.index('ipv4 = "10.50.0.7/24"') + 1
+    assert f"{box.config}:{ipv4}: network.bad.ipv4: " in r.stderr, r.stderr
+    assert f"{box.config}:{ipv4 + 1}: network.bad.brige: " in r.stderr, r.stderr
+    # Nothing changed: the running networks stay, the good part of the file waits.
+    assert {n["name"] for n in box.jctl("network", "list")} == {"nat"}
+    box.write_config(NET + MORE)
+    r = subprocess.run(reload, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r
+    assert {n["name"] for n in box.jctl("network", "list")} == {"nat", "rt"}
+
+
 def test_check_config_names_file_line_and_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[network.nat]\nmode = "nat"\nipv4 = "10.0.0.0/24"\nbrige = "x"\n')
@@ -176,3 +201,65 @@ def test_json_logs_carry_stable_event_names_and_fields(box: Sandbox) -> None:
     enslave = [e for e in events if e["event"] == "reconcile.applied"
                and e["action"].startswith("Enslave")]
     assert enslave and enslave[0]["network"] == "nat" and enslave[0]["ifname"] == "pn1"
+
+
+def test_a_named_config_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such.toml"
+    with netns("c") as ns:  # should the check ever regress, the daemon starts in there
+        for args in (["--check-config", str(missing)],
+                     ["--config", str(missing), "--check-config"],
+                     ["--config", str(missing), "--no-bus", "--apply-once"]):
+            r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "kvmnetd",
+                                *args, "--networks-dir", str(tmp_path / "none"),
+                                "--run-dir", str(tmp_path / "run"),
+                                "--state-dir", str(tmp_path / "lib")],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 1, (args, r.stdout, r.stderr)
+            assert f"{missing}: no such config file" in r.stderr
+            assert "ok" not in r.stdout
+
+
+def debug_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if "level='debug'" in ln or '"level": "debug"' in ln]
+
+
+@pytest.mark.integration
+def test_log_settings_from_the_config_file(box: Sandbox) -> None:
+    box.write_config('[daemon]\nlog_level = "debug"\nlog_format = "json"\n' + NET)
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: debug_lines(box.log.read_text()))
+    events = [json.loads(ln) for ln in box.log.read_text().splitlines() if ln.startswith("{")]
+    assert any(e["event"] == "reconcile.pass" and e["level"] == "debug" for e in events)
+    assert any(e["event"] == "daemon.ready" for e in events)
+    # The command line wins over the file.
+    box.stop_daemon()
+    box.log.write_text("")
+    box.start_daemon("--no-bus", "--log-level", "info", "--log-format", "kv")
+    box.ctl("reload")  # a pass that would log at debug
+    text = box.log.read_text()
+    assert "event='daemon.ready'" in text and not debug_lines(text)
+
+
+@pytest.mark.integration
+def test_log_level_changes_at_run_time_and_on_reload(box: Sandbox) -> None:
+    box.write_config(NET)
+    box.start_daemon("--no-bus")
+    box.ctl("reload")
+    assert not debug_lines(box.log.read_text()), "info is the default"
+    # A start of a running network is a pass that changes nothing (and keeps the level).
+    box.ctl("log-level", "debug")
+    box.ctl("network", "start", "nat")
+    assert debug_lines(box.log.read_text())
+    box.ctl("log-level", "info")
+    mark = len(box.log.read_text())
+    box.ctl("network", "start", "nat")
+    assert not debug_lines(box.log.read_text()[mark:])
+    # Not for everyone, and only the known levels.
+    assert box.ctl("log-level", "debug", check=False, user="nobody").returncode == 1
+    assert box.ctl("log-level", "loud", check=False).returncode == 2
+    # A reload applies the file's level again.
+    box.write_config('[daemon]\nlog_level = "debug"\n' + NET)
+    mark = len(box.log.read_text())
+    box.ctl("reload")
+    box.ctl("reload")
+    assert debug_lines(box.log.read_text()[mark:])

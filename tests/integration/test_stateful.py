@@ -147,7 +147,8 @@ class Daemon(RuleBasedStateMachine):
         if name in self.defined:
             self.refused(*args, says="already exists")
             return
-        assert self.ok(*args).strip() == name
+        kept = "persistent" if persist else "runtime"
+        assert self.ok(*args).strip() == f"{name}: defined ({kept})"
         self.defined[name] = persist
         if TEMPLATES[name][3]:
             self.active.add(name)

@@ -221,3 +221,61 @@ def test_rule_of_an_inactive_network_falls_through_to_the_next() -> None:
     d = desired(a, b, rules=rules, active={"b"})
     p = plan(d, observed(TAP), Owned())
     assert p.ports == {"vnet0": "b"}
+
+
+# ---- one network's trouble is that network's alone -------------------------------------------
+
+VPN = Link(index=30, name="vpn0", kind="tun", up=True)
+OTHER_BR = Link(index=11, name="kvbr1", kind="bridge", up=True, stp=False, forward_delay=0)
+
+
+def two_nets() -> DesiredState:
+    return desired(net("nat"), net("lab", bridge="kvbr1", ipv4=V4("10.9.0.1/24")))
+
+
+def test_host_route_over_a_subnet_keeps_only_that_network_down() -> None:
+    vpn_route = Route(dst=ipaddress.ip_network("10.9.0.0/16"), oif=30)
+    default = Route(dst=ipaddress.ip_network("0.0.0.0/0"), oif=30, gateway="10.9.0.254")
+    p = plan(two_nets(), observed(VPN, routes={vpn_route, default}), Owned())
+    assert p.problems == {"lab": p.degraded["lab"]}
+    assert "10.9.0.0/16 dev vpn0" in p.degraded["lab"] and "10.9.0.0/24" in p.degraded["lab"]
+    made = {a.bridge for a in p.actions if isinstance(a, A.CreateBridge)}
+    assert made == {"kvbr0"}, "the other network starts, the blocked one is not created"
+
+
+def test_routes_on_our_bridges_uplinks_and_default_routes_do_not_count() -> None:
+    lan = net("lan", Mode.BRIDGED, bridge="kvbr2", uplink="eth0")
+    eth0 = Link(index=40, name="eth0", kind=None, up=True)
+    routes = {Route(dst=ipaddress.ip_network("10.9.0.0/24"), oif=11),  # kernel's, on kvbr1
+              Route(dst=ipaddress.ip_network("10.0.0.0/8"), oif=40),  # on a bridged uplink
+              Route(dst=ipaddress.ip_network("0.0.0.0/0"), oif=30, gateway="10.9.0.254")}
+    d = desired(net("nat"), net("lab", bridge="kvbr1", ipv4=V4("10.9.0.1/24")), lan)
+    p = plan(d, observed(OTHER_BR, eth0, VPN, routes=routes), Owned())
+    assert p.degraded == {} and "lab" not in p.problems and "nat" not in p.problems
+
+
+def test_late_route_over_a_running_network_degrades_it_but_keeps_it_up() -> None:
+    d, o, owned = converged_nat()
+    o.links[VPN.index] = VPN
+    o.routes = {Route(dst=ipaddress.ip_network("10.0.0.0/25"), oif=30)}
+    p = plan(d, o, owned)
+    assert "nat" not in p.problems and "10.0.0.0/25 dev vpn0" in p.degraded["nat"]
+    assert p.actions == [], "a running network is not torn down by a late route"
+    o.routes = set()
+    assert plan(d, o, owned).degraded == {}
+
+
+def test_foreign_bridge_with_its_own_address_is_not_taken() -> None:
+    virbr = Link(index=10, name="kvbr0", kind="bridge", up=True)
+    p = plan(desired(net()), observed(virbr, addrs={10: {"192.168.122.1/24"}}), Owned())
+    assert "192.168.122.1/24" in p.problems["nat"] and p.actions == []
+    # An empty bridge made beforehand is still adopted and used.
+    p = plan(desired(net()), observed(virbr), Owned())
+    assert "nat" not in p.problems and "AddAddress" in names(p.actions)
+
+
+def test_missing_uplink_fails_only_its_network() -> None:
+    lan = net("lan", Mode.BRIDGED, bridge="kvbr2", uplink="nosuch0")
+    p = plan(desired(net(), lan), observed(), Owned())
+    assert p.problems == {"lan": "uplink nosuch0 not found"}
+    assert {a.bridge for a in p.actions if isinstance(a, A.CreateBridge)} >= {"kvbr0"}

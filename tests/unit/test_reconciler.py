@@ -189,3 +189,21 @@ async def test_no_pass_when_only_fast_attached_taps_changed(tmp_path: Path) -> N
     await rec.converge()
     assert not rec.needs_pass()
     assert load_owned(str(tmp_path / "owned.json")).ports.keys() == {"vnet0", "vnet1", "vnet2"}
+
+
+async def test_host_route_degrades_one_network_and_its_removal_brings_it_up(
+        tmp_path: Path) -> None:
+    from kvmnetd.observed import Route
+
+    vpn = Link(index=7, name="tun0", kind="tun", up=True)
+    rec, nl, _, _ = make(tmp_path, vpn)
+    route = Route(dst=ipaddress.ip_network("10.0.1.0/25"), oif=7)
+    nl.observed.routes.add(route)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat", "iso"})))
+    assert rec.states["nat"].state == "active"
+    assert rec.states["iso"].state == "degraded"
+    assert "10.0.1.0/25 dev tun0" in rec.states["iso"].reason
+    assert nl.observed.link("kvbr1") is None
+    nl.observed.routes.discard(route)
+    await rec.converge()
+    assert rec.states["iso"].state == "active" and nl.observed.link("kvbr1") is not None
