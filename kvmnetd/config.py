@@ -45,7 +45,8 @@ DAEMON_CONV: dict[str, Callable[[str], str]] = {
     "log_level": val.one_of("debug", "info", "warning", "error"),
     "coexist": val.one_of("auto", "off", "all"),
 }
-DAEMON_KEYS = (*DAEMON_CONV, "teardown_on_stop")
+_FLAGS = ("teardown_on_stop", "libvirt_networks")
+DAEMON_KEYS = (*DAEMON_CONV, *_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,9 @@ def read_daemon(ctx: FileCtx, data: dict[str, Any], base: Settings) -> Settings:
             v = t.text(key, conv, None)
             if v is not None:
                 values[key] = None if (v == "" and key in _OPTIONAL) else v
-    if t.has("teardown_on_stop"):
-        values["teardown_on_stop"] = t.flag("teardown_on_stop", base.teardown_on_stop)
+    for key in _FLAGS:
+        if t.has(key):
+            values[key] = t.flag(key, getattr(base, key))
     return replace(base, **values)
 
 
@@ -164,7 +166,7 @@ def apply_overrides(base: Settings, overrides: Mapping[str, str],
             bad(f"unknown setting{suggest(key, DAEMON_KEYS)}")
         elif has_control(raw):
             bad(f"{raw!r} contains a control character; refused")
-        elif key == "teardown_on_stop":
+        elif key in _FLAGS:
             if raw.lower() not in _TRUE + _FALSE:
                 bad(f"{raw!r} is not a boolean (true/false)")
             values[key] = raw.lower() in _TRUE

@@ -121,6 +121,7 @@ class Settings:
     dnsmasq_path: str = "dnsmasq"
     dnsmasq_user: str = "nobody"
     libvirt_uri: str | None = "qemu:///system"
+    libvirt_networks: bool = True  # each active network also defined in libvirt (needs the URI)
     log_format: str = "kv"  # kv | json | journal
     # Accepts for our networks in foreign firewalls that drop forwarded traffic:
     # auto (iptables chains such as DOCKER-USER), off, all (also foreign nft chains).

@@ -136,8 +136,25 @@ class Service:
         def on_event(ev: Any) -> None:
             self.spawn(domain_changed(self.core, ev.name, ev.uuid, ev.started, ev.nics))
 
-        self.libvirt = LibvirtWatcher(uri, on_event)
+        networks = self.libvirt_networks if self.settings.libvirt_networks else None
+        self.libvirt = LibvirtWatcher(uri, on_event, networks=networks)
+        self.core.libvirt = self.libvirt
         await self.libvirt.start()
+
+    def libvirt_networks(self) -> dict[str, str]:
+        """The networks libvirt should list: every active one, by name, with its bridge."""
+        return {n.name: n.bridge for n in self.rec.desired.active_networks()}
+
+    def _libvirt_networks_check(self) -> None:
+        """After a pass: a network started, stopped, defined or undefined means a libvirt sync."""
+        if self.libvirt is None or not self.settings.libvirt_networks:
+            return
+        now = self.libvirt_networks()
+        if now != self._libvirt_seen:
+            self._libvirt_seen = now
+            self.libvirt.networks_changed()
+
+    _libvirt_seen: dict[str, str] | None = None
 
     def _on_netlink(self) -> None:
         self.rec.links_changed()
@@ -163,6 +180,7 @@ class Service:
             while True:
                 await asyncio.sleep(0.5)
                 self.core.after_pass()
+                self._libvirt_networks_check()
         finally:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
