@@ -43,7 +43,7 @@ def network_for_nic(nic: DomainNic, domain: str, uuid: str, rules: Iterable[Atta
 def libvirt_plugged(nic: DomainNic, networks: Mapping[str, Network]) -> str | None:
     """For <interface type='network'>: the kvmnetd network whose bridge libvirt plugged the
     tap into (live XML names it in <source bridge=...>), or None if that bridge is not ours."""
-    if nic.kind != "network" or not nic.bridge:
+    if not nic.source_network or not nic.bridge:
         return None
     for net in networks.values():
         if net.bridge == nic.bridge:
@@ -60,7 +60,7 @@ async def domain_changed(core: Core, name: str, uuid: str, started: bool,
     for nic in nics:
         if not nic.tap:
             continue
-        if nic.kind == "network":
+        if nic.source_network:
             await _libvirt_nic(core, name, started, nic)
             continue
         net = network_for_nic(nic, name, uuid, core.config.rules, core.networks())

@@ -29,6 +29,7 @@ class SeenNetwork:
     active: bool
     persistent: bool
     autostart: bool
+    uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,11 @@ class NetAction:
     xml: str = ""
 
 
-def network_xml(name: str, bridge: str) -> str:
-    """The libvirt definition of kvmnetd network `name`."""
-    return (f"<network>\n  <name>{escape(name)}</name>\n"
+def network_xml(name: str, bridge: str, uuid: str = "") -> str:
+    """The libvirt definition of kvmnetd network `name`; `uuid` to redefine an existing one
+    (libvirt refuses a second definition of a name under another UUID)."""
+    uuid_el = f"  <uuid>{escape(uuid)}</uuid>\n" if uuid else ""
+    return (f"<network>\n  <name>{escape(name)}</name>\n{uuid_el}"
             f"  <metadata>\n    <kvmnet:network xmlns:kvmnet={quoteattr(KVMNET_XMLNS)}>"
             f"{escape(name)}</kvmnet:network>\n  </metadata>\n"
             f"  <forward mode='bridge'/>\n  <bridge name={quoteattr(bridge)}/>\n</network>\n")
@@ -62,7 +65,7 @@ def parse_seen(xml: str, active: bool, persistent: bool, autostart: bool) -> See
     br = root.find("bridge")
     ours = root.find(f"metadata/{{{KVMNET_XMLNS}}}network") is not None
     return SeenNetwork(name, ours, br.get("name") if br is not None else None,
-                       active, persistent, autostart)
+                       active, persistent, autostart, (root.findtext("uuid") or "").strip())
 
 
 def plan_networks(desired: Mapping[str, str], seen: Mapping[str, SeenNetwork]
@@ -88,7 +91,8 @@ def plan_networks(desired: Mapping[str, str], seen: Mapping[str, SeenNetwork]
                 actions.append(NetAction("undefine", name))
             have = None
         if have is None or not have.persistent:
-            actions.append(NetAction("define", name, network_xml(name, bridge)))
+            uuid = have.uuid if have is not None else ""
+            actions.append(NetAction("define", name, network_xml(name, bridge, uuid)))
         if have is None or not have.active:
             actions.append(NetAction("start", name))
         if have is None or not have.persistent or not have.autostart:

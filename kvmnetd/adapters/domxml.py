@@ -31,7 +31,9 @@ class DomainNic:
     kind: str            # the interface type: "ethernet", "bridge", "network", ...
     bridge: str | None   # <source bridge=.../> (type bridge; type network in live XML too)
     network: str | None  # the kvmnetd network named in the domain's metadata
-    source_network: str | None = None  # type network: <source network=.../>, libvirt's name
+    # <source network=.../>: a NIC on a libvirt network. A running domain's XML shows such a
+    # NIC as type 'bridge' when the network is a bridge-mode one (libvirt's "actual" type).
+    source_network: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,4 +103,4 @@ def _nic(index: int, iface: ET.Element, network: str | None) -> DomainNic:
     bridge = (source.get("bridge") if source is not None else None) or None
     source_network = (source.get("network") if source is not None else None) or None
     return DomainNic(tap=tap, mac=mac, kind=kind, bridge=bridge, network=network,
-                     source_network=source_network if kind == "network" else None)
+                     source_network=source_network)

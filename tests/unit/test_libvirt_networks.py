@@ -53,6 +53,13 @@ def test_drift_is_repaired(seen: SeenNetwork, expected: list[tuple[str, str]]) -
     assert kinds(actions) == expected
 
 
+def test_transient_leftover_is_redefined_under_its_uuid() -> None:
+    seen = SeenNetwork("lab", True, "kvlab0", True, False, False, "0b1f-uuid")
+    actions, _ = plan_networks({"lab": "kvlab0"}, {"lab": seen})
+    assert "<uuid>0b1f-uuid</uuid>" in actions[0].xml
+    assert parse_seen(actions[0].xml, True, True, True).uuid == "0b1f-uuid"
+
+
 def test_ours_no_longer_wanted_are_removed() -> None:
     actions, _ = plan_networks({}, {"gone": ours("gone", "kvg0"),
                                     "off": ours("off", "kvo0", active=False)})
@@ -98,3 +105,6 @@ def test_libvirt_plugged_maps_type_network_by_bridge() -> None:
     assert libvirt_plugged(DomainNic("vnet1", nic.mac, "network", "virbr0", None, "default"),
                            nets) is None
     assert libvirt_plugged(DomainNic("vnet2", nic.mac, "bridge", "kvlab0", None), nets) is None
+    # A running domain's XML gives such a NIC libvirt's actual type, bridge.
+    live = DomainNic("vnet3", nic.mac, "bridge", "kvlab0", None, "lab")
+    assert libvirt_plugged(live, nets) == "lab"

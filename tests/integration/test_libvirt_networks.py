@@ -1,0 +1,174 @@
+"""libvirt lists kvmnetd's networks: the real daemon against a private libvirtd, with a real guest.
+
+libvirtd runs in the sandbox's host namespace (as on a host), kvmnetd beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.guest import guest_images
+from tests.libvirtd import Libvirtd, private_libvirtd
+from tests.rig import Sandbox, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+GUEST_MAC = "52:54:00:14:00:01"
+FOREIGN_DEFAULT = """<network>
+  <name>default</name>
+  <bridge name='virbr9'/>
+</network>
+"""
+
+
+def config(uri: str) -> str:
+    return f"""
+[daemon]
+libvirt_uri = "{uri}"
+
+[network.nat]
+mode = "nat"
+bridge = "kvnat0"
+ipv4 = "10.0.0.254/24"
+[network.nat.dhcp]
+ranges = ["10.0.0.1-10.0.0.100"]
+
+[network.default]
+mode = "isolated"
+bridge = "kvdef0"
+ipv4 = "10.0.2.1/24"
+
+[network.lab]
+mode = "isolated"
+bridge = "kvlab0"
+ipv4 = "10.0.3.1/24"
+"""
+
+
+def net_info(lv: Libvirtd, name: str) -> dict[str, str] | None:
+    """`virsh net-info NAME` as a dict, or None if libvirt has no such network."""
+    r = lv.virsh("net-info", name, check=False)
+    if r.returncode != 0:
+        return None
+    return {k.strip(): v.strip() for k, _, v in
+            (line.partition(":") for line in r.stdout.splitlines()) if k.strip()}
+
+
+def in_step(lv: Libvirtd, name: str, bridge: str) -> bool:
+    info = net_info(lv, name)
+    return info is not None and (info.get("Active"), info.get("Persistent"),
+                                 info.get("Autostart"), info.get("Bridge")) == (
+        "yes", "yes", "yes", bridge)
+
+
+def network_guest(name: str, network: str, console: Path, images: tuple[str, str]) -> str:
+    kernel, initrd = images
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 mitigations=off kvmnet.hold=1 kvmnet.hostname={name}
+      kvmnet.ping=10.0.0.254</cmdline>
+  </os>
+  <cpu mode='custom'><model>qemu64</model></cpu>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <interface type='network'><source network='{network}'/><mac address='{GUEST_MAC}'/>
+      <model type='virtio'/><rom enabled='no'/></interface>
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+def console_lease(console: Path) -> dict[str, str] | None:
+    if not console.exists():
+        return None
+    for line in console.read_text(errors="replace").splitlines():
+        if line.startswith("KVMNET lease ok=1"):
+            return dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
+    return None
+
+
+def ports(box: Sandbox) -> dict[str, dict[str, str]]:
+    return {p["ifname"]: p for p in json.loads(box.ctl_out("port", "list", "--json"))}
+
+
+def test_libvirt_lists_and_keeps_kvmnetds_networks(box: Sandbox) -> None:
+    images = guest_images()
+    with private_libvirtd(ns=box.host) as lv:
+        foreign = box.tmp / "foreign-default.xml"
+        foreign.write_text(FOREIGN_DEFAULT)
+        lv.virsh("net-define", str(foreign))
+        foreign_before = lv.virsh("net-dumpxml", "default").stdout
+
+        box.write_config(config(lv.uri))
+        box.start_daemon("--no-bus")
+
+        # Every active network of ours is listed, running and autostarted, on its bridge.
+        assert wait_until(lambda: in_step(lv, "nat", "kvnat0") and in_step(lv, "lab", "kvlab0"),
+                          timeout=20), lv.virsh("net-list", "--all").stdout
+        listing = lv.virsh("net-list", "--all").stdout
+        assert any(line.split()[:4] == ["nat", "active", "yes", "yes"]
+                   for line in listing.splitlines()), listing
+        assert "kvmnet:network" in lv.virsh("net-dumpxml", "nat").stdout
+
+        # A foreign `default`: left as it is, and reported with the way out.
+        assert lv.virsh("net-dumpxml", "default").stdout == foreign_before
+        assert (net_info(lv, "default") or {}).get("Active") == "no"
+        status = box.ctl_out("status")
+        assert "'default'" in status and "import-libvirt default" in status, status
+        assert box.jctl("status")["libvirt"]["clashes"] == ["default"]
+        found = [f for f in json.loads(box.ctl("doctor", "--json", check=False).stdout)
+                 if f["check"] == "libvirt-network-clash"]
+        assert [f["network"] for f in found] == ["default"]
+
+        # A guest picks the network the libvirt way; libvirt plugs the tap, kvmnetd lists it.
+        console = box.tmp / "lvnet.log"
+        xml = box.tmp / "lvnet.xml"
+        xml.write_text(network_guest("lvnet", "nat", console, images))
+        lv.virsh("define", str(xml))
+        lv.virsh("start", "lvnet")
+        tap = wait_until(lambda: next((p for p in ports(box).values()
+                                       if p["domain"] == "lvnet"), None), timeout=20)
+        assert tap and tap["network"] == "nat", ports(box)
+        assert wait_until(lambda: ports(box)[tap["ifname"]]["state"] == "attached", timeout=10)
+        assert box.master_of(tap["ifname"]) == "kvnat0"
+        lease = wait_until(lambda: console_lease(console), timeout=60)
+        assert lease and lease["ip"].startswith("10.0.0."), "the lease comes from kvmnetd"
+        assert "lvnet" in box.ctl_out("port", "list")
+        # libvirt's tap: kvmnetd does not take it off the bridge or move it.
+        r = box.ctl("port", "detach", tap["ifname"], check=False)
+        assert r.returncode != 0 and "libvirt" in r.stderr
+        r = box.ctl("port", "move", tap["ifname"], "lab", check=False)
+        assert r.returncode != 0 and "libvirt" in r.stderr
+        assert box.master_of(tap["ifname"]) == "kvnat0"
+
+        # Someone removes ours by hand: it comes back.
+        lv.virsh("net-destroy", "nat")
+        lv.virsh("net-undefine", "nat")
+        assert wait_until(lambda: in_step(lv, "nat", "kvnat0"), timeout=20)
+
+        # libvirtd restarts: still listed; kvmnetd follows its events again afterwards.
+        lv.stop()
+        lv.start()
+        assert wait_until(lambda: in_step(lv, "nat", "kvnat0"), timeout=20)
+        lv.virsh("net-destroy", "lab")
+        assert wait_until(lambda: in_step(lv, "lab", "kvlab0"), timeout=30)
+
+        # Stopped in kvmnetd: gone from libvirt; started again: back.
+        box.ctl("network", "stop", "lab")
+        assert wait_until(lambda: net_info(lv, "lab") is None, timeout=20)
+        box.ctl("network", "start", "lab")
+        assert wait_until(lambda: in_step(lv, "lab", "kvlab0"), timeout=20)
+
+        # The guest stops: libvirt removes its tap, kvmnetd forgets the port.
+        lv.virsh("destroy", "lvnet")
+        assert wait_until(lambda: tap["ifname"] not in ports(box), timeout=20)
+        assert lv.virsh("net-dumpxml", "default").stdout == foreign_before
