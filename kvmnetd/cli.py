@@ -299,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
              "remove a network")
     u.add_argument("name")
     u.add_argument("--runtime", action="store_true", help="keep the persistent definition")
+    from .cli_libvirt import add_verbs as add_libvirt_verbs
+
+    add_libvirt_verbs(net, verb)
     port = verbs.add_parser("port", help="guest ports").add_subparsers(
         dest="sub", required=True, metavar="ACTION")
     a = verb(port, "attach", simple("AttachPort", "ifname", "network", "force"),

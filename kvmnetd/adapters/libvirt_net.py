@@ -20,6 +20,26 @@ except ImportError:  # the watcher reports the missing binding; nothing here run
     libvirt = None
 
 
+def network_definition(uri: str, name: str) -> str:
+    """The definition of libvirt network `name` (its persistent one if it has one)."""
+    if libvirt is None:
+        raise RuntimeError("libvirt-python is not installed (python3-libvirt)")
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.openReadOnly(uri)
+    except libvirt.libvirtError as exc:
+        raise RuntimeError(f"cannot connect to {uri}: {str(exc).strip()}") from None
+    try:
+        net = conn.networkLookupByName(name)
+        flags = libvirt.VIR_NETWORK_XML_INACTIVE if net.isPersistent() else 0
+        return str(net.XMLDesc(flags))
+    except libvirt.libvirtError as exc:
+        raise RuntimeError(f"libvirt network {name}: {str(exc).strip()}") from None
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
 def list_networks(conn: Any) -> dict[str, SeenNetwork]:
     seen: dict[str, SeenNetwork] = {}
     for net in conn.listAllNetworks(0):

@@ -6,6 +6,8 @@ libvirtd runs in the sandbox's host namespace (as on a host), kvmnetd beside it.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,68 @@ def test_libvirt_lists_and_keeps_kvmnetds_networks(box: Sandbox) -> None:
         lv.virsh("destroy", "lvnet")
         assert wait_until(lambda: tap["ifname"] not in ports(box), timeout=20)
         assert lv.virsh("net-dumpxml", "default").stdout == foreign_before
+
+
+LIBVIRT_NAT = """<network>
+  <name>default</name>
+  <forward mode='nat'/>
+  <bridge name='virbr0' stp='off' delay='0'/>
+  <domain name='lab.kvm' localOnly='yes'/>
+  <ip address='192.168.122.1' netmask='255.255.255.0'>
+    <dhcp>
+      <range start='192.168.122.2' end='192.168.122.254'><lease expiry='2' unit='hours'/></range>
+      <host mac='52:54:00:14:00:09' name='web' ip='192.168.122.9'/>
+    </dhcp>
+  </ip>
+</network>
+"""
+
+
+def test_import_a_live_libvirt_network_and_move_off_it(box: Sandbox) -> None:
+    """The manual way off libvirt's `default`: import it by name, stop libvirt's, define ours."""
+    with private_libvirtd(ns=box.host) as lv:
+        src = box.tmp / "default.xml"
+        src.write_text(LIBVIRT_NAT)
+        lv.virsh("net-define", str(src))
+        lv.virsh("net-start", "default")
+        lv.virsh("net-autostart", "default")
+        box.write_config(f'[daemon]\nlibvirt_uri = "{lv.uri}"\n\n'
+                         '[network.other]\nmode = "isolated"\nbridge = "kvoth0"\n'
+                         'ipv4 = "10.0.5.1/24"\n')
+        box.start_daemon("--no-bus")
+
+        r = box.ctl("network", "import-libvirt", "default", "--connect", lv.uri)
+        toml = box.tmp / "default.toml"
+        toml.write_text(r.stdout)
+        assert 'ipv4 = "192.168.122.1/24"' in r.stdout and 'lease_time = "2h"' in r.stdout
+        assert "not kept: <mac address=" in r.stderr  # libvirt gave the bridge one
+        # What it prints is kvmnetd config, as the daemon itself checks it.
+        empty = box.tmp / "empty.d"
+        empty.mkdir()
+        check = sh_check(box, toml, empty)
+        assert check.returncode == 0, check.stderr
+
+        # Refused by name, exit 2, nothing printed on stdout.
+        bad = box.tmp / "bad.xml"
+        bad.write_text(LIBVIRT_NAT.replace("</ip>", "</ip><ip address='10.24.10.1' "
+                                           "prefix='24'/>"))
+        r = box.ctl("network", "import-libvirt", str(bad), check=False)
+        assert (r.returncode, r.stdout) == (2, "")
+        assert r.stderr.strip() == ("import-libvirt: <ip address='10.24.10.1' prefix='24'>: "
+                                    "a second IPv4 subnet is not supported")
+
+        saved = box.tmp / "saved.xml"
+        saved.write_text(lv.virsh("net-dumpxml", "default").stdout)
+        for cmd in ("net-destroy", "net-undefine"):
+            lv.virsh(cmd, "default")
+        box.ctl("network", "import-libvirt", str(saved), "--define")
+        assert wait_until(lambda: in_step(lv, "default", "virbr0"), timeout=20)
+        assert "kvmnet:network" in lv.virsh("net-dumpxml", "default").stdout
+        nets = {n["name"]: n for n in box.jctl("network", "list")}
+        assert nets["default"]["state"] == "active" and nets["default"]["mode"] == "nat"
+
+
+def sh_check(box: Sandbox, toml: Path, networks_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", box.host, sys.executable, "-m", "kvmnetd",
+                           "--check-config", str(toml), "--networks-dir", str(networks_dir)],
+                          capture_output=True, text=True, timeout=60)
