@@ -452,3 +452,24 @@ _UNSUPPORTED = {
     "virtualport": "virtual ports (Open vSwitch, 802.1Qbh) are not supported",
     "port": "port settings (isolated ports) are not supported",
 }
+
+
+def dnsmasq_leases(records: list[dict[str, Any]], now: int) -> tuple[str, int]:
+    """libvirt's DHCP lease records as dnsmasq lease-file lines: (text, IPv6 leases left out).
+
+    dnsmasq's format: EXPIRY MAC IP HOSTNAME CLIENT-ID, `*` for none. Expired ones are dropped.
+    """
+    lines, skipped = [], 0
+    for r in records:
+        if r.get("type", 0) != 0:  # VIR_IP_ADDR_TYPE_IPV4
+            skipped += 1
+            continue
+        expiry = int(r.get("expirytime") or 0)
+        if expiry and expiry <= now:
+            continue
+        fields = [str(expiry), str(r["mac"]).lower(), str(r["ipaddr"]),
+                  r.get("hostname") or "*", r.get("clientid") or "*"]
+        if any(" " in f or "\n" in f for f in fields):
+            continue  # not from dnsmasq: would break the file
+        lines.append(" ".join(fields) + "\n")
+    return "".join(lines), skipped
