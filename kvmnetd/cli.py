@@ -185,7 +185,7 @@ def do_status(c: Client, o: argparse.Namespace) -> None:
 def _libvirt_status_lines(lv: dict[str, Any]) -> None:
     for name in lv.get("clashes", []):
         print(f"libvirt: its own network {name!r} (not kvmnetd's) has the name of ours; "
-              f"rename ours, or move libvirt's over (kvmnetctl network import-libvirt {name}, "
+              f"rename ours, or move libvirt's over (kvmnetctl network adopt-libvirt {name}, "
               "see docs/libvirt.md)")
 
 

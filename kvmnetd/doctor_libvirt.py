@@ -16,9 +16,7 @@ def libvirt_clash_findings(clashes: Iterable[str]) -> list[Finding]:
         message=(f"libvirt has its own network named {name!r} (not defined by kvmnetd), so "
                  f"virt-manager, virsh and <interface type='network'><source network='{name}'/> "
                  "reach libvirt's network, not kvmnetd's; kvmnetd leaves it alone"),
-        fix=(f"rename kvmnetd's network (or disable it), or move libvirt's over: "
-             f"`kvmnetctl network import-libvirt {name}` shows it as kvmnetd config; stop it "
-             f"with `virsh net-destroy {name}; virsh net-autostart --disable {name}; "
-             f"virsh net-undefine {name}` and kvmnetd defines its own in its place "
-             "(see docs/libvirt.md)"))
+        fix=(f"rename kvmnetd's network (or disable it), or move libvirt's over with its "
+             f"guests: `kvmnetctl network adopt-libvirt {name}` (`kvmnetctl network "
+             f"import-libvirt {name}` shows it as kvmnetd config first; see docs/libvirt.md)"))
         for name in sorted(clashes)]

@@ -128,7 +128,7 @@ def test_libvirt_lists_and_keeps_kvmnetds_networks(box: Sandbox) -> None:
         assert lv.virsh("net-dumpxml", "default").stdout == foreign_before
         assert (net_info(lv, "default") or {}).get("Active") == "no"
         status = box.ctl_out("status")
-        assert "'default'" in status and "import-libvirt default" in status, status
+        assert "'default'" in status and "adopt-libvirt default" in status, status
         assert box.jctl("status")["libvirt"]["clashes"] == ["default"]
         found = [f for f in json.loads(box.ctl("doctor", "--json", check=False).stdout)
                  if f["check"] == "libvirt-network-clash"]

@@ -200,3 +200,22 @@ def test_cli_exit_codes(tmp_path: object, capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr()
     assert tomllib.loads(out.out)["network"]["lab"]["mode"] == "nat"
     assert "not kept" in out.err
+
+
+def test_libvirt_leases_as_dnsmasq_lines() -> None:
+    from kvmnetd.libvirt_import import dnsmasq_leases
+
+    records = [
+        {"type": 0, "expirytime": 2000, "mac": "52:54:00:AA:00:01", "ipaddr": "10.0.0.5",
+         "hostname": "web", "clientid": "01:52:54:00:aa:00:01"},
+        {"type": 0, "expirytime": 0, "mac": "52:54:00:aa:00:02", "ipaddr": "10.0.0.6",
+         "hostname": None, "clientid": None},
+        {"type": 0, "expirytime": 500, "mac": "52:54:00:aa:00:03", "ipaddr": "10.0.0.7"},
+        {"type": 1, "expirytime": 2000, "mac": "52:54:00:aa:00:04", "ipaddr": "fd00::7"},
+        {"type": 0, "expirytime": 2000, "mac": "52:54:00:aa:00:05", "ipaddr": "10.0.0.8",
+         "hostname": "a b"},
+    ]
+    text, v6 = dnsmasq_leases(records, now=1000)
+    assert text == ("2000 52:54:00:aa:00:01 10.0.0.5 web 01:52:54:00:aa:00:01\n"
+                    "0 52:54:00:aa:00:02 10.0.0.6 * *\n")
+    assert v6 == 1  # expired and malformed ones are simply not leases any more

@@ -75,7 +75,7 @@ def test_foreign_networks_are_never_touched_and_clashes_reported() -> None:
     assert clashes == ["default"]
     (finding,) = libvirt_clash_findings(clashes)
     assert finding.check == "libvirt-network-clash" and finding.network == "default"
-    assert "import-libvirt default" in finding.fix
+    assert "adopt-libvirt default" in finding.fix
 
 
 def test_network_xml_is_escaped_and_tagged() -> None:
