@@ -30,7 +30,7 @@ DEFAULT_CANDIDATES = tuple(
     + [ipaddress.IPv4Network(f"172.30.{i}.0/24") for i in range(256)]
 )
 
-_OPTIONAL = ("bus_address", "libvirt_uri")  # "" means None
+_OPTIONAL = ("bus_address", "libvirt_uri", "qemu_bridge_conf")  # "" means None
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 DAEMON_CONV: dict[str, Callable[[str], str]] = {
     "run_dir": val.check_abs_path,
@@ -41,6 +41,7 @@ DAEMON_CONV: dict[str, Callable[[str], str]] = {
     "dnsmasq_path": val.check_command,
     "dnsmasq_user": val.check_user,
     "libvirt_uri": str,
+    "qemu_bridge_conf": lambda s: s and val.check_abs_path(s),
     "log_format": val.one_of("kv", "json", "journal"),
     "log_level": val.one_of("debug", "info", "warning", "error"),
     "coexist": val.one_of("auto", "off", "all"),

@@ -413,7 +413,7 @@ def _allowed(caller: Caller, net: Network) -> bool:
         user = pwd.getpwuid(caller.uid).pw_name
     except KeyError:
         user = None
-    if user is not None and user in net.allow_users:
+    if "*" in net.allow_users or (user is not None and user in net.allow_users):
         return True
     for gid in caller.gids:
         try:

@@ -156,6 +156,22 @@ class Service:
 
     _libvirt_seen: dict[str, str] | None = None
 
+    def _qemu_bridge_check(self) -> None:
+        """qemu-bridge-helper's include file follows the open active networks."""
+        path = self.settings.qemu_bridge_conf
+        if not path:
+            return
+        from .qemu_bridge import bridge_acl
+
+        text = bridge_acl(self.rec.desired.active_networks(), path)
+        if text != self._qemu_bridge_text:
+            from .adapters.qemu_bridge_file import write_if_changed
+
+            write_if_changed(path, text)
+            self._qemu_bridge_text = text
+
+    _qemu_bridge_text: str | None = None
+
     def _on_netlink(self) -> None:
         self.rec.links_changed()
 
@@ -181,6 +197,7 @@ class Service:
                 await asyncio.sleep(0.5)
                 self.core.after_pass()
                 self._libvirt_networks_check()
+                self._qemu_bridge_check()
         finally:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
