@@ -9,8 +9,10 @@ import itertools
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -256,9 +258,45 @@ ADOPT_NAT = """<network>
 ADOPT_MACS = ("52:54:00:14:00:21", "52:54:00:14:00:22")
 
 
-def adopt_guest(name: str, mac: str, console: Path, images: tuple[str, str]) -> str:
-    return (network_guest(name, "default", console, images)
-            .replace(GUEST_MAC, mac).replace("kvmnet.ping=10.0.0.254", "kvmnet.ping=192.168.122.1"))
+def adopt_guest(name: str, mac: str, sock: Path, images: tuple[str, str]) -> str:
+    """A guest whose serial console is a unix socket: the test reads it and sends commands."""
+    return (network_guest(name, "default", sock, images)
+            .replace(GUEST_MAC, mac).replace("kvmnet.ping=10.0.0.254", "kvmnet.ping=192.168.122.1")
+            .replace(f"<serial type='file'><source path='{sock}'/>",
+                     f"<serial type='unix'><source mode='bind' path='{sock}'/>"))
+
+
+class Console:
+    """A guest's serial console on a unix socket: its lines, and commands sent to it."""
+
+    def __init__(self, path: Path) -> None:
+        assert wait_until(path.exists, timeout=30)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        buf = b""
+        while chunk := self.sock.recv(4096):
+            buf += chunk
+            *done, buf = buf.split(b"\n")
+            for raw in done:
+                line = raw.decode(errors="replace").rstrip("\r")
+                at = line.find("KVMNET ")
+                self.lines.append(line[at:] if at > 0 else line)
+
+    def lease(self, after: int = 0) -> dict[str, str] | None:
+        for line in self.lines[after:]:
+            if line.startswith("KVMNET lease "):
+                return dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
+        return None
+
+    def send(self, command: str) -> None:
+        self.sock.sendall(command.encode() + b"\n")
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def reachable(box: Sandbox, ip: str) -> bool:
@@ -293,15 +331,17 @@ def test_adopt_libvirt_with_running_guests_and_its_rollback(box: Sandbox) -> Non
         lv.virsh("net-define", str(src))
         lv.virsh("net-start", "default")
         lv.virsh("net-autostart", "default")
-        consoles, leases = [], []
+        consoles: list[Console] = []
+        leases = []
         for i, mac in enumerate(ADOPT_MACS):  # one at a time: two TCG boots at once starve DHCP
-            console = box.tmp / f"adopt{i}.log"
-            lv.create(adopt_guest(f"adopt{i}", mac, console, images))
+            path = box.tmp / f"adopt{i}.sock"
+            lv.create(adopt_guest(f"adopt{i}", mac, path, images))
+            console = Console(path)
             consoles.append(console)
-            leases.append(wait_until(lambda c=console: console_lease(c), timeout=90))
-        ips = [lease["ip"] for lease in leases if lease]
+            leases.append(wait_until(console.lease, timeout=90))
+        ips = [lease["ip"] for lease in leases if lease and lease.get("ok") == "1"]
         assert len(ips) == 2 and all(ip.startswith("192.168.122.") for ip in ips), [
-            c.read_text(errors="replace")[-800:] for c in consoles if c.exists()]
+            c.lines[-10:] for c in consoles]
         box.write_config(f'[daemon]\nlibvirt_uri = "{lv.uri}"\n\n'
                          '[network.other]\nmode = "isolated"\nbridge = "kvoth0"\n'
                          'ipv4 = "10.0.5.1/24"\n')
@@ -334,3 +374,10 @@ def test_adopt_libvirt_with_running_guests_and_its_rollback(box: Sandbox) -> Non
         lost = [p.stop() for p in pingers]
         print(f"\nadopt-libvirt: longest loss per guest {lost} s (host pings every 50 ms)")
         assert all(x < 1.0 for x in lost), lost
+        # libvirt's dnsmasq is gone: each guest asks again and kvmnetd's gives the same address.
+        for console, ip in zip(consoles, ips, strict=True):
+            mark = len(console.lines)
+            console.send("lease")
+            again = wait_until(lambda c=console, m=mark: c.lease(m), timeout=60)
+            assert again and again.get("ok") == "1" and again["ip"] == ip, console.lines[-5:]
+            console.close()
