@@ -86,7 +86,9 @@ async def _libvirt_nic(core: Core, domain: str, started: bool, nic: DomainNic) -
         if started and net is not None:
             await core.adopt_libvirt_port(nic.tap, net, domain)
             log.info("domain.port_adopted", domain=domain, ifname=nic.tap, network=net)
-        elif not started and nic.tap in core.libvirt_managed:
+        elif not started and (nic.tap in core.libvirt_managed
+                              or nic.tap in core.rec.desired.ports):
+            # Also a tap attached by adopt-libvirt before libvirt's events named it ours.
             await core.forget_libvirt_port(nic.tap)
             log.info("domain.port_released", domain=domain, ifname=nic.tap, network=net)
     except KvmnetError as e:

@@ -5,6 +5,7 @@ libvirtd runs in the sandbox's host namespace (as on a host), kvmnetd beside it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -277,6 +278,10 @@ class Console:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
+        with contextlib.suppress(OSError):  # closed by close(), or the guest went away
+            self._lines()
+
+    def _lines(self) -> None:
         buf = b""
         while chunk := self.sock.recv(4096):
             buf += chunk
