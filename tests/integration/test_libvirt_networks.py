@@ -386,3 +386,7 @@ def test_adopt_libvirt_with_running_guests_and_its_rollback(box: Sandbox) -> Non
             again = wait_until(lambda c=console, m=mark: c.lease(m), timeout=60)
             assert again and again.get("ok") == "1" and again["ip"] == ip, console.lines[-5:]
             console.close()
+        # A moved guest stops: libvirt removes its tap and kvmnetd drops the port.
+        assert len(ports(box)) == 2
+        lv.virsh("destroy", "adopt0")
+        assert wait_until(lambda: len(ports(box)) == 1, timeout=20), ports(box)
