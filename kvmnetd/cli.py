@@ -180,7 +180,15 @@ def do_status(c: Client, o: argparse.Namespace) -> None:
         print(f"networks: {len(nets)}  ports: {len(state.get('ports', []))}")
         if nets:
             table(nets, ["name", "mode", "bridge", "state", "reason"])
+        _libvirt_status_lines(state.get("libvirt") or {})
     emit(o, state, human)
+
+
+def _libvirt_status_lines(lv: dict[str, Any]) -> None:
+    for name in lv.get("clashes", []):
+        print(f"libvirt: its own network {name!r} (not kvmnetd's) has the name of ours; "
+              f"rename ours, or move libvirt's over (kvmnetctl network adopt-libvirt {name}, "
+              "see docs/libvirt.md)")
 
 
 def do_doctor(c: Client, o: argparse.Namespace) -> None:
@@ -312,8 +320,10 @@ def _when(epoch: int) -> str:
 
 
 def do_port_list(c: Client, o: argparse.Namespace) -> None:
-    cols = ["ifname", "network", "state"]
-    rows = [dict(zip(cols, r, strict=True)) for r in c.call("ListPorts")]
+    # Describe carries each port's libvirt domain too; ListPorts' row type stays as it is.
+    cols = ["ifname", "network", "state", "domain"]
+    ports = json.loads(c.call("Describe")).get("ports", [])
+    rows = [{k: p.get(k, "") for k in cols} for p in ports]
     emit(o, rows, lambda: table(rows, cols))
 
 
@@ -363,6 +373,9 @@ def parser() -> argparse.ArgumentParser:
     u = verb(net, "undefine", do_network_undefine, "remove a network", change=True)
     u.add_argument("name")
     u.add_argument("--runtime", action="store_true", help="keep the persistent definition")
+    from .cli_libvirt import add_verbs as add_libvirt_verbs
+
+    add_libvirt_verbs(net, verb)
     port = verbs.add_parser("port", help="guest ports").add_subparsers(
         dest="sub", required=True, metavar="ACTION")
     a = verb(port, "attach", do_port_attach, "attach an interface to a network", change=True)

@@ -60,7 +60,7 @@ def default_candidates() -> Iterator[ipaddress.IPv4Network]:
         yield from pool.subnets(new_prefix=24)
 
 
-_OPTIONAL = ("bus_address", "libvirt_uri")  # "" means None
+_OPTIONAL = ("bus_address", "libvirt_uri", "qemu_bridge_conf")  # "" means None
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 DAEMON_CONV: dict[str, Callable[[str], str]] = {
     "run_dir": val.check_abs_path,
@@ -71,11 +71,13 @@ DAEMON_CONV: dict[str, Callable[[str], str]] = {
     "dnsmasq_path": val.check_command,
     "dnsmasq_user": val.check_user,
     "libvirt_uri": str,
+    "qemu_bridge_conf": lambda s: s and val.check_abs_path(s),
     "log_format": val.one_of("kv", "json", "journal"),
     "log_level": val.one_of("debug", "info", "warning", "error"),
     "coexist": val.one_of("auto", "off", "all"),
 }
-DAEMON_KEYS = (*DAEMON_CONV, "teardown_on_stop")
+_FLAGS = ("teardown_on_stop", "libvirt_networks")
+DAEMON_KEYS = (*DAEMON_CONV, *_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,9 @@ def read_daemon(ctx: FileCtx, data: dict[str, Any], base: Settings) -> Settings:
             v = t.text(key, conv, None)
             if v is not None:
                 values[key] = None if (v == "" and key in _OPTIONAL) else v
-    if t.has("teardown_on_stop"):
-        values["teardown_on_stop"] = t.flag("teardown_on_stop", base.teardown_on_stop)
+    for key in _FLAGS:
+        if t.has(key):
+            values[key] = t.flag(key, getattr(base, key))
     return replace(base, **values)
 
 
@@ -194,7 +197,7 @@ def apply_overrides(base: Settings, overrides: Mapping[str, str],
             bad(f"unknown setting{suggest(key, DAEMON_KEYS)}")
         elif has_control(raw):
             bad(f"{raw!r} contains a control character; refused")
-        elif key == "teardown_on_stop":
+        elif key in _FLAGS:
             if raw.lower() not in _TRUE + _FALSE:
                 bad(f"{raw!r} is not a boolean (true/false)")
             values[key] = raw.lower() in _TRUE

@@ -57,6 +57,11 @@ class Core:
         self._listeners: list[Callable[[CoreEvent], None]] = []
         self._attached: dict[str, str] = {}
         self._ports_cache: tuple[tuple[int, int], list[PortStatus]] | None = None
+        # Taps of libvirt domains: ifname -> domain name. Those of <interface type='network'>
+        # are libvirt's to plug and unplug (ifname in libvirt_managed): never detached or moved.
+        self.port_domains: dict[str, str] = {}
+        self.libvirt_managed: set[str] = set()
+        self.libvirt: Any = None  # the libvirt watcher, when there is one
         reconciler.on_state(self._state_changed)
 
     # ---- desired state -------------------------------------------------------------------
@@ -120,7 +125,8 @@ class Core:
                 state = "failed"
             else:
                 state = "pending"
-            out.append(PortStatus(ifname=ifname, network=netname, bridge=bridge, state=state))
+            out.append(PortStatus(ifname=ifname, network=netname, bridge=bridge, state=state,
+                                  domain=self.port_domains.get(ifname, "")))
         return out
 
     def leases(self, network: str) -> list[Lease]:
@@ -133,7 +139,15 @@ class Core:
             "networks": [n.to_json() for n in self.list_networks()],
             "ports": [p.to_json() for p in self.list_ports()],
             "owned": self.rec.owned.to_json(),
+            "libvirt": self.libvirt_status(),
         }
+
+    def libvirt_status(self) -> dict[str, Any]:
+        """Whether libvirt is followed, and foreign libvirt networks named like ours."""
+        lv = self.libvirt
+        if lv is None:
+            return {"connected": False, "clashes": []}
+        return {"connected": bool(lv.connected), "clashes": list(lv.clashes)}
 
     async def doctor(self) -> list[dict[str, Any]]:
         """Why a guest may have no network: findings, each with what to do."""
@@ -146,6 +160,9 @@ class Core:
             {n.name: self.leases(n.name) for n in nets if n.dhcp is not None},
             [self.network(n.name) for n in nets],
             table=self.config.settings.firewall_table, settings=self.config.settings)
+        from .doctor_libvirt import libvirt_clash_findings
+
+        findings = [*findings, *libvirt_clash_findings(self.libvirt_status()["clashes"])]
         return [f.to_json() for f in findings]
 
     # ---- writes --------------------------------------------------------------------------
@@ -236,11 +253,13 @@ class Core:
                               "KVMNET_NETWORK=NET) or add an [[attach]] rule that matches it")
 
     async def move_port(self, caller: Caller, ifname: str, network: str) -> None:
+        self._refuse_libvirt_managed(ifname, "move")
         if ifname not in {p.ifname for p in self.list_ports()}:
             raise NoSuchPort(f"{ifname} is not attached to any network; use attach")
         await self.attach_port(caller, ifname, network)
 
     async def detach_port(self, caller: Caller, ifname: str) -> None:
+        self._refuse_libvirt_managed(ifname, "detach")
         current = {p.ifname: p.network for p in self.list_ports()}
         if ifname not in current:
             raise NoSuchPort(f"{ifname} is not attached by kvmnetd")
@@ -257,6 +276,31 @@ class Core:
                                   f"{', '.join(logsetup.LEVELS)}")
         logsetup.set_level(level)
         log.warning("log.level_changed", level=level, uid=caller.uid)
+
+    def _refuse_libvirt_managed(self, ifname: str, what: str) -> None:
+        if ifname in self.libvirt_managed:
+            dom = self.port_domains.get(ifname, "?")
+            raise InvalidArgument(
+                f"{ifname} belongs to libvirt domain {dom} (<interface type='network'>): "
+                f"libvirt plugs it; to {what} it, change the domain's interface "
+                "(virsh edit, or detach-interface/attach-interface)")
+
+    async def adopt_libvirt_port(self, ifname: str, network: str, domain: str) -> None:
+        """A tap libvirt plugged into our bridge itself: list it as a port, change nothing."""
+        self.port_domains[ifname] = domain
+        self.libvirt_managed.add(ifname)
+        self._net(network)
+        ports = dict(self.rec.desired.ports)
+        ports[ifname] = network
+        await self.apply(ports)
+
+    async def forget_libvirt_port(self, ifname: str) -> None:
+        """Its domain stopped and libvirt removed the tap: drop it from the port list."""
+        self.port_domains.pop(ifname, None)
+        self.libvirt_managed.discard(ifname)
+        ports = dict(self.rec.desired.ports)
+        if ports.pop(ifname, None) is not None:
+            await self.apply(ports)
 
     async def reload(self, caller: Caller) -> None:
         await self.authorize_admin(caller, "reload")
@@ -381,7 +425,7 @@ def _allowed(caller: Caller, net: Network) -> bool:
         user = pwd.getpwuid(caller.uid).pw_name
     except KeyError:
         user = None
-    if user is not None and user in net.allow_users:
+    if "*" in net.allow_users or (user is not None and user in net.allow_users):
         return True
     for gid in caller.gids:
         try:

@@ -155,6 +155,9 @@ class Settings:
     dnsmasq_path: str = "dnsmasq"
     dnsmasq_user: str = "kvmnetd-dnsmasq"  # made by sysusers.d/kvmnetd.conf
     libvirt_uri: str | None = "qemu:///system"
+    libvirt_networks: bool = True  # each active network also defined in libvirt (needs the URI)
+    # kvmnetd's file for qemu-bridge-helper (include it from /etc/qemu/bridge.conf); None: off
+    qemu_bridge_conf: str | None = None
     log_format: str = "kv"  # kv | json | journal
     # Accepts for our networks in foreign firewalls that drop forwarded traffic:
     # auto (iptables chains such as DOCKER-USER), off, all (also foreign nft chains).

@@ -149,8 +149,41 @@ class Service:
         def on_event(ev: Any) -> None:
             self.spawn(domain_changed(self.core, ev.name, ev.uuid, ev.started, ev.nics))
 
-        self.libvirt = LibvirtWatcher(uri, on_event)
+        networks = self.libvirt_networks if self.settings.libvirt_networks else None
+        self.libvirt = LibvirtWatcher(uri, on_event, networks=networks)
+        self.core.libvirt = self.libvirt
         await self.libvirt.start()
+
+    def libvirt_networks(self) -> dict[str, str]:
+        """The networks libvirt should list: every active one, by name, with its bridge."""
+        return {n.name: n.bridge for n in self.rec.desired.active_networks()}
+
+    def _libvirt_networks_check(self) -> None:
+        """After a pass: a network started, stopped, defined or undefined means a libvirt sync."""
+        if self.libvirt is None or not self.settings.libvirt_networks:
+            return
+        now = self.libvirt_networks()
+        if now != self._libvirt_seen:
+            self._libvirt_seen = now
+            self.libvirt.networks_changed()
+
+    _libvirt_seen: dict[str, str] | None = None
+
+    def _qemu_bridge_check(self) -> None:
+        """qemu-bridge-helper's include file follows the open active networks."""
+        path = self.settings.qemu_bridge_conf
+        if not path:
+            return
+        from .qemu_bridge import bridge_acl
+
+        text = bridge_acl(self.rec.desired.active_networks(), path)
+        if text != self._qemu_bridge_text:
+            from .adapters.qemu_bridge_file import write_if_changed
+
+            write_if_changed(path, text)
+            self._qemu_bridge_text = text
+
+    _qemu_bridge_text: str | None = None
 
     def _on_netlink(self) -> None:
         self.rec.links_changed()
@@ -179,6 +212,8 @@ class Service:
                 self.core.after_pass()
                 # dnsmasq going degraded (or recovering) is no event of its own.
                 self.refresh_status()
+                self._libvirt_networks_check()
+                self._qemu_bridge_check()
         finally:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -70,6 +70,7 @@ class PortStatus:
     network: str
     bridge: str
     state: str = "pending"  # pending | attached | missing | failed
+    domain: str = ""  # the libvirt domain whose NIC this is, if known
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -104,6 +104,14 @@ def check_user(s: str) -> str:
     return s
 
 
+EVERY_USER = "*"
+
+
+def check_allowed_user(s: str) -> str:
+    """A user name, or "*": every user on the host."""
+    return s if s == EVERY_USER else check_user(s)
+
+
 def check_abs_path(s: str) -> str:
     if not s.startswith("/"):
         raise ValueError(f"{s!r} must be an absolute path")
@@ -354,7 +362,7 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
         name=name, mode=mode, bridge=bridge, ipv4=v4, ipv6=v6, uplink=uplink, stp=stp,
         forward_delay=delay, mtu=mtu or None, autostart=t.flag("autostart", True),
         host_access=host_access, dhcp=dhcp, dns=dns, dnsmasq_options=options,
-        allow_users=t.texts("allow_users", check_user),
+        allow_users=t.texts("allow_users", check_allowed_user),
         allow_groups=t.texts("allow_groups", check_user),
         source=ctx.source(t.path),
     )

@@ -31,6 +31,9 @@ class DomainNic:
     kind: str            # the interface type: "ethernet", "bridge", "network", ...
     bridge: str | None   # <source bridge=.../> (type bridge; type network in live XML too)
     network: str | None  # the kvmnetd network named in the domain's metadata
+    # <source network=.../>: a NIC on a libvirt network. A running domain's XML shows such a
+    # NIC as type 'bridge' when the network is a bridge-mode one (libvirt's "actual" type).
+    source_network: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,4 +101,6 @@ def _nic(index: int, iface: ET.Element, network: str | None) -> DomainNic:
     tap = (target.get("dev") if target is not None else None) or ""
     source = iface.find("source")
     bridge = (source.get("bridge") if source is not None else None) or None
-    return DomainNic(tap=tap, mac=mac, kind=kind, bridge=bridge, network=network)
+    source_network = (source.get("network") if source is not None else None) or None
+    return DomainNic(tap=tap, mac=mac, kind=kind, bridge=bridge, network=network,
+                     source_network=source_network)

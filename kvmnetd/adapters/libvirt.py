@@ -12,11 +12,12 @@ import collections
 import contextlib
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
 
+from ..libvirt_networks import plan_networks
 from .domxml import (
     KVMNET_XMLNS,
     DomainEvent,
@@ -39,6 +40,7 @@ __all__ = ["KVMNET_XMLNS", "DomainEvent", "DomainNic", "LibvirtWatcher", "parse_
 log = structlog.get_logger("kvmnetd.libvirt")
 
 RECONNECT_MIN = 0.5
+NET_RETRY = 5.0  # seconds before a failed network action is tried again
 KEEPALIVE = (5, 3)  # seconds between probes, probes missed before the connection counts as dead
 _LIFECYCLE_STARTED = (2, 4)  # VIR_DOMAIN_EVENT_STARTED, _RESUMED
 _LIFECYCLE_STOPPED = (5, 8)  # VIR_DOMAIN_EVENT_STOPPED, _CRASHED
@@ -151,7 +153,8 @@ class LibvirtWatcher:
     """Reports domains starting and stopping, with their NICs, to `on_event` (on the loop)."""
 
     def __init__(self, uri: str, on_event: Callable[[DomainEvent], None],
-                 reconnect_max: float = 10.0) -> None:
+                 reconnect_max: float = 10.0,
+                 networks: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.uri = uri
         self.reconnect_max = max(reconnect_max, RECONNECT_MIN)
         self.connected = False
@@ -160,6 +163,11 @@ class LibvirtWatcher:
         self._running: dict[str, DomainEvent] = {}  # by UUID: names can be reused
         self._task: asyncio.Task[None] | None = None
         self._outage_logged = False
+        # Network name -> bridge that libvirt should list (None: leave libvirt's networks be).
+        self._networks = networks
+        self._net_dirty = asyncio.Event()
+        self.clashes: list[str] = []  # foreign libvirt networks named like ours
+        self.net_syncs = 0  # completed syncs, for tests and status
 
     async def start(self) -> None:
         """Returns at once; connecting (and retrying) happens in a background task."""
@@ -176,6 +184,10 @@ class LibvirtWatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def networks_changed(self) -> None:
+        """The desired networks changed: sync libvirt's (now, or once connected)."""
+        self._net_dirty.set()
 
     def running(self) -> list[DomainEvent]:
         """The domains last known to run."""
@@ -228,36 +240,85 @@ class LibvirtWatcher:
         def on_lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (dom, event, detail))
 
-        def subscribe() -> int:
+        def on_network(_conn: Any, _net: Any, _event: int, _detail: int, _opaque: Any) -> None:
+            loop.call_soon_threadsafe(self._net_dirty.set)
+
+        def subscribe() -> tuple[int, int | None]:
             conn.registerCloseCallback(on_close, None)
-            return int(conn.domainEventRegisterAny(
+            dom_id = int(conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None))
+            net_id = None
+            if self._networks is not None:
+                net_id = int(conn.networkEventRegisterAny(
+                    None, libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE, on_network, None))
+            return dom_id, net_id
 
         callback_id: int | None = None
+        net_callback: int | None = None
         consumer: asyncio.Task[None] | None = None
+        syncer: asyncio.Task[None] | None = None
         try:
-            callback_id = await asyncio.to_thread(subscribe)
+            callback_id, net_callback = await asyncio.to_thread(subscribe)
             await self._resync(conn)
+            if self._networks is not None:
+                # Whatever happened while we were away: look again now.
+                self._net_dirty.set()
+                syncer = asyncio.create_task(self._sync_networks(conn), name="libvirt-networks")
             # Connected means in step too: running() is current from here on.
             self.connected, self._outage_logged = True, False
             log.info("libvirt.connected", uri=self.uri, running=len(self._running))
             consumer = asyncio.create_task(self._consume(conn, events), name="libvirt-events")
             waiter = asyncio.create_task(lost.wait())
-            await asyncio.wait({consumer, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            tasks = {consumer, waiter} | ({syncer} if syncer else set())
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-            if consumer.done():
-                consumer.result()  # raises what ended it
+            for task in (consumer, syncer):
+                if task is not None and task.done():
+                    task.result()  # raises what ended it
         except (_ConnectionLost, libvirt.libvirtError) as exc:
             log.debug("libvirt.connection_error", reason=_message(exc))
         finally:
             was_connected, self.connected = self.connected, False
-            if consumer is not None:
-                consumer.cancel()
-            await asyncio.shield(asyncio.to_thread(_release, conn, callback_id))
+            for task in (consumer, syncer):
+                if task is not None:
+                    task.cancel()
+            await asyncio.shield(asyncio.to_thread(_release, conn, callback_id, net_callback))
         if was_connected:
             log.warning("libvirt.disconnected", uri=self.uri)
         else:
             self._unavailable("connection lost while subscribing")
+
+    # -- networks ---------------------------------------------------------------------------
+
+    async def _sync_networks(self, conn: Any) -> None:
+        """Make libvirt's networks match ours, whenever asked or libvirt reports a change.
+
+        Our own changes come back as events and cause one more look, which finds nothing to do.
+        """
+        from .libvirt_net import apply, list_networks
+
+        assert self._networks is not None
+        while True:
+            await self._net_dirty.wait()
+            self._net_dirty.clear()
+            desired = dict(self._networks())
+            try:
+                seen = await asyncio.to_thread(list_networks, conn)
+                actions, clashes = plan_networks(desired, seen)
+                if clashes != self.clashes:
+                    for name in clashes:
+                        log.warning("libvirt.network_clash", network=name,
+                                    hint="a libvirt network not defined by kvmnetd has this name")
+                self.clashes = clashes
+                failed = await asyncio.to_thread(apply, conn, actions) if actions else []
+                if failed:
+                    # Failed ones are tried again later, as any other drift.
+                    asyncio.get_running_loop().call_later(NET_RETRY, self._net_dirty.set)
+            except libvirt.libvirtError as exc:
+                if not await asyncio.to_thread(conn.isAlive):
+                    raise _ConnectionLost(_message(exc)) from None
+                log.warning("libvirt.network_sync_failed", reason=_message(exc))
+            self.net_syncs += 1
 
     # -- domains -----------------------------------------------------------------------------
 
@@ -331,11 +392,14 @@ class LibvirtWatcher:
             log.exception("libvirt.callback_failed", domain=ev.name)
 
 
-def _release(conn: Any, callback_id: int | None) -> None:
+def _release(conn: Any, callback_id: int | None, net_callback: int | None = None) -> None:
     # On a dead connection each step may fail; all that matters is that the next one runs.
     if callback_id is not None:
         with contextlib.suppress(libvirt.libvirtError):
             conn.domainEventDeregisterAny(callback_id)
+    if net_callback is not None:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.networkEventDeregisterAny(net_callback)
     with contextlib.suppress(libvirt.libvirtError):
         conn.unregisterCloseCallback()
     with contextlib.suppress(libvirt.libvirtError):

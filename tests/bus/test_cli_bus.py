@@ -58,7 +58,7 @@ async def test_every_verb(served: Served, tmp_path: Path) -> None:
     assert (await ctl(s, "port", "attach", "vnet0", "default"))[0] == 0
     assert (await ctl(s, "port", "move", "vnet0", "extra"))[0] == 0
     assert await ok_json(s, "port", "list") == [
-        {"ifname": "vnet0", "network": "extra", "state": "attached"}]
+        {"ifname": "vnet0", "network": "extra", "state": "attached", "domain": ""}]
     rc, _, err = await ctl(s, "network", "undefine", "extra")
     assert rc == 1 and "has ports" in err
     assert (await ctl(s, "port", "detach", "vnet0"))[0] == 0

@@ -141,3 +141,10 @@ def test_undeclared_entity_is_not_well_formed() -> None:
 def test_huge_input_refused() -> None:
     with pytest.raises(ValueError, match="too large"):
         parse_domain_xml(domain("<!--" + "x" * (5 << 20) + "-->"))
+
+
+def test_libvirt_network_nics_name_their_network() -> None:
+    # A bridge-mode libvirt network's NIC shows as type bridge in a running domain's XML.
+    live = NETWORK.replace("type='network'", "type='bridge'")
+    _, _, nics = parse_domain_xml(domain(NETWORK + live + BRIDGE))
+    assert [n.source_network for n in nics] == ["default", "default", None]
