@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 IPv4Interface = ipaddress.IPv4Interface
 IPv6Interface = ipaddress.IPv6Interface
@@ -173,19 +173,3 @@ class DesiredState:
 
     def active_networks(self) -> list[Network]:
         return [n for name, n in sorted(self.networks.items()) if name in self.active]
-
-    def with_port(self, ifname: str, network: str | None) -> DesiredState:
-        ports = dict(self.ports)
-        if network is None:
-            ports.pop(ifname, None)
-        else:
-            ports[ifname] = network
-        return replace(self, ports=ports)
-
-    def with_active(self, name: str, up: bool) -> DesiredState:
-        active = set(self.active)
-        if up:
-            active.add(name)
-        else:
-            active.discard(name)
-        return replace(self, active=frozenset(active))

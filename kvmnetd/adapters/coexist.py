@@ -123,11 +123,6 @@ class ForeignForwardAdapter:
             await self._commit(change)
         return change
 
-    async def remove_all(self) -> None:
-        """Delete every rule tagged by kvmnetd (teardown), as the ruleset is now."""
-        self.last = None
-        await self.apply(())
-
     async def _commit(self, change: CoexistChanges) -> None:
         self.last = None  # handles changed: the next apply re-reads them
         rc, _, err = await self._run("-f", "-", stdin=transaction(change))

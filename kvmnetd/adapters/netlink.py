@@ -102,10 +102,6 @@ class NetlinkAdapter:
 
     # -- lookups -----------------------------------------------------------------------------
 
-    def link_by_name(self, name: str) -> Link | None:
-        """O(1), unlike ObservedState.link()."""
-        return self._mirror.link(name)
-
     async def tap_info(self, ifname: str) -> tuple[int | None, int | None] | None:
         """(owner uid, group gid) of a tun/tap, None when there is no such tun/tap.
 

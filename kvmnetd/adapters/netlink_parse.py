@@ -54,12 +54,11 @@ IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 # family, dst_len, src_len, tos, table, proto, scope, type, flags
 RTMSG = struct.Struct("=BBBBBBBBI")
 NLMSGERR = struct.Struct("=i")
-_RTA = struct.Struct("=HH")
+RTA = struct.Struct("=HH")  # rtattr: len, type
 _U32 = struct.Struct("=I")
 _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 _LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
-_AF_BRIDGE = 7
 
 Buffer = bytes | bytearray | memoryview
 
@@ -98,7 +97,7 @@ def messages(buf: Buffer, size: int) -> Iterator[tuple[int, int, int, int, int]]
 def attrs(buf: Buffer, off: int, end: int) -> dict[int, tuple[int, int]]:
     """Attribute type -> (start, end) of its payload; the last one of a type wins."""
     out: dict[int, tuple[int, int]] = {}
-    unpack = _RTA.unpack_from
+    unpack = RTA.unpack_from
     while off + 4 <= end:
         length, kind = unpack(buf, off)
         if length < 4:
