@@ -6,7 +6,6 @@ import asyncio
 import grp
 import os
 import pwd
-import re
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
@@ -25,13 +24,12 @@ from .errors import (
     PermissionDenied,
 )
 from .hostroutes import DefaultSubnetStore, load_config
-from .model import DesiredState, Mode, Network
+from .model import DesiredState, Mode, Network, is_ifname
 from .plan import PORT_KINDS
 from .reconciler import NetState, Reconciler
 from .status import Caller, CoreEvent, DhcpStatus, Lease, NetworkStatus, PortStatus
 
 log = structlog.get_logger("kvmnetd.core")
-IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 
 
 class DhcpView(Protocol):
@@ -208,7 +206,7 @@ class Core:
 
     async def attach_port(self, caller: Caller, ifname: str, network: str,
                           force: bool = False) -> None:
-        if not caller.is_root and IFNAME.match(ifname):
+        if not caller.is_root and is_ifname(ifname):
             # A tap's owner is not always announced by events: ask the kernel.
             tap_info = getattr(self.rec.netlink, "tap_info", None)
             if tap_info is not None:
@@ -305,7 +303,7 @@ class Core:
 
     def _check_port_request(self, caller: Caller, ifname: str, network: str,
                             force: bool) -> Network:
-        if not IFNAME.match(ifname):
+        if not is_ifname(ifname):
             raise InvalidArgument(f"{ifname!r} is not a valid interface name")
         net = self._net(network)
         if network not in self.rec.desired.active:
