@@ -15,6 +15,7 @@ import structlog
 from . import __version__, logsetup
 from . import config as cfg
 from .access import Authority, authorize
+from .adapters.files import atomic_write
 from .config_render import render_network_toml
 from .errors import (
     Conflict,
@@ -391,9 +392,5 @@ def _allowed(caller: Caller, net: Network) -> bool:
 
 
 def _write_network_file(directory: str, net: Network) -> None:
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    path = os.path.join(directory, f"{net.name}.toml")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(render_network_toml(net))
-    os.replace(tmp, path)
+    atomic_write(os.path.join(directory, f"{net.name}.toml"), render_network_toml(net),
+                 durable=True, make_dir=True)

@@ -13,6 +13,7 @@ import re
 
 from ..errors import KvmnetError
 from ..model import is_nft_name
+from .files import atomic_write
 
 _COMMENT_RE = re.compile(r'^\s*comment "kvmnetd ([0-9a-f]+)"\s*$', re.MULTILINE)
 TAMPERED = "tampered"
@@ -100,10 +101,7 @@ class NftablesAdapter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.state_path)
             return
-        tmp = f"{self.state_path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self._listing)
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, self._listing, 0o600)
 
     async def remove(self) -> None:
         """Delete our table if it is there; other tables are never touched."""
