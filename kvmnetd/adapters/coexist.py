@@ -7,8 +7,6 @@ deleted or moved. nft runs in the caller's network namespace.
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,7 +21,7 @@ from ..render.coexist import (
     changes,
     rule_text,
 )
-from .nftables import NftablesError
+from .nft_run import NFT, NftablesError, nft_json, run_nft
 
 _FAMILIES = ("ip", "ip6", "inet")
 
@@ -87,31 +85,17 @@ def transaction(change: CoexistChanges) -> str:
 
 
 class ForeignForwardAdapter:
-    def __init__(self, own_table: str = "kvmnetd", nft: str = "nft") -> None:
+    def __init__(self, own_table: str = "kvmnetd", nft: str = NFT) -> None:
         self.own_table = own_table
         self.nft = nft
         self.writes = 0
         self.last: ForeignForward | None = None
 
     async def _run(self, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                self.nft, *args,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        except OSError as e:
-            raise CoexistError(f"cannot run {self.nft}: {e}") from e
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-        return (proc.returncode if proc.returncode is not None else -1), out.decode(), err.decode()
+        return await run_nft(*args, stdin=stdin, nft=self.nft, error=CoexistError)
 
     async def observe(self) -> ForeignForward:
-        rc, out, err = await self._run("-j", "list", "ruleset")
-        if rc != 0:
-            raise CoexistError(f"nft -j list ruleset failed: {err.strip()}")
-        try:
-            doc = json.loads(out) if out.strip() else {}
-        except ValueError as e:
-            raise CoexistError(f"nft printed JSON we cannot read: {e}") from e
+        doc = await nft_json("list", "ruleset", nft=self.nft, error=CoexistError)
         self.last = parse_ruleset(doc, self.own_table)
         return self.last
 

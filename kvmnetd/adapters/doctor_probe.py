@@ -23,6 +23,7 @@ from ..observed import ObservedState, Route
 from ..render.dnsmasq import dnsmasq_paths
 from ..status import Lease, NetworkStatus
 from .conflicts import find_conflicts
+from .nft_run import NftablesError, nft_json
 from .sysctl import accept_ra, accept_ra_key
 
 V4_FORWARD, V6_FORWARD = "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"
@@ -270,8 +271,8 @@ async def probe(networks: list[Network], observed: ObservedState, ports: dict[st
                 firewalld: bool = True) -> DoctorInput:
     problems: list[str] = []
     try:
-        ruleset = await run_json("nft", "-j", "list", "ruleset")
-    except (OSError, ValueError) as e:
+        ruleset = await nft_json("list", "ruleset", timeout=CMD_TIMEOUT)
+    except NftablesError as e:
         ruleset = {}
         problems.append(f"could not read the nftables ruleset: {e}")
     ours = set(our_pids) | {s.dhcp.pid for s in statuses if s.dhcp.pid is not None}
