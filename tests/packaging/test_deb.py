@@ -25,6 +25,7 @@ EXPECTED_FILES = [
     "usr/lib/kvmnetd/python/pyroute2/__init__.py",
     "usr/lib/kvmnetd/python/dbus_fast/__init__.py",
     "usr/lib/kvmnetd/python/structlog/__init__.py",
+    "usr/lib/kvmnetd/python/tomli_w/__init__.py",
     "usr/lib/systemd/system/kvmnetd.service",
     "usr/lib/sysusers.d/kvmnetd.conf",
     "usr/lib/tmpfiles.d/kvmnetd.conf",
