@@ -20,6 +20,8 @@ from .netlink_parse import (
     IFLA_EXT_MASK,
     IFLA_MASTER,
     IFLA_MTU,
+    NLM_F_ACK,
+    NLM_F_DUMP,
     RTM_GETADDR,
     RTM_GETLINK,
     RTM_GETROUTE,
@@ -30,8 +32,6 @@ from .netlink_parse import (
     kernel_error,
 )
 from .netlink_raw import (
-    NLM_F_ACK,
-    NLM_F_DUMP,
     NetlinkFailure,
     attr_u32,
     ifinfo,
