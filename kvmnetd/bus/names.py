@@ -20,11 +20,6 @@ SOCKET_NAME = "control.sock"
 DEFAULT_SOCKET_PATH = f"{DEFAULT_RUN_DIR}/{SOCKET_NAME}"
 SOCKET_ENV = "KVMNETD_SOCKET"
 
-READ_METHODS = ("ListNetworks", "Describe", "Doctor", "GetNetwork", "ListPorts")
-# Port verbs are open at the policy level: the per-network allow lists decide.
-PORT_METHODS = ("AttachPort", "DetachPort", "MovePort")
-ADMIN_METHODS = ("DefineNetwork", "UndefineNetwork", "StartNetwork", "StopNetwork", "Reload",
-                 "SetLogLevel")
 
 
 def error_name(short: str) -> str:

@@ -1,0 +1,31 @@
+"""The D-Bus Manager, the control socket and kvmnetctl all come from one method table."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from kvmnetd.bus.service import BusService, Manager
+from kvmnetd.bus.socket_server import _args_ok
+from kvmnetd.cli import _bus_message
+from kvmnetd.control.methods import BY_NAME, METHODS
+
+
+def test_manager_methods_are_the_table_rows_on_the_bus() -> None:
+    manager = Manager(cast(BusService, None)).introspect()
+    exported = {m.name: m for m in manager.methods}
+    assert set(exported) == {m.name for m in METHODS if m.on_bus}
+    for name, dbus in exported.items():
+        row = BY_NAME[name]
+        assert [(a.name, a.signature) for a in dbus.in_args] == list(row.args)
+        assert "".join(a.signature for a in dbus.out_args) == row.returns
+
+
+def test_socket_and_client_use_the_same_argument_types() -> None:
+    samples = {"s": "x", "b": True}
+    for m in METHODS:
+        args = [samples[code] for _, code in m.args]
+        assert _args_ok(m.arg_types, args)
+        if m.args:
+            assert not _args_ok(m.arg_types, args[:-1])
+        if m.on_bus:
+            assert _bus_message(m.name, args)[2:] == (m.name, m.signature, args)
