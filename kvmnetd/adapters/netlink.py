@@ -52,8 +52,8 @@ class NetlinkAdapter:
         self.observed = ObservedState()
         self._mirror = Mirror(self.observed)
         self._chan: raw.RequestChannel | None = None
-        # Bridges, addresses, routes: pyroute2's asyncio API.
-        self._cfg = ConfigWriter(self._count_write)
+        # Bridges, addresses, routes: a handful per network, through the same channel.
+        self._cfg = ConfigWriter(self._write)
         self._events: raw.EventSocket | None = None
         # While a dump runs, events wait here and are replayed after it, in order.
         self._pending: list[Record] | None = None
@@ -91,7 +91,6 @@ class NetlinkAdapter:
         for sock in (self._events, self._chan):
             if sock is not None:
                 sock.close()
-        self._cfg.close()
         self._events = self._chan = None
 
     @property
@@ -180,9 +179,6 @@ class NetlinkAdapter:
                         log.exception("on_link_added callback failed")
         if changed:
             self._notify()
-
-    def _count_write(self) -> None:
-        self.writes += 1
 
     def take_changes(self) -> tuple[set[int], bool]:
         """(link indexes changed, anything else changed) since the last call."""
