@@ -119,6 +119,8 @@ class NetworkObject(ServiceInterface):
 
 
 class Manager(ServiceInterface):
+    """The manager object; its methods are made from control.methods.METHODS (below)."""
+
     def __init__(self, service: BusService) -> None:
         super().__init__(MANAGER_IFACE)
         self._svc = service

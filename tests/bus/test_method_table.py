@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import cast
 
-from kvmnetd.bus.service import BusService, Manager
+from kvmnetd.api import CoreAPI
+from kvmnetd.bus.service import BusService, Manager, NetworkObject
 from kvmnetd.bus.socket_server import _args_ok
 from kvmnetd.cli import _bus_message
 from kvmnetd.control.methods import BY_NAME, METHODS
+from kvmnetd.status import NetworkStatus
 
 
 def test_manager_methods_are_the_table_rows_on_the_bus() -> None:
@@ -29,3 +31,9 @@ def test_socket_and_client_use_the_same_argument_types() -> None:
             assert not _args_ok(m.arg_types, args[:-1])
         if m.on_bus:
             assert _bus_message(m.name, args)[2:] == (m.name, m.signature, args)
+
+
+def test_the_network_objects_leases_reply_as_the_socket_does() -> None:
+    network = NetworkObject(cast(CoreAPI, None), NetworkStatus(name="", mode="", bridge=""))
+    (leases,) = [m for m in network.introspect().methods if m.name == "Leases"]
+    assert "".join(a.signature for a in leases.out_args) == BY_NAME["Leases"].returns
