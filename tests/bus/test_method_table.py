@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import cast
 
 from kvmnetd.api import CoreAPI
@@ -37,3 +39,17 @@ def test_the_network_objects_leases_reply_as_the_socket_does() -> None:
     network = NetworkObject(cast(CoreAPI, None), NetworkStatus(name="", mode="", bridge=""))
     (leases,) = [m for m in network.introspect().methods if m.name == "Leases"]
     assert "".join(a.signature for a in leases.out_args) == BY_NAME["Leases"].returns
+
+
+def test_docs_list_every_method_with_its_access() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "control.md").read_text()
+    socket_rows = re.findall(r"^\| ([A-Z]\w+)(?: / ([A-Z]\w+))? \|", doc, re.MULTILINE)
+    assert {name for row in socket_rows for name in row if name} >= {m.name for m in METHODS}
+    # "Who may do what": one row each for read, port and admin methods, in that order.
+    section = doc[doc.index("## Who may do what"):]
+    rows = re.findall(r"^\| (`[A-Z].*?) \| ", section, re.MULTILINE)[:3]
+    listed = [set(re.findall(r"`(\w+)`", row)) for row in rows]
+    want = [{m.name for m in METHODS if m.on_bus and m.access == access}
+            for access in ("read", "port", "admin")]
+    want[0].add("Leases")  # the network object's method
+    assert listed == want
