@@ -2,6 +2,9 @@
 
 Pure: no sockets here, so recorded or hand-made bytes can be fed in. Only the fields the
 mirror needs are read (layouts: linux/rtnetlink.h, linux/if_link.h, linux/if_addr.h).
+The message layouts and flag constants are defined here once: the request channel
+(netlink_raw), the configuration writes (netlink_config) and sock_diag (conflicts)
+encode and walk messages with them.
 """
 
 from __future__ import annotations
