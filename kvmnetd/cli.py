@@ -60,13 +60,6 @@ def socket_call(path: str, method: str, args: list[Any]) -> Any:
     return reply.get("result")
 
 
-SIGNATURES = {
-    "GetNetwork": "s", "DefineNetwork": "sb", "UndefineNetwork": "sb", "StartNetwork": "s",
-    "StopNetwork": "s", "AttachPort": "ssb", "DetachPort": "s", "MovePort": "ss",
-    "SetLogLevel": "s",
-}
-
-
 def bus_call(address: str | None, method: str, args: list[Any]) -> Any:
     import asyncio
     return asyncio.run(_bus_call(address, method, args))
@@ -82,7 +75,10 @@ def _bus_message(method: str, args: list[Any]) -> tuple[str, str, str, str, list
     if method == "Version":
         return (names.MANAGER_PATH, "org.freedesktop.DBus.Properties", "Get", "ss",
                 [names.MANAGER_IFACE, "Version"])
-    return names.MANAGER_PATH, names.MANAGER_IFACE, method, SIGNATURES.get(method, ""), args
+    # Only the bus needs the signatures: the socket path (a qemu hook's) never loads the table.
+    from .control.methods import BY_NAME
+
+    return names.MANAGER_PATH, names.MANAGER_IFACE, method, BY_NAME[method].signature, args
 
 
 async def _bus_call(address: str | None, method: str, args: list[Any]) -> Any:

@@ -5,35 +5,24 @@ load(render_network_toml(n)) gives n back; a property test checks that.
 
 from __future__ import annotations
 
-import re
+from typing import Any
+
+import tomli_w
 
 from .model import DhcpRange, Network
 
 
-def _quote(s: str) -> str:
-    out = []
-    for c in s:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def _value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
+def _plain(v: object) -> Any:
+    """TOML-ready: flags and numbers stay, sequences become lists, the rest their text."""
+    if isinstance(v, bool | int):
+        return v
     if isinstance(v, tuple | list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    return _quote(str(v))
+        return [_plain(x) for x in v]
+    return str(v)
 
 
-def _key(name: str) -> str:
-    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _quote(name)
+def _table(items: list[tuple[str, object]]) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in items if v is not None}
 
 
 def _ranges(rs: tuple[DhcpRange, ...]) -> list[str]:
@@ -42,14 +31,7 @@ def _ranges(rs: tuple[DhcpRange, ...]) -> list[str]:
 
 def render_network_toml(net: Network) -> str:
     """A [network.NAME] document that parses back to an equal Network."""
-    head = f"network.{_key(net.name)}"
-    out: list[str] = []
-
-    def table(header: str, items: list[tuple[str, object]]) -> None:
-        out.append(f"\n{header}" if out else header)
-        out.extend(f"{k} = {_value(v)}" for k, v in items if v is not None)
-
-    table(f"[{head}]", [
+    body = _table([
         ("mode", net.mode.value), ("bridge", net.bridge), ("ipv4", net.ipv4),
         ("ipv6", net.ipv6), ("uplink", net.uplink), ("stp", net.stp),
         ("forward_delay", net.forward_delay), ("mtu", net.mtu), ("autostart", net.autostart),
@@ -58,19 +40,19 @@ def render_network_toml(net: Network) -> str:
     ])
     d = net.dhcp
     if d is not None:
-        table(f"[{head}.dhcp]", [
+        dhcp = body["dhcp"] = _table([
             ("ranges", _ranges(d.ranges)), ("ranges6", _ranges(d.ranges6) or None),
             ("lease_time", d.lease_time), ("router", d.router), ("ping_check", d.ping_check),
             ("tftp_root", d.tftp_root), ("boot_file", d.boot_file),
             ("next_server", d.next_server), ("ra", d.ra), ("dhcpv6", d.dhcpv6),
         ])
         if d.boot.items():
-            table(f"[{head}.dhcp.boot]", list(d.boot.items()))
-        for h in d.hosts:
-            table(f"[[{head}.dhcp.host]]", [
-                ("mac", h.mac), ("ip", h.ip), ("name", h.name), ("lease_time", h.lease_time)])
-    table(f"[{head}.dns]", [("enabled", net.dns.enabled), ("domain", net.dns.domain),
-                            ("forwarders", net.dns.forwarders)])
+            dhcp["boot"] = _table(list(d.boot.items()))
+        if d.hosts:
+            dhcp["host"] = [_table([("mac", h.mac), ("ip", h.ip), ("name", h.name),
+                                    ("lease_time", h.lease_time)]) for h in d.hosts]
+    body["dns"] = _table([("enabled", net.dns.enabled), ("domain", net.dns.domain),
+                          ("forwarders", net.dns.forwarders)])
     if net.dnsmasq_options:
-        table(f"[{head}.dnsmasq]", [("options", net.dnsmasq_options)])
-    return "\n".join(out) + "\n"
+        body["dnsmasq"] = _table([("options", net.dnsmasq_options)])
+    return tomli_w.dumps({"network": {net.name: body}})

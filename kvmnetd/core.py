@@ -6,7 +6,6 @@ import asyncio
 import grp
 import os
 import pwd
-import re
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
@@ -16,6 +15,7 @@ import structlog
 from . import __version__, logsetup
 from . import config as cfg
 from .access import Authority, authorize
+from .adapters.files import atomic_write
 from .config_render import render_network_toml
 from .errors import (
     Conflict,
@@ -25,13 +25,12 @@ from .errors import (
     PermissionDenied,
 )
 from .hostroutes import DefaultSubnetStore, load_config
-from .model import DesiredState, Mode, Network
+from .model import DesiredState, Mode, Network, is_ifname
 from .plan import PORT_KINDS
 from .reconciler import NetState, Reconciler
 from .status import Caller, CoreEvent, DhcpStatus, Lease, NetworkStatus, PortStatus
 
 log = structlog.get_logger("kvmnetd.core")
-IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 
 
 class DhcpView(Protocol):
@@ -225,7 +224,7 @@ class Core:
 
     async def attach_port(self, caller: Caller, ifname: str, network: str,
                           force: bool = False) -> None:
-        if not caller.is_root and IFNAME.match(ifname):
+        if not caller.is_root and is_ifname(ifname):
             # A tap's owner is not always announced by events: ask the kernel.
             tap_info = getattr(self.rec.netlink, "tap_info", None)
             if tap_info is not None:
@@ -349,7 +348,7 @@ class Core:
 
     def _check_port_request(self, caller: Caller, ifname: str, network: str,
                             force: bool) -> Network:
-        if not IFNAME.match(ifname):
+        if not is_ifname(ifname):
             raise InvalidArgument(f"{ifname!r} is not a valid interface name")
         net = self._net(network)
         if network not in self.rec.desired.active:
@@ -437,9 +436,5 @@ def _allowed(caller: Caller, net: Network) -> bool:
 
 
 def _write_network_file(directory: str, net: Network) -> None:
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    path = os.path.join(directory, f"{net.name}.toml")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(render_network_toml(net))
-    os.replace(tmp, path)
+    atomic_write(os.path.join(directory, f"{net.name}.toml"), render_network_toml(net),
+                 durable=True, make_dir=True)

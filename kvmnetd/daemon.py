@@ -1,4 +1,7 @@
-"""kvmnetd: the composition root. Builds adapters, wires events, runs the loop in the foreground."""
+"""kvmnetd's entry point: the command line, --check-config and signals; runs in the foreground.
+
+service.Service is the composition root: it builds the adapters and wires their events.
+"""
 
 from __future__ import annotations
 

@@ -16,14 +16,11 @@ from .adapters.doctor_probe import (
     V6_FORWARD,
     DoctorInput,
     ForeignListener,
-    ForwardDrop,
-    bridge_allowed,
-    forward_drops,
     forwarding_key,
-    has_table,
     probe,
 )
 from .adapters.sysctl import accept_ra_key
+from .foreign_forward import ForwardDrop, bridge_allowed, forward_drops, has_table
 from .foreign_input import accept_fix, input_blocks, services_of
 from .model import Mode, Network
 from .observed import Link, ObservedState

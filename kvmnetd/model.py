@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 IPv4Interface = ipaddress.IPv4Interface
 IPv6Interface = ipaddress.IPv6Interface
@@ -141,6 +141,29 @@ def is_nft_name(name: str) -> bool:
     return _NFT_NAME.fullmatch(name) is not None
 
 
+# The kernel refuses "/", ":" and white space (dev_valid_name); "%" makes a name a template
+# for the kernel to fill in; "," "=" "#" would split a dnsmasq option or start a comment.
+_IFNAME_BAD = frozenset("/:%,=#")
+
+
+def ifname_problem(name: str) -> str | None:
+    """Why `name` cannot be an interface name, or None when it can."""
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if not 1 <= size <= 15:
+        return f"interface name {name!r} must be 1 to 15 bytes, not {size}"
+    if name in (".", ".."):
+        return f"{name!r} is not a valid interface name"
+    bad = [c for c in name if c in _IFNAME_BAD or c.isspace() or not c.isprintable()]
+    if bad:
+        return f"interface name {name!r} may not contain {bad[0]!r}"
+    return None
+
+
+def is_ifname(name: str) -> bool:
+    """True if `name` can name a bridge, uplink or port (the one rule for all callers)."""
+    return ifname_problem(name) is None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Daemon-wide settings; every path can be overridden for side-by-side daemons."""
@@ -176,19 +199,3 @@ class DesiredState:
 
     def active_networks(self) -> list[Network]:
         return [n for name, n in sorted(self.networks.items()) if name in self.active]
-
-    def with_port(self, ifname: str, network: str | None) -> DesiredState:
-        ports = dict(self.ports)
-        if network is None:
-            ports.pop(ifname, None)
-        else:
-            ports[ifname] = network
-        return replace(self, ports=ports)
-
-    def with_active(self, name: str, up: bool) -> DesiredState:
-        active = set(self.active)
-        if up:
-            active.add(name)
-        else:
-            active.discard(name)
-        return replace(self, active=frozenset(active))

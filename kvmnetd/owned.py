@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import actions as A
+from .adapters.files import atomic_write  # file I/O to move out with load/save (layer move)
 from .observed import ObservedState, Route
 
 
@@ -117,11 +117,7 @@ def load_owned(path: str) -> Owned:
 
 
 def save_owned(path: str, owned: Owned) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        # dumps, not dump: one call into the C encoder instead of Python's chunked path.
-        f.write(json.dumps(owned.to_json(), sort_keys=True, separators=(",", ":")))
-    # No fsync: it lives on /run (tmpfs); the rename alone keeps it whole across a kill.
-    os.replace(tmp, path)
+    # dumps, not dump: one call into the C encoder instead of Python's chunked path.
+    # Not durable: it lives on /run (tmpfs); the rename alone keeps it whole across a kill.
+    atomic_write(path, json.dumps(owned.to_json(), sort_keys=True, separators=(",", ":")),
+                 0o600, make_dir=True)

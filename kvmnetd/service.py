@@ -63,6 +63,8 @@ class Service:
         self.control: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._status_sent = ""
+        self._wired = False  # rec and core exist: events may reach them
+        self._reload_pending = False
 
     async def start(self) -> None:
         await self.netlink.open(self._on_netlink)
@@ -82,6 +84,7 @@ class Service:
                               coexist=ForeignForwardAdapter(s.firewall_table),
                               coexist_mode=s.coexist)
         self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets)
+        self._wired = True
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
         self.netlink.on_link_added = self.rec.fast.link_appeared
@@ -189,9 +192,10 @@ class Service:
         self.rec.links_changed()
 
     def _on_dhcp_event(self, event: CoreEvent) -> None:
-        if hasattr(self, "core"):
-            self.core.emit(event)
-        if event.kind not in ("lease-added", "lease-removed") and hasattr(self, "rec"):
+        if not self._wired:
+            return
+        self.core.emit(event)
+        if event.kind not in ("lease-added", "lease-removed"):
             self.rec.trigger()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -230,12 +234,10 @@ class Service:
 
     def request_reload(self) -> None:
         """SIGHUP: reload once started; a signal during start-up is kept for afterwards."""
-        if hasattr(self, "core"):
+        if self._wired:
             self.spawn(self.reload_from_signal())
         else:
             self._reload_pending = True
-
-    _reload_pending = False
 
     async def reload_from_signal(self) -> None:
         self.notifier.reloading()
@@ -273,7 +275,6 @@ class Service:
         if teardown:
             self.rec.desired = self.rec.desired.__class__()
             await self.rec.converge()
-            self.rec.desired = self.rec.desired
         for task in list(self._tasks):
             task.cancel()
         if self.control is not None:

@@ -22,6 +22,7 @@ from .model import (
     Dns,
     Mode,
     Network,
+    ifname_problem,
     is_nft_name,
 )
 from .tomlpos import FileCtx, Table, suggest
@@ -37,14 +38,9 @@ MIN_LEASE = 120  # dnsmasq's own floor; shorter values are silently raised
 
 
 def check_ifname(s: str) -> str:
-    size = len(s.encode("utf-8", "surrogatepass"))
-    if not 1 <= size <= 15:
-        raise ValueError(f"interface name {s!r} must be 1 to 15 bytes, not {size}")
-    if s in (".", ".."):
-        raise ValueError(f"{s!r} is not a valid interface name")
-    bad = [c for c in s if c in "/:%" or c.isspace()]
-    if bad:
-        raise ValueError(f"interface name {s!r} may not contain {bad[0]!r}")
+    problem = ifname_problem(s)
+    if problem is not None:
+        raise ValueError(problem)
     return s
 
 

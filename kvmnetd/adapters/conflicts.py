@@ -15,12 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..model import Network
+from .netlink_parse import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSGHDR, messages
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-_NLMSG = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBxI48x")  # inet_diag_req_v2, socket id left zero (dump all)
 _MSG = struct.Struct("=BBBB2s2s16s16sIQIIIII")  # inet_diag_msg
 
@@ -45,28 +43,24 @@ class Holder:
 
 
 def _diag_dump(family: int) -> list[UdpSocket]:
+    """Every UDP socket of `family` in this namespace (inet_diag dump)."""
     out: list[UdpSocket] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
         body = _REQ.pack(family, socket.IPPROTO_UDP, 0, 0xFFFFFFFF)
-        s.sendall(_NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY,
-                              NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
-        while True:
-            data = s.recv(65536)
-            off = 0
-            while off + _NLMSG.size <= len(data):
-                length, kind, _f, _seq, _pid = _NLMSG.unpack_from(data, off)
+        s.sendall(NLMSGHDR.pack(NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
+                                NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+        while data := s.recv(65536):
+            for kind, _flags, _seq, start, end in messages(data, len(data)):
                 if kind == NLMSG_DONE:
                     return out
-                if kind == NLMSG_ERROR:
+                if kind == NLMSG_ERROR or end - start < _MSG.size:
                     raise OSError("sock_diag dump refused")
                 (_fam, _st, _t, _r, sport, _dport, src, _dst, ifindex, _cookie,
-                 _exp, _rq, _wq, _uid, inode) = _MSG.unpack_from(data, off + _NLMSG.size)
+                 _exp, _rq, _wq, _uid, inode) = _MSG.unpack_from(data, start)
                 raw = src[:4] if family == socket.AF_INET else src
                 out.append(UdpSocket(ipaddress.ip_address(raw), int.from_bytes(sport, "big"),
                                      inode, ifindex))
-                off += (length + 3) & ~3
-            if not data:
-                return out
+    return out
 
 
 def _proc_table(family: int) -> list[UdpSocket]:

@@ -8,14 +8,14 @@ saying what it is, so an admin who finds it knows what to do with it.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
-import tempfile
 import tomllib
 from datetime import UTC, datetime
 
 import structlog
+
+from .files import atomic_write
 
 log = structlog.get_logger("kvmnetd")
 
@@ -63,19 +63,8 @@ class DefaultSubnetFile:
         path = os.path.join(state_dir, FILE_NAME)
         when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         try:
-            os.makedirs(state_dir, mode=0o755, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".default-network.")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(_TEMPLATE.format(when=when, subnet=subnet))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            atomic_write(path, _TEMPLATE.format(when=when, subnet=subnet), 0o644,
+                         durable=True, make_dir=True)
         except OSError as e:
             log.warning("default_network.state_not_written", path=path, error=str(e))
             return

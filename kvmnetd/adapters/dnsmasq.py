@@ -25,7 +25,8 @@ from ..render.dnsmasq import (
 )
 from ..status import CoreEvent, DhcpStatus, Lease
 from .conflicts import find_conflicts, is_our_dnsmasq, pids_running
-from .dnsmasq_proc import Digests, Proc, read_digests, read_int, user_can_reach, write_atomic
+from .dnsmasq_proc import Digests, Proc, read_digests, read_int, user_can_reach
+from .files import atomic_write
 from .leases import LeaseWatcher, prepare_lease_file, read_leases
 
 log = structlog.get_logger()
@@ -184,8 +185,8 @@ class DnsmasqSupervisor:
         return True
 
     def _reload(self, st: _Net) -> None:
-        write_atomic(st.paths.hosts, render_hosts(st.net), 0o644)
-        write_atomic(st.paths.digest, " ".join(st.digests) + "\n", 0o644)
+        atomic_write(st.paths.hosts, render_hosts(st.net), 0o644)
+        atomic_write(st.paths.digest, " ".join(st.digests) + "\n", 0o644)
         assert st.proc is not None
         st.proc.send(signal.SIGHUP)
         self.signals += 1
@@ -225,8 +226,8 @@ class DnsmasqSupervisor:
         p = st.paths
         os.makedirs(os.path.dirname(p.conf), mode=0o755, exist_ok=True)
         os.makedirs(os.path.dirname(p.leases), mode=0o755, exist_ok=True)
-        write_atomic(p.conf, render_config(st.net, p), 0o640)
-        write_atomic(p.hosts, render_hosts(st.net), 0o644)
+        atomic_write(p.conf, render_config(st.net, p), 0o640)
+        atomic_write(p.hosts, render_hosts(st.net), 0o644)
         prepare_lease_file(p.leases, p.user)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p.pid)
@@ -256,7 +257,7 @@ class DnsmasqSupervisor:
         # A child stays a zombie until reaped, so this pidfd names exactly it.
         proc = st.proc = Proc(pid, os.pidfd_open(pid), st.net.name, r,
                                lambda p: self._exited(st, p))
-        write_atomic(st.paths.digest, " ".join(st.digests) + "\n", 0o644)
+        atomic_write(st.paths.digest, " ".join(st.digests) + "\n", 0o644)
         st.state = "starting"
         log.info("dnsmasq.spawned", network=st.net.name, pid=pid)
         await self._wait_ready(st, proc)

@@ -106,19 +106,6 @@ class Proc:
         return f"{what}: {self.tail[-1]}" if self.tail else what
 
 
-
-def write_atomic(path: str, text: str, mode: int) -> None:
-    """Atomically: dnsmasq never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def read_int(path: str) -> int | None:
     try:
         with open(path) as f:

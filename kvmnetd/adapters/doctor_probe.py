@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from ..observed import ObservedState, Route
 from ..render.dnsmasq import dnsmasq_paths
 from ..status import Lease, NetworkStatus
 from .conflicts import find_conflicts
+from .nft_run import NftablesError, nft_json
 from .sysctl import accept_ra, accept_ra_key
 
 V4_FORWARD, V6_FORWARD = "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"
@@ -57,116 +57,6 @@ class DoctorInput:
     host_routes: list[Route] = field(default_factory=list)
     table: str = "kvmnetd"
     problems: list[str] = field(default_factory=list)  # what the probe could not read
-
-
-# ---- nftables ruleset (`nft -j list ruleset`) ------------------------------------------------
-
-_FAMILIES = {"ip": frozenset({4}), "ip6": frozenset({6}), "inet": frozenset({4, 6})}
-_HARMLESS = {"counter", "log"}  # expressions that neither match nor decide
-
-
-@dataclass(frozen=True)
-class ForwardDrop:
-    """A base chain on the forward hook that drops whatever nothing before it accepted."""
-
-    family: str
-    table: str
-    chain: str
-    how: str
-    has_docker_user: bool = False
-
-    @property
-    def families(self) -> frozenset[int]:
-        return _FAMILIES[self.family]
-
-    @property
-    def iptables(self) -> bool:  # iptables-nft's own table: fix it with iptables
-        return self.table == "filter" and self.chain == "FORWARD" and self.family != "inet"
-
-    @property
-    def iptables_chain(self) -> str:
-        return "DOCKER-USER" if self.has_docker_user else "FORWARD"
-
-    def ours(self, table: str) -> bool:
-        return self.family == "inet" and self.table == table
-
-
-def _objects(ruleset: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    items = ruleset.get("nftables", [])
-    return [o[kind] for o in items if isinstance(o, dict) and isinstance(o.get(kind), dict)]
-
-
-def has_table(ruleset: dict[str, Any], table: str) -> bool:
-    return any(t.get("family") == "inet" and t.get("name") == table
-               for t in _objects(ruleset, "table"))
-
-
-def _rules(ruleset: dict[str, Any], family: str, table: str, chain: str) -> list[dict[str, Any]]:
-    return [r for r in _objects(ruleset, "rule")
-            if (r.get("family"), r.get("table"), r.get("chain")) == (family, table, chain)]
-
-
-def forward_drops(ruleset: dict[str, Any]) -> list[ForwardDrop]:
-    """Policy drop, or an unconditional drop/reject rule, in a forward base chain."""
-    out: list[ForwardDrop] = []
-    for c in _objects(ruleset, "chain"):
-        fam, table, name = c.get("family"), c.get("table"), c.get("name")
-        if c.get("hook") != "forward" or fam not in _FAMILIES or not table or not name:
-            continue
-        docker = any(o.get("name") == "DOCKER-USER" and o.get("table") == table
-                     and o.get("family") == fam for o in _objects(ruleset, "chain"))
-        hows = ["policy drop"] if c.get("policy") == "drop" else []
-        for rule in _rules(ruleset, fam, table, name):
-            keys = [k for e in rule.get("expr", []) if isinstance(e, dict) for k in e]
-            if keys and keys[-1] in ("drop", "reject") and set(keys[:-1]) <= _HARMLESS:
-                hows.append(f"rule handle {rule.get('handle')} drops everything")
-        out.extend(ForwardDrop(fam, table, name, how, docker) for how in hows[:1])
-    return out
-
-
-def _iface_matches(rule: dict[str, Any]) -> list[tuple[str, Any]]:
-    out = []
-    for e in rule.get("expr", []):
-        m = e.get("match") if isinstance(e, dict) else None
-        left = m.get("left") if isinstance(m, dict) else None
-        key = left.get("meta", {}).get("key") if isinstance(left, dict) else None
-        if key in ("iifname", "oifname"):
-            out.append((str(m.get("op", "==")), m.get("right")))  # type: ignore[union-attr]
-    return out
-
-
-def _names(right: Any, bridge: str) -> bool:
-    values = right.get("set", []) if isinstance(right, dict) else right
-    values = values if isinstance(values, list) else [values]
-    return any(isinstance(v, str) and fnmatch.fnmatchcase(bridge, v.replace("\\", ""))
-               for v in values)
-
-
-def bridge_allowed(ruleset: dict[str, Any], drop: ForwardDrop, bridge: str) -> bool:
-    """Does the dropping chain (or a chain it jumps to) let `bridge`'s traffic through first?
-
-    Counted: kvmnetd's coexistence rules (comment "kvmnetd:...") for this bridge or for all
-    interfaces, and any accept that matches the bridge by name. Order is not checked.
-    """
-    seen, todo = set(), [drop.chain]
-    while todo:
-        chain = todo.pop()
-        if chain in seen:
-            continue
-        seen.add(chain)
-        for rule in _rules(ruleset, drop.family, drop.table, chain):
-            exprs = [e for e in rule.get("expr", []) if isinstance(e, dict)]
-            for e in exprs:
-                for verdict in ("jump", "goto"):
-                    if isinstance(e.get(verdict), dict):
-                        todo.append(str(e[verdict].get("target")))
-            ifaces = _iface_matches(rule)
-            named = any(op == "==" and _names(right, bridge) for op, right in ifaces)
-            if str(rule.get("comment", "")).startswith("kvmnetd:") and (named or not ifaces):
-                return True
-            if named and any("accept" in e for e in exprs):
-                return True
-    return False
 
 
 # ---- reading the system ----------------------------------------------------------------------
@@ -270,8 +160,8 @@ async def probe(networks: list[Network], observed: ObservedState, ports: dict[st
                 firewalld: bool = True) -> DoctorInput:
     problems: list[str] = []
     try:
-        ruleset = await run_json("nft", "-j", "list", "ruleset")
-    except (OSError, ValueError) as e:
+        ruleset = await nft_json("list", "ruleset", timeout=CMD_TIMEOUT)
+    except NftablesError as e:
         ruleset = {}
         problems.append(f"could not read the nftables ruleset: {e}")
     ours = set(our_pids) | {s.dhcp.pid for s in statuses if s.dhcp.pid is not None}

@@ -20,6 +20,8 @@ from .netlink_parse import (
     IFLA_EXT_MASK,
     IFLA_MASTER,
     IFLA_MTU,
+    NLM_F_ACK,
+    NLM_F_DUMP,
     RTM_GETADDR,
     RTM_GETLINK,
     RTM_GETROUTE,
@@ -30,8 +32,6 @@ from .netlink_parse import (
     kernel_error,
 )
 from .netlink_raw import (
-    NLM_F_ACK,
-    NLM_F_DUMP,
     NetlinkFailure,
     attr_u32,
     ifinfo,
@@ -52,8 +52,8 @@ class NetlinkAdapter:
         self.observed = ObservedState()
         self._mirror = Mirror(self.observed)
         self._chan: raw.RequestChannel | None = None
-        # Bridges, addresses, routes: pyroute2's asyncio API.
-        self._cfg = ConfigWriter(self._count_write)
+        # Bridges, addresses, routes: a handful per network, through the same channel.
+        self._cfg = ConfigWriter(self._write)
         self._events: raw.EventSocket | None = None
         # While a dump runs, events wait here and are replayed after it, in order.
         self._pending: list[Record] | None = None
@@ -91,7 +91,6 @@ class NetlinkAdapter:
         for sock in (self._events, self._chan):
             if sock is not None:
                 sock.close()
-        self._cfg.close()
         self._events = self._chan = None
 
     @property
@@ -101,10 +100,6 @@ class NetlinkAdapter:
         return self._chan
 
     # -- lookups -----------------------------------------------------------------------------
-
-    def link_by_name(self, name: str) -> Link | None:
-        """O(1), unlike ObservedState.link()."""
-        return self._mirror.link(name)
 
     async def tap_info(self, ifname: str) -> tuple[int | None, int | None] | None:
         """(owner uid, group gid) of a tun/tap, None when there is no such tun/tap.
@@ -184,9 +179,6 @@ class NetlinkAdapter:
                         log.exception("on_link_added callback failed")
         if changed:
             self._notify()
-
-    def _count_write(self) -> None:
-        self.writes += 1
 
     def take_changes(self) -> tuple[set[int], bool]:
         """(link indexes changed, anything else changed) since the last call."""

@@ -2,6 +2,9 @@
 
 Pure: no sockets here, so recorded or hand-made bytes can be fed in. Only the fields the
 mirror needs are read (layouts: linux/rtnetlink.h, linux/if_link.h, linux/if_addr.h).
+The message layouts and flag constants are defined here once: the request channel
+(netlink_raw), the configuration writes (netlink_config) and sock_diag (conflicts)
+encode and walk messages with them.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
-NLM_F_MULTI = 0x2
-NLM_F_REPLACE = 0x100
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400  # on new requests
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200  # on NLMSG_ERROR
 NLMSGERR_ATTR_MSG = 1
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
 RTN_UNICAST = 1
+RTPROT_STATIC = 4
 RTM_F_CLONED = 0x200
 MAIN_TABLE = 254
 USER_HZ = 100  # IFLA_BR_FORWARD_DELAY is in clock_t units
@@ -54,12 +59,11 @@ IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 # family, dst_len, src_len, tos, table, proto, scope, type, flags
 RTMSG = struct.Struct("=BBBBBBBBI")
 NLMSGERR = struct.Struct("=i")
-_RTA = struct.Struct("=HH")
+RTA = struct.Struct("=HH")  # rtattr: len, type
 _U32 = struct.Struct("=I")
 _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 _LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
-_AF_BRIDGE = 7
 
 Buffer = bytes | bytearray | memoryview
 
@@ -98,7 +102,7 @@ def messages(buf: Buffer, size: int) -> Iterator[tuple[int, int, int, int, int]]
 def attrs(buf: Buffer, off: int, end: int) -> dict[int, tuple[int, int]]:
     """Attribute type -> (start, end) of its payload; the last one of a type wins."""
     out: dict[int, tuple[int, int]] = {}
-    unpack = _RTA.unpack_from
+    unpack = RTA.unpack_from
     while off + 4 <= end:
         length, kind = unpack(buf, off)
         if length < 4:

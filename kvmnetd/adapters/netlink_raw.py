@@ -22,10 +22,12 @@ from .netlink_parse import (
     IFLA_EXT_MASK,
     IFLA_IFNAME,
     NLM_F_MULTI,
+    NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
     NLMSGERR,
     NLMSGHDR,
+    RTA,
     RTM_DELLINK,
     RTM_GETLINK,
     RTM_NEWLINK,
@@ -43,12 +45,9 @@ RTMGRP_IPV6_ROUTE = 0x400
 GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
           | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
 
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x200, 0x400, 0x300
 SOL_NETLINK = 270
 NETLINK_CAP_ACK, NETLINK_EXT_ACK = 10, 11
 SO_RCVBUFFORCE = 33
-RTPROT_STATIC = 4
 RTEXT_FILTER_SKIP_STATS = 1 << 3  # dumps and gets: the counters are most of a link message
 
 EVENT_RCVBUF = 8 << 20
@@ -57,7 +56,6 @@ RECV_SIZE = 1 << 17  # a dump datagram is at most 32 KiB; multicast ones are sin
 SEND_BATCH = 64  # requests per datagram; far below the socket's send buffer
 SEND_NICE = -10
 
-_RTA = struct.Struct("=HH")
 
 
 class NetlinkFailure(OSError):
@@ -70,7 +68,7 @@ class NetlinkFailure(OSError):
 
 
 def attr(kind: int, payload: bytes) -> bytes:
-    out = _RTA.pack(4 + len(payload), kind) + payload
+    out = RTA.pack(4 + len(payload), kind) + payload
     return out + bytes(-len(out) % 4)
 
 

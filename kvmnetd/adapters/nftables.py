@@ -1,25 +1,19 @@
-"""The only code that runs `nft`: apply, observe and remove kvmnetd's own `inet` table.
-
-nft runs in the network namespace of the thread that calls these methods (the
-child inherits it), which is how the integration tests point it at a namespace.
-"""
+"""kvmnetd's own `inet` table: apply, observe and remove it (through nft_run)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
 
-from ..errors import KvmnetError
 from ..model import is_nft_name
+from .files import atomic_write
+from .nft_run import NFT, NftablesError, run_nft
+
+__all__ = ["TAMPERED", "NftablesAdapter", "NftablesError"]
 
 _COMMENT_RE = re.compile(r'^\s*comment "kvmnetd ([0-9a-f]+)"\s*$', re.MULTILINE)
 TAMPERED = "tampered"
-
-
-class NftablesError(KvmnetError):
-    """nft refused a command; the message carries its stderr."""
 
 
 class NftablesAdapter:
@@ -32,7 +26,7 @@ class NftablesAdapter:
     system writes nothing.
     """
 
-    def __init__(self, table: str = "kvmnetd", nft: str = "nft",
+    def __init__(self, table: str = "kvmnetd", nft: str = NFT,
                  state_path: str | None = None) -> None:
         if not is_nft_name(table):
             raise ValueError(f"invalid nftables table name: {table!r}")
@@ -49,18 +43,7 @@ class NftablesAdapter:
                     self._listing, self._known = f.read(), True
 
     async def _run(self, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                self.nft, *args,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        except OSError as e:
-            raise NftablesError(f"cannot run {self.nft}: {e}") from e
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-        rc = proc.returncode if proc.returncode is not None else -1
-        return rc, out.decode(), err.decode()
+        return await run_nft(*args, stdin=stdin, nft=self.nft)
 
     async def _list(self) -> str | None:
         """Our table as nft prints it, or None when it does not exist."""
@@ -100,10 +83,7 @@ class NftablesAdapter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.state_path)
             return
-        tmp = f"{self.state_path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self._listing)
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, self._listing, 0o600)
 
     async def remove(self) -> None:
         """Delete our table if it is there; other tables are never touched."""

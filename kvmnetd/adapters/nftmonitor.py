@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import structlog
 
+from .nft_run import NFT, spawn_monitor
+
 log = structlog.get_logger("kvmnetd.nftmonitor")
 
 FIRST_BACKOFF = 0.1
@@ -31,7 +33,7 @@ def is_change(line: str) -> bool:
 
 
 class NftMonitor:
-    def __init__(self, nft: str = "nft") -> None:
+    def __init__(self, nft: str = NFT) -> None:
         self.nft = nft
         self.events = 0
         self.restarts = 0
@@ -50,9 +52,7 @@ class NftMonitor:
         await ready
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            self.nft, "monitor", "ruleset", stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        return await spawn_monitor(self.nft)
 
     async def _run(self, on_change: Callable[[], None], ready: asyncio.Future[None]) -> None:
         loop = asyncio.get_running_loop()

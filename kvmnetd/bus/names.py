@@ -15,29 +15,11 @@ NETWORK_PATH_PREFIX = f"{MANAGER_PATH}/network/"
 ERROR_PREFIX = f"{BUS_NAME}.Error."
 INTROSPECTION_FILE = f"{BUS_NAME}.xml"
 
-ERROR_NAMES = (
-    "NoSuchNetwork",
-    "NoSuchPort",
-    "InvalidArgument",
-    "ConfigInvalid",  # the configuration has errors: one FILE:LINE: key: message a line
-    "PermissionDenied",
-    "Conflict",
-    "Busy",
-    "NotSupported",
-    "Failed",
-)
-
 DEFAULT_RUN_DIR = "/run/kvmnetd"
 SOCKET_NAME = "control.sock"
 DEFAULT_SOCKET_PATH = f"{DEFAULT_RUN_DIR}/{SOCKET_NAME}"
 SOCKET_ENV = "KVMNETD_SOCKET"
 
-READ_METHODS = ("ListNetworks", "Describe", "Doctor", "GetNetwork", "ListPorts")
-# Port verbs are open at the policy level: the per-network allow lists decide.
-PORT_METHODS = ("AttachPort", "DetachPort", "MovePort")
-ADMIN_METHODS = ("DefineNetwork", "UndefineNetwork", "StartNetwork", "StopNetwork", "Reload",
-                 "SetLogLevel")
-MANAGER_METHODS = READ_METHODS + PORT_METHODS + ADMIN_METHODS
 
 
 def error_name(short: str) -> str:

@@ -3,36 +3,41 @@
 from __future__ import annotations
 
 import functools
-import json
-from collections.abc import Callable, Coroutine
+import inspect
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import structlog
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusBool, DBusObjectPath, DBusSignature, DBusStr
+from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from ..api import CoreAPI
+from ..control.methods import METHODS, Method, lease_rows, network_properties
 from ..errors import NoSuchNetwork, PermissionDenied
 from ..status import Caller, CoreEvent, NetworkStatus
 from .connection import SteadyBus
 from .credentials import BusCallers
 from .errors import to_dbus_error
-from .names import MANAGER_IFACE, MANAGER_PATH, NETWORK_IFACE, NETWORK_PATH_PREFIX, network_path
+from .names import (
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    NETWORK_IFACE,
+    NETWORK_PATH_PREFIX,
+    network_name,
+    network_path,
+)
 
 log = structlog.get_logger("kvmnetd.bus")
 
-NetworkRows = Annotated[list[list[str]], DBusSignature("a(ssss)")]
-PortRows = Annotated[list[list[str]], DBusSignature("a(sss)")]
 LeaseRows = Annotated[list[list[Any]], DBusSignature("a(sssst)")]
 StrList = Annotated[list[str], DBusSignature("as")]
 TwoStr = Annotated[list[str], DBusSignature("ss")]
 ThreeStr = Annotated[list[str], DBusSignature("sss")]
 FourStr = Annotated[list[str], DBusSignature("ssss")]
-NoReply = Annotated[None, DBusSignature("")]
 
 # The method call being dispatched. Set by a message handler that runs just before
 # dispatch; a coroutine method's task copies it when it is created, so concurrent
@@ -51,32 +56,6 @@ def _mapped(fn: Callable[P, R]) -> Callable[P, R]:
         except Exception as exc:
             raise to_dbus_error(exc, fn.__name__) from None
     return wrapper
-
-
-def _mapped_async(
-    fn: Callable[P, Coroutine[Any, Any, R]],
-) -> Callable[P, Coroutine[Any, Any, R]]:
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except Exception as exc:
-            raise to_dbus_error(exc, fn.__name__) from None
-    return wrapper
-
-
-def network_properties(st: NetworkStatus) -> dict[str, Any]:
-    return {
-        "Name": st.name,
-        "Mode": st.mode,
-        "Bridge": st.bridge,
-        "Addresses": list(st.addresses),
-        "State": st.state,
-        "StateReason": st.reason,
-        "Ports": list(st.ports),
-        "DhcpState": st.dhcp.state,
-        "Autostart": st.autostart,
-    }
 
 
 class NetworkObject(ServiceInterface):
@@ -136,11 +115,12 @@ class NetworkObject(ServiceInterface):
     @dbus_method()
     @_mapped
     def Leases(self) -> LeaseRows:
-        return [[le.mac, le.ip, le.hostname, le.client_id, max(0, int(le.expires))]
-                for le in self._core.leases(self.status.name)]
+        return lease_rows(self._core, self.status.name)
 
 
 class Manager(ServiceInterface):
+    """The manager object; its methods are made from control.methods.METHODS (below)."""
+
     def __init__(self, service: BusService) -> None:
         super().__init__(MANAGER_IFACE)
         self._svc = service
@@ -148,91 +128,6 @@ class Manager(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> DBusStr:
         return str(self._svc.core.version)
-
-    @dbus_method()
-    @_mapped
-    def ListNetworks(self) -> NetworkRows:
-        return [[n.name, n.mode, n.bridge, n.state] for n in self._svc.core.list_networks()]
-
-    @dbus_method()
-    @_mapped
-    def Describe(self) -> DBusStr:
-        return json.dumps(self._svc.core.describe(), sort_keys=True, default=str)
-
-    @dbus_method()
-    @_mapped_async
-    async def Doctor(self) -> DBusStr:
-        return json.dumps(await self._svc.core.doctor(), sort_keys=True)
-
-    @dbus_method()
-    @_mapped
-    def GetNetwork(self, name: DBusStr) -> DBusObjectPath:
-        return network_path(self._svc.core.network(name).name)
-
-    @dbus_method()
-    @_mapped
-    def ListPorts(self) -> PortRows:
-        return [[p.ifname, p.network, p.state] for p in self._svc.core.list_ports()]
-
-    @dbus_method()
-    @_mapped_async
-    async def DefineNetwork(self, toml_text: DBusStr, persist: DBusBool) -> DBusObjectPath:
-        caller = await self._svc.caller("DefineNetwork")
-        name = await self._svc.core.define_network(caller, toml_text, persist)
-        self._svc.refresh(name)
-        return network_path(name)
-
-    @dbus_method()
-    @_mapped_async
-    async def UndefineNetwork(self, name: DBusStr, persist: DBusBool) -> NoReply:
-        caller = await self._svc.caller("UndefineNetwork")
-        await self._svc.core.undefine_network(caller, name, persist)
-        self._svc.refresh(name)
-
-    @dbus_method()
-    @_mapped_async
-    async def StartNetwork(self, name: DBusStr) -> NoReply:
-        caller = await self._svc.caller("StartNetwork")
-        await self._svc.core.start_network(caller, name)
-        self._svc.refresh(name)
-
-    @dbus_method()
-    @_mapped_async
-    async def StopNetwork(self, name: DBusStr) -> NoReply:
-        caller = await self._svc.caller("StopNetwork")
-        await self._svc.core.stop_network(caller, name)
-        self._svc.refresh(name)
-
-    @dbus_method()
-    @_mapped_async
-    async def AttachPort(self, ifname: DBusStr, network: DBusStr, force: DBusBool) -> NoReply:
-        caller = await self._svc.caller("AttachPort")
-        await self._svc.core.attach_port(caller, ifname, network, force)
-
-    @dbus_method()
-    @_mapped_async
-    async def DetachPort(self, ifname: DBusStr) -> NoReply:
-        caller = await self._svc.caller("DetachPort")
-        await self._svc.core.detach_port(caller, ifname)
-
-    @dbus_method()
-    @_mapped_async
-    async def MovePort(self, ifname: DBusStr, network: DBusStr) -> NoReply:
-        caller = await self._svc.caller("MovePort")
-        await self._svc.core.move_port(caller, ifname, network)
-
-    @dbus_method()
-    @_mapped_async
-    async def Reload(self) -> NoReply:
-        caller = await self._svc.caller("Reload")
-        await self._svc.core.reload(caller)
-        self._svc.sync_all()
-
-    @dbus_method()
-    @_mapped_async
-    async def SetLogLevel(self, level: DBusStr) -> NoReply:
-        caller = await self._svc.caller("SetLogLevel")
-        await self._svc.core.set_log_level(caller, level)
 
     @dbus_signal()
     def PortAttached(self, ifname: str, network: str) -> TwoStr:
@@ -253,6 +148,34 @@ class Manager(ServiceInterface):
     @dbus_signal()
     def LeaseRemoved(self, network: str, mac: str, ip: str, hostname: str) -> FourStr:
         return [network, mac, ip, hostname]
+
+
+def _bus_method(m: Method) -> Callable[..., Any]:
+    """A Manager method for one row of the table, typed for dbus-fast by its signature."""
+    needs_caller = m.access != "read"
+
+    async def call(self: Manager, *args: Any) -> Any:
+        try:
+            caller = await self._svc.caller(m.name) if needs_caller else None
+            result = await m.run(self._svc.core, caller, list(args))
+            self._svc.after(m, list(args), result)
+        except Exception as exc:
+            raise to_dbus_error(exc, m.name) from None
+        return result
+
+    call.__name__ = call.__qualname__ = m.name
+    # dbus-fast reads the D-Bus types from the annotations, as signature strings.
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=code)
+               for arg, code in m.args]
+    call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        params, return_annotation=m.returns or inspect.Signature.empty)
+    return dbus_method(name=m.name)(call)
+
+
+for _m in METHODS:
+    if _m.on_bus:
+        setattr(Manager, _m.name, _bus_method(_m))
 
 
 class ServiceBus(SteadyBus):
@@ -321,6 +244,17 @@ class BusService:
                 or not msg.sender):
             raise PermissionDenied("cannot identify the caller of this request")
         return await self.callers.resolve(bus, msg.sender)
+
+    def after(self, m: Method, args: list[Any], result: Any) -> None:
+        """Bring the network objects a successful call changed up to date."""
+        if m.refresh == "arg":
+            self.refresh(args[0])
+        elif m.refresh == "result":
+            name = network_name(result)
+            if name is not None:
+                self.refresh(name)
+        elif m.refresh == "all":
+            self.sync_all()
 
     def sync_all(self) -> None:
         current = {n.name: n for n in self.core.list_networks()}

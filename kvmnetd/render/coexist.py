@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model import Mode, Network
+from .nft import quote
 
 TAG = "kvmnetd:"
 MODES = ("auto", "off", "all")
@@ -96,12 +97,6 @@ class _Target:
     families: tuple[str, ...] = field(default=())  # ip, ip6
 
 
-def _q(value: str) -> str:
-    if not value or any(c in value for c in '"\\\n\r\t') or not value.isprintable():
-        raise ValueError(f"name not usable in an nftables rule: {value!r}")
-    return f'"{value}"'
-
-
 def _targets(observed: ForeignForward, mode: str) -> tuple[list[_Target], list[str]]:
     targets: list[_Target] = []
     reports: list[str] = []
@@ -133,13 +128,13 @@ def _prefixes(net: Network, fam: str) -> list[ipaddress.IPv4Network | ipaddress.
 
 
 def _rules_for(net: Network, target: _Target) -> list[str]:
-    br = _q(net.bridge)
-    tag = f"comment {_q(TAG + net.name)}"
+    br = quote(net.bridge)
+    tag = f"comment {quote(TAG + net.name)}"
     # Guest to guest on one bridge (br_netfilter); bridged networks need only this.
     rules = [f"iifname {br} oifname {br} accept {tag}"]
     if net.mode not in (Mode.NAT, Mode.ROUTED):
         return rules
-    out = f" oifname {_q(net.uplink)}" if net.uplink else ""
+    out = f" oifname {quote(net.uplink)}" if net.uplink else ""
     for fam in target.families:
         for prefix in _prefixes(net, fam):
             rules.append(f"iifname {br}{out} {fam} saddr {prefix} accept {tag}")
@@ -207,7 +202,7 @@ def _match(m: Mapping[str, Any]) -> str | None:
     if right is None or not isinstance(left, Mapping):
         return None
     if "meta" in left and left["meta"].get("key") in ("iifname", "oifname"):
-        return f"{left['meta']['key']} {_q(right)}"
+        return f"{left['meta']['key']} {quote(right)}"
     if "payload" in left:
         pl = left["payload"]
         if pl.get("protocol") in ("ip", "ip6") and pl.get("field") in ("saddr", "daddr"):
@@ -239,5 +234,5 @@ def rule_text(expr: list[Any], comment: str | None) -> str:
         else:
             return ""
     if comment is not None:
-        parts.append(f"comment {_q(comment)}")
+        parts.append(f"comment {quote(comment)}")
     return " ".join(parts)

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 from ..dnsmasq_options import check_option
 from ..errors import InvalidArgument
-from ..model import BootFiles, Dhcp, Mode, Network, Settings
+from ..model import BootFiles, Dhcp, Mode, Network, Settings, ifname_problem
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,14}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9])?")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _LEASE = re.compile(r"\d{1,9}[smhdw]?|infinite")
@@ -66,6 +65,14 @@ def _plain(value: str, what: str) -> str:
         raise InvalidArgument(f"{what}: control characters are not allowed: {value!r}")
     if value.startswith("-"):
         raise InvalidArgument(f"{what}: must not start with '-': {value!r}")
+    return value
+
+
+def _ifname(value: str, what: str) -> str:
+    _plain(value, what)
+    problem = ifname_problem(value)
+    if problem is not None:
+        raise InvalidArgument(f"{what}: {problem}")
     return value
 
 
@@ -228,7 +235,7 @@ def _ipv6_lines(net: Network, dhcp: Dhcp) -> list[str]:
 def render_config(net: Network, paths: DnsmasqPaths) -> str:
     """The whole config file; static hosts live in the hosts file (see render_hosts)."""
     check_name(net.name)
-    bridge = _match(_IFNAME, net.bridge, "bridge")
+    bridge = _ifname(net.bridge, "bridge")
     _check_paths(paths)
     lines = [
         f"# kvmnetd: network {net.name}; regenerated on every change.",

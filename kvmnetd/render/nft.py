@@ -34,7 +34,7 @@ _CHAINS = (
 )
 
 
-def _q(value: str) -> str:
+def quote(value: str) -> str:
     """Quote a name for nft; names are validated elsewhere, this refuses what would break out."""
     if not value or any(c in value for c in '"\\\n\r\t') or not value.isprintable():
         raise ValueError(f"name not usable in an nftables rule: {value!r}")
@@ -52,8 +52,8 @@ class _Rules:
 
     def __init__(self, net: Network) -> None:
         self.net = net
-        self.br = _q(net.bridge)
-        self.tag = _q(f"net:{net.name}")
+        self.br = quote(net.bridge)
+        self.tag = quote(f"net:{net.name}")
         self.postrouting: list[str] = []
         self.forward: list[str] = []
         self.input: list[str] = []
@@ -102,7 +102,7 @@ def _service_rules(r: _Rules, open_host: bool) -> None:
 def _forward_rules(r: _Rules) -> None:
     """nat and routed: guests out with their own prefix; in only where the mode allows."""
     net, br = r.net, r.br
-    out = f" oifname {_q(net.uplink)}" if net.uplink else ""
+    out = f" oifname {quote(net.uplink)}" if net.uplink else ""
     r.add(r.forward, f"iifname {br} oifname {br} accept")
     for fam, prefix in _families(net):
         r.add(r.forward, f"iifname {br}{out} {fam} saddr {prefix} accept")
@@ -125,7 +125,7 @@ def _nat_rules(r: _Rules) -> None:
     prefix = net.ipv4.network
     for dst in _NO_MASQUERADE:
         r.add(r.postrouting, f"ip saddr {prefix} ip daddr {dst} return")
-    out = f" oifname {_q(net.uplink)}" if net.uplink else ""
+    out = f" oifname {quote(net.uplink)}" if net.uplink else ""
     r.add(r.postrouting, f"ip saddr {prefix} ip daddr != {prefix}{out} masquerade")
 
 

@@ -78,8 +78,13 @@ class Host:
     def sync(self, mode: str = "auto") -> int:
         return run_in(self.ns, lambda: self._sync(mode))
 
+    async def _remove_all(self) -> None:
+        await self.adapter.observe()
+        await self.adapter.apply(())
+
     def remove_all(self) -> None:
-        run_in(self.ns, self.adapter.remove_all)
+        """Teardown: no rule tagged by kvmnetd stays, as the ruleset is now."""
+        run_in(self.ns, self._remove_all)
 
     def nat_out(self) -> bool:
         return self.box.source_seen_by_upstream(self.guests["pn1"], timeout=0.5) == HOST_UPLINK_IP

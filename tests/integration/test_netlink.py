@@ -65,8 +65,8 @@ async def bridge(nl: NetlinkAdapter, name: str, up: bool = True) -> int:
     await nl.apply(act.CreateBridge(None, name))
     if up:
         await nl.apply(act.SetUp(None, name))
-    assert await until(lambda: (link := nl.link_by_name(name)) is not None and link.up == up)
-    link = nl.link_by_name(name)
+    assert await until(lambda: (link := nl.observed.link(name)) is not None and link.up == up)
+    link = nl.observed.link(name)
     assert link is not None
     return link.index
 
@@ -81,14 +81,14 @@ async def test_open_sees_existing_links_and_bridge_events(ns: str) -> None:
 
     async with opened(changed) as nl:
         assert {"lo", "pre0", "pre1"} <= {link.name for link in nl.observed.links.values()}
-        pre0 = nl.link_by_name("pre0")
+        pre0 = nl.observed.link("pre0")
         assert pre0 is not None and pre0.kind == "veth" and nl.observed.link("pre0") == pre0
-        lo = nl.link_by_name("lo")
+        lo = nl.observed.link("lo")
         assert lo is not None and lo.kind is None and lo.up
 
         await nl.apply(act.CreateBridge(None, "br0", mtu=1400, mac="02:00:00:00:00:01"))
-        assert await until(lambda: nl.link_by_name("br0") is not None)
-        br = nl.link_by_name("br0")
+        assert await until(lambda: nl.observed.link("br0") is not None)
+        br = nl.observed.link("br0")
         assert br is not None
         assert (br.kind, br.up, br.mtu, br.mac) == ("bridge", False, 1400, "02:00:00:00:00:01")
         assert (br.stp, br.forward_delay) == (False, 0)
@@ -97,29 +97,29 @@ async def test_open_sees_existing_links_and_bridge_events(ns: str) -> None:
 
 async def test_links_made_by_hand_arrive_as_events(ns: str, nl: NetlinkAdapter) -> None:
     ip(ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
-    assert await until(lambda: nl.link_by_name("v0") is not None)
-    v0 = nl.link_by_name("v0")
+    assert await until(lambda: nl.observed.link("v0") is not None)
+    v0 = nl.observed.link("v0")
     assert v0 is not None and v0.kind == "veth" and v0.mac == ip(ns, "-br", "link", "show",
                                                                   "v0").split()[2]
 
     ip(ns, "tuntap", "add", "tap0", "mode", "tap", "user", "65534")
-    assert await until(lambda: nl.link_by_name("tap0") is not None)
+    assert await until(lambda: nl.observed.link("tap0") is not None)
     # The owner is set after the creation event, and a down tap's owner change is not announced.
     assert await nl.tap_info("tap0") == (65534, None)
-    tap = nl.link_by_name("tap0")
+    tap = nl.observed.link("tap0")
     assert tap is not None and tap.kind == "tun" and tap.tun_owner == 65534
     assert tap.tun_group is None
     ip(ns, "tuntap", "add", "tap1", "mode", "tap", "user", "65534", "group", "100")
     ip(ns, "link", "set", "tap1", "up")  # an up link's state changes are announced
-    assert await until(lambda: (t := nl.link_by_name("tap1")) is not None and t.tun_group == 100)
+    assert await until(lambda: (t := nl.observed.link("tap1")) is not None and t.tun_group == 100)
     assert await nl.tap_info("v0") is None
     assert await nl.tap_info("nosuch") is None
 
     ip(ns, "link", "set", "v0", "name", "renamed0")
-    assert await until(lambda: nl.link_by_name("renamed0") is not None)
-    renamed = nl.link_by_name("renamed0")
+    assert await until(lambda: nl.observed.link("renamed0") is not None)
+    renamed = nl.observed.link("renamed0")
     assert renamed is not None and renamed.index == v0.index
-    assert nl.link_by_name("v0") is None
+    assert nl.observed.link("v0") is None
 
 
 async def test_enslave_move_release_keeps_port_up(ns: str) -> None:
@@ -127,7 +127,7 @@ async def test_enslave_move_release_keeps_port_up(ns: str) -> None:
     nl_ref: list[NetlinkAdapter] = []
 
     def record() -> None:
-        port = nl_ref[0].link_by_name("v0") if nl_ref else None
+        port = nl_ref[0].observed.link("v0") if nl_ref else None
         if port is not None:
             seen.append((port.master, port.up))
 
@@ -135,26 +135,26 @@ async def test_enslave_move_release_keeps_port_up(ns: str) -> None:
         nl_ref.append(nl)
         br1, br2 = await bridge(nl, "br1"), await bridge(nl, "br2")
         ip(ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
-        assert await until(lambda: nl.link_by_name("v0") is not None)
+        assert await until(lambda: nl.observed.link("v0") is not None)
 
         writes = nl.writes
         await nl.apply(act.Enslave(None, "v0", "br1"))
         assert nl.writes == writes + 1  # master and up in one request
-        assert await until(lambda: (p := nl.link_by_name("v0")) is not None and p.master == br1)
+        assert await until(lambda: (p := nl.observed.link("v0")) is not None and p.master == br1)
         seen.clear()
 
         await nl.apply(act.Enslave(None, "v0", "br2"))
-        port = nl.link_by_name("v0")
+        port = nl.observed.link("v0")
         assert port is not None and (port.master, port.up) == (br2, True)  # from the ack
         record()
-        assert await until(lambda: (p := nl.link_by_name("v0")) is not None and p.master == br2)
+        assert await until(lambda: (p := nl.observed.link("v0")) is not None and p.master == br2)
         assert "UP" in ip(ns, "-o", "link", "show", "v0").split("<")[1].split(">")[0].split(",")
         assert seen and all(up for _, up in seen)
 
         await nl.apply(act.Release(None, "v0"))
         # The bridge announces a release as an AF_BRIDGE RTM_DELLINK: the port must stay known.
-        assert await until(lambda: (p := nl.link_by_name("v0")) is not None and p.master is None)
-        port = nl.link_by_name("v0")
+        assert await until(lambda: (p := nl.observed.link("v0")) is not None and p.master is None)
+        port = nl.observed.link("v0")
         assert port is not None and port.up
         assert all(up for _, up in seen)
         assert "master" not in ip(ns, "-o", "link", "show", "v0")
@@ -164,7 +164,7 @@ async def test_bridge_options_in_kernel_order(ns: str, nl: NetlinkAdapter) -> No
     await bridge(nl, "br0")
 
     def opts() -> tuple[bool | None, int | None] | None:
-        link = nl.link_by_name("br0")
+        link = nl.observed.link("br0")
         return (link.stp, link.forward_delay) if link else None
 
     writes = nl.writes
@@ -271,15 +271,15 @@ async def test_deleted_links_leave_observed(ns: str, nl: NetlinkAdapter) -> None
     ip(ns, "addr", "add", "192.0.2.1/24", "dev", "v0")
     ip(ns, "link", "set", "v0", "up")
     assert await until(lambda: bool(nl.observed.addresses_of("v0")))
-    index = nl.link_by_name("v0").index  # type: ignore[union-attr]
+    index = nl.observed.link("v0").index  # type: ignore[union-attr]
     ip(ns, "link", "del", "v0")
-    assert await until(lambda: nl.link_by_name("v0") is None and nl.link_by_name("v1") is None)
+    assert await until(lambda: nl.observed.link("v0") is None and nl.observed.link("v1") is None)
     assert index not in nl.observed.links and index not in nl.observed.addresses
     assert not any(r.oif == index for r in nl.observed.routes)
 
     await bridge(nl, "br0", up=False)
     await nl.apply(act.DeleteBridge(None, "br0"))
-    assert await until(lambda: nl.link_by_name("br0") is None)
+    assert await until(lambda: nl.observed.link("br0") is None)
     with pytest.raises(NoSuchPort):
         await nl.apply(act.DeleteBridge(None, "br0"))
 
@@ -295,7 +295,7 @@ async def test_writes_count_only_mutations(ns: str, nl: NetlinkAdapter) -> None:
     assert nl.writes == 3
     with pytest.raises(Conflict):
         await nl.apply(act.CreateBridge(None, "br0"))  # refused before any request
-    assert await until(lambda: nl.link_by_name("br0") is not None)
+    assert await until(lambda: nl.observed.link("br0") is not None)
     await nl.refresh()
     assert nl.writes == 3
 
@@ -327,7 +327,7 @@ async def test_apply_many_pipelines_ports_and_reports_each(ns: str, nl: NetlinkA
     br = await bridge(nl, "br0")
     names = [f"p{i}" for i in range(150)]
     sh("ip", "-batch", "-", ns=ns, input="".join(f"tuntap add {n} mode tap\n" for n in names))
-    assert await until(lambda: all(nl.link_by_name(n) is not None for n in names))
+    assert await until(lambda: all(nl.observed.link(n) is not None for n in names))
     actions: list[act.Action] = [act.Enslave(None, n, "br0") for n in names]
     actions.insert(10, act.Enslave(None, "nosuch", "br0"))
     actions.insert(20, act.SetMtu(None, "br0", 1400))  # pipelined too: one socket keeps order
@@ -340,7 +340,7 @@ async def test_apply_many_pipelines_ports_and_reports_each(ns: str, nl: NetlinkA
     failed = {i: type(e).__name__ for i, e in enumerate(results) if e is not None}
     assert failed == {10: "NoSuchPort", 30: "Conflict", len(actions) - 2: "NoSuchPort"}
     for n in names:  # the mirror holds what the acks said, before any event
-        link = nl.link_by_name(n)
+        link = nl.observed.link(n)
         assert link is not None and link.up and link.master == (None if n == "p1" else br)
     masters = ip(ns, "-o", "link", "show", "master", "br0")
     assert sum(f" {n}:" in masters for n in names) == len(names) - 1
@@ -357,7 +357,7 @@ async def test_lost_events_are_recovered_by_a_resync(ns: str) -> None:
         assert await until(lambda: nl.resyncs > 0)
         assert await until(lambda: len(nl.observed.links) == 121)
         sh("ip", "link", "del", "e0", ns=ns)
-        assert await until(lambda: nl.link_by_name("e0") is None)  # events flow again
+        assert await until(lambda: nl.observed.link("e0") is None)  # events flow again
         async with opened() as fresh:
             assert await until(lambda: nl.observed.links == fresh.observed.links)
             assert nl.observed.routes == fresh.observed.routes
@@ -404,14 +404,14 @@ async def test_background_enslaves_keep_their_order_with_later_requests(
     br = await bridge(nl, "br0")
     names = [f"q{i}" for i in range(60)]
     sh("ip", "-batch", "-", ns=ns, input="".join(f"tuntap add {n} mode tap\n" for n in names))
-    assert await until(lambda: all(nl.link_by_name(n) is not None for n in names))
+    assert await until(lambda: all(nl.observed.link(n) is not None for n in names))
     tasks = [asyncio.ensure_future(nl.enslave_new(act.Enslave(None, n, "br0"))) for n in names]
     await asyncio.sleep(0)  # every task has queued its request
     await nl.apply(act.Release(None, "q59"))  # asked later: must not overtake the queue
     await asyncio.gather(*tasks)
     masters = ip(ns, "-o", "link", "show", "master", "br0")
     assert sum(f" {n}:" in masters for n in names) == 59 and " q59:" not in masters
-    link = nl.link_by_name("q0")
+    link = nl.observed.link("q0")
     assert link is not None and link.master == br and link.up
     with pytest.raises(NoSuchPort, match="attach nosuch to bridge br0"):
         await nl.enslave_new(act.Enslave(None, "nosuch", "br0"))

@@ -22,9 +22,9 @@ EXPECTED_FILES = [
     "usr/sbin/kvmnetd",
     "usr/bin/kvmnetctl",
     "usr/lib/kvmnetd/python/kvmnetd/daemon.py",
-    "usr/lib/kvmnetd/python/pyroute2/__init__.py",
     "usr/lib/kvmnetd/python/dbus_fast/__init__.py",
     "usr/lib/kvmnetd/python/structlog/__init__.py",
+    "usr/lib/kvmnetd/python/tomli_w/__init__.py",
     "usr/lib/systemd/system/kvmnetd.service",
     "usr/lib/sysusers.d/kvmnetd.conf",
     "usr/lib/tmpfiles.d/kvmnetd.conf",
@@ -105,7 +105,7 @@ def test_file_list(deb: Path) -> None:
     assert all(mode[7] == "r" for mode in modes.values()), modes
     # Byte-compiled at build time: /usr is read-only to the unit.
     assert "usr/lib/kvmnetd/python/kvmnetd/__pycache__/daemon.cpython-311.pyc" in paths
-    # Nothing of pip's own or pyroute2's command-line tools, nothing in /etc or /usr/local.
+    # Nothing of pip's own or any library's command-line tools, nothing in /etc or /usr/local.
     assert not any(p.startswith(("usr/lib/kvmnetd/python/bin", "etc/", "usr/local"))
                    for p in paths)
 
@@ -141,8 +141,8 @@ def test_wrappers_run_from_the_tree_on_debian_python(tree: Path) -> None:
 def test_private_libraries_come_first(tree: Path) -> None:
     private = tree / "usr/lib/kvmnetd/python"
     code = ("import sys; sys.path.insert(0, sys.argv[1]);"
-            "import pyroute2, dbus_fast, structlog, kvmnetd.daemon;"
-            "print(pyroute2.__file__, dbus_fast.__file__, structlog.__file__,"
+            "import dbus_fast, structlog, tomli_w, kvmnetd.daemon;"
+            "print(dbus_fast.__file__, structlog.__file__, tomli_w.__file__,"
             " kvmnetd.daemon.__file__, sep='\\n')")
     files = bare("/usr/bin/python3", "-I", "-c", code, private).stdout.split()
     assert all(f.startswith(str(private)) for f in files), files

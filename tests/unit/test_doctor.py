@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from kvmnetd.adapters.doctor_probe import bridge_allowed, forward_drops, learned_macs
+from kvmnetd.adapters.doctor_probe import learned_macs
 from kvmnetd.doctor import DoctorInput, Finding, ForeignListener, render_text, run_checks
+from kvmnetd.foreign_forward import bridge_allowed, forward_drops
 from kvmnetd.model import Dhcp, DhcpRange, Mode, Network
 from kvmnetd.observed import Link, ObservedState, Route
 from kvmnetd.status import DhcpStatus, Lease, NetworkStatus

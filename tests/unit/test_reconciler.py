@@ -69,7 +69,7 @@ async def test_stop_restores_forwarding_and_removes_bridge(tmp_path: Path) -> No
     rec, nl, fw, sc = make(tmp_path)
     d = DesiredState(networks=nets(), active=frozenset({"nat"}))
     await rec.set_desired(d)
-    await rec.set_desired(d.with_active("nat", False))
+    await rec.set_desired(replace(d, active=frozenset()))
     assert nl.observed.link("kvbr0") is None
     assert sc.values[4] is False and fw.ruleset is None
     assert rec.owned.bridges == {} and rec.owned.forwarding == {}

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from kvmnetd.adapters.coexist import parse_ruleset, transaction
+from kvmnetd.adapters.coexist import transaction
 from kvmnetd.adapters.nftmonitor import is_change
+from kvmnetd.foreign_forward import parse_ruleset
 from kvmnetd.model import Mode, Network
 from kvmnetd.render.coexist import (
     ChainRef,
