@@ -23,7 +23,7 @@ from bench.common import (
     summary,
 )
 from tests.bus.conftest import _scratch_dir, start_bus, stop_bus
-from tests.netns import netns, sh
+from tests.support.netns import netns, sh
 
 IFUP = str(REPO / "contrib" / "qemu-ifup")
 NATUP = str(REPO / "bench" / "baseline" / "qemu-natup")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bus.conftest import PrivateBus, start_bus, stop_bus
-from tests.rig import Sandbox
+from tests.support.dbus import PrivateBus, start_bus, stop_bus
+from tests.support.rig import Sandbox
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+from tests.support.dbus import KVMNETCTL, NOBODY, run
 
-from .conftest import KVMNETCTL, NOBODY, Served, run
+from .conftest import Served
 
 pytestmark = pytest.mark.integration
 

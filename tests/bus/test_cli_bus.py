@@ -13,8 +13,9 @@ from dbus_fast.aio import MessageBus
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, network_path
 from kvmnetd.errors import ConfigIssue
 from kvmnetd.status import ROOT, CoreEvent
+from tests.support.dbus import KVMNETCTL, run
 
-from .conftest import KVMNETCTL, Served, run
+from .conftest import Served
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from kvmnetd.bus.server import ControlServer, serve
+from tests.support.dbus import KVMNETCTL, NOBODY, run, start_bus, stop_bus
 
-from .conftest import KVMNETCTL, NOBODY, Served, make_core, run, start_bus, stop_bus
+from .conftest import Served, make_core
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ import pytest
 
 from kvmnetd.access import ADMIN_GROUP
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
-from tests.bus.conftest import PrivateBus, start_bus, stop_bus
-from tests.netns import sh
-from tests.rig import PY, Sandbox, wait_until
+from tests.support.dbus import PrivateBus, start_bus, stop_bus
+from tests.support.netns import sh
+from tests.support.rig import PY, Sandbox, wait_until
 
 pytestmark = pytest.mark.integration
 

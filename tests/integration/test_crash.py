@@ -26,8 +26,8 @@ import pytest
 from kvmnetd import config as cfg
 from kvmnetd.cli import CallFailed, socket_call
 from kvmnetd.render.nft import render_ruleset
-from tests.netns import netns, sh
-from tests.rig import FAR_HOST, Sandbox, wait_until
+from tests.support.netns import netns, sh
+from tests.support.rig import FAR_HOST, Sandbox, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ from dbus_fast import BusType, Message, MessageType
 
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from kvmnetd.bus.service import SteadyBus
-from tests.bus.conftest import PrivateBus, start_bus, stop_bus
-from tests.netns import sh
-from tests.rig import Sandbox, wait_until
+from tests.support.dbus import PrivateBus, start_bus, stop_bus
+from tests.support.netns import sh
+from tests.support.rig import Sandbox, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from tests.bus.conftest import PrivateBus
-from tests.netns import ping, sh
-from tests.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
+from tests.support.dbus import PrivateBus
+from tests.support.netns import ping, sh
+from tests.support.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
 
 pytestmark = pytest.mark.integration
 

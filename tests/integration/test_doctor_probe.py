@@ -13,7 +13,6 @@ import ipaddress
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,12 +27,7 @@ from kvmnetd.doctor import Finding, doctor
 from kvmnetd.model import Dhcp, DhcpRange, Mode, Network, Settings
 from kvmnetd.render.nft import render_ruleset
 from kvmnetd.status import DhcpStatus, Lease, NetworkStatus
-
-try:
-    from tests.netns import entered, netns, ping, sh, veth_into
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.netns import entered, netns, ping, sh, veth_into
+from tests.support.netns import entered, netns, ping, sh, veth_into
 
 pytestmark = [
     pytest.mark.integration,

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from tests.bus.conftest import PrivateBus
-from tests.netns import sh
-from tests.rig import PY, Sandbox, _reap, wait_until
+from tests.support.dbus import PrivateBus
+from tests.support.netns import sh
+from tests.support.rig import PY, Sandbox, _reap, wait_until
 
 pytestmark = pytest.mark.integration
 

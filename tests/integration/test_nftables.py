@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -24,12 +23,7 @@ from kvmnetd.adapters.nftables import TAMPERED, NftablesAdapter, NftablesError
 from kvmnetd.adapters.sysctl import set_forwarding
 from kvmnetd.model import Dhcp, Mode, Network
 from kvmnetd.render.nft import fingerprint, render_ruleset
-
-try:
-    from tests.netns import entered, netns, ping, sh, veth_into
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.netns import entered, netns, ping, sh, veth_into
+from tests.support.netns import entered, netns, ping, sh, veth_into
 
 pytestmark = [
     pytest.mark.integration,

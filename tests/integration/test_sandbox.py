@@ -19,8 +19,8 @@ import pytest
 
 from kvmnetd.adapters.dirs import UNIT_WRITABLE
 from kvmnetd.model import Settings
-from tests.netns import sh
-from tests.rig import Sandbox, wait_until
+from tests.support.netns import sh
+from tests.support.rig import Sandbox, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "kvmnetd.service"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import ping, sh
-from tests.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
+from tests.support.netns import ping, sh
+from tests.support.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import netns, sh
-from tests.rig import FAR_HOST, Sandbox, wait_until
+from tests.support.netns import netns, sh
+from tests.support.rig import FAR_HOST, Sandbox, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "kvmnetd.service"

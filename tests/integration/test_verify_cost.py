@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import sh
-from tests.rig import Sandbox, wait_until
+from tests.support.netns import sh
+from tests.support.rig import Sandbox, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.bus.conftest import PrivateBus
-from tests.guest import Guest, guest_images, wait_for_link
-from tests.netns import sh
-from tests.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
+from tests.support.dbus import PrivateBus
+from tests.support.guest import Guest, guest_images, wait_for_link
+from tests.support.netns import sh
+from tests.support.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -194,7 +194,7 @@ def port_names(box: Sandbox) -> set[str]:
 
 
 def test_libvirt_domains_follow_their_lifecycle(box: Sandbox, images: tuple[str, str]) -> None:
-    from tests.libvirtd import private_libvirtd
+    from tests.support.libvirtd import private_libvirtd
 
     with private_libvirtd(ns=box.host) as lv:
         box.write_config(CONFIG + f"""

@@ -6,19 +6,13 @@ import ipaddress
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kvmnetd.model import Dhcp, Dns, Mode, Network
 from kvmnetd.render.nft import fingerprint, render_ruleset
-
-try:
-    from tests.netns import netns, sh
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.netns import netns, sh
+from tests.support.netns import netns, sh
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 v4 = ipaddress.IPv4Interface

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: sandboxes, namespaces, fakes of our adapters, a private bus."""
