@@ -1,4 +1,4 @@
-"""The control plane of the real daemon (bench/control_plane.py measures the fake core):
+"""The control plane of the real daemon (bench/control_plane.py measures the core over fakes):
 D-Bus read calls/s (100 in flight) and sequential latency, AttachPort calls/s (each one a
 reconcile pass), and `kvmnetctl port attach` wall time over the socket and over the bus."""
 

@@ -20,6 +20,7 @@ class FakeNetlink:
         self._index = itertools.count(100)
         self.changed: set[int] = set()  # what tests say events changed
         self.changed_other = False
+        self.delay = 0.0  # seconds each change takes, for calls that must overlap
 
     def enslave_new(self, action: A.Enslave) -> asyncio.Future[None]:
         return asyncio.get_running_loop().create_task(self.apply(action))
@@ -38,6 +39,8 @@ class FakeNetlink:
         dev = getattr(action, "bridge", None) or getattr(action, "ifname", None)
         if isinstance(action, A.Enslave):
             dev = action.ifname
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if dev in self.fail_on:
             raise Conflict(f"{dev}: refused by the fake kernel")
         self.writes += 1
