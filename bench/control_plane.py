@@ -14,7 +14,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from kvmnetd.bus.server import serve
 from kvmnetd.bus.service import SteadyBus
 from tests.support.core import make_core, tap
-from tests.support.dbus import CONFIG, KVMNETCTL, start_bus, stop_bus
+from tests.support.dbus import CONFIG, KVMNETCTL, open_dir, start_bus, stop_bus
 
 # dbus-daemon caps pending replies per connection (128 by default).
 IN_FLIGHT = 100
@@ -66,8 +65,7 @@ async def wall_ms(argv: list[str], runs: int = 20) -> float:
 
 
 async def main() -> None:
-    scratch = tempfile.mkdtemp(prefix="kvmnetd-bus-", dir="/tmp")
-    os.chmod(scratch, 0o755)
+    scratch = open_dir("kvmnetd-bus-")
     bus = start_bus(scratch)
     server = None
     try:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,14 @@ class Served:
 
     def state(self, network: str) -> str:
         return self.core.network(network).state
+
+
+def open_dir(prefix: str = "kvmnetd-test-") -> str:
+    """A new directory in /tmp that other users reach too (dnsmasq, unprivileged clients);
+    pytest's tmp_path sits below a 0700 directory."""
+    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(d, 0o755)
+    return d
 
 
 def start_bus(directory: str, extra_policy: str = "") -> PrivateBus:
