@@ -24,8 +24,8 @@ from dbus_fast import BusType, Message, MessageType
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from kvmnetd.bus.server import serve
 from kvmnetd.bus.service import SteadyBus
-from tests.support.core import make_core, tap
-from tests.support.dbus import CONFIG, KVMNETCTL, open_dir, start_bus, stop_bus
+from tests.support.core import SERVED_CONFIG, make_core, tap
+from tests.support.dbus import KVMNETCTL, open_dir, start_bus, stop_bus
 
 # dbus-daemon caps pending replies per connection (128 by default).
 IN_FLIGHT = 100
@@ -69,7 +69,7 @@ async def main() -> None:
     bus = start_bus(scratch)
     server = None
     try:
-        rig = await make_core(Path(scratch), CONFIG, tap("vnet0"),
+        rig = await make_core(Path(scratch), SERVED_CONFIG, tap("vnet0"),
                               *(tap(f"b{i}") for i in range(50)))
         server = await serve(rig.core, bus.address, f"{scratch}/control.sock")
         assert await server.wait_for_bus(10), server.bus_error

@@ -9,7 +9,8 @@ import pytest
 
 from kvmnetd import logsetup
 from kvmnetd.bus.server import serve
-from tests.support.dbus import PrivateBus, Served, served_core, start_bus, stop_bus
+from tests.support.core import Served, served_core
+from tests.support.dbus import PrivateBus, start_bus, stop_bus
 
 
 @pytest.fixture

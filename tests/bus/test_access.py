@@ -9,7 +9,8 @@ import pytest
 
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from kvmnetd.status import ROOT
-from tests.support.dbus import KVMNETCTL, NOBODY, Served, run
+from tests.support.core import Served
+from tests.support.dbus import KVMNETCTL, NOBODY, run
 from tests.support.fakes import FakeAuthority
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,8 @@ from dbus_fast.aio import MessageBus
 from kvmnetd import __version__, logsetup
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, network_path
 from kvmnetd.status import ROOT
-from tests.support.dbus import CONFIG, KVMNETCTL, Served, run
+from tests.support.core import SERVED_CONFIG, Served
+from tests.support.dbus import KVMNETCTL, run
 from tests.support.toml import network_toml
 
 pytestmark = pytest.mark.integration
@@ -166,7 +167,7 @@ async def test_reload_errors_and_log_level_reach_the_caller(served: Served, sock
     assert served.bus is not None
     where = ["--socket", served.socket_path] if socket else ["--bus-address", served.bus.address]
     main = served.rig.config_file
-    served.rig.write_config(CONFIG + network_toml("a", "nat", "br-a", "10.7.0.300/24"))
+    served.rig.write_config(SERVED_CONFIG + network_toml("a", "nat", "br-a", "10.7.0.300/24"))
     other = served.rig.networks_dir / "b.toml"
     other.write_text(network_toml("b", "isolated", "br-b", "10.8.0.1/24", brige="x"))
     rc, out, err = await run(KVMNETCTL, *where, "reload")
@@ -177,7 +178,7 @@ async def test_reload_errors_and_log_level_reach_the_caller(served: Served, sock
     assert any(ln.startswith(f"{main}:{a_line}: network.a.ipv4: ") for ln in lines), err
     assert any(ln.startswith(f"{other}:{b_line}: network.b.brige: unknown key")
                for ln in lines), err
-    served.rig.write_config(CONFIG)
+    served.rig.write_config(SERVED_CONFIG)
     other.unlink()
     assert (await run(KVMNETCTL, *where, "reload"))[0] == 0
 

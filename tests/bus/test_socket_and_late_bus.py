@@ -13,7 +13,8 @@ import pytest
 
 from kvmnetd import __version__
 from kvmnetd.bus.server import ControlServer, serve
-from tests.support.dbus import KVMNETCTL, NOBODY, Served, run, served_core, start_bus, stop_bus
+from tests.support.core import Served, served_core
+from tests.support.dbus import KVMNETCTL, NOBODY, run, start_bus, stop_bus
 from tests.support.toml import network_toml
 
 pytestmark = pytest.mark.integration

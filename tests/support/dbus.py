@@ -1,4 +1,4 @@
-"""A private system-like dbus-daemon with our policy, the core served on it, a client runner."""
+"""A private system-like dbus-daemon with our policy, and a client runner for the bus tests."""
 
 from __future__ import annotations
 
@@ -9,12 +9,6 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from kvmnetd.bus.server import ControlServer
-from kvmnetd.core import Core
-from kvmnetd.status import Lease
-from tests.support.core import CoreRig, make_core, tap
-from tests.support.toml import network_toml
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "dbus" / "kvmnetd.conf"
@@ -56,45 +50,6 @@ class PrivateBus:
     dir: str
     address: str
     pid: int
-
-
-# What the bus tests serve: the real core over fakes, with one network up and one down.
-CONFIG = (network_toml("default", "nat", "virbr-kt", "192.0.2.1/24",
-                       dhcp_range="192.0.2.100-192.0.2.150")
-          + network_toml("lab", "isolated", "br-lab", "198.51.100.1/24", dns=False,
-                         autostart=False, allow_users=["nobody"]))
-LEASE = Lease("52:54:00:00:00:01", "192.0.2.10", "guest1", "", 1700000000)
-# Taps of root's, and two of nobody's (vnet7, vnet8) for the allow list of lab.
-TAPS = (*(f"vnet{i}" for i in range(7)), "vnet9", "tap1",
-        *(f"r{i}" for i in range(8)), *(f"n{i}" for i in range(8)))
-
-
-async def served_core(directory: Path) -> CoreRig:
-    """The core the bus tests serve, its files in `directory`."""
-    directory.mkdir(exist_ok=True)
-    rig = await make_core(directory, CONFIG, *(tap(t) for t in TAPS),
-                          tap("vnet7", owner=NOBODY), tap("vnet8", owner=NOBODY))
-    rig.dhcp.lease_table["default"] = [LEASE]
-    return rig
-
-
-@dataclass
-class Served:
-    rig: CoreRig
-    server: ControlServer
-    bus: PrivateBus | None
-    socket_path: str
-
-    @property
-    def core(self) -> Core:
-        return self.rig.core
-
-    def ports(self) -> dict[str, str]:
-        """Attached ports: ifname -> network."""
-        return {p.ifname: p.network for p in self.core.list_ports() if p.state == "attached"}
-
-    def state(self, network: str) -> str:
-        return self.core.network(network).state
 
 
 def open_dir(prefix: str = "kvmnetd-test-") -> str:
