@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.netns import sh
-from tests.rig import Sandbox
+from tests.support.netns import sh
+from tests.support.rig import Sandbox
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -86,7 +86,7 @@ DAEMON_TOML = '[daemon]\nlibvirt_uri = ""\n'
 
 
 class Box(Sandbox):
-    """tests.rig.Sandbox (host + upstream namespaces, the real daemon) with bench helpers."""
+    """The tests' Sandbox (host + upstream namespaces, the real daemon) with bench helpers."""
 
     def __init__(self) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="kvmnetd-bench-"))

@@ -1,4 +1,4 @@
-"""The control plane of the real daemon (bench/control_plane.py measures the fake core):
+"""The control plane of the real daemon (bench/control_plane.py measures the core over fakes):
 D-Bus read calls/s (100 in flight) and sequential latency, AttachPort calls/s (each one a
 reconcile pass), and `kvmnetctl port attach` wall time over the socket and over the bus."""
 
@@ -24,14 +24,14 @@ from bench.common import (
 )
 from bench.control_plane import IN_FLIGHT, rate, sequential_latency_us
 from kvmnetd.bus.service import SteadyBus
-from tests.bus.conftest import _scratch_dir, start_bus, stop_bus
+from tests.support.dbus import open_dir, start_bus, stop_bus
 
 PORTS = 50
 
 
 def run(quick: bool) -> dict[str, Any]:
     reads, attaches, walls = (2000, 200, 20) if quick else (10000, 1000, 30)
-    scratch = _scratch_dir()
+    scratch = open_dir("kvmnetd-bus-")
     bus = start_bus(scratch)
     try:
         with Box() as box:

@@ -1,4 +1,5 @@
-"""Control-plane figures against FakeCore on a private bus; prints JSON.
+"""Control-plane figures against the real core over in-memory adapter fakes, on a private
+bus; prints JSON.
 
 Read calls/s (concurrent), AttachPort calls/s, and kvmnetctl wall time
 (median of 20 `kvmnetctl port attach` runs, over the socket and over the bus).
@@ -14,6 +15,7 @@ import shutil
 import statistics
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,7 +24,8 @@ from dbus_fast import BusType, Message, MessageType
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from kvmnetd.bus.server import serve
 from kvmnetd.bus.service import SteadyBus
-from tests.bus.conftest import KVMNETCTL, _scratch_dir, make_core, start_bus, stop_bus
+from tests.support.core import SERVED_CONFIG, make_core, tap
+from tests.support.dbus import KVMNETCTL, open_dir, start_bus, stop_bus
 
 # dbus-daemon caps pending replies per connection (128 by default).
 IN_FLIGHT = 100
@@ -62,12 +65,13 @@ async def wall_ms(argv: list[str], runs: int = 20) -> float:
 
 
 async def main() -> None:
-    scratch = _scratch_dir()
+    scratch = open_dir("kvmnetd-bus-")
     bus = start_bus(scratch)
     server = None
     try:
-        core = make_core()
-        server = await serve(core, bus.address, f"{scratch}/control.sock")
+        rig = await make_core(Path(scratch), SERVED_CONFIG, tap("vnet0"),
+                              *(tap(f"b{i}") for i in range(50)))
+        server = await serve(rig.core, bus.address, f"{scratch}/control.sock")
         assert await server.wait_for_bus(10), server.bus_error
         client = await SteadyBus(bus_address=bus.address, bus_type=BusType.SYSTEM).connect()
         latency = await sequential_latency_us(client)

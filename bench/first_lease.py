@@ -34,8 +34,8 @@ from bench.common import (
     udhcpc_argv,
     write_udhcpc_script,
 )
-from tests.libvirtd import Libvirtd
-from tests.netns import netns, sh, veth_into
+from tests.support.libvirtd import Libvirtd
+from tests.support.netns import netns, sh, veth_into
 
 NATUP = str(REPO / "bench" / "baseline" / "qemu-natup")
 GOAL_S = 0.5

@@ -8,7 +8,7 @@ import signal
 from contextlib import suppress
 
 from bench.common import DAEMON_TOML, Box, attach_rule, network_toml
-from tests.netns import sh
+from tests.support.netns import sh
 
 NETS = 50
 

@@ -13,7 +13,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from bench.common import DAEMON_TOML, Box, attach_rule, log, network_toml, summary
-from tests.netns import entered, sh
+from tests.support.netns import entered, sh
 
 BR, GW, PREFIX = "kvhl0", "10.66.0.1", 24
 POLL = 0.005

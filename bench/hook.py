@@ -22,8 +22,8 @@ from bench.common import (
     r,
     summary,
 )
-from tests.bus.conftest import _scratch_dir, start_bus, stop_bus
-from tests.netns import netns, sh
+from tests.support.dbus import open_dir, start_bus, stop_bus
+from tests.support.netns import netns, sh
 
 IFUP = str(REPO / "contrib" / "qemu-ifup")
 NATUP = str(REPO / "bench" / "baseline" / "qemu-natup")
@@ -33,7 +33,7 @@ GOAL_RATIO = 0.3
 
 def run(quick: bool) -> dict[str, Any]:
     runs = 30
-    scratch = _scratch_dir()
+    scratch = open_dir("kvmnetd-bus-")
     bus = start_bus(scratch)
     try:
         with Box() as box, netns("a") as art_ns:

@@ -20,8 +20,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvmnetd.cli import socket_call
-from tests.netns import sh
-from tests.rig import Sandbox, wait_until
+from tests.support.netns import sh
+from tests.support.rig import Sandbox, wait_until
 
 DHCP_NETWORKS = 3  # the rest run without dnsmasq
 EXPLICIT_EVERY = 10  # one tap in ten is attached through the socket

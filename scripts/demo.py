@@ -16,9 +16,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.bus.conftest import start_bus, stop_bus  # noqa: E402
-from tests.guest import Guest, guest_images  # noqa: E402
-from tests.rig import FAR_HOST, Sandbox  # noqa: E402
+from tests.support.dbus import start_bus, stop_bus  # noqa: E402
+from tests.support.guest import Guest, guest_images  # noqa: E402
+from tests.support.rig import FAR_HOST, Sandbox  # noqa: E402
 
 
 def say(text: str) -> None:

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.bus.conftest import PrivateBus, start_bus, stop_bus
-from tests.rig import Sandbox
+from tests.support.dbus import PrivateBus, open_dir, start_bus, stop_bus
+from tests.support.rig import Sandbox
 
 
 @pytest.fixture
 def scratch_dir() -> Iterator[Path]:
-    # Not tmp_path: that sits below a 0700 directory, and dnsmasq reads its hosts file
-    # (and unprivileged clients reach the socket) as other users.
-    d = Path(tempfile.mkdtemp(prefix="kvmnetd-test-", dir="/tmp"))
-    os.chmod(d, 0o755)
+    d = Path(open_dir())
     try:
         yield d
     finally:

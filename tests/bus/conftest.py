@@ -1,96 +1,22 @@
-"""A private system-like dbus-daemon with our policy, and FakeCore served on it."""
+"""Fixtures: a private system-like dbus-daemon, and the real core (over fakes) served on it."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kvmnetd.bus.server import ControlServer, serve
-from kvmnetd.status import Lease
-from tests.fakecore import FakeCore
-
-REPO = Path(__file__).resolve().parents[2]
-POLICY = REPO / "dbus" / "kvmnetd.conf"
-KVMNETCTL = str(REPO / ".venv" / "bin" / "kvmnetctl")
-NOBODY = 65534
-
-BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Properties"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
-  </policy>
-  <include>{policy}</include>
-  {extra}
-</busconfig>
-"""
-
-
-@dataclass
-class PrivateBus:
-    dir: str
-    address: str
-    pid: int
-
-
-def _scratch_dir() -> str:
-    # Reachable by nobody: the clients of some tests run unprivileged.
-    d = tempfile.mkdtemp(prefix="kvmnetd-bus-", dir="/tmp")
-    os.chmod(d, 0o755)
-    return d
-
-
-def start_bus(directory: str, extra_policy: str = "") -> PrivateBus:
-    conf = Path(directory) / "bus.conf"
-    conf.write_text(BUS_CONF.format(socket=f"{directory}/bus", policy=POLICY, extra=extra_policy))
-    out = subprocess.run(
-        ["dbus-daemon", f"--config-file={conf}", "--print-address=1", "--print-pid=2", "--fork"],
-        capture_output=True, text=True, check=True, timeout=10)
-    return PrivateBus(directory, out.stdout.strip().splitlines()[0],
-                      int(out.stderr.strip().splitlines()[-1]))
-
-
-def stop_bus(bus: PrivateBus) -> None:
-    try:
-        os.kill(bus.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+from kvmnetd import logsetup
+from kvmnetd.bus.server import serve
+from tests.support.core import Served, served_core
+from tests.support.dbus import PrivateBus, start_bus, stop_bus
 
 
 @pytest.fixture
-def scratch() -> Iterator[str]:
-    d = _scratch_dir()
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def scratch(scratch_dir: Path) -> str:
+    # Reachable by nobody (see scratch_dir): the clients of some tests run unprivileged.
+    return str(scratch_dir)
 
 
 @pytest.fixture
@@ -102,44 +28,14 @@ def private_bus(scratch: str) -> Iterator[PrivateBus]:
         stop_bus(bus)
 
 
-def make_core() -> FakeCore:
-    core = FakeCore()
-    core.add_network("default", "nat", "virbr-kt", addresses=("192.0.2.1/24",))
-    core.add_network("lab", "isolated", "br-lab", state="inactive", allow={NOBODY})
-    core.add_lease("default", Lease("52:54:00:00:00:01", "192.0.2.10", "guest1", "", 1700000000))
-    return core
-
-
-@dataclass
-class Served:
-    core: FakeCore
-    server: ControlServer
-    bus: PrivateBus | None
-    socket_path: str
-
-
 @pytest.fixture
 async def served(private_bus: PrivateBus, scratch: str) -> AsyncIterator[Served]:
-    core = make_core()
-    server = await serve(core, private_bus.address, f"{scratch}/control.sock",
+    rig = await served_core(Path(scratch) / "core")
+    server = await serve(rig.core, private_bus.address, f"{scratch}/control.sock",
                          retry_interval=0.2)
     try:
         assert await server.wait_for_bus(10), server.bus_error
-        yield Served(core, server, private_bus, f"{scratch}/control.sock")
+        yield Served(rig, server, private_bus, f"{scratch}/control.sock")
     finally:
         await server.close()
-
-
-async def run(*argv: str, user: int | None = None, env: dict[str, str] | None = None,
-              stdin: bytes | None = None, timeout: float = 30) -> tuple[int, str, str]:
-    """Run a client without blocking the loop that serves it."""
-    cmd = list(argv)
-    if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    full_env = {**os.environ, **(env or {})}
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=full_env)
-    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+        logsetup.set_level("info")  # as a SetLogLevel call may have left it

@@ -11,8 +11,7 @@ from dbus_fast import BusType, Message, MessageType
 
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, NETWORK_IFACE, network_path
 from kvmnetd.bus.service import SteadyBus
-
-from .conftest import Served
+from tests.support.core import Served
 
 pytestmark = pytest.mark.integration
 

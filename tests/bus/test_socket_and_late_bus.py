@@ -11,16 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from kvmnetd import __version__
 from kvmnetd.bus.server import ControlServer, serve
-
-from .conftest import KVMNETCTL, NOBODY, Served, make_core, run, start_bus, stop_bus
+from tests.support.core import Served, served_core
+from tests.support.dbus import KVMNETCTL, NOBODY, run, start_bus, stop_bus
+from tests.support.toml import network_toml
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def busless(scratch: str) -> AsyncIterator[ControlServer]:
-    server = await serve(make_core(), f"unix:path={scratch}/no-bus-here",
+    rig = await served_core(Path(scratch) / "core")
+    server = await serve(rig.core, f"unix:path={scratch}/no-bus-here",
                          f"{scratch}/control.sock", retry_interval=0.1)
     try:
         yield server
@@ -44,7 +47,7 @@ async def test_verbs_over_the_socket(busless: ControlServer, tmp_path: Path) -> 
     assert json.loads((await sock(busless, "network", "show", "lab", "--json"))[1])["mode"] \
         == "isolated"
     toml = tmp_path / "n.toml"
-    toml.write_text('name = "sock"\n')
+    toml.write_text(network_toml("sock", "isolated", "br-sock", "10.9.0.1/24", autostart=False))
     assert (await sock(busless, "network", "define", str(toml)))[1].strip() \
         == "sock: defined (persistent)"
     for argv in (["network", "start", "sock"], ["port", "attach", "vnet3", "sock"],
@@ -56,11 +59,11 @@ async def test_verbs_over_the_socket(busless: ControlServer, tmp_path: Path) -> 
                       "domain": ""}]
     assert (await sock(busless, "port", "detach", "vnet3"))[0] == 0
     assert (await sock(busless, "network", "stop", "sock"))[0] == 0
-    assert (await sock(busless, "network", "undefine", "sock", "--runtime"))[0] == 0
-    assert (await sock(busless, "version"))[1].strip() == "0.1.0-fake"
+    assert (await sock(busless, "network", "undefine", "sock"))[0] == 0
+    assert (await sock(busless, "version"))[1].strip() == __version__
     assert json.loads((await sock(busless, "leases", "default", "--json"))[1])[0]["ip"] \
         == "192.0.2.10"
-    assert json.loads((await sock(busless, "status", "--json"))[1])["version"] == "0.1.0-fake"
+    assert json.loads((await sock(busless, "status", "--json"))[1])["version"] == __version__
     rc, _, err = await sock(busless, "network", "start", "nope")
     assert rc == 1 and "nope" in err
 
@@ -69,9 +72,9 @@ async def test_socket_refuses_nobody(busless: ControlServer) -> None:
     core = busless.core
     before = core.describe()
     rc, _, err = await sock(busless, "network", "start", "lab", user=NOBODY)
-    assert rc == 1 and "may not" in err
-    rc, _, err = await sock(busless, "port", "attach", "vnet1", "default", user=NOBODY)
-    assert rc == 1 and "may not" in err
+    assert rc == 1 and "only root and members of group kvmnet may" in err
+    rc, _, err = await sock(busless, "port", "attach", "vnet7", "default", user=NOBODY)
+    assert rc == 1 and "may not use network default" in err
     assert core.describe() == before
     assert (await sock(busless, "network", "list", user=NOBODY))[0] == 0
 
@@ -105,7 +108,8 @@ async def test_bus_started_later_is_joined(scratch: str) -> None:
     bus_dir = os.path.join(scratch, "late")
     os.mkdir(bus_dir)
     os.chmod(bus_dir, 0o755)
-    server = await serve(make_core(), f"unix:path={bus_dir}/bus", f"{scratch}/c.sock",
+    rig = await served_core(Path(scratch) / "core")
+    server = await serve(rig.core, f"unix:path={bus_dir}/bus", f"{scratch}/c.sock",
                          retry_interval=0.2)
     bus = None
     try:
@@ -114,7 +118,7 @@ async def test_bus_started_later_is_joined(scratch: str) -> None:
         bus = start_bus(bus_dir)
         assert await server.wait_for_bus(5), server.bus_error
         rc, out, err = await run(KVMNETCTL, "--bus-address", bus.address, "version")
-        assert (rc, out.strip()) == (0, "0.1.0-fake"), err
+        assert (rc, out.strip()) == (0, __version__), err
         # The bus goes away and comes back: the name is taken again, no restart.
         stop_bus(bus)
         for _ in range(50):
@@ -134,7 +138,8 @@ async def test_bus_started_later_is_joined(scratch: str) -> None:
 
 async def test_name_owned_elsewhere_is_reported(served: Served, scratch: str) -> None:
     assert served.bus is not None
-    second = await serve(make_core(), served.bus.address, f"{scratch}/second.sock",
+    rig = await served_core(Path(scratch) / "second")
+    second = await serve(rig.core, served.bus.address, f"{scratch}/second.sock",
                          retry_interval=0.1)
     try:
         for _ in range(50):

@@ -19,21 +19,15 @@ import pytest
 
 from kvmnetd.access import ADMIN_GROUP
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
-from tests.bus.conftest import PrivateBus, start_bus, stop_bus
-from tests.netns import sh
-from tests.rig import PY, Sandbox, wait_until
+from tests.support.dbus import PrivateBus, start_bus, stop_bus
+from tests.support.netns import sh
+from tests.support.rig import PY, Sandbox, wait_until
+from tests.support.toml import network_toml
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-[network.extra]
-mode = "isolated"
-bridge = "kvadm0"
-ipv4 = "10.55.0.1/24"
-autostart = false
-[network.extra.dns]
-enabled = false
-"""
+CONFIG = network_toml("extra", "isolated", "kvadm0", "10.55.0.1/24", dns=False,
+                      autostart=False)
 
 DENIED = f"{BUS_NAME}.Error.PermissionDenied"
 

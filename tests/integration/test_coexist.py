@@ -22,8 +22,8 @@ from kvmnetd.adapters.nftables import NftablesAdapter
 from kvmnetd.model import Mode, Network
 from kvmnetd.render.coexist import coexist_rules
 from kvmnetd.render.nft import render_ruleset
-from tests.netns import entered, ping, sh
-from tests.rig import HOST_UPLINK_IP, Sandbox
+from tests.support.netns import entered, ping, sh
+from tests.support.rig import HOST_UPLINK_IP, Sandbox
 
 pytestmark = pytest.mark.integration
 

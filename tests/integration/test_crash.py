@@ -26,8 +26,9 @@ import pytest
 from kvmnetd import config as cfg
 from kvmnetd.cli import CallFailed, socket_call
 from kvmnetd.render.nft import render_ruleset
-from tests.netns import netns, sh
-from tests.rig import FAR_HOST, Sandbox, wait_until
+from tests.support.netns import netns, sh
+from tests.support.rig import FAR_HOST, Sandbox, wait_until
+from tests.support.toml import attach_toml, network_toml
 
 pytestmark = pytest.mark.integration
 
@@ -36,63 +37,19 @@ TABLE = "kvmnetd"
 
 
 def _nat(lease: str) -> str:
-    return f"""
-[network.nat]
-mode = "nat"
-bridge = "kvnat0"
-ipv4 = "10.70.0.1/24"
-[network.nat.dhcp]
-ranges = ["10.70.0.100-10.70.0.150"]
-lease_time = "{lease}"
-[network.nat.dns]
-enabled = false
-"""
+    return network_toml("nat", "nat", "kvnat0", "10.70.0.1/24",
+                        dhcp_range="10.70.0.100-10.70.0.150", dhcp={"lease_time": lease},
+                        dns=False)
 
 
-NAT_NO_DHCP = """
-[network.nat]
-mode = "nat"
-bridge = "kvnat0"
-ipv4 = "10.70.0.1/24"
-[network.nat.dns]
-enabled = false
-"""
+NAT_NO_DHCP = network_toml("nat", "nat", "kvnat0", "10.70.0.1/24", dns=False)
+DH = network_toml("dh", "nat", "kvdh0", "10.73.0.1/24", dhcp=True, dns=False)
+ISO = network_toml("iso", "isolated", "kviso0", "10.71.0.1/24", dns=False)
+RT = network_toml("rt", "routed", "kvrt0", "10.72.0.1/24", dns=False)
 
-DH = """
-[network.dh]
-mode = "nat"
-bridge = "kvdh0"
-ipv4 = "10.73.0.1/24"
-[network.dh.dhcp]
-[network.dh.dns]
-enabled = false
-"""
-
-ISO = """
-[network.iso]
-mode = "isolated"
-bridge = "kviso0"
-ipv4 = "10.71.0.1/24"
-[network.iso.dns]
-enabled = false
-"""
-
-RT = """
-[network.rt]
-mode = "routed"
-bridge = "kvrt0"
-ipv4 = "10.72.0.1/24"
-[network.rt.dns]
-enabled = false
-"""
-
-RULES = """
-[[attach]]
-network = "nat"
-ifname = "pn*"
-"""
-RULE_ISO = '\n[[attach]]\nnetwork = "iso"\nifname = "pi*"\n'
-RULE_RT = '\n[[attach]]\nnetwork = "rt"\nifname = "pr*"\n'
+RULES = attach_toml("nat", ifname="pn*")
+RULE_ISO = attach_toml("iso", ifname="pi*")
+RULE_RT = attach_toml("rt", ifname="pr*")
 
 # Networks come and go between variants; a new lease time restarts nat's dnsmasq.
 VARIANTS = {

@@ -13,27 +13,16 @@ from dbus_fast import BusType, Message, MessageType
 
 from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from kvmnetd.bus.service import SteadyBus
-from tests.bus.conftest import PrivateBus, start_bus, stop_bus
-from tests.netns import sh
-from tests.rig import Sandbox, wait_until
+from tests.support.dbus import PrivateBus, start_bus, stop_bus
+from tests.support.netns import sh
+from tests.support.rig import Sandbox, wait_until
+from tests.support.toml import network_toml
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-[network.nat]
-mode = "nat"
-bridge = "kvnat0"
-ipv4 = "10.60.0.1/24"
-[network.nat.dhcp]
-ranges = ["10.60.0.100-10.60.0.150"]
-
-[network.iso]
-mode = "isolated"
-bridge = "kviso0"
-ipv4 = "10.61.0.1/24"
-[network.iso.dns]
-enabled = false
-"""
+CONFIG = (network_toml("nat", "nat", "kvnat0", "10.60.0.1/24",
+                       dhcp_range="10.60.0.100-10.60.0.150")
+          + network_toml("iso", "isolated", "kviso0", "10.61.0.1/24", dns=False))
 
 
 def test_signals_for_ports_networks_and_leases(box: Sandbox, bus: PrivateBus) -> None:

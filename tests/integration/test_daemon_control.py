@@ -8,44 +8,20 @@ import shutil
 
 import pytest
 
-from tests.bus.conftest import PrivateBus
-from tests.netns import ping, sh
-from tests.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
+from tests.support.dbus import PrivateBus
+from tests.support.netns import ping, sh
+from tests.support.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
+from tests.support.toml import daemon_toml, network_toml
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-[network.nat]
-mode = "nat"
-bridge = "kvnat0"
-ipv4 = "10.60.0.1/24"
-[network.nat.dhcp]
-ranges = ["10.60.0.100-10.60.0.150"]
-[[network.nat.dhcp.host]]
-mac = "52:54:00:65:43:21"
-ip = "10.60.0.21"
-name = "cirros2"
-[network.nat.dns]
-domain = "nat.test"
+CONFIG = (
+    network_toml("nat", "nat", "kvnat0", "10.60.0.1/24", dhcp_range="10.60.0.100-10.60.0.150",
+                 hosts=[("52:54:00:65:43:21", "10.60.0.21", "cirros2")], domain="nat.test")
+    + network_toml("iso", "isolated", "kviso0", "10.61.0.1/24", dns=False,
+                   allow_users=["nobody"]))
 
-[network.iso]
-mode = "isolated"
-bridge = "kviso0"
-ipv4 = "10.61.0.1/24"
-allow_users = ["nobody"]
-[network.iso.dns]
-enabled = false
-"""
-
-EXTRA = """
-[network.extra]
-mode = "routed"
-bridge = "kvext0"
-ipv4 = "10.62.0.1/24"
-autostart = false
-[network.extra.dns]
-enabled = false
-"""
+EXTRA = network_toml("extra", "routed", "kvext0", "10.62.0.1/24", dns=False, autostart=False)
 
 BUS = "org.kvmnetd.Kvmnetd1"
 PATH = "/org/kvmnetd/Kvmnetd1"
@@ -166,7 +142,7 @@ def test_unprivileged_caller(box: Sandbox) -> None:
 
 def test_doctor_explains_a_foreign_forward_drop(box: Sandbox) -> None:
     # With coexist on (the default) kvmnetd inserts accepts, and there is nothing to explain.
-    box.write_config(CONFIG + '\n[daemon]\ncoexist = "off"\n')
+    box.write_config(CONFIG + daemon_toml(coexist="off"))
     box.start_daemon("--no-bus")
     r = box.ctl("doctor", "--json", check=False)
     before = {f["check"] for f in json.loads(r.stdout)}

@@ -8,50 +8,21 @@ import signal
 
 import pytest
 
-from tests.netns import ping, sh
-from tests.rig import FAR_HOST, HOST_UPLINK_IP, UPSTREAM_IP, Sandbox, wait_until
+from tests.support.netns import ping, sh
+from tests.support.rig import FAR_HOST, HOST_UPLINK_IP, UPSTREAM_IP, Sandbox, wait_until
+from tests.support.toml import attach_toml, daemon_toml, network_toml
 
 pytestmark = pytest.mark.integration
 
-BASE = """
-[network.nat]
-mode = "nat"
-bridge = "kvnat0"
-ipv4 = "10.50.0.1/24"
-[network.nat.dns]
-enabled = false
-
-[network.iso]
-mode = "isolated"
-bridge = "kviso0"
-ipv4 = "10.51.0.1/24"
-host_access = {host_access}
-[network.iso.dns]
-enabled = false
-
-[network.rt]
-mode = "routed"
-bridge = "kvrt0"
-ipv4 = "10.52.0.1/24"
-[network.rt.dns]
-enabled = false
-
-[[attach]]
-network = "nat"
-ifname = "pn*"
-
-[[attach]]
-network = "iso"
-ifname = "pi*"
-
-[[attach]]
-network = "rt"
-ifname = "pr*"
-"""
 
 
 def config(host_access: bool = False) -> str:
-    return BASE.format(host_access="true" if host_access else "false")
+    return (network_toml("nat", "nat", "kvnat0", "10.50.0.1/24", dns=False)
+            + network_toml("iso", "isolated", "kviso0", "10.51.0.1/24", dns=False,
+                           host_access=host_access)
+            + network_toml("rt", "routed", "kvrt0", "10.52.0.1/24", dns=False)
+            + attach_toml("nat", ifname="pn*") + attach_toml("iso", ifname="pi*")
+            + attach_toml("rt", ifname="pr*"))
 
 
 
@@ -107,16 +78,8 @@ def test_routed_guests_keep_their_source_address(box: Sandbox) -> None:
 
 
 def test_bridged_uplink_keeps_the_host_connected(box: Sandbox) -> None:
-    box.write_config("""
-[network.lan]
-mode = "bridged"
-bridge = "kvlan0"
-uplink = "uplink0"
-
-[[attach]]
-network = "lan"
-ifname = "pb*"
-""")
+    box.write_config(network_toml("lan", "bridged", "kvlan0", uplink="uplink0")
+                     + attach_toml("lan", ifname="pb*"))
     g1 = box.guest("pb1", "198.51.100.50/24", UPSTREAM_IP)
     box.start_daemon("--no-bus")
     assert wait_until(lambda: box.master_of("uplink0") == "kvlan0")
@@ -132,7 +95,7 @@ ifname = "pb*"
     box.wait_notify("READY=1")
     assert "config.reload_refused" not in box.log.read_text()
     # Stopping with teardown gives the NIC its address and route back.
-    box.write_config(box.config.read_text() + "\n[daemon]\nteardown_on_stop = true\n")
+    box.write_config(box.config.read_text() + daemon_toml(teardown_on_stop=True))
     box.stop_daemon()
     box.start_daemon("--no-bus")
     box.stop_daemon()
@@ -192,7 +155,7 @@ def test_foreign_rules_are_byte_identical_after_everything(box: Sandbox) -> None
     box.daemon.send_signal(_signal.SIGHUP)  # type: ignore[union-attr]
     assert wait_until(lambda: box.master_of("pn1") == "kviso0")
     assert foreign_state(box) == before
-    box.write_config(box.config.read_text() + "\n[daemon]\nteardown_on_stop = true\n")
+    box.write_config(box.config.read_text() + daemon_toml(teardown_on_stop=True))
     box.daemon.send_signal(_signal.SIGHUP)  # type: ignore[union-attr]
     box.wait_notify("READY=1")
     box.stop_daemon()
@@ -258,22 +221,9 @@ def test_coexist_off_leaves_foreign_chains_alone(box: Sandbox) -> None:
 
 
 def test_ipv6_gateway_mtu_and_stp_are_applied(box: Sandbox) -> None:
-    box.write_config("""
-[network.six]
-mode = "routed"
-bridge = "kvsix0"
-ipv4 = "10.53.0.1/24"
-ipv6 = "fd53::1/64"
-mtu = 1400
-stp = true
-forward_delay = 2
-[network.six.dns]
-enabled = false
-
-[[attach]]
-network = "six"
-ifname = "p6*"
-""")
+    box.write_config(network_toml("six", "routed", "kvsix0", "10.53.0.1/24", dns=False,
+                                  ipv6="fd53::1/64", mtu=1400, stp=True, forward_delay=2)
+                     + attach_toml("six", ifname="p6*"))
     g = box.guest("p61")
     sh("ip", "addr", "add", "fd53::11/64", "dev", "eth0", "nodad", ns=g)
     box.start_daemon("--no-bus")

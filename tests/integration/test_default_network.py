@@ -13,8 +13,8 @@ import json
 import pytest
 
 from kvmnetd import config as cfg
-from tests.netns import sh
-from tests.rig import Sandbox
+from tests.support.netns import sh
+from tests.support.rig import Sandbox
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -25,12 +24,7 @@ from kvmnetd.errors import InvalidArgument
 from kvmnetd.model import Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network, Settings
 from kvmnetd.render.dnsmasq import dnsmasq_paths, render_config, render_hosts
 from kvmnetd.status import CoreEvent
-
-try:
-    from tests.netns import entered, netns, sh, veth_into
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.netns import entered, netns, sh, veth_into
+from tests.support.netns import entered, netns, sh, veth_into
 
 pytestmark = [
     pytest.mark.integration,

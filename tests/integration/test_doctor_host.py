@@ -11,20 +11,14 @@ from typing import Any
 
 import pytest
 
-from tests.netns import sh
-from tests.rig import Sandbox, wait_until
+from tests.support.netns import sh
+from tests.support.rig import Sandbox, wait_until
+from tests.support.toml import network_toml
 
 pytestmark = pytest.mark.integration
 
 BR = "kvdoc0"
-CONFIG = f"""
-[network.nat]
-mode = "nat"
-bridge = "{BR}"
-ipv4 = "10.58.0.1/24"
-[network.nat.dhcp]
-ranges = ["10.58.0.100-10.58.0.150"]
-"""
+CONFIG = network_toml("nat", "nat", BR, "10.58.0.1/24", dhcp_range="10.58.0.100-10.58.0.150")
 
 
 def findings(box: Sandbox, check: str) -> list[dict[str, Any]]:
@@ -100,22 +94,8 @@ def test_ufw_layout_written_with_iptables(box: Sandbox) -> None:
     assert "DHCP" not in f["message"] and "DNS (udp/53)" in f["message"]
     assert box.dhcp(g).get("ip", "").startswith("10.58.0.")
 
-SIX = """
-[network.six]
-mode = "nat"
-bridge = "kvdoc6"
-ipv4 = "10.59.0.1/24"
-ipv6 = "fd59::1/64"
-[network.six.dns]
-enabled = false
-
-[network.four]
-mode = "nat"
-bridge = "kvdoc4"
-ipv4 = "10.56.0.1/24"
-[network.four.dns]
-enabled = false
-"""
+SIX = (network_toml("six", "nat", "kvdoc6", "10.59.0.1/24", dns=False, ipv6="fd59::1/64")
+       + network_toml("four", "nat", "kvdoc4", "10.56.0.1/24", dns=False))
 
 
 def sysctl(box: Sandbox, key: str) -> str:

@@ -13,7 +13,6 @@ import ipaddress
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,12 +27,8 @@ from kvmnetd.doctor import Finding, doctor
 from kvmnetd.model import Dhcp, DhcpRange, Mode, Network, Settings
 from kvmnetd.render.nft import render_ruleset
 from kvmnetd.status import DhcpStatus, Lease, NetworkStatus
-
-try:
-    from tests.netns import entered, netns, ping, sh, veth_into
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.netns import entered, netns, ping, sh, veth_into
+from tests.support.dbus import start_bus, stop_bus
+from tests.support.netns import entered, netns, ping, sh, veth_into
 
 pytestmark = [
     pytest.mark.integration,
@@ -265,34 +260,21 @@ def test_dhcp_degraded_from_the_supervisor(base: Path) -> None:
         assert f.fix.startswith("apt-get install dnsmasq-base")
 
 
-BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/><allow own="*"/>
-    <allow send_destination="*"/><allow receive_sender="*"/>
-  </policy>
-</busconfig>
-"""
+# A stand-in for firewalld may take its name, and be called.
+FIREWALLD_POLICY = ('<policy user="root"><allow own="org.fedoraproject.FirewallD1"/></policy>'
+                    '<policy context="default">'
+                    '<allow send_destination="org.fedoraproject.FirewallD1"/></policy>')
 
 
 @pytest.fixture
 def private_bus(base: Path) -> Iterator[str]:
     if shutil.which("dbus-daemon") is None:
         pytest.skip("needs dbus-daemon")
-    conf = base / "bus.conf"
-    conf.write_text(BUS_CONF.format(socket=base / "bus"))
-    out = subprocess.run(["dbus-daemon", f"--config-file={conf}", "--print-address=1",
-                          "--print-pid=2", "--fork"], capture_output=True, text=True,
-                         check=True, timeout=10)
-    pid = int(out.stderr.strip().splitlines()[-1])
+    bus = start_bus(str(base), FIREWALLD_POLICY)
     try:
-        yield out.stdout.strip().splitlines()[0]
+        yield bus.address
     finally:
-        os.kill(pid, 15)
+        stop_bus(bus)
 
 
 def test_firewalld_zone_asked_over_the_bus(private_bus: str) -> None:

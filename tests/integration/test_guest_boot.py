@@ -6,20 +6,14 @@ import contextlib
 import ipaddress
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-try:
-    from tests.guest import Guest, guest_images, wait_for_link
-    from tests.netns import netns, ping, sh
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.guest import Guest, guest_images, wait_for_link
-    from tests.netns import netns, ping, sh
+from tests.support.guest import Guest, guest_images, wait_for_link
+from tests.support.netns import netns, ping, sh
 
 pytestmark = [
     pytest.mark.integration,

@@ -11,23 +11,16 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 import kvmnetd.adapters.libvirt as lvmod
 from kvmnetd.adapters.libvirt import KVMNET_XMLNS, DomainEvent, LibvirtWatcher
-
-try:
-    from tests.libvirtd import Libvirtd, bridge_nic, domain_xml, ethernet_nic, private_libvirtd
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.libvirtd import Libvirtd, bridge_nic, domain_xml, ethernet_nic, private_libvirtd
+from tests.support.libvirtd import Libvirtd, bridge_nic, domain_xml, ethernet_nic, private_libvirtd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest import guest_images
-from tests.libvirtd import Libvirtd, private_libvirtd
-from tests.rig import Sandbox, wait_until
+from tests.support.guest import guest_images
+from tests.support.libvirtd import Libvirtd, private_libvirtd
+from tests.support.rig import Sandbox, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

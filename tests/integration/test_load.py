@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bench.load import run
-from tests.rig import Sandbox
+from tests.support.rig import Sandbox
 
 FULL = os.environ.get("KVMNETD_LOAD_FULL") == "1"
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

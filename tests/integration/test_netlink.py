@@ -18,7 +18,7 @@ from kvmnetd.adapters.netlink import NetlinkAdapter
 from kvmnetd.adapters.netlink_parse import RTM_DELLINK, RTM_NEWLINK, messages
 from kvmnetd.errors import Conflict, InvalidArgument, NoSuchPort
 from kvmnetd.observed import Route
-from tests.netns import entered, netns, sh
+from tests.support.netns import entered, netns, sh
 
 pytestmark = pytest.mark.integration
 

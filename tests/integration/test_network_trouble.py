@@ -8,27 +8,15 @@ from typing import Any
 
 import pytest
 
-from tests.bus.conftest import PrivateBus
-from tests.netns import sh
-from tests.rig import PY, Sandbox, _reap, wait_until
+from tests.support.dbus import PrivateBus
+from tests.support.netns import sh
+from tests.support.rig import PY, Sandbox, _reap, wait_until
+from tests.support.toml import network_toml
 
 pytestmark = pytest.mark.integration
 
-TWO = """
-[network.a]
-mode = "nat"
-bridge = "kvta0"
-ipv4 = "10.70.0.1/24"
-[network.a.dns]
-enabled = false
-
-[network.b]
-mode = "nat"
-bridge = "kvtb0"
-ipv4 = "10.71.0.1/24"
-[network.b.dns]
-enabled = false
-"""
+TWO = (network_toml("a", "nat", "kvta0", "10.70.0.1/24", dns=False)
+       + network_toml("b", "nat", "kvtb0", "10.71.0.1/24", dns=False))
 
 
 def states(box: Sandbox) -> dict[str, str]:
@@ -117,40 +105,12 @@ print("bound", flush=True)
 time.sleep(600)
 """
 
-MANY = """
-[network.ok]
-mode = "nat"
-bridge = "kvok0"
-ipv4 = "10.73.0.1/24"
-[network.ok.dhcp]
-ranges = ["10.73.0.100-10.73.0.150"]
-
-[network.lan]
-mode = "bridged"
-bridge = "kvlan0"
-uplink = "nic9"
-
-[network.taken]
-mode = "nat"
-bridge = "kvtk0"
-ipv4 = "10.74.0.1/24"
-[network.taken.dns]
-enabled = false
-
-[network.foreign]
-mode = "nat"
-bridge = "kvfb0"
-ipv4 = "10.75.0.1/24"
-[network.foreign.dns]
-enabled = false
-
-[network.nobind]
-mode = "nat"
-bridge = "kvnb0"
-ipv4 = "10.76.0.1/24"
-[network.nobind.dhcp]
-ranges = ["10.76.0.100-10.76.0.150"]
-"""
+MANY = (network_toml("ok", "nat", "kvok0", "10.73.0.1/24", dhcp_range="10.73.0.100-10.73.0.150")
+        + network_toml("lan", "bridged", "kvlan0", uplink="nic9")
+        + network_toml("taken", "nat", "kvtk0", "10.74.0.1/24", dns=False)
+        + network_toml("foreign", "nat", "kvfb0", "10.75.0.1/24", dns=False)
+        + network_toml("nobind", "nat", "kvnb0", "10.76.0.1/24",
+                       dhcp_range="10.76.0.100-10.76.0.150"))
 
 
 def test_each_run_time_failure_stays_with_its_network(box: Sandbox) -> None:

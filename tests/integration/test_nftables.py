@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -24,12 +23,8 @@ from kvmnetd.adapters.nftables import TAMPERED, NftablesAdapter, NftablesError
 from kvmnetd.adapters.sysctl import set_forwarding
 from kvmnetd.model import Dhcp, Mode, Network
 from kvmnetd.render.nft import fingerprint, render_ruleset
-
-try:
-    from tests.netns import entered, netns, ping, sh, veth_into
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.netns import entered, netns, ping, sh, veth_into
+from tests.support.netns import entered, netns, ping, sh, veth_into
+from tests.support.networks import CASES
 
 pytestmark = [
     pytest.mark.integration,
@@ -53,6 +48,17 @@ def net(mode: Mode, **kw: object) -> Network:
 
 NETS_A = [net(Mode.NAT), Network("t2", Mode.ISOLATED, "kvbr1", v4("10.77.2.1/24"))]
 NETS_B = [net(Mode.ROUTED, uplink="up0")]
+
+
+# --- the renderer's text, as nft reads it ------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_nft_accepts_rendered_text(case: str) -> None:
+    with netns("ck") as ns:
+        try:
+            sh("nft", "-c", "-f", "-", ns=ns, input=render_ruleset(CASES[case]))
+        except subprocess.CalledProcessError as e:
+            pytest.fail(f"nft -c rejected {case}: {e.stderr}")
 
 
 # --- adapter: observe / apply / remove -------------------------------------------------------

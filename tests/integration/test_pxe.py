@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from tests.netns import netns, sh
-from tests.rig import PY, Sandbox, wait_until
+from tests.support.netns import netns, sh
+from tests.support.rig import PY, Sandbox, wait_until
 
 pytestmark = [
     pytest.mark.integration,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest import QEMU, Guest, guest_images
-from tests.rig import Sandbox, wait_until
+from tests.support.guest import QEMU, Guest, guest_images
+from tests.support.rig import Sandbox, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

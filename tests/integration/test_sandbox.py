@@ -19,24 +19,15 @@ import pytest
 
 from kvmnetd.adapters.dirs import UNIT_WRITABLE
 from kvmnetd.model import Settings
-from tests.netns import sh
-from tests.rig import Sandbox, wait_until
+from tests.support.netns import sh
+from tests.support.rig import Sandbox, wait_until
+from tests.support.toml import attach_toml, network_toml
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "kvmnetd.service"
 
-NET = """
-[network.nat]
-mode = "nat"
-bridge = "kvsb0"
-ipv4 = "10.53.0.1/24"
-[network.nat.dhcp]
-ranges = ["10.53.0.100-10.53.0.150"]
-
-[[attach]]
-network = "nat"
-ifname = "sb*"
-"""
+NET = (network_toml("nat", "nat", "kvsb0", "10.53.0.1/24", dhcp_range="10.53.0.100-10.53.0.150")
+       + attach_toml("nat", ifname="sb*"))
 
 
 def unit_capabilities() -> list[str]:

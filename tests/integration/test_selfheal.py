@@ -17,27 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import ping, sh
-from tests.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
+from tests.support.netns import ping, sh
+from tests.support.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
+from tests.support.toml import attach_toml, network_toml
 
 pytestmark = pytest.mark.integration
 
 BOUND = 3.0
 GW = "10.50.0.1/24"
-CONFIG = """
-[network.nat]
-mode = "nat"
-bridge = "kvnat0"
-ipv4 = "10.50.0.1/24"
-[network.nat.dhcp]
-ranges = ["10.50.0.100-10.50.0.150"]
-[network.nat.dns]
-enabled = false
-
-[[attach]]
-network = "nat"
-ifname = "pn*"
-"""
+CONFIG = (network_toml("nat", "nat", "kvnat0", "10.50.0.1/24",
+                       dhcp_range="10.50.0.100-10.50.0.150", dns=False)
+          + attach_toml("nat", ifname="pn*"))
 
 
 @pytest.fixture

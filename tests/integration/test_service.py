@@ -12,33 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import netns, sh
-from tests.rig import FAR_HOST, Sandbox, wait_until
+from tests.support.netns import netns, sh
+from tests.support.rig import FAR_HOST, Sandbox, wait_until
+from tests.support.toml import attach_toml, network_toml
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "kvmnetd.service"
 
-NET = """
-[network.nat]
-mode = "nat"
-bridge = "kvnat0"
-ipv4 = "10.50.0.1/24"
-[network.nat.dhcp]
-ranges = ["10.50.0.100-10.50.0.150"]
+NET = (network_toml("nat", "nat", "kvnat0", "10.50.0.1/24",
+                    dhcp_range="10.50.0.100-10.50.0.150")
+       + attach_toml("nat", ifname="pn*"))
 
-[[attach]]
-network = "nat"
-ifname = "pn*"
-"""
-
-MORE = """
-[network.rt]
-mode = "routed"
-bridge = "kvrt0"
-ipv4 = "10.52.0.1/24"
-[network.rt.dns]
-enabled = false
-"""
+MORE = network_toml("rt", "routed", "kvrt0", "10.52.0.1/24", dns=False)
 
 
 def unit_for_here(tmp: Path) -> Path:

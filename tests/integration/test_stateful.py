@@ -26,8 +26,8 @@ from kvmnetd import cli
 from kvmnetd import config as cfg
 from kvmnetd.model import Settings
 from kvmnetd.render.nft import fingerprint, render_ruleset
-from tests.netns import netns, sh, veth_into
-from tests.rig import Sandbox
+from tests.support.netns import netns, sh, veth_into
+from tests.support.rig import Sandbox
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 from kvmnetd.adapters.sysctl import SysctlAdapter, forwarding
-
-try:
-    from tests.netns import entered, netns, sh
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.netns import entered, netns, sh
+from tests.support.netns import entered, netns, sh
 
 pytestmark = [
     pytest.mark.integration,

@@ -14,19 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import sh
-from tests.rig import Sandbox, wait_until
+from tests.support.netns import sh
+from tests.support.rig import Sandbox, wait_until
+from tests.support.toml import network_toml
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-[network.nat]
-mode = "nat"
-bridge = "kvcost0"
-ipv4 = "10.57.0.1/24"
-[network.nat.dns]
-enabled = false
-"""
+CONFIG = network_toml("nat", "nat", "kvcost0", "10.57.0.1/24", dns=False)
 
 
 def nft_wrapper(directory: Path, log: Path) -> Path:

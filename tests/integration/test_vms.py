@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.bus.conftest import PrivateBus
-from tests.guest import Guest, guest_images, wait_for_link
-from tests.netns import sh
-from tests.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
+from tests.support.dbus import PrivateBus
+from tests.support.guest import Guest, guest_images, wait_for_link
+from tests.support.netns import sh
+from tests.support.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
+from tests.support.toml import attach_toml, daemon_toml, network_toml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -21,29 +22,12 @@ IFUP = str(REPO / "contrib" / "qemu-ifup")
 IFDOWN = str(REPO / "contrib" / "qemu-ifdown")
 STATIC_MAC = "52:54:00:65:43:21"
 
-CONFIG = f"""
-[network.nat]
-mode = "nat"
-bridge = "kvnat0"
-ipv4 = "10.0.0.254/24"
-[network.nat.dhcp]
-ranges = ["10.0.0.1-10.0.0.100"]
-[[network.nat.dhcp.host]]
-mac = "{STATIC_MAC}"
-ip = "10.0.0.21"
-name = "cirros2"
-
-[network.isolated]
-mode = "isolated"
-bridge = "kviso0"
-ipv4 = "10.0.1.1/24"
-[network.isolated.dhcp]
-ranges = ["10.0.1.10-10.0.1.50"]
-
-[[attach]]
-network = "nat"
-ifname = "auto*"
-"""
+CONFIG = (
+    network_toml("nat", "nat", "kvnat0", "10.0.0.254/24", dhcp_range="10.0.0.1-10.0.0.100",
+                 hosts=[(STATIC_MAC, "10.0.0.21", "cirros2")])
+    + network_toml("isolated", "isolated", "kviso0", "10.0.1.1/24",
+                   dhcp_range="10.0.1.10-10.0.1.50")
+    + attach_toml("nat", ifname="auto*"))
 
 
 @pytest.fixture
@@ -194,21 +178,12 @@ def port_names(box: Sandbox) -> set[str]:
 
 
 def test_libvirt_domains_follow_their_lifecycle(box: Sandbox, images: tuple[str, str]) -> None:
-    from tests.libvirtd import private_libvirtd
+    from tests.support.libvirtd import private_libvirtd
 
     with private_libvirtd(ns=box.host) as lv:
-        box.write_config(CONFIG + f"""
-[[attach]]
-network = "nat"
-domain = "lv-static"
-
-[[attach]]
-network = "nat"
-domain = "lv-later"
-
-[daemon]
-libvirt_uri = "{lv.uri}"
-""")
+        box.write_config(CONFIG + attach_toml("nat", domain="lv-static")
+                         + attach_toml("nat", domain="lv-later")
+                         + daemon_toml(libvirt_uri=lv.uri))
         box.start_daemon("--no-bus")
         first = box.tmp / "lv-static.log"
         lv.create(libvirt_guest("lv-static", "lvt1", STATIC_MAC, first, images))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.system.container import FIGURES
+from tests.support.container import FIGURES
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

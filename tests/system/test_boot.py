@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.system.container import FIGURES, Booted, image_tar, nspawn_run, remove_tree, unpack
+from tests.support.container import FIGURES, Booted, image_tar, nspawn_run, remove_tree, unpack
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

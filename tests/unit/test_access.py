@@ -10,18 +10,9 @@ from kvmnetd.bus.credentials import process_start_time
 from kvmnetd.bus.polkit import PolkitAuthority, check_message, subject_of
 from kvmnetd.errors import PermissionDenied
 from kvmnetd.status import Caller
+from tests.support.fakes import FakeAuthority
 
 GID = 4242
-
-
-class FakeAuthority:
-    def __init__(self, answer: bool | None) -> None:
-        self.answer = answer
-        self.asked: list[tuple[Caller, str]] = []
-
-    async def check(self, caller: Caller, action: str) -> bool | None:
-        self.asked.append((caller, action))
-        return self.answer
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from kvmnetd.observed import RTPROT_RA, Link, ObservedState, Route
 from kvmnetd.owned import Owned
 from kvmnetd.plan import plan, ra_blockers
 from kvmnetd.reconciler import Reconciler
-from tests.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeSysctl
+from tests.support.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeSysctl
 
 ETH = Link(2, "eth0", None, up=True)
 DEFAULT6 = Route(ipaddress.ip_network("::/0"), oif=2, gateway="fe80::1", proto=RTPROT_RA)

@@ -11,7 +11,7 @@ from kvmnetd.model import AttachRule, DesiredState, Mode, Network
 from kvmnetd.observed import Link
 from kvmnetd.owned import load_owned
 from kvmnetd.reconciler import Reconciler
-from tests.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeSysctl
+from tests.support.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeSysctl
 
 
 def make(tmp_path: Path, *links: Link) -> tuple[Reconciler, FakeNetlink, FakeFirewall,

@@ -1,53 +1,20 @@
-"""Golden files for the nftables renderer, plus nft's own syntax check (inside a namespace)."""
+"""Golden files for the nftables renderer (nft's own check of them: integration/test_nftables)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kvmnetd.model import Dhcp, Dns, Mode, Network
 from kvmnetd.render.nft import fingerprint, render_ruleset
-
-try:
-    from tests.netns import netns, sh
-except ModuleNotFoundError:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.netns import netns, sh
+from tests.support.networks import BRIDGED, CASES, ISOLATED, MIXED, NAT, PXE
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 v4 = ipaddress.IPv4Interface
 v6 = ipaddress.IPv6Interface
-
-NAT = Network("default", Mode.NAT, "kvbr0", v4("10.77.1.1/24"), uplink="eth0", dhcp=Dhcp())
-ISOLATED = Network("iso", Mode.ISOLATED, "kvbr1", v4("10.77.2.1/24"), dhcp=Dhcp())
-ROUTED = Network("lab", Mode.ROUTED, "kvbr2", v4("10.77.3.1/24"), dns=Dns(enabled=False))
-BRIDGED = Network("lan", Mode.BRIDGED, "br0", uplink="eno1")
-MIXED = [
-    Network("default", Mode.NAT, "kvbr0", v4("10.77.1.1/24"), v6("fd00:77:1::1/64"),
-            dhcp=Dhcp()),
-    Network("iso", Mode.ISOLATED, "kvbr1", v4("10.77.2.1/24"), v6("fd00:77:2::1/64"),
-            dhcp=Dhcp(), host_access=True),
-    Network("lab", Mode.ROUTED, "kvbr2", v4("10.77.3.1/24"), v6("fd00:77:3::1/64"),
-            uplink="eth1", dhcp=Dhcp()),
-    BRIDGED,
-]
-# PXE on an isolated network without host access: DHCP, DHCPv6, DNS, TFTP, RA only.
-PXE = Network("pxe", Mode.ISOLATED, "kvbr3", v4("10.77.4.1/24"), v6("fd00:77:4::1/64"),
-              dhcp=Dhcp(tftp_root="/srv/tftp", boot_file="pxelinux.0", dhcpv6="stateless"))
-CASES = {
-    "nat": [NAT],
-    "pxe": [PXE],
-    "isolated": [ISOLATED],
-    "routed": [ROUTED],
-    "bridged": [BRIDGED],
-    "mixed": MIXED,
-}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -139,14 +106,3 @@ def test_refuses_names_that_would_break_quoting(bad: str) -> None:
         render_ruleset([Network("n", Mode.ROUTED, bad, v4("10.77.9.1/24"))])
     with pytest.raises(ValueError):
         render_ruleset([], table="bad table")
-
-
-@pytest.mark.integration
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None, reason="needs root and nft")
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_nft_accepts_rendered_text(case: str) -> None:
-    with netns("ck") as ns:
-        try:
-            sh("nft", "-c", "-f", "-", ns=ns, input=render_ruleset(CASES[case]))
-        except subprocess.CalledProcessError as e:
-            pytest.fail(f"nft -c rejected {case}: {e.stderr}")

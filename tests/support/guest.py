@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "contrib" / "guest" / "build-guest.sh"
 QEMU = "qemu-system-x86_64"
 BUILD_IMPOSSIBLE = 3  # build-guest.sh's "cannot be built here" status

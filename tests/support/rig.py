@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.netns import netns, sh, veth_into
+from tests.support.netns import netns, sh, veth_into
 
 UPSTREAM_IP = "198.51.100.2"
 FAR_HOST = "203.0.113.1"

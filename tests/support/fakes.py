@@ -9,6 +9,7 @@ from kvmnetd import actions as A
 from kvmnetd.errors import Conflict
 from kvmnetd.model import Network
 from kvmnetd.observed import Link, ObservedState
+from kvmnetd.status import Caller, DhcpStatus, Lease
 
 
 class FakeNetlink:
@@ -19,6 +20,7 @@ class FakeNetlink:
         self._index = itertools.count(100)
         self.changed: set[int] = set()  # what tests say events changed
         self.changed_other = False
+        self.delay = 0.0  # seconds each change takes, for calls that must overlap
 
     def enslave_new(self, action: A.Enslave) -> asyncio.Future[None]:
         return asyncio.get_running_loop().create_task(self.apply(action))
@@ -37,6 +39,8 @@ class FakeNetlink:
         dev = getattr(action, "bridge", None) or getattr(action, "ifname", None)
         if isinstance(action, A.Enslave):
             dev = action.ifname
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if dev in self.fail_on:
             raise Conflict(f"{dev}: refused by the fake kernel")
         self.writes += 1
@@ -111,8 +115,31 @@ class FakeSysctl:
 
 
 class FakeDhcp:
+    """The reconciler's DhcpPort and the core's DhcpView, as the dnsmasq supervisor is both."""
+
     def __init__(self) -> None:
         self.synced: list[list[str]] = []
+        self.running: set[str] = set()
+        self.lease_table: dict[str, list[Lease]] = {}
 
     async def sync(self, networks: list[Network]) -> None:
         self.synced.append([n.name for n in networks])
+        self.running = {n.name for n in networks if n.needs_dnsmasq}
+
+    def status(self, network: str) -> DhcpStatus:
+        return DhcpStatus(state="running" if network in self.running else "off")
+
+    def leases(self, network: str) -> list[Lease]:
+        return list(self.lease_table.get(network, []))
+
+
+class FakeAuthority:
+    """polkit as the core asks it: a fixed answer, and who was asked about."""
+
+    def __init__(self, answer: bool | None) -> None:
+        self.answer = answer
+        self.asked: list[tuple[Caller, str]] = []
+
+    async def check(self, caller: Caller, action: str) -> bool | None:
+        self.asked.append((caller, action))
+        return self.answer

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import netns, sh
+from tests.support.netns import netns, sh
 
 LIBVIRTD = "/usr/sbin/libvirtd"
 CACHE = Path(os.environ.get("KVMNETD_LIBVIRT_CACHE")
