@@ -69,8 +69,13 @@ def render_network_toml(net: Network) -> str:
         for h in d.hosts:
             table(f"[[{head}.dhcp.host]]", [
                 ("mac", h.mac), ("ip", h.ip), ("name", h.name), ("lease_time", h.lease_time)])
+        for h6 in d.hosts6:
+            table(f"[[{head}.dhcp.host6]]", [
+                ("id", h6.id), ("ip", h6.ip), ("name", h6.name), ("lease_time", h6.lease_time)])
     table(f"[{head}.dns]", [("enabled", net.dns.enabled), ("domain", net.dns.domain),
                             ("forwarders", net.dns.forwarders)])
+    for dh in net.dns.hosts:
+        table(f"[[{head}.dns.host]]", [("ip", dh.ip), ("names", dh.names)])
     if net.dnsmasq_options:
         table(f"[{head}.dnsmasq]", [("options", net.dnsmasq_options)])
     return "\n".join(out) + "\n"
