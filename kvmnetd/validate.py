@@ -266,9 +266,9 @@ def _hosts(t: Table, gw: ipaddress.IPv4Interface | None) -> tuple[DhcpHost, ...]
         if not h.has("mac") and not (h.has("name") and h.has("ip")):
             # dnsmasq matches a host by MAC, or by the host name its client sends.
             h.error((), "a host needs mac, or name and ip (a host by name)")
-        seen.check(h, "host", "mac", mac, f"MAC {mac}")
-        seen.check(h, "host", "ip", ip, f"address {ip}")
-        seen.check(h, "host", "name", name, f"name {name}")
+        seen.check(h, i, "mac", mac, f"MAC {mac}")
+        seen.check(h, i, "ip", ip, f"address {ip}")
+        seen.check(h, i, "name", name, f"name {name}")
         if mac is not None or (name is not None and ip is not None):
             hosts.append(DhcpHost(mac=mac, ip=ip, name=name, lease_time=lease))
     return tuple(hosts)
@@ -280,14 +280,14 @@ class _Seen:
     def __init__(self) -> None:
         self.by_key: dict[str, dict[object, int]] = {}
 
-    def check(self, h: Table, table: str, key: str, value: object, what: str) -> None:
+    def check(self, h: Table, index: int, key: str, value: object, what: str) -> None:
         if value is None:
             return
         seen = self.by_key.setdefault(key, {})
         if value in seen:
-            h.error(key, f"{what} is already used by {table}[{seen[value]}]")
+            h.error(key, f"{what} is already used by {h.path[-2]}[{seen[value]}]")
         else:
-            seen[value] = h.path[-1]  # type: ignore[assignment]  # the host's index
+            seen[value] = index
 
 
 def _hosts6(t: Table, gw: ipaddress.IPv6Interface | None,
@@ -313,9 +313,9 @@ def _hosts6(t: Table, gw: ipaddress.IPv6Interface | None,
             h.error((), "a DHCPv6 host needs id (the client's DUID) or name")
         if not h.has("ip"):
             h.error((), "a DHCPv6 host needs ip")
-        seen.check(h, "host6", "id", duid, f"DUID {duid}")
-        seen.check(h, "host6", "ip", ip, f"address {ip}")
-        seen.check(h, "host6", "name", name, f"name {name}")
+        seen.check(h, i, "id", duid, f"DUID {duid}")
+        seen.check(h, i, "ip", ip, f"address {ip}")
+        seen.check(h, i, "name", name, f"name {name}")
         if ip is not None and (duid is not None or name is not None):
             hosts.append(DhcpHost6(id=duid, ip=ip, name=name, lease_time=lease))
     if hosts and not ranges6:
@@ -444,6 +444,9 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
         if t.has("dnsmasq") and dhcp is None and not (dns.enabled and t.has("ipv4")):
             t.error("dnsmasq", "no dnsmasq runs for this network (no dhcp table, and DNS is "
                                "off or there is no ipv4); remove the dnsmasq table")
+        if dns.hosts and dhcp is None and not t.has("ipv4"):
+            t.error("dns", "DNS hosts are answered by dnsmasq, which runs for this network "
+                           "only with ipv4 or a dhcp table")
     if uplink is not None and uplink == bridge:
         t.error("uplink", f"the uplink {uplink!r} is the network's own bridge")
     if mtu and v6 is not None and mtu < 1280:

@@ -199,6 +199,8 @@ CASES = [
      "network.nat.dns.host[0].names[1]", "not valid"),
     (NAT + '[network.nat.dns]\nenabled = false\n[[network.nat.dns.host]]\nip = "10.0.0.5"\n'
      'names = ["web"]\n', 5, "network.nat.dns.host", "need DNS"),
+    ('[network.six]\nipv6 = "fd00::1/64"\n[[network.six.dns.host]]\nip = "fd00::5"\n'
+     'names = ["web"]\n', 3, "network.six.dns", "only with ipv4 or a dhcp table"),
     # boot files per architecture
     (NAT + '[network.nat.dhcp.boot]\nefi_x64 = "x.efi"\n', 4, "network.nat.dhcp.boot.efi_x64",
      "did you mean 'efi_x86_64'?"),
