@@ -51,8 +51,14 @@ def render_network_toml(net: Network) -> str:
         if d.hosts:
             dhcp["host"] = [_table([("mac", h.mac), ("ip", h.ip), ("name", h.name),
                                     ("lease_time", h.lease_time)]) for h in d.hosts]
+        if d.hosts6:
+            dhcp["host6"] = [_table([("id", h.id), ("ip", h.ip), ("name", h.name),
+                                     ("lease_time", h.lease_time)]) for h in d.hosts6]
     body["dns"] = _table([("enabled", net.dns.enabled), ("domain", net.dns.domain),
                           ("forwarders", net.dns.forwarders)])
+    if net.dns.hosts:
+        body["dns"]["host"] = [_table([("ip", h.ip), ("names", h.names)])
+                               for h in net.dns.hosts]
     if net.dnsmasq_options:
         body["dnsmasq"] = _table([("options", net.dnsmasq_options)])
     return tomli_w.dumps({"network": {net.name: body}})

@@ -281,6 +281,7 @@ class _Reader:
         if not _yes(el, "enable", True):
             self._dns_table()["enabled"] = False
         forwarders = []
+        hosts: list[dict[str, Any]] = []
         for child in el:
             if child.tag == "forwarder":
                 ca = _attrs(child, ("addr", "domain"))
@@ -289,7 +290,7 @@ class _Reader:
                     raise _refuse(child, "a forwarder for one domain is not supported")
                 forwarders.append(_ip(child, "addr", ca.get("addr", "")))
             elif child.tag == "host":
-                raise _refuse(child, "DNS hosts are not supported")
+                hosts.append(self._dns_host(child))
             elif child.tag == "srv":
                 raise _refuse(child, "SRV records are not supported")
             elif child.tag == "txt":
@@ -298,6 +299,21 @@ class _Reader:
                 raise _refuse(child, f"not supported inside {describe(el)}")
         if forwarders:
             self._dns_table()["forwarders"] = forwarders
+        if hosts:
+            self._dns_table()["host"] = hosts
+
+    def _dns_host(self, el: ET.Element) -> dict[str, Any]:
+        a = _attrs(el, ("ip",))
+        names = []
+        for sub in el:
+            if sub.tag != "hostname":
+                raise _refuse(sub, f"not supported inside {describe(el)}")
+            _attrs(sub, ())
+            _no_children(sub)
+            names.append((sub.text or "").strip())
+        if not names:
+            raise _refuse(el, "a DNS host without a <hostname>")
+        return {"ip": _ip(el, "ip", a.get("ip", "")), "names": names}
 
     # -- addresses and DHCP ------------------------------------------------------------------
 
@@ -377,20 +393,33 @@ class _Reader:
         if family == "ipv6":
             dhcp["dhcpv6"] = "stateful"
         if hosts:
-            dhcp["host"] = hosts
+            dhcp["host" if family == "ipv4" else "host6"] = hosts
         self.dhcp = dhcp
 
     def _host(self, el: ET.Element, family: str) -> dict[str, Any]:
         a = _attrs(el, ("mac", "name", "ip", "id"))
+        host: dict[str, Any] = {}
         if family == "ipv6":
-            raise _refuse(el, "a DHCPv6 host (by id or name) is not supported")
-        if "id" in a:
-            raise _refuse(el, "a DHCP host by client id is not supported")
-        if "mac" not in a:
-            raise _refuse(el, "a DHCP host without a MAC (by name only) is not supported")
-        host: dict[str, Any] = {"mac": a["mac"].lower()}
+            # libvirt names a DHCPv6 host by its DUID, by name, or both; never by MAC.
+            if "mac" in a:
+                raise _refuse(el, "a DHCPv6 host by MAC is not supported (libvirt and "
+                              "kvmnetd take id or name)")
+            if "id" not in a and "name" not in a:
+                raise _refuse(el, "a DHCPv6 host needs id or name")
+            if "id" in a:
+                host["id"] = a["id"].lower()
+        else:
+            if "id" in a:
+                # libvirt's id is the DHCPv6 DUID; kvmnetd's IPv4 hosts have no client id.
+                raise _refuse(el, "a DHCP host by client id is not supported under IPv4")
+            if "mac" in a:
+                host["mac"] = a["mac"].lower()
+            elif "name" not in a or "ip" not in a:
+                raise _refuse(el, "a DHCP host needs mac, or name and ip")
         if "ip" in a:
             host["ip"] = _ip(el, "ip", a["ip"])
+        elif family == "ipv6":
+            raise _refuse(el, "a DHCPv6 host without ip is not supported")
         if "name" in a:
             host["name"] = a["name"]
         for sub in el:

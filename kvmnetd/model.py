@@ -34,10 +34,21 @@ class DhcpRange:
 
 @dataclass(frozen=True)
 class DhcpHost:
-    mac: str  # lower case, colon separated
+    # By MAC, or by the host name the client sends (then ip is set): dnsmasq matches either.
+    mac: str | None = None  # lower case, colon separated
     ip: ipaddress.IPv4Address | None = None
     name: str | None = None
     lease_time: str | None = None  # dnsmasq syntax: "1h", "30m", "infinite"
+
+
+@dataclass(frozen=True)
+class DhcpHost6:
+    """A DHCPv6 host by client DUID (id), by the name it sends, or both."""
+
+    id: str | None = None  # DUID, lower-case hex octets separated by ':'
+    ip: ipaddress.IPv6Address | None = None
+    name: str | None = None
+    lease_time: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,15 @@ class Dhcp:
     ra: bool = True
     dhcpv6: str = "off"  # off | stateless | stateful
     ranges6: tuple[DhcpRange, ...] = ()
+    hosts6: tuple[DhcpHost6, ...] = ()
+
+
+@dataclass(frozen=True)
+class DnsHost:
+    """Names answered by the network's DNS with one address (A or AAAA, and its PTR)."""
+
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    names: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,7 @@ class Dns:
     enabled: bool = True
     domain: str | None = None
     forwarders: tuple[str, ...] = ()
+    hosts: tuple[DnsHost, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ from .model import (
     BootFiles,
     Dhcp,
     DhcpHost,
+    DhcpHost6,
     DhcpRange,
     Dns,
+    DnsHost,
     Mode,
     Network,
     ifname_problem,
@@ -60,6 +62,13 @@ def check_hostname(s: str, what: str = "host name") -> str:
     return s
 
 
+def check_dhcp_name(s: str) -> str:
+    """A host name dnsmasq's dhcp-host reads as a name, not as a lease time or keyword."""
+    if LEASE_RE.fullmatch(s) or s in ("ignore", "infinite"):
+        raise ValueError(f"host name {s!r} would be read by dnsmasq as a lease time or keyword")
+    return check_hostname(s)
+
+
 def check_domain(s: str) -> str:
     return check_hostname(s, "domain")
 
@@ -79,6 +88,19 @@ def check_mac(s: str) -> str:
     if not MAC_RE.fullmatch(mac):
         raise ValueError(f"{s!r} is not a MAC address (six hex octets like 52:54:00:12:34:56)")
     return mac
+
+
+DUID_RE = re.compile(r"[0-9a-f]{1,2}(:[0-9a-f]{1,2})+")
+MAX_DUID = 130  # octets: a 2-octet type and at most 128 more (RFC 8415)
+
+
+def check_duid(s: str) -> str:
+    """A DHCPv6 client DUID as hex octets separated by ':', written with two digits each."""
+    duid = s.lower()
+    if not DUID_RE.fullmatch(duid) or len(duid.split(":")) > MAX_DUID:
+        raise ValueError(f"{s!r} is not a DUID (hex octets separated by ':', like "
+                         "00:03:00:01:52:54:00:12:34:56)")
+    return ":".join(octet.rjust(2, "0") for octet in duid.split(":"))
 
 
 def check_mac_glob(s: str) -> str:
@@ -160,11 +182,13 @@ NETWORK_KEYS = ("mode", "bridge", "ipv4", "ipv6", "uplink", "stp", "forward_dela
                 "autostart", "host_access", "allow_users", "allow_groups", "dhcp", "dns",
                 "dnsmasq")
 DHCP_KEYS = ("ranges", "ranges6", "lease_time", "router", "ping_check", "tftp_root",
-             "boot_file", "next_server", "ra", "dhcpv6", "host", "boot")
+             "boot_file", "next_server", "ra", "dhcpv6", "host", "host6", "boot")
 BOOT_KEYS = ("bios", "efi_x86_64", "efi_arm64", "ipxe")
 DNSMASQ_KEYS = ("options",)
 HOST_KEYS = ("mac", "ip", "name", "lease_time")
-DNS_KEYS = ("enabled", "domain", "forwarders")
+HOST6_KEYS = ("id", "ip", "name", "lease_time")
+DNS_KEYS = ("enabled", "domain", "forwarders", "host")
+DNS_HOST_KEYS = ("ip", "names")
 ATTACH_KEYS = ("network", "ifname", "mac", "domain")
 _MODES = one_of(*(m.value for m in Mode))
 
@@ -228,26 +252,71 @@ def _hosts(t: Table, gw: ipaddress.IPv4Interface | None) -> tuple[DhcpHost, ...]
         return ip
 
     hosts: list[DhcpHost] = []
-    seen_mac: dict[str, int] = {}
-    seen_ip: dict[ipaddress.IPv4Address, int] = {}
+    seen = _Seen()
     for i, data in t.tables("host"):
         h = Table(t.ctx, (*t.path, "host", i), data, HOST_KEYS)
         mac = h.text("mac", check_mac, None)
         ip = h.text("ip", conv_ip, None)
-        name = h.text("name", check_hostname, None)
+        name = h.text("name", check_dhcp_name, None)
         lease = h.text("lease_time", check_lease, None)
-        if not h.has("mac"):
-            h.error((), "mac is required")
-        if mac in seen_mac:
-            h.error("mac", f"MAC {mac} is already used by host[{seen_mac[mac]}]")
-        elif mac is not None:
-            seen_mac[mac] = i
-        if ip in seen_ip:
-            h.error("ip", f"address {ip} is already used by host[{seen_ip[ip]}]")
-        elif ip is not None:
-            seen_ip[ip] = i
-        if mac is not None:
+        if not h.has("mac") and not (h.has("name") and h.has("ip")):
+            # dnsmasq matches a host by MAC, or by the host name its client sends.
+            h.error((), "a host needs mac, or name and ip (a host by name)")
+        seen.check(h, i, "mac", mac, f"MAC {mac}")
+        seen.check(h, i, "ip", ip, f"address {ip}")
+        seen.check(h, i, "name", name, f"name {name}")
+        if mac is not None or (name is not None and ip is not None):
             hosts.append(DhcpHost(mac=mac, ip=ip, name=name, lease_time=lease))
+    return tuple(hosts)
+
+
+class _Seen:
+    """Values already taken by an earlier host, per key: a second use is an error."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, dict[object, int]] = {}
+
+    def check(self, h: Table, index: int, key: str, value: object, what: str) -> None:
+        if value is None:
+            return
+        seen = self.by_key.setdefault(key, {})
+        if value in seen:
+            h.error(key, f"{what} is already used by {h.path[-2]}[{seen[value]}]")
+        else:
+            seen[value] = index
+
+
+def _hosts6(t: Table, gw: ipaddress.IPv6Interface | None,
+            ranges6: tuple[DhcpRange, ...]) -> tuple[DhcpHost6, ...]:
+    def conv_ip(s: str) -> ipaddress.IPv6Address:
+        ip = ipaddress.ip_address(parse_ip(s))
+        if not isinstance(ip, ipaddress.IPv6Address):
+            raise ValueError(f"{s!r} is not an IPv6 address")
+        if gw is None:
+            raise ValueError("a static DHCPv6 address needs ipv6 on the network")
+        _in_subnet(ip, gw, "address")
+        return ip
+
+    hosts: list[DhcpHost6] = []
+    seen = _Seen()
+    for i, data in t.tables("host6"):
+        h = Table(t.ctx, (*t.path, "host6", i), data, HOST6_KEYS)
+        duid = h.text("id", check_duid, None)
+        ip = h.text("ip", conv_ip, None)
+        name = h.text("name", check_dhcp_name, None)
+        lease = h.text("lease_time", check_lease, None)
+        if not (h.has("id") or h.has("name")):
+            h.error((), "a DHCPv6 host needs id (the client's DUID) or name")
+        if not h.has("ip"):
+            h.error((), "a DHCPv6 host needs ip")
+        seen.check(h, i, "id", duid, f"DUID {duid}")
+        seen.check(h, i, "ip", ip, f"address {ip}")
+        seen.check(h, i, "name", name, f"name {name}")
+        if ip is not None and (duid is not None or name is not None):
+            hosts.append(DhcpHost6(id=duid, ip=ip, name=name, lease_time=lease))
+    if hosts and not ranges6:
+        # dnsmasq only answers DHCPv6 on a subnet with a stateful range.
+        t.error("host6", 'DHCPv6 hosts need dhcpv6 = "stateful" and ranges6')
     return tuple(hosts)
 
 
@@ -278,6 +347,7 @@ def _dhcp(t: Table, net: Table, v4: ipaddress.IPv4Interface | None,
         ra=t.flag("ra", True),
         dhcpv6=dhcpv6,
         ranges6=ranges6,
+        hosts6=_hosts6(t, v6, ranges6 if dhcpv6 == "stateful" else ()),
     )
 
 
@@ -298,8 +368,28 @@ def _dnsmasq_options(net: Table) -> tuple[str, ...]:
 
 
 def _dns(t: Table) -> Dns:
-    return Dns(enabled=t.flag("enabled", True), domain=t.text("domain", check_domain, None),
-               forwarders=t.texts("forwarders", parse_ip))
+    dns = Dns(enabled=t.flag("enabled", True), domain=t.text("domain", check_domain, None),
+              forwarders=t.texts("forwarders", parse_ip), hosts=_dns_hosts(t))
+    if dns.hosts and not dns.enabled:
+        t.error("host", "DNS hosts need DNS: remove them or set enabled = true")
+    return dns
+
+
+def _dns_hosts(t: Table) -> tuple[DnsHost, ...]:
+    hosts: list[DnsHost] = []
+    for i, data in t.tables("host"):
+        h = Table(t.ctx, (*t.path, "host", i), data, DNS_HOST_KEYS)
+        ip = h.text("ip", lambda s: ipaddress.ip_address(parse_ip(s)), None)
+        names = h.texts("names", check_hostname)
+        if not h.has("ip"):
+            h.error((), "ip is required: the address the names stand for")
+        if not h.has("names"):
+            h.error((), 'names is required: e.g. names = ["web", "www"]')
+        elif "names" not in h.bad and not names:
+            h.error("names", "give at least one name")
+        if ip is not None and names:
+            hosts.append(DnsHost(ip=ip, names=names))
+    return tuple(hosts)
 
 
 def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
@@ -350,6 +440,9 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
         if t.has("dnsmasq") and dhcp is None and not (dns.enabled and t.has("ipv4")):
             t.error("dnsmasq", "no dnsmasq runs for this network (no dhcp table, and DNS is "
                                "off or there is no ipv4); remove the dnsmasq table")
+        if dns.hosts and dhcp is None and not t.has("ipv4"):
+            t.error("dns", "DNS hosts are answered by dnsmasq, which runs for this network "
+                           "only with ipv4 or a dhcp table")
     if uplink is not None and uplink == bridge:
         t.error("uplink", f"the uplink {uplink!r} is the network's own bridge")
     if mtu and v6 is not None and mtu < 1280:

@@ -21,6 +21,7 @@ from ..model import BootFiles, Dhcp, Mode, Network, Settings, ifname_problem
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9])?")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+_DUID = re.compile(r"[0-9a-fA-F]{1,2}(:[0-9a-fA-F]{1,2}){1,129}")
 _LEASE = re.compile(r"\d{1,9}[smhdw]?|infinite")
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./+:?=&%~-]{0,254}")
@@ -133,9 +134,19 @@ def _dns_lines(net: Network) -> list[str]:
     if dns.forwarders:
         out.append("no-resolv")
         out += [f"server={_forwarder(f)}" for f in dns.forwarders]
+    domain = None
     if dns.domain:
         domain = _match(_HOSTNAME, dns.domain, "dns domain")
         out += [f"domain={domain}", f"local=/{domain}/", "expand-hosts"]
+    for host in dns.hosts:
+        names = [_match(_HOSTNAME, n, "dns host name") for n in host.names]
+        if not names:
+            raise InvalidArgument(f"dns host {host.ip}: no names")
+        if domain:
+            # dnsmasq does not expand host-record names as it does a hosts file's; libvirt's
+            # hosts answer in the domain too.
+            names += [f"{n}.{domain}" for n in names if "." not in n]
+        out.append(f"host-record={','.join(names)},{ipaddress.ip_address(host.ip)}")
     return out
 
 
@@ -261,18 +272,38 @@ def render_config(net: Network, paths: DnsmasqPaths) -> str:
 
 
 def render_hosts(net: Network) -> str:
-    """dhcp-hostsfile lines `mac,ip,name,leasetime`; re-read by dnsmasq on SIGHUP."""
+    """dhcp-hostsfile lines `[mac|id:DUID],[ip|[ipv6]],name,leasetime`; re-read by dnsmasq
+    on SIGHUP. A line without mac or id matches the host name the client sends."""
     if net.dhcp is None:
         return ""
     lines: list[str] = []
     for h in net.dhcp.hosts:
-        fields = [_match(_MAC, h.mac, "dhcp host mac").lower()]
+        fields = []
+        if h.mac is not None:
+            fields.append(_match(_MAC, h.mac, "dhcp host mac").lower())
+        elif h.name is None or h.ip is None:
+            raise InvalidArgument("dhcp host: needs a mac, or a name and an address")
         if h.ip is not None:
-            fields.append(str(h.ip))
+            fields.append(str(ipaddress.IPv4Address(h.ip)))
         if h.name is not None:
             fields.append(_match(_HOSTNAME, h.name, "dhcp host name"))
         if h.lease_time is not None:
             fields.append(_lease(h.lease_time))
+        lines.append(",".join(fields))
+    for h6 in net.dhcp.hosts6:
+        fields = []
+        if h6.id is not None:
+            duid = _match(_DUID, h6.id, "dhcpv6 host id").lower()
+            fields.append("id:" + ":".join(o.rjust(2, "0") for o in duid.split(":")))
+        elif h6.name is None:
+            raise InvalidArgument("dhcpv6 host: needs an id or a name")
+        if h6.ip is None:
+            raise InvalidArgument("dhcpv6 host: needs an address")
+        fields.append(f"[{ipaddress.IPv6Address(h6.ip)}]")
+        if h6.name is not None:
+            fields.append(_match(_HOSTNAME, h6.name, "dhcpv6 host name"))
+        if h6.lease_time is not None:
+            fields.append(_lease(h6.lease_time))
         lines.append(",".join(fields))
     return "".join(line + "\n" for line in lines)
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
@@ -21,7 +22,17 @@ import pytest
 
 from kvmnetd.adapters.dnsmasq import DnsmasqSupervisor
 from kvmnetd.errors import InvalidArgument
-from kvmnetd.model import Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network, Settings
+from kvmnetd.model import (
+    Dhcp,
+    DhcpHost,
+    DhcpHost6,
+    DhcpRange,
+    Dns,
+    DnsHost,
+    Mode,
+    Network,
+    Settings,
+)
 from kvmnetd.render.dnsmasq import dnsmasq_paths, render_config, render_hosts
 from kvmnetd.status import CoreEvent
 from tests.support.netns import entered, netns, sh, veth_into
@@ -44,6 +55,46 @@ bound|renew)
     echo "IP=$ip"; echo "ROUTER=$router"; echo "DNS=$dns"; echo "DOMAIN=$domain"
     echo "BOOT=$boot_file"; echo "SIADDR=$siaddr";;
 esac
+"""
+
+
+# busybox has no DHCPv6 client: a SOLICIT by hand, printing the address ADVERTISEd.
+SOLICIT = """
+import os, socket, struct, sys
+
+def opt(code, data):
+    return struct.pack("!HH", code, len(data)) + data
+
+def options(data):
+    while len(data) >= 4:
+        code, size = struct.unpack("!HH", data[:4])
+        yield code, data[4:4 + size]
+        data = data[4 + size:]
+
+duid = bytes.fromhex(sys.argv[1].replace(":", ""))
+body = opt(1, duid) + opt(3, struct.pack("!III", 1, 0, 0)) + opt(8, bytes(2))
+if len(sys.argv) > 2:  # the client FQDN option: flags, then the name as DNS labels
+    body += opt(39, bytes(1) + bytes([len(sys.argv[2])]) + sys.argv[2].encode() + bytes(1))
+xid = os.urandom(3)
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+s.bind(("::", 546))
+s.settimeout(1)
+for _ in range(5):
+    s.sendto(b"\\x01" + xid + body, ("ff02::1:2", 547, 0, socket.if_nametoindex("eth0")))
+    try:
+        data = s.recv(4096)
+    except TimeoutError:
+        continue
+    if data[:1] != b"\\x02" or data[1:4] != xid:
+        continue
+    for code, value in options(data[4:]):
+        if code == 3:
+            for sub, addr in options(value[12:]):
+                if sub == 5:
+                    print(socket.inet_ntop(socket.AF_INET6, addr[:16]))
+                    sys.exit(0)
+sys.exit(1)
 """
 
 
@@ -178,6 +229,65 @@ def test_dns_names_from_guests_and_host(base: Path) -> None:
             for ns in (g2, host):
                 out = sh("busybox", "nslookup", "alpha.kvm.test", GW, ns=ns).stdout
                 assert got["IP"] in out, out
+            await sup.close(stop_children=True)
+
+        run(host, body)
+
+
+def test_host_by_name_and_dns_hosts(base: Path) -> None:
+    # libvirt's <host name= ip=> and <dns><host>: a guest gets its address by the name
+    # its client sends, and fixed names answer with and without the domain.
+    net = network(hosts=(DhcpHost(ip=a4("10.70.0.43"), name="vm1"),),
+                  dns=Dns(domain="kvm.test", hosts=(
+                      DnsHost(a4("10.70.0.5"), ("web", "www")),
+                      DnsHost(ipaddress.ip_address("fd70::5"), ("web6",)))))
+    with lan() as host, guest(host, "vg1") as g1, guest(host, "vg2") as g2:
+        async def body() -> None:
+            sup = DnsmasqSupervisor(settings(base), lambda e: None)
+            await sup.sync([net])
+            assert sup.status("t").state == "running", sup.status("t")
+            assert dhcp(base, g1, "-x", "hostname:vm1")["IP"] == "10.70.0.43"
+            other = dhcp(base, g2, "-x", "hostname:vm2")["IP"]
+            assert a4("10.70.0.100") <= a4(other) <= a4("10.70.0.150")
+            for name in ("web", "www", "web.kvm.test", "www.kvm.test"):
+                # busybox asks for AAAA too, which a plain name without one cannot get
+                # here (no upstream): only the A answer counts.
+                out = sh("busybox", "nslookup", name, GW, ns=g2, check=False).stdout
+                assert "Address: 10.70.0.5" in out, out
+            out = sh("busybox", "nslookup", "-type=AAAA", "web6.kvm.test", GW, ns=g2).stdout
+            assert "Address: fd70::5" in out, out
+            out = sh("busybox", "nslookup", "10.70.0.5", GW, ns=g2).stdout
+            assert "name = web" in out, out  # the first name is the reverse name
+            await sup.close(stop_children=True)
+
+        run(host, body)
+
+
+def test_dhcpv6_hosts_by_duid_and_by_name(base: Path) -> None:
+    duid = "0:3:0:1:52:54:0:11:22:33"  # libvirt's form: dnsmasq gets two digits per octet
+    net = network(ipv6="fd70::1/64", dhcpv6="stateful", ra=False,
+                  ranges6=(DhcpRange(ipaddress.ip_address("fd70::100"),
+                                     ipaddress.ip_address("fd70::1ff")),),
+                  hosts6=(DhcpHost6(id=duid, ip=ipaddress.IPv6Address("fd70::11")),
+                          DhcpHost6(name="vm6", ip=ipaddress.IPv6Address("fd70::12"))))
+    (base / "solicit.py").write_text(SOLICIT)
+
+    def solicit(g: str, *args: str) -> str:
+        r = sh(sys.executable, str(base / "solicit.py"), *args, ns=g, check=False)
+        return r.stdout.strip()
+
+    with lan() as host, guest(host, "vg1") as g:
+        sh("ip", "-6", "addr", "add", "fd70::1/64", "dev", "br0", "nodad", ns=host)
+        sh("ip", "-6", "addr", "add", "fe80::99/64", "dev", "eth0", "nodad", ns=g)
+
+        async def body() -> None:
+            sup = DnsmasqSupervisor(settings(base), lambda e: None)
+            await sup.sync([net])
+            assert sup.status("t").state == "running", sup.status("t")
+            assert solicit(g, "00:03:00:01:52:54:00:11:22:33") == "fd70::11"
+            assert solicit(g, "00:03:00:01:52:54:00:44:55:66", "vm6") == "fd70::12"
+            got = ipaddress.IPv6Address(solicit(g, "00:03:00:01:52:54:00:77:88:99"))
+            assert ipaddress.IPv6Address("fd70::100") <= got <= ipaddress.IPv6Address("fd70::1ff")
             await sup.close(stop_children=True)
 
         run(host, body)

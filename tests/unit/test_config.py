@@ -16,6 +16,9 @@ from kvmnetd.tomlpos import Locator, format_path
 
 REPO = Path(__file__).resolve().parents[2]
 NAT = '[network.nat]\nipv4 = "10.0.0.254/24"\n'  # two lines, reused as a prefix
+# six lines: stateful DHCPv6 on fd00::/64
+V6S = NAT + ('ipv6 = "fd00::1/64"\n[network.nat.dhcp]\ndhcpv6 = "stateful"\n'
+             'ranges6 = ["fd00::a-fd00::f"]\n')
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -138,7 +141,14 @@ CASES = [
     (NAT + '[[network.nat.dhcp.host]]\nmac = "52:54:00:00:00"\n', 4,
      "network.nat.dhcp.host[0].mac", "not a MAC"),
     (NAT + '[[network.nat.dhcp.host]]\nip = "10.0.0.5"\n', 3, "network.nat.dhcp.host[0]",
-     "mac is required"),
+     "needs mac, or name and ip"),
+    (NAT + '[[network.nat.dhcp.host]]\nname = "vm1"\n', 3, "network.nat.dhcp.host[0]",
+     "needs mac, or name and ip"),
+    (NAT + '[[network.nat.dhcp.host]]\nname = "vm1"\nip = "10.0.0.5"\n'
+     '[[network.nat.dhcp.host]]\nname = "vm1"\nip = "10.0.0.6"\n', 7,
+     "network.nat.dhcp.host[1].name", "name vm1 is already used by host[0]"),
+    (NAT + '[[network.nat.dhcp.host]]\nname = "1h"\nip = "10.0.0.5"\n', 4,
+     "network.nat.dhcp.host[0].name", "lease time"),
     (NAT + '[[network.nat.dhcp.host]]\nmac = "52:54:00:00:00:01"\nip = "10.0.9.5"\n', 5,
      "network.nat.dhcp.host[0].ip", "outside"),
     (NAT + '[[network.nat.dhcp.host]]\nmac = "52:54:00:00:00:01"\nip = "10.0.0.254"\n', 5,
@@ -157,6 +167,40 @@ CASES = [
      "network.nat.dhcp.host[0].name", "not valid"),
     (NAT + '[[network.nat.dhcp.host]]\nmac = "52:54:00:00:00:01"\nlease_time = "5s"\n', 5,
      "network.nat.dhcp.host[0].lease_time", "shorter"),
+    # DHCPv6 hosts
+    (V6S + '[[network.nat.dhcp.host6]]\nip = "fd00::11"\n', 7, "network.nat.dhcp.host6[0]",
+     "needs id"),
+    (V6S + '[[network.nat.dhcp.host6]]\nid = "0:3:0:1"\n', 7, "network.nat.dhcp.host6[0]",
+     "needs ip"),
+    (V6S + '[[network.nat.dhcp.host6]]\nid = "0:3:0:1:x"\nip = "fd00::11"\n', 8,
+     "network.nat.dhcp.host6[0].id", "not a DUID"),
+    (V6S + '[[network.nat.dhcp.host6]]\nid = "0:3:0:1"\nip = "fd01::11"\n', 9,
+     "network.nat.dhcp.host6[0].ip", "outside"),
+    (V6S + '[[network.nat.dhcp.host6]]\nid = "0:3:0:1"\nip = "10.0.0.5"\n', 9,
+     "network.nat.dhcp.host6[0].ip", "not an IPv6"),
+    (V6S + '[[network.nat.dhcp.host6]]\nid = "0:3:0:1"\nip = "fd00::11"\n'
+     '[[network.nat.dhcp.host6]]\nid = "00:03:00:01"\nip = "fd00::12"\n', 11,
+     "network.nat.dhcp.host6[1].id", "already used by host6[0]"),
+    (V6S + '[[network.nat.dhcp.host6]]\nname = "vm"\nip = "fd00::11"\n'
+     '[[network.nat.dhcp.host6]]\nname = "vm2"\nip = "fd00::11"\n', 12,
+     "network.nat.dhcp.host6[1].ip", "already used by host6[0]"),
+    (NAT + 'ipv6 = "fd00::1/64"\n[network.nat.dhcp]\n[[network.nat.dhcp.host6]]\n'
+     'name = "vm"\nip = "fd00::11"\n', 5, "network.nat.dhcp.host6", "stateful"),
+    # DNS hosts
+    (NAT + '[[network.nat.dns.host]]\nip = "10.0.0.5"\n', 3, "network.nat.dns.host[0]",
+     "names is required"),
+    (NAT + '[[network.nat.dns.host]]\nnames = ["web"]\n', 3, "network.nat.dns.host[0]",
+     "ip is required"),
+    (NAT + '[[network.nat.dns.host]]\nip = "10.0.0.5"\nnames = []\n', 5,
+     "network.nat.dns.host[0].names", "at least one"),
+    (NAT + '[[network.nat.dns.host]]\nip = "10.0.0.x"\nnames = ["web"]\n', 4,
+     "network.nat.dns.host[0].ip", "not an IP address"),
+    (NAT + '[[network.nat.dns.host]]\nip = "10.0.0.5"\nnames = ["web", "-x"]\n', 5,
+     "network.nat.dns.host[0].names[1]", "not valid"),
+    (NAT + '[network.nat.dns]\nenabled = false\n[[network.nat.dns.host]]\nip = "10.0.0.5"\n'
+     'names = ["web"]\n', 5, "network.nat.dns.host", "need DNS"),
+    ('[network.six]\nipv6 = "fd00::1/64"\n[[network.six.dns.host]]\nip = "fd00::5"\n'
+     'names = ["web"]\n', 3, "network.six.dns", "only with ipv4 or a dhcp table"),
     # boot files per architecture
     (NAT + '[network.nat.dhcp.boot]\nefi_x64 = "x.efi"\n', 4, "network.nat.dhcp.boot.efi_x64",
      "did you mean 'efi_x86_64'?"),
@@ -556,13 +600,15 @@ def test_locator() -> None:
 def test_docs_name_every_key() -> None:
     doc = (REPO / "docs" / "config.md").read_text()
     documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", doc, re.M))
-    accepted = {*v.NETWORK_KEYS, *v.DHCP_KEYS, *v.HOST_KEYS, *v.DNS_KEYS, *v.ATTACH_KEYS,
-                *v.BOOT_KEYS, *v.DNSMASQ_KEYS, *cfg.DAEMON_KEYS} - {
-        "dhcp", "dns", "host", "boot", "dnsmasq"}  # tables, with their own sections
+    accepted = {*v.NETWORK_KEYS, *v.DHCP_KEYS, *v.HOST_KEYS, *v.HOST6_KEYS, *v.DNS_KEYS,
+                *v.DNS_HOST_KEYS, *v.ATTACH_KEYS, *v.BOOT_KEYS, *v.DNSMASQ_KEYS,
+                *cfg.DAEMON_KEYS} - {
+        "dhcp", "dns", "host", "host6", "boot", "dnsmasq"}  # tables, with their own sections
     assert accepted - documented == set()
     assert documented - accepted == set()
     for section in ("[daemon]", "[network.NAME]", "[network.NAME.dhcp]",
                     "[[network.NAME.dhcp.host]]", "[network.NAME.dhcp.boot]",
+                    "[[network.NAME.dhcp.host6]]", "[[network.NAME.dns.host]]",
                     "[network.NAME.dns]", "[network.NAME.dnsmasq]", "[[attach]]"):
         assert f"`{section}`" in doc
 

@@ -16,7 +16,18 @@ from kvmnetd import config as cfg
 from kvmnetd import validate as v
 from kvmnetd.config_render import render_network_toml
 from kvmnetd.errors import ConfigError
-from kvmnetd.model import BootFiles, Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network, Settings
+from kvmnetd.model import (
+    BootFiles,
+    Dhcp,
+    DhcpHost,
+    DhcpHost6,
+    DhcpRange,
+    Dns,
+    DnsHost,
+    Mode,
+    Network,
+    Settings,
+)
 from kvmnetd.tomlpos import Locator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -211,6 +222,23 @@ ROUND_TRIP = [
     Network(name="iso", mode=Mode.ISOLATED, bridge="kv-iso",
             ipv6=ipaddress.IPv6Interface("fd00:6::1/64"), host_access=True),
     Network(name="lan", mode=Mode.BRIDGED, bridge="br0", uplink="eth0"),
+    Network(name="hosts", mode=Mode.NAT, bridge="kv-hosts",
+            ipv4=ipaddress.IPv4Interface("10.7.0.1/24"),
+            ipv6=ipaddress.IPv6Interface("fd00:7::1/64"),
+            dhcp=Dhcp(ranges=(DhcpRange(ipaddress.ip_address("10.7.0.10"),
+                                        ipaddress.ip_address("10.7.0.99")),),
+                      hosts=(DhcpHost(ip=ipaddress.IPv4Address("10.7.0.5"), name="vm1"),),
+                      dhcpv6="stateful",
+                      ranges6=(DhcpRange(ipaddress.ip_address("fd00:7::10"),
+                                         ipaddress.ip_address("fd00:7::ff")),),
+                      hosts6=(DhcpHost6(id="00:03:00:01:52:54:00:11:22:33",
+                                        ip=ipaddress.IPv6Address("fd00:7::11"), name="vm",
+                                        lease_time="2h"),
+                              DhcpHost6(ip=ipaddress.IPv6Address("fd00:7::12"),
+                                        name="vm2"))),
+            dns=Dns(domain="lab.kvm",
+                    hosts=(DnsHost(ipaddress.ip_address("10.7.0.5"), ("web", "www")),
+                           DnsHost(ipaddress.ip_address("fd00:7::5"), ("web6",))))),
 ]
 
 

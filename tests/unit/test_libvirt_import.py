@@ -25,6 +25,8 @@ FULL = """<network connections='1'>
   <dns forwardPlainNames='yes'>
     <forwarder addr='192.0.2.53'/>
     <forwarder addr='2001:db8::53'/>
+    <host ip='10.24.10.5'><hostname>web</hostname><hostname>www</hostname></host>
+    <host ip='fd00:24::5'><hostname>web6</hostname></host>
   </dns>
   <ip address='10.24.10.1' netmask='255.255.255.0'>
     <tftp root='/srv/tftp'/>
@@ -35,11 +37,16 @@ FULL = """<network connections='1'>
         <lease expiry='0'/>
       </host>
       <host mac='52:54:00:aa:00:02' ip='10.24.10.22'/>
+      <host name='vm1' ip='10.24.10.23'/>
       <bootp file='pxelinux.0' server='10.24.10.5'/>
     </dhcp>
   </ip>
   <ip family='ipv6' address='fd00:24::1' prefix='64'>
-    <dhcp><range start='fd00:24::100' end='fd00:24::1ff'/></dhcp>
+    <dhcp>
+      <range start='fd00:24::100' end='fd00:24::1ff'/>
+      <host id='0:3:0:1:0:16:3e:11:22:33' name='vm' ip='fd00:24::11'/>
+      <host name='vm2' ip='fd00:24::12'><lease expiry='2' unit='hours'/></host>
+    </dhcp>
   </ip>
 </network>
 """
@@ -58,7 +65,9 @@ def test_every_mapped_element() -> None:
     assert imported(FULL) == {
         "mode": "nat", "bridge": "virbr7", "ipv4": "10.24.10.1/24", "ipv6": "fd00:24::1/64",
         "uplink": "eth0", "stp": True, "forward_delay": 4, "mtu": 9000,
-        "dns": {"domain": "lab.kvm", "forwarders": ["192.0.2.53", "2001:db8::53"]},
+        "dns": {"domain": "lab.kvm", "forwarders": ["192.0.2.53", "2001:db8::53"],
+                "host": [{"ip": "10.24.10.5", "names": ["web", "www"]},
+                         {"ip": "fd00:24::5", "names": ["web6"]}]},
         "dhcp": {
             "ranges": ["10.24.10.100-10.24.10.199", "10.24.10.200-10.24.10.210"],
             "ranges6": ["fd00:24::100-fd00:24::1ff"], "dhcpv6": "stateful",
@@ -66,7 +75,10 @@ def test_every_mapped_element() -> None:
             "next_server": "10.24.10.5",
             "host": [{"mac": "52:54:00:aa:00:01", "ip": "10.24.10.21", "name": "web",
                       "lease_time": "infinite"},
-                     {"mac": "52:54:00:aa:00:02", "ip": "10.24.10.22"}],
+                     {"mac": "52:54:00:aa:00:02", "ip": "10.24.10.22"},
+                     {"ip": "10.24.10.23", "name": "vm1"}],
+            "host6": [{"id": "0:3:0:1:0:16:3e:11:22:33", "ip": "fd00:24::11", "name": "vm"},
+                      {"ip": "fd00:24::12", "name": "vm2", "lease_time": "2h"}],
         },
     }
     # Nothing dropped silently: what carries no setting is named.
@@ -123,19 +135,41 @@ REFUSALS = [
     (NET.format("", "", "<dns><srv service='ldap' protocol='tcp'/></dns>"),
      "<srv service='ldap' protocol='tcp'>: SRV records are not supported"),
     (NET.format("", "", "<dns><txt name='x' value='y'/></dns>"), "TXT records"),
-    (NET.format("", "", "<dns><host ip='10.9.0.7'><hostname>h</hostname></host></dns>"),
-     "<host ip='10.9.0.7'>: DNS hosts are not supported"),
+    (NET.format("", "", "<dns><host ip='10.9.0.7'/></dns>"),
+     "<host ip='10.9.0.7'>: a DNS host without a <hostname>"),
+    (NET.format("", "", "<dns><host ip='10.9.0.x'><hostname>h</hostname></host></dns>"),
+     "<host ip='10.9.0.x'>: ip='10.9.0.x' is not an IP address"),
+    (NET.format("", "", "<dns><host ip='10.9.0.7'><hostname>-h</hostname></host></dns>"),
+     "network.n.dns.host[0].names[0]"),  # kvmnetd's loader: the host-name rule
+    (NET.format("", "", "<dns><host ip='10.9.0.7'><alias>h</alias></host></dns>"),
+     "<alias>: not supported inside <host ip='10.9.0.7'>"),
     (NET.format("", "", "<dns><forwarder domain='ex.org' addr='192.0.2.1'/></dns>"),
      "a forwarder for one domain"),
     (NET.format("", "", "<dns forwardPlainNames='no'/>"), "forwardPlainNames='no'"),
     (NET.format("", "", "<domain name='x' localOnly='no'/>"), "localOnly='no'"),
     (NET.format("", "", "<domain name='x' register='yes'/>"), "register='yes'"),
     (NET.format("", "<dhcp><host id='0:3:0:1:0:16:3e:11:22:33' ip='10.9.0.9'/></dhcp>", ""),
-     "a DHCP host by client id"),
-    (NET.format("", "<dhcp><host name='web' ip='10.9.0.9'/></dhcp>", ""),
-     "<host name='web' ip='10.9.0.9'>: a DHCP host without a MAC"),
+     "a DHCP host by client id is not supported under IPv4"),
+    (NET.format("", "<dhcp><host name='web'/></dhcp>", ""),
+     "<host name='web'>: a DHCP host needs mac, or name and ip"),
+    (NET.format("", "<dhcp><host name='web' ip='10.9.0.9'/><host name='web' ip='10.9.0.8'/>"
+                "</dhcp>", ""), "name web is already used by host[0]"),
     (NET.format("", "", "<ip family='ipv6' address='fd00::1' prefix='64'><dhcp>"
-                "<host id='0:1:0:1:2' ip='fd00::9'/></dhcp></ip>"), "a DHCPv6 host"),
+                "<range start='fd00::10' end='fd00::20'/>"
+                "<host mac='52:54:00:00:00:01' ip='fd00::9'/></dhcp></ip>"),
+     "a DHCPv6 host by MAC is not supported"),
+    (NET.format("", "", "<ip family='ipv6' address='fd00::1' prefix='64'><dhcp>"
+                "<range start='fd00::10' end='fd00::20'/><host id='0:1:0:1:2'/></dhcp></ip>"),
+     "<host id='0:1:0:1:2'>: a DHCPv6 host without ip"),
+    (NET.format("", "", "<ip family='ipv6' address='fd00::1' prefix='64'><dhcp>"
+                "<range start='fd00::10' end='fd00::20'/><host ip='fd00::9'/></dhcp></ip>"),
+     "<host ip='fd00::9'>: a DHCPv6 host needs id or name"),
+    (NET.format("", "", "<ip family='ipv6' address='fd00::1' prefix='64'><dhcp>"
+                "<range start='fd00::10' end='fd00::20'/><host id='0:1:x' ip='fd00::9'/>"
+                "</dhcp></ip>"), "network.n.dhcp.host6[0].id"),  # the loader: not a DUID
+    (NET.format("", "", "<ip family='ipv6' address='fd00::1' prefix='64'><dhcp>"
+                "<range start='fd00::10' end='fd00::20'/><host id='0:1:0:1' ip='fd01::9'/>"
+                "</dhcp></ip>"), "outside the network's subnet fd00::/64"),
     (NET.format("", "<tftp root='/srv'/>", ""), "<tftp root='/srv'>: TFTP without DHCP"),
     (NET.format("", "<dhcp><range start='10.9.0.10' end='10.9.0.20'><lease expiry='1' "
                 "unit='minutes'/></range></dhcp>", ""), "a lease time under 120 s"),
@@ -219,3 +253,23 @@ def test_libvirt_leases_as_dnsmasq_lines() -> None:
     assert text == ("2000 52:54:00:aa:00:01 10.0.0.5 web 01:52:54:00:aa:00:01\n"
                     "0 52:54:00:aa:00:02 10.0.0.6 * *\n")
     assert v6 == 1  # expired and malformed ones are simply not leases any more
+
+
+def test_static_hosts_load_as_kvmnetd_hosts() -> None:
+    import ipaddress
+
+    from kvmnetd import config as cfg
+    from kvmnetd.model import DhcpHost, DhcpHost6, DnsHost, Settings
+
+    empty = cfg.Config(settings=Settings(), networks={}, rules=(), files=())
+    net = cfg.parse_network_text(parse_network(FULL).toml(), "(import)", empty)
+    assert net.dns.hosts == (
+        DnsHost(ipaddress.ip_address("10.24.10.5"), ("web", "www")),
+        DnsHost(ipaddress.ip_address("fd00:24::5"), ("web6",)))
+    assert net.dhcp is not None
+    assert DhcpHost(ip=ipaddress.IPv4Address("10.24.10.23"), name="vm1") in net.dhcp.hosts
+    # libvirt's one-digit DUID groups, as dnsmasq wants them: two digits each.
+    assert net.dhcp.hosts6 == (
+        DhcpHost6(id="00:03:00:01:00:16:3e:11:22:33",
+                  ip=ipaddress.IPv6Address("fd00:24::11"), name="vm"),
+        DhcpHost6(ip=ipaddress.IPv6Address("fd00:24::12"), name="vm2", lease_time="2h"))

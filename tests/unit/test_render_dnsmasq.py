@@ -15,7 +15,18 @@ import pytest
 from kvmnetd.adapters.conflicts import names_interface
 from kvmnetd.adapters.leases import parse_leases
 from kvmnetd.errors import InvalidArgument
-from kvmnetd.model import BootFiles, Dhcp, DhcpHost, DhcpRange, Dns, Mode, Network, Settings
+from kvmnetd.model import (
+    BootFiles,
+    Dhcp,
+    DhcpHost,
+    DhcpHost6,
+    DhcpRange,
+    Dns,
+    DnsHost,
+    Mode,
+    Network,
+    Settings,
+)
 from kvmnetd.render.dnsmasq import config_digest, dnsmasq_paths, render_config, render_hosts
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "dnsmasq"
@@ -54,8 +65,20 @@ PXE_ARCH = Network("lab", Mode.ISOLATED, "kvbr5", v4("10.77.6.1/24"),
 EXTRA = replace(DNS_OFF, name="extra", dnsmasq_options=(
     "dhcp-option=option:ntp-server,10.77.5.1", "log-dhcp",
     "dhcp-option=tag:ipxe,option:domain-search,lab.test"))
+# libvirt's static hosts: DNS names, a DHCP host by name, DHCPv6 hosts by DUID and by name.
+HOSTS_NET = Network(
+    "hosts", Mode.NAT, "kvbr6", v4("10.77.7.1/24"), v6("fd77:7::1/64"),
+    dhcp=Dhcp(ranges=(DhcpRange(a4("10.77.7.10"), a4("10.77.7.20")),),
+              hosts=(DhcpHost(ip=a4("10.77.7.5"), name="vm1", lease_time="2h"),),
+              dhcpv6="stateful",
+              ranges6=(DhcpRange(a6("fd77:7::10"), a6("fd77:7::ff")),),
+              hosts6=(DhcpHost6(id="0:3:0:1:0:16:3e:11:22:33", ip=a6("fd77:7::11"), name="vm"),
+                      DhcpHost6(ip=a6("fd77:7::12"), name="vm2", lease_time="infinite"))),
+    dns=Dns(domain="lab.test",
+            hosts=(DnsHost(a4("10.77.7.50"), ("web", "www", "db.other.test")),
+                   DnsHost(a6("fd77:7::50"), ("web",)))))
 CASES = {"nat": NAT, "isolated": ISOLATED, "pxe": PXE, "ipv6": IPV6, "dns-off": DNS_OFF,
-         "pxe-arch": PXE_ARCH, "extra-options": EXTRA}
+         "pxe-arch": PXE_ARCH, "extra-options": EXTRA, "hosts": HOSTS_NET}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -146,6 +169,28 @@ def test_extra_options_come_last_and_are_checked_again() -> None:
 def test_hosts_file() -> None:
     assert render_hosts(NAT) == "52:54:00:65:43:21,10.77.1.10,web,infinite\n52:54:00:00:00:02,db\n"
     assert render_hosts(ISOLATED) == ""
+    # dnsmasq's own forms: a name alone matches the name the client sends; id: a DUID,
+    # written with two digits per octet; IPv6 addresses in brackets.
+    assert render_hosts(HOSTS_NET) == ("10.77.7.5,vm1,2h\n"
+                                       "id:00:03:00:01:00:16:3e:11:22:33,[fd77:7::11],vm\n"
+                                       "[fd77:7::12],vm2,infinite\n")
+
+
+def test_dns_hosts_answer_in_the_domain_too() -> None:
+    lines = render_config(HOSTS_NET, PATHS).splitlines()
+    assert "host-record=web,www,db.other.test,web.lab.test,www.lab.test,10.77.7.50" in lines
+    assert "host-record=web,web.lab.test,fd77:7::50" in lines
+    bare = replace(HOSTS_NET, dns=replace(HOSTS_NET.dns, domain=None))
+    assert "host-record=web,www,db.other.test,10.77.7.50" in render_config(bare, PATHS)
+
+
+def test_hosts_need_an_identity() -> None:
+    dhcp = HOSTS_NET.dhcp or Dhcp()
+    for net in (replace(HOSTS_NET, dhcp=replace(dhcp, hosts=(DhcpHost(name="vm1"),))),
+                replace(HOSTS_NET, dhcp=replace(dhcp, hosts6=(DhcpHost6(ip=a6("fd77:7::11")),))),
+                replace(HOSTS_NET, dhcp=replace(dhcp, hosts6=(DhcpHost6(id="00:01"),)))):
+        with pytest.raises(InvalidArgument):
+            render_hosts(net)
 
 
 def test_digests_split_hosts_from_the_rest() -> None:
@@ -187,6 +232,11 @@ def test_refuses_hostile_values_in_the_config(bad: str) -> None:
         replace(NAT, dhcp=replace(dhcp, hosts=(DhcpHost(bad),))),
         replace(NAT, dhcp=replace(dhcp, hosts=(DhcpHost("52:54:00:00:00:09",
                                                         lease_time=bad),))),
+        replace(NAT, dhcp=replace(dhcp, hosts=(DhcpHost(ip=a4("10.77.1.5"), name=bad),))),
+        replace(NAT, dhcp=replace(dhcp, hosts6=(DhcpHost6(id=bad, ip=a6("fd77::5")),))),
+        replace(NAT, dhcp=replace(dhcp, hosts6=(DhcpHost6(ip=a6("fd77::5"), name=bad),))),
+        replace(NAT, dns=Dns(hosts=(DnsHost(a4("10.77.1.5"), (bad,)),))),
+        replace(NAT, dns=Dns(hosts=(DnsHost(a4("10.77.1.5"), ()),))),
     ]
     for net in variants:
         with pytest.raises(InvalidArgument):
@@ -226,7 +276,9 @@ def test_dnsmasq_accepts_rendered_config(case: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         settings = Settings(run_dir=d, state_dir=d)
         conf = Path(d) / "x.conf"
-        conf.write_text(render_config(net, dnsmasq_paths(settings, net.name)))
+        # The hosts file as dhcp-host lines: --test checks their syntax too.
+        hosts = "".join(f"dhcp-host={line}\n" for line in render_hosts(net).splitlines())
+        conf.write_text(render_config(net, dnsmasq_paths(settings, net.name)) + hosts)
         r = subprocess.run(["dnsmasq", f"--conf-file={conf}", "--test"],
                            capture_output=True, text=True, check=False)
         assert r.returncode == 0, r.stderr
