@@ -10,8 +10,8 @@ import pwd
 import shutil
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
