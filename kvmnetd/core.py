@@ -16,6 +16,7 @@ import structlog
 from . import __version__, logsetup
 from . import config as cfg
 from .access import Authority, authorize
+from .attach import AttachPolicy
 from .config_render import render_network_toml
 from .errors import (
     Conflict,
@@ -56,8 +57,10 @@ class Core:
         self.stopped: set[str] = set()
         self._listeners: list[Callable[[CoreEvent], None]] = []
         self._attached: dict[str, str] = {}
+        self._policy = AttachPolicy(config.rules)
         self._ports_cache: tuple[tuple[int, int], list[PortStatus]] | None = None
         reconciler.on_state(self._state_changed)
+        reconciler.on_ports(self._emit_port_changes)
 
     # ---- desired state -------------------------------------------------------------------
 
@@ -70,11 +73,17 @@ class Core:
         active = (active - self.stopped) & set(nets)
         return DesiredState(networks=nets, active=frozenset(active),
                             ports=dict(self.rec.desired.ports if ports is None else ports),
-                            rules=self.config.rules)
+                            rules=self.config.rules, policy=self.policy)
+
+    @property
+    def policy(self) -> AttachPolicy:
+        """The attach policy of the config loaded now: one object per load."""
+        if self._policy.rules is not self.config.rules:
+            self._policy = AttachPolicy(self.config.rules)
+        return self._policy
 
     async def apply(self, ports: dict[str, str] | None = None) -> None:
         await self.rec.set_desired(self.build_desired(ports))
-        self._emit_port_changes()
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -210,27 +219,23 @@ class Core:
                           force: bool = False) -> None:
         if not caller.is_root and IFNAME.match(ifname):
             # A tap's owner is not always announced by events: ask the kernel.
-            tap_info = getattr(self.rec.netlink, "tap_info", None)
-            if tap_info is not None:
-                await tap_info(ifname)
+            await self.rec.netlink.tap_info(ifname)
         if not network:
             network = self.network_by_policy(ifname)
         net = self._check_port_request(caller, ifname, network, force)
-        ports = dict(self.rec.desired.ports)
-        ports[ifname] = net.name
-        await self.apply(ports)
+        # This port alone, through the loop's queue: no pass over every port.
+        await self.rec.request_port(ifname, net.name)
         self._check_attached(ifname, net)
 
     def network_by_policy(self, ifname: str) -> str:
-        """The network an [[attach]] rule gives this device, else the built-in default."""
-        from .plan import rule_matches
-
+        """The network the attach policy gives this device, else the built-in default."""
+        desired = self.rec.desired
         link = self.rec.netlink.observed.link(ifname)
         if link is not None:
-            for rule in self.config.rules:
-                if rule_matches(rule.ifname, rule.mac, link):
-                    return rule.network
-        if "default" in self.rec.desired.active:
+            net = self.policy.network_for(link, desired.active)
+            if net is not None:
+                return net
+        if "default" in desired.active:
             return "default"
         raise InvalidArgument(f"no network chosen for {ifname}: name one (qemu-ifup@NET or "
                               "KVMNET_NETWORK=NET) or add an [[attach]] rule that matches it")
@@ -245,9 +250,8 @@ class Core:
         if ifname not in current:
             raise NoSuchPort(f"{ifname} is not attached by kvmnetd")
         self._authorize_port(caller, ifname, current[ifname])
-        ports = dict(self.rec.desired.ports)
-        ports[ifname] = ""  # explicitly detached: policy rules leave it alone too
-        await self.apply(ports)
+        # "": explicitly detached, so policy rules leave it alone too.
+        await self.rec.request_port(ifname, "")
 
     async def set_log_level(self, caller: Caller, level: str) -> None:
         """Verbosity from now on, until the next reload or restart."""
@@ -362,18 +366,32 @@ class Core:
     def _state_changed(self, name: str, st: NetState) -> None:
         self.emit(CoreEvent(kind="network-changed", network=name))
 
-    def _emit_port_changes(self) -> None:
-        now = {p.ifname: p.network for p in self.list_ports() if p.state == "attached"}
-        for ifname, net in self._attached.items():
-            if now.get(ifname) != net:
-                self.emit(CoreEvent(kind="port-detached", network=net, ifname=ifname))
-        for ifname, net in now.items():
-            if self._attached.get(ifname) != net:
+    def _emit_port_changes(self, names: set[str] | None = None) -> None:
+        """Pushed by the loop after its writes: these ports (None: every port) may have
+        been attached or detached."""
+        if names is None:
+            now = {p.ifname: p.network for p in self.list_ports() if p.state == "attached"}
+            names = set(now) | set(self._attached)
+        else:
+            now = {i: n for i in names if (n := self._attached_to(i)) is not None}
+        for ifname in sorted(names):
+            was, net = self._attached.get(ifname), now.get(ifname)
+            if was is not None and was != net:
+                del self._attached[ifname]
+                self.emit(CoreEvent(kind="port-detached", network=was, ifname=ifname))
+            if net is not None and was != net:
+                self._attached[ifname] = net
                 self.emit(CoreEvent(kind="port-attached", network=net, ifname=ifname))
-        self._attached = now
 
-    def after_pass(self) -> None:
-        self._emit_port_changes()
+    def _attached_to(self, ifname: str) -> str | None:
+        """The network this port is attached to now, as list_ports would say."""
+        netname = self.rec.last_plan.ports.get(ifname)
+        net = self.networks().get(netname or "")
+        if net is None:
+            return None
+        obs = self.rec.netlink.observed
+        link, br = obs.link(ifname), obs.link(net.bridge)
+        return net.name if link and br and link.master == br.index else None
 
 
 def _allowed(caller: Caller, net: Network) -> bool:

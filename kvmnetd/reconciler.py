@@ -10,16 +10,20 @@ from dataclasses import dataclass, replace
 import structlog
 
 from . import actions as A
+from .attach import PORT_KINDS
 from .errors import KvmnetError, NoSuchPort
-from .fastpath import FastPath
 from .model import DesiredState
-from .observed import ObservedState
+from .observed import Link, ObservedState
 from .owned import Owned, load_owned, save_owned
-from .plan import Plan, foreign_bridge, plan
+from .plan import Plan, attach_for, foreign_bridge, plan
 from .ports import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
 from .render.coexist import ForeignForward, coexist_rules
 
 log = structlog.get_logger("kvmnetd.reconcile")
+
+# The safety sweep: what no event reports (sysctls) and a check that events missed
+# nothing. Drift of our own objects comes by netlink, nft monitor and child exits.
+SWEEP_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class NetState:
 class Reconciler:
     def __init__(self, netlink: NetlinkPort, firewall: FirewallPort, sysctl: SysctlPort,
                  dhcp: DhcpPort | None, owned_path: str, table: str = "kvmnetd",
-                 verify_interval: float = 1.0, coexist: CoexistPort | None = None,
+                 verify_interval: float = SWEEP_INTERVAL, coexist: CoexistPort | None = None,
                  coexist_mode: str = "auto") -> None:
         self.netlink = netlink
         self.firewall = firewall
@@ -63,8 +67,14 @@ class Reconciler:
         self._last_errors = 0
         self._sysctl_known = False
         self.owned_dirty = False  # changed since owned.json was last written
-        self.fast = FastPath(self)
         self._other_trigger = True  # woken by something other than link events
+        # Ports to look at without a full pass (new taps, API calls): ifname -> the
+        # callers waiting for it. One queue: whoever asked, the same planner and writes.
+        self._port_queue: dict[str, list[asyncio.Future[None]]] = {}
+        # Ports settled since the last full pass: ifname -> (its index, its bridge's index).
+        # Their own netlink events then need no pass.
+        self._settled_ports: dict[str, tuple[int, int | None]] = {}
+        self._port_listeners: list[Callable[[set[str] | None], None]] = []
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
@@ -73,17 +83,48 @@ class Reconciler:
         self._other_trigger = True
         self._wake.set()
 
+    def on_ports(self, listener: Callable[[set[str] | None], None]) -> None:
+        """Called after ports may have changed: with their names, or None after a full pass."""
+        self._port_listeners.append(listener)
+
     def links_changed(self) -> None:
-        """Netlink events changed links: a pass, unless the fast path explains them all."""
+        """Netlink events changed links: a pass, unless the ports settled explain them all."""
         self._wake.set()
 
+    def link_added(self, link: Link) -> None:
+        """Netlink saw this link for the first time: a tap policy may place is looked at
+        on its own, not by a full pass."""
+        if link.kind in PORT_KINDS and self.desired.policy:
+            self._port_queue.setdefault(link.name, [])
+            self._wake.set()
+
+    async def request_port(self, ifname: str, network: str) -> None:
+        """An explicit request for one port ("" detaches it): returns once it is applied."""
+        ports = dict(self.desired.ports)
+        ports[ifname] = network
+        self.desired = replace(self.desired, ports=ports)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._port_queue.setdefault(ifname, []).append(done)
+        self._wake.set()
+        await done
+
     def needs_pass(self) -> bool:
-        """False when all that happened since the last pass is taps the fast path attached,
-        still as it left them: the pass would plan every link to find nothing to do."""
-        if self._other_trigger or self.fast.in_flight:
+        """False when all that happened since the last pass is ports settled on their own,
+        still as they were left: the pass would plan every link to find nothing to do."""
+        if self._other_trigger:
             return True
         links, other = self.netlink.take_changes()
-        return other or not self.fast.covers(links)
+        return other or not self._covers(links)
+
+    def _covers(self, changed: set[int]) -> bool:
+        links = self.netlink.observed.links
+        for index in changed:
+            link = links.get(index)
+            if link is None or not link.up:
+                return False
+            if self._settled_ports.get(link.name) != (index, link.master):
+                return False
+        return True
 
     def firewall_changed(self) -> None:
         """nft monitor saw a change: re-read our table and the foreign chains next pass."""
@@ -103,12 +144,13 @@ class Reconciler:
             self._wake.clear()
             try:
                 if timed_out:
-                    # Periodic verification re-reads what no event reports.
+                    # The safety sweep re-reads what no event reports.
                     self._firewall_known = self._sysctl_known = False
                     if not self.foreign_events:
                         self._foreign_known = False
                 else:
-                    await self.fast.settle()
+                    if not self._other_trigger:
+                        await self.apply_queued()
                     if not self.needs_pass():
                         self._save_owned_if_dirty()
                         continue
@@ -133,8 +175,63 @@ class Reconciler:
                     break
             return p
 
+    async def apply_queued(self) -> None:
+        """The queued ports, now (the loop does this when it wakes)."""
+        if self._port_queue:
+            async with self._lock:
+                await self._port_pass()
+
+    async def _port_pass(self) -> None:
+        """The queued ports alone: each planned by attach_for, all applied as one batch
+        through the same writes and bookkeeping as a full pass."""
+        queue, self._port_queue = self._port_queue, {}
+        observed = self.netlink.observed
+        p = Plan()
+        for ifname in queue:
+            one = attach_for(self.desired, observed, self.owned, ifname)
+            if one.ports and not one.actions and observed.link(ifname) is not None:
+                bridge = self.desired.networks[one.ports[ifname]].bridge
+                if observed.link(bridge) is None:
+                    self._other_trigger = True  # a pass makes the bridge first
+            p.actions += one.actions
+            p.ports.update(one.ports)
+        failed: dict[str, str] = {}
+        if p.actions:
+            for action, err in zip(p.actions, await self._apply_batch(p.actions, observed,
+                                                                      failed), strict=True):
+                if self._settle(action, err, p, observed, failed):
+                    self.owned_dirty = True
+                elif err is not None:
+                    self.trigger()  # a full pass looks at it again, with everything else
+        for ifname in queue:
+            net = p.ports.get(ifname)
+            if net is None:
+                self.last_plan.ports.pop(ifname, None)
+            else:
+                self.last_plan.ports[ifname] = net
+            net_bridge = self.desired.networks[net].bridge if net else None
+            link, br = observed.link(ifname), observed.link(net_bridge) if net_bridge else None
+            if link is not None and br is not None and link.master == br.index:
+                self._settled_ports[ifname] = (link.index, br.index)
+            elif link is not None and net is None and link.master is None:
+                self._settled_ports[ifname] = (link.index, None)
+        self.completed += 1
+        self._ports_changed(set(queue))
+        for waiters in queue.values():
+            for done in waiters:
+                if not done.done():
+                    done.set_result(None)
+
+    def _ports_changed(self, names: set[str] | None) -> None:
+        for listener in self._port_listeners:
+            try:
+                listener(names)
+            except Exception:  # a listener's bug must not break the loop
+                log.exception("reconcile.listener_failed")
+
     async def set_desired(self, desired: DesiredState) -> Plan:
         self.desired = desired
+        self._other_trigger = True
         return await self.converge(quick=True)
 
     def observe(self) -> ObservedState:
@@ -166,7 +263,8 @@ class Reconciler:
         # From here on this pass sees everything: later changes are for the next look.
         self._other_trigger = False
         self.netlink.take_changes()
-        self.fast.done.clear()
+        self._settled_ports.clear()
+        queue, self._port_queue = self._port_queue, {}
         if not self._firewall_known:
             self._firewall_known = True  # a change reported while reading clears it again
             try:
@@ -203,17 +301,20 @@ class Reconciler:
                   if n.needs_dnsmasq and n.name not in failed and n.name not in p.problems]
             # A bridge made anew this pass: a dnsmasq still bound to the old one is replaced
             # (a new network has none yet; sync starts it).
-            restart = getattr(self.dhcp, "restart", None)
-            made = {a.network for a in p.actions if isinstance(a, A.CreateBridge)}
             for net in ok:
-                if restart is not None and net.name in made:
-                    await restart(net.name)
+                if net.name in p.dhcp_restart:
+                    await self.dhcp.restart(net.name)
             await self.dhcp.sync(ok)
         self.last_plan = p  # before listeners run: they read ports from it
         self.completed += 1
         log.debug("reconcile.pass", number=self.passes, actions=len(p.actions),
                   applied=applied, problems=sorted(p.problems))
         self._update_states(p, failed)
+        self._ports_changed(None)
+        for waiters in queue.values():
+            for done in waiters:
+                if not done.done():
+                    done.set_result(None)
         return p, applied
 
     def _save_owned_if_dirty(self) -> None:
@@ -238,9 +339,8 @@ class Reconciler:
         # a network that failed earlier in this pass is skipped here.
         todo = [a for a in batch if a.network is None or a.network not in failed]
         results: dict[int, BaseException | None] = {}
-        many = getattr(self.netlink, "apply_many", None)
-        if len(todo) > 1 and many is not None:
-            for action, err in zip(todo, await many(todo), strict=True):
+        if len(todo) > 1:
+            for action, err in zip(todo, await self.netlink.apply_many(todo), strict=True):
                 results[id(action)] = err
         else:
             for action in todo:

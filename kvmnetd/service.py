@@ -84,7 +84,7 @@ class Service:
         self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets)
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
-        self.netlink.on_link_added = self.rec.fast.link_appeared
+        self.netlink.on_link_added = self.rec.link_added
         # Listen first, then observe: no ruleset change falls between.
         await self.nftmon.start(self.rec.firewall_changed)
         # Foreign chains then change only with an event: the timer reads just our table.
@@ -96,7 +96,6 @@ class Service:
                                               lambda _why: self.rec.firewall_changed())
             await self.firewalld.start()
         await self.rec.converge()
-        self.core.after_pass()
         await self._watch_libvirt()
         self.control = await self._serve_control()
         if self.control is not None and self.control.bus_expected():
@@ -156,10 +155,9 @@ class Service:
         self.rec.links_changed()
 
     def _on_dhcp_event(self, event: CoreEvent) -> None:
+        # Leases, and a dnsmasq going degraded or serving again: pushed as they happen.
         if hasattr(self, "core"):
             self.core.emit(event)
-        if event.kind not in ("lease-added", "lease-removed") and hasattr(self, "rec"):
-            self.rec.trigger()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -174,11 +172,8 @@ class Service:
         self.core.subscribe(self._on_core_event)
         loop_task = asyncio.ensure_future(self.rec.run())
         try:
-            while True:
-                await asyncio.sleep(0.5)
-                self.core.after_pass()
-                # dnsmasq going degraded (or recovering) is no event of its own.
-                self.refresh_status()
+            # Everything from here on is pushed: the loop's listeners and core events.
+            await loop_task
         finally:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
+from collections.abc import Sequence
 
 from kvmnetd import actions as A
 from kvmnetd.errors import Conflict
@@ -20,8 +20,21 @@ class FakeNetlink:
         self.changed: set[int] = set()  # what tests say events changed
         self.changed_other = False
 
-    def enslave_new(self, action: A.Enslave) -> asyncio.Future[None]:
-        return asyncio.get_running_loop().create_task(self.apply(action))
+    async def apply_many(self, actions: Sequence[A.Action]) -> list[BaseException | None]:
+        out: list[BaseException | None] = []
+        for action in actions:
+            try:
+                await self.apply(action)
+                out.append(None)
+            except Exception as e:
+                out.append(e)
+        return out
+
+    async def tap_info(self, ifname: str) -> tuple[int | None, int | None] | None:
+        link = self.observed.link(ifname)
+        if link is None or link.kind != "tun":
+            return None
+        return link.tun_owner, link.tun_group
 
     def take_changes(self) -> tuple[set[int], bool]:
         out = (self.changed, self.changed_other)
@@ -114,5 +127,10 @@ class FakeDhcp:
     def __init__(self) -> None:
         self.synced: list[list[str]] = []
 
+        self.restarted: list[str] = []
+
     async def sync(self, networks: list[Network]) -> None:
         self.synced.append([n.name for n in networks])
+
+    async def restart(self, network: str) -> None:
+        self.restarted.append(network)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from dataclasses import replace
 from pathlib import Path
@@ -109,8 +108,7 @@ async def test_forgetting_a_vanished_tap_is_saved(tmp_path: Path) -> None:
 
 
 async def _settled(rec: Reconciler) -> None:
-    for _ in range(5):  # the attach task, then its completion callback
-        await asyncio.sleep(0)
+    await rec.apply_queued()  # what the loop does when it wakes
 
 
 async def test_a_new_tap_matching_policy_is_attached_from_its_own_event(tmp_path: Path) -> None:
@@ -120,7 +118,7 @@ async def test_a_new_tap_matching_policy_is_attached_from_its_own_event(tmp_path
     writes, passes = rec.writes, rec.passes
     tap = Link(index=7, name="vnet3", kind="tun")
     nl.observed.links[7] = tap
-    rec.fast.link_appeared(tap)
+    rec.link_added(tap)
     await _settled(rec)
     kvbr1 = nl.observed.link("kvbr1")
     vnet = nl.observed.link("vnet3")
@@ -145,7 +143,7 @@ async def test_fast_attach_leaves_what_policy_does_not_claim(tmp_path: Path) -> 
                  Link(index=23, name="iso0", kind="tun"),  # its network is not active
                  Link(index=24, name="other0", kind="tun")):  # no rule
         nl.observed.links[link.index] = link
-        rec.fast.link_appeared(link)
+        rec.link_added(link)
     await _settled(rec)
     assert rec.writes == writes
 
@@ -157,9 +155,9 @@ async def test_fast_attach_failure_is_the_ports_and_wakes_the_loop(tmp_path: Pat
     nl.fail_on.add("vnet4")
     tap = Link(index=30, name="vnet4", kind="tun")
     nl.observed.links[30] = tap
-    rec.fast.link_appeared(tap)
+    rec.link_added(tap)
     await _settled(rec)
-    assert "refused" in rec.port_errors["vnet4"] and rec._wake.is_set()
+    assert "refused" in rec.port_errors["vnet4"] and rec.needs_pass()
     assert rec.states["nat"].state == "active"
 
 
@@ -171,8 +169,7 @@ async def test_no_pass_when_only_fast_attached_taps_changed(tmp_path: Path) -> N
     taps = [Link(index=40 + i, name=f"vnet{i}", kind="tun") for i in range(3)]
     for tap in taps:
         nl.observed.links[tap.index] = tap
-        rec.fast.link_appeared(tap)
-    assert rec.needs_pass(), "enslaves still in flight"
+        rec.link_added(tap)
     await _settled(rec)
     nl.changed = {40, 41, 42}
     assert not rec.needs_pass()
