@@ -4,12 +4,25 @@ config load serves the planner, the loop, the port API and libvirt domains alike
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .model import AttachRule, Network
     from .observed import Link
+
+
+class AttachRule(Protocol):
+    """What the policy reads of an [[attach]] rule (model.AttachRule; the model holds the
+    policy, so this module does not import it)."""
+
+    @property
+    def network(self) -> str: ...
+    @property
+    def ifname(self) -> str | None: ...
+    @property
+    def mac(self) -> str | None: ...
+    @property
+    def domain(self) -> str | None: ...
 
 PORT_KINDS = ("tun", "veth")  # what may join a network: taps and veth ends
 _MEMO_MOST = 65536  # tap names churn: the memo stays bounded
@@ -74,12 +87,3 @@ def rule_matches(ifname_glob: str | None, mac_glob: str | None, link: Link) -> b
         if not fnmatch.fnmatchcase(link.mac.lower(), pattern):
             return False
     return True
-
-
-def bridge_network(bridge: str | None, networks: Mapping[str, Network]) -> str | None:
-    """The network whose bridge libvirt already put a NIC on."""
-    if bridge:
-        for net in networks.values():
-            if net.bridge == bridge:
-                return net.name
-    return None

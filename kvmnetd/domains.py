@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .adapters.domxml import DomainNic
-from .attach import AttachPolicy, bridge_network
+from .attach import AttachPolicy
 from .errors import KvmnetError
 from .model import Network
 from .observed import Link
@@ -28,7 +28,16 @@ def network_for_nic(nic: DomainNic, domain: str, uuid: str, policy: AttachPolicy
         return nic.network
     link = Link(index=0, name=nic.tap, kind="tun", mac=nic.mac)
     return (policy.network_for_domain(link, domain, uuid, active)
-            or bridge_network(nic.bridge, networks))
+            or _bridge_network(nic.bridge, networks))
+
+
+def _bridge_network(bridge: str | None, networks: Mapping[str, Network]) -> str | None:
+    """The network whose bridge libvirt already put the NIC on."""
+    if bridge:
+        for net in networks.values():
+            if net.bridge == bridge:
+                return net.name
+    return None
 
 
 async def domain_changed(core: Core, name: str, uuid: str, started: bool,

@@ -15,6 +15,7 @@ from .attach import PORT_KINDS, rule_matches
 from .model import DesiredState, Mode, Network
 from .observed import IPInterface, IPNetwork, Link, ObservedState, Route
 from .owned import Owned
+from .render.coexist import CoexistPlan, ForeignForward, coexist_rules
 from .render.nft import fingerprint, render_ruleset
 
 __all__ = ["PORT_KINDS", "Plan", "attach_for", "plan", "port_network", "rule_matches"]
@@ -30,28 +31,62 @@ class Plan:
     degraded: dict[str, str] = field(default_factory=dict)
     # ifname -> network, for every port that should be attached (explicit or by policy)
     ports: dict[str, str] = field(default_factory=dict)
+    # Bookkeeping the loop records before it applies the actions:
+    # (bridge, network) found ready-made and empty enough to take over
+    adopt: list[tuple[str, str]] = field(default_factory=list)
+    # port bindings whose tap or bridge is gone (qemu reuses names like vnet0)
+    forget_ports: list[str] = field(default_factory=list)
+    # explicit port requests whose tap is gone: the request ends with the tap
+    forget_requests: list[str] = field(default_factory=list)
+    # networks whose dnsmasq should run, unless applying this plan fails for them
+    dhcp: list[Network] = field(default_factory=list)
     # networks whose bridge this plan makes anew: a dnsmasq bound to the old one restarts
     dhcp_restart: set[str] = field(default_factory=set)
+    # accepts in foreign firewalls for our networks (None: foreign chains not observed)
+    coexist: CoexistPlan | None = None
 
 
 def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
-         table: str = "kvmnetd") -> Plan:
+         table: str = "kvmnetd", foreign: ForeignForward | None = None,
+         coexist_mode: str = "auto") -> Plan:
     p = Plan()
     active = desired.active_networks()
+    _plan_records(desired, observed, owned, p)
+    adopted = {bridge for bridge, _ in p.adopt}
     routes = host_routes(desired, observed)
     for net in active:
-        if _blocked_by_route(net, observed, owned, routes, p):
+        if _blocked_by_route(net, observed, owned, routes, p, net.bridge in adopted):
             continue
         _plan_network(net, observed, owned, p)
     _plan_ra_guard(active, observed, p)
     _plan_firewall(active, observed, table, p)
     _plan_forwarding(active, observed, owned, p)
-    p.ports = wanted_ports(desired, observed)
+    gone = set(p.forget_requests)
+    p.ports = {i: n for i, n in wanted_ports(desired, observed).items() if i not in gone}
     _plan_ports(desired, observed, owned, p)
     _plan_teardown(desired, observed, owned, p)
+    running = [n for n in active if n.name not in p.problems]
+    p.dhcp = [n for n in running if n.needs_dnsmasq]
     p.dhcp_restart = {a.network for a in p.actions
                       if isinstance(a, A.CreateBridge) and a.network is not None}
+    if foreign is not None:
+        p.coexist = coexist_rules(running, foreign, coexist_mode)
     return p
+
+
+def _plan_records(desired: DesiredState, observed: ObservedState, owned: Owned,
+                  p: Plan) -> None:
+    """What the record should say before anything is applied: bridges to adopt, ports
+    and requests that vanished with their tap."""
+    for net in desired.active_networks():
+        if net.bridge not in owned.bridges:
+            link = observed.link(net.bridge)
+            if (link is not None and link.kind == "bridge"
+                    and foreign_bridge(net, observed, owned) is None):
+                p.adopt.append((net.bridge, net.name))
+    p.forget_ports = [i for i, bridge in owned.ports.items()
+                      if observed.link(i) is None or observed.link(bridge) is None]
+    p.forget_requests = [i for i in desired.ports if observed.link(i) is None]
 
 
 # A host route as (IP version, first address, last address, route): plain integers, so
@@ -93,7 +128,7 @@ def describe_route(route: Route, observed: ObservedState) -> str:
 
 
 def _blocked_by_route(net: Network, observed: ObservedState, owned: Owned,
-                      routes: list[HostRoute], p: Plan) -> bool:
+                      routes: list[HostRoute], p: Plan, adopted: bool = False) -> bool:
     """A host route (a VPN, a LAN that came up later) over the subnet degrades the network.
 
     Not yet up: it is not brought up, and comes up by itself once the route goes. Already
@@ -106,7 +141,7 @@ def _blocked_by_route(net: Network, observed: ObservedState, owned: Owned,
     what = f"subnet {subnet} overlaps the host route {describe_route(route, observed)}"
     br = observed.link(net.bridge)
     running = (br is not None and br.kind == "bridge" and br.up
-               and owned.bridges.get(net.bridge) == net.name)
+               and (adopted or owned.bridges.get(net.bridge) == net.name))
     if running:
         p.degraded[net.name] = f"{what}; guests' traffic to it may leave the wrong way"
         return False

@@ -15,15 +15,18 @@ from .errors import KvmnetError, NoSuchPort
 from .model import DesiredState
 from .observed import Link, ObservedState
 from .owned import Owned, load_owned, save_owned
-from .plan import Plan, attach_for, foreign_bridge, plan
+from .plan import Plan, attach_for, plan
 from .ports import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
-from .render.coexist import ForeignForward, coexist_rules
+from .render.coexist import ForeignForward
 
 log = structlog.get_logger("kvmnetd.reconcile")
 
 # The safety sweep: what no event reports (sysctls) and a check that events missed
 # nothing. Drift of our own objects comes by netlink, nft monitor and child exits.
 SWEEP_INTERVAL = 60.0
+# While a network cannot start for a reason no event reports (a host sysctl such as
+# accept_ra), the loop looks again this often.
+RETRY_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ class Reconciler:
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
             # comes as the event is set, and the daemon would not stop on SIGTERM.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.verify_interval):
+                wait = RETRY_INTERVAL if self.last_plan.problems else self.verify_interval
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
                 await asyncio.sleep(0)  # let a burst of events land: one pass for all
             timed_out = not self._wake.is_set()
@@ -280,10 +284,10 @@ class Reconciler:
                 self._foreign_known = False
                 raise
         observed = self.observe()
-        before = self.owned.to_json()  # adoption and forgetting below are changes to save too
-        self._adopt(observed)
-        self._forget_vanished(observed)
-        p = plan(self.desired, observed, self.owned, self.table)
+        before = self.owned.to_json()  # adoption and forgetting are changes to save too
+        p = plan(self.desired, observed, self.owned, self.table,
+                 self._foreign if self.coexist is not None else None, self.coexist_mode)
+        self._record(p)
         failed: dict[str, str] = {}
         applied = 0
         self._last_errors = 0
@@ -297,8 +301,7 @@ class Reconciler:
             self.owned_dirty = True
         self._save_owned_if_dirty()
         if self.dhcp is not None:
-            ok = [n for n in self.desired.active_networks()
-                  if n.needs_dnsmasq and n.name not in failed and n.name not in p.problems]
+            ok = [n for n in p.dhcp if n.name not in failed]
             # A bridge made anew this pass: a dnsmasq still bound to the old one is replaced
             # (a new network has none yet; sync starts it).
             for net in ok:
@@ -397,14 +400,12 @@ class Reconciler:
 
     async def _coexist(self, p: Plan, failed: dict[str, str]) -> int:
         """Accepts for our networks where a foreign firewall drops forwarded traffic."""
-        if self.coexist is None or self._foreign is None:
+        if self.coexist is None or p.coexist is None:
             return 0
-        nets = [n for n in self.desired.active_networks()
-                if n.name not in failed and n.name not in p.problems]
-        cp = coexist_rules(nets, self._foreign, self.coexist_mode)
-        self.coexist_reports = cp.reports
+        self.coexist_reports = p.coexist.reports
+        rules = tuple(r for r in p.coexist.rules if r.network not in failed)
         try:
-            change = await self.coexist.apply(cp.rules)
+            change = await self.coexist.apply(rules)
         except (KvmnetError, OSError) as e:
             log.warning("coexist.failed", error=str(e))
             return 0
@@ -414,22 +415,15 @@ class Reconciler:
         log.info("coexist.applied", inserted=len(change.insert), deleted=len(change.delete))
         return 1
 
-    def _adopt(self, observed: ObservedState) -> None:
-        for net in self.desired.active_networks():
-            if net.bridge not in self.owned.bridges:
-                link = observed.link(net.bridge)
-                if (link is not None and link.kind == "bridge"
-                        and foreign_bridge(net, observed, self.owned) is None):
-                    self.owned.adopt(net.bridge, net.name)
-                    log.info("bridge.adopted", network=net.name, bridge=net.bridge)
-
-    def _forget_vanished(self, observed: ObservedState) -> None:
-        # A deleted tap's binding ends with it: qemu reuses names like vnet0 for other guests.
-        for ifname, bridge in list(self.owned.ports.items()):
-            if observed.link(ifname) is None or observed.link(bridge) is None:
-                del self.owned.ports[ifname]
-        gone = [i for i in self.desired.ports if observed.link(i) is None]
-        if gone:
+    def _record(self, p: Plan) -> None:
+        """The plan's bookkeeping: adopted bridges, and ports gone with their taps."""
+        for bridge, network in p.adopt:
+            self.owned.adopt(bridge, network)
+            log.info("bridge.adopted", network=network, bridge=bridge)
+        for ifname in p.forget_ports:
+            self.owned.ports.pop(ifname, None)
+        if p.forget_requests:
+            gone = set(p.forget_requests)
             ports = {i: n for i, n in self.desired.ports.items() if i not in gone}
             self.desired = replace(self.desired, ports=ports)
 
