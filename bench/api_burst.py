@@ -28,6 +28,7 @@ def run(quick: bool) -> dict[str, Any]:
         time.sleep(2.0)  # the creation events settle: only the calls are timed
         sock = str(box.run_dir / "control.sock")
         load = os.getloadavg()[0]
+        c0 = box.cpu_s()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(CLIENTS) as pool:
             list(pool.map(lambda t: socket_call(sock, "AttachPort", [t, f"n{t[1:3]}", False]),
@@ -35,8 +36,10 @@ def run(quick: bool) -> dict[str, Any]:
         replied = time.perf_counter() - t0
         box.wait_masters({t: fleet.bridge_of("t" + t[1:]) for t in names}, timeout=300)
         attached = time.perf_counter() - t0
+        cpu = box.cpu_s() - c0
     log(f"api_burst: {taps} taps, replies after {replied:.2f} s, attached {attached:.2f} s "
-        f"(load {load:.2f})")
+        f"(daemon CPU {cpu:.2f} s, load {load:.2f})")
     return {"taps": taps, "networks": fleet.NETS, "clients": CLIENTS,
             "all_replied_s": r(replied, 3), "all_attached_s": r(attached, 3),
+            "daemon_cpu_s": r(cpu, 3),
             "load_avg_1m": r(load, 2), "goal_s": GOAL_S, "goal_met": replied < GOAL_S}

@@ -92,16 +92,26 @@ class Core:
 
     def network(self, name: str) -> NetworkStatus:
         net = self._net(name)
-        st = self.rec.states.get(name, NetState("inactive"))
-        dhcp = self.dhcp.status(name) if self.dhcp and net.needs_dnsmasq else DhcpStatus()
-        state, reason = st.state, st.reason
-        if state == "active" and dhcp.state in ("degraded", "failed"):
-            state, reason = "degraded", f"dhcp: {dhcp.reason}"
+        state, reason, dhcp = self._state_of(net)
         addrs = tuple(str(a) for a in (net.ipv4, net.ipv6) if a is not None)
         ports = tuple(sorted(p.ifname for p in self.list_ports() if p.network == name))
         return NetworkStatus(name=name, mode=str(net.mode), bridge=net.bridge, addresses=addrs,
                              state=state, reason=reason, ports=ports, dhcp=dhcp,
                              autostart=net.autostart)
+
+    def _state_of(self, net: Network) -> tuple[str, str, DhcpStatus]:
+        st = self.rec.states.get(net.name, NetState("inactive"))
+        dhcp = self.dhcp.status(net.name) if self.dhcp and net.needs_dnsmasq else DhcpStatus()
+        if st.state == "active" and dhcp.state in ("degraded", "failed"):
+            return "degraded", f"dhcp: {dhcp.reason}", dhcp
+        return st.state, st.reason, dhcp
+
+    def summary(self) -> tuple[int, int, int]:
+        """(networks up, ports attached, networks failed or degraded), cheap enough to
+        follow every event: no port list is built."""
+        states = [self._state_of(net)[0] for net in self.networks().values()]
+        return (states.count("active"), len(self._attached),
+                states.count("failed") + states.count("degraded"))
 
     def list_ports(self) -> list[PortStatus]:
         # Asked once per network by status refreshes: compute once per pass.

@@ -212,17 +212,27 @@ class Service:
             self.refresh_status()
 
     def refresh_status(self) -> None:
-        """STATUS= for systemctl status: sent only when the line changed."""
+        """STATUS= for systemctl status, after the events of this turn of the event loop
+        (a burst of port events makes one update): sent only when the line changed."""
+        if self._status_due:
+            return
+        self._status_due = True
+        try:
+            asyncio.get_running_loop().call_soon(self._send_status)
+        except RuntimeError:
+            self._send_status()
+
+    _status_due = False
+
+    def _send_status(self) -> None:
+        self._status_due = False
         line = self.status_line()
         if line != self._status_sent:
             self._status_sent = line
             self.notifier.status(line)
 
     def status_line(self) -> str:
-        nets = self.core.list_networks()
-        up = sum(1 for n in nets if n.state == "active")
-        bad = sum(1 for n in nets if n.state in ("failed", "degraded"))
-        ports = sum(1 for p in self.core.list_ports() if p.state == "attached")
+        up, ports, bad = self.core.summary()
         return f"{up} networks up, {ports} ports, {bad} degraded"
 
     def failed_networks(self) -> list[str]:
