@@ -108,7 +108,9 @@ class Reconciler:
         self.desired = replace(self.desired, ports=ports)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._port_queue.setdefault(ifname, []).append(done)
-        self._wake.set()
+        # The caller drains the queue itself (the loop need not be running): callers that
+        # queue while one drains are taken together by the next.
+        await self.apply_queued()
         await done
 
     def needs_pass(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from dataclasses import replace
 from pathlib import Path
@@ -204,3 +205,24 @@ async def test_host_route_degrades_one_network_and_its_removal_brings_it_up(
     nl.observed.routes.discard(route)
     await rec.converge()
     assert rec.states["iso"].state == "active" and nl.observed.link("kvbr1") is not None
+
+
+async def test_an_api_attach_plans_its_port_alone(tmp_path: Path) -> None:
+    taps = [Link(index=60 + i, name=f"vnet{i}", kind="tun") for i in range(3)]
+    rec, nl, _, _ = make(tmp_path, *taps)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat", "iso"})))
+    seen: list[set[str] | None] = []
+    rec.on_ports(seen.append)
+    passes, writes = rec.passes, rec.writes
+    await asyncio.gather(rec.request_port("vnet0", "nat"), rec.request_port("vnet1", "iso"))
+    kvbr0, kvbr1 = nl.observed.link("kvbr0"), nl.observed.link("kvbr1")
+    assert kvbr0 is not None and kvbr1 is not None
+    assert [nl.observed.link(n).master for n in ("vnet0", "vnet1", "vnet2")] == [  # type: ignore[union-attr]
+        kvbr0.index, kvbr1.index, None]
+    assert rec.passes == passes and rec.writes == writes + 2, "no full pass for a call"
+    assert rec.last_plan.ports == {"vnet0": "nat", "vnet1": "iso"}
+    assert seen and all(s is not None for s in seen)
+    await rec.request_port("vnet0", "")  # detach: released through the same path
+    vnet0 = nl.observed.link("vnet0")
+    assert vnet0 is not None and vnet0.master is None and "vnet0" not in rec.owned.ports
+    assert rec.passes == passes
