@@ -221,6 +221,8 @@ class Reconciler:
                 self._settled_ports[ifname] = (link.index, br.index)
             elif link is not None and net is None and link.master is None:
                 self._settled_ports[ifname] = (link.index, None)
+        # On disk before any caller hears back: a kill now must not lose the port.
+        self._save_owned_if_dirty()
         self.completed += 1
         self._ports_changed(set(queue))
         for waiters in queue.values():
