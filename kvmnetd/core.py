@@ -58,7 +58,9 @@ class Core:
         self._listeners: list[Callable[[CoreEvent], None]] = []
         self._attached: dict[str, str] = {}
         self._policy = AttachPolicy(config.rules)
-        self._ports_cache: tuple[tuple[int, int], list[PortStatus]] | None = None
+        self._rows: dict[str, PortStatus] | None = None  # see _port_rows
+        self._by_net: dict[str, set[str]] = {}
+        self._port_list: list[PortStatus] | None = None
         reconciler.on_state(self._state_changed)
         reconciler.on_ports(self._emit_port_changes)
 
@@ -94,7 +96,8 @@ class Core:
         net = self._net(name)
         state, reason, dhcp = self._state_of(net)
         addrs = tuple(str(a) for a in (net.ipv4, net.ipv6) if a is not None)
-        ports = tuple(sorted(p.ifname for p in self.list_ports() if p.network == name))
+        self._port_rows()
+        ports = tuple(sorted(self._by_net.get(name, ())))
         return NetworkStatus(name=name, mode=str(net.mode), bridge=net.bridge, addresses=addrs,
                              state=state, reason=reason, ports=ports, dhcp=dhcp,
                              autostart=net.autostart)
@@ -114,33 +117,47 @@ class Core:
                 states.count("failed") + states.count("degraded"))
 
     def list_ports(self) -> list[PortStatus]:
-        # Asked once per network by status refreshes: compute once per pass.
-        key = (self.rec.completed, len(self.rec.netlink.observed.links))
-        if self._ports_cache is not None and self._ports_cache[0] == key:
-            return self._ports_cache[1]
-        ports = self._list_ports()
-        self._ports_cache = (key, ports)
-        return ports
+        if self._port_list is None:
+            rows = self._port_rows()
+            self._port_list = [rows[i] for i in sorted(rows)]
+        return self._port_list
 
-    def _list_ports(self) -> list[PortStatus]:
+    def _port_rows(self) -> dict[str, PortStatus]:
+        """ifname -> its row: rebuilt after a full pass, kept current port by port after
+        the loop's single-port work, so an event costs O(1), not O(ports)."""
+        if self._rows is None:
+            self._rows, self._by_net = {}, {}
+            for ifname in self.rec.last_plan.ports:
+                self._put_row(ifname)
+        return self._rows
+
+    def _put_row(self, ifname: str) -> None:
+        assert self._rows is not None
+        old = self._rows.pop(ifname, None)
+        if old is not None:
+            self._by_net.get(old.network, set()).discard(ifname)
+        row = self._row(ifname)
+        if row is not None:
+            self._rows[ifname] = row
+            self._by_net.setdefault(row.network, set()).add(ifname)
+        self._port_list = None
+
+    def _row(self, ifname: str) -> PortStatus | None:
+        netname = self.rec.last_plan.ports.get(ifname)
+        net = self.networks().get(netname) if netname else None
+        if net is None:
+            return None  # not a port, or dropped by a reload: the next pass forgets it
         obs = self.rec.netlink.observed
-        nets = self.networks()
-        out = []
-        for ifname, netname in sorted(self.rec.last_plan.ports.items()):
-            if netname not in nets:
-                continue  # dropped by a reload; the next pass forgets it
-            bridge = nets[netname].bridge
-            link, br = obs.link(ifname), obs.link(bridge)
-            if link is None:
-                state = "missing"
-            elif br is not None and link.master == br.index:
-                state = "attached"
-            elif ifname in self.rec.port_errors:
-                state = "failed"
-            else:
-                state = "pending"
-            out.append(PortStatus(ifname=ifname, network=netname, bridge=bridge, state=state))
-        return out
+        link, br = obs.link(ifname), obs.link(net.bridge)
+        if link is None:
+            state = "missing"
+        elif br is not None and link.master == br.index:
+            state = "attached"
+        elif ifname in self.rec.port_errors:
+            state = "failed"
+        else:
+            state = "pending"
+        return PortStatus(ifname=ifname, network=net.name, bridge=net.bridge, state=state)
 
     def leases(self, network: str) -> list[Lease]:
         self._net(network)
@@ -380,10 +397,16 @@ class Core:
         """Pushed by the loop after its writes: these ports (None: every port) may have
         been attached or detached."""
         if names is None:
+            self._rows = self._port_list = None
             now = {p.ifname: p.network for p in self.list_ports() if p.state == "attached"}
             names = set(now) | set(self._attached)
         else:
-            now = {i: n for i in names if (n := self._attached_to(i)) is not None}
+            if self._rows is not None:
+                for ifname in names:
+                    self._put_row(ifname)
+            rows = self._port_rows()
+            now = {i: row.network for i in names
+                   if (row := rows.get(i)) is not None and row.state == "attached"}
         for ifname in sorted(names):
             was, net = self._attached.get(ifname), now.get(ifname)
             if was is not None and was != net:
@@ -392,16 +415,6 @@ class Core:
             if net is not None and was != net:
                 self._attached[ifname] = net
                 self.emit(CoreEvent(kind="port-attached", network=net, ifname=ifname))
-
-    def _attached_to(self, ifname: str) -> str | None:
-        """The network this port is attached to now, as list_ports would say."""
-        netname = self.rec.last_plan.ports.get(ifname)
-        net = self.networks().get(netname or "")
-        if net is None:
-            return None
-        obs = self.rec.netlink.observed
-        link, br = obs.link(ifname), obs.link(net.bridge)
-        return net.name if link and br and link.master == br.index else None
 
 
 def _allowed(caller: Caller, net: Network) -> bool:

@@ -78,6 +78,7 @@ class Reconciler:
         # Their own netlink events then need no pass.
         self._settled_ports: dict[str, tuple[int, int | None]] = {}
         self._port_listeners: list[Callable[[set[str] | None], None]] = []
+        self._running = False  # run() is draining the port queue
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
@@ -108,9 +109,10 @@ class Reconciler:
         self.desired = replace(self.desired, ports=ports)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._port_queue.setdefault(ifname, []).append(done)
-        # The caller drains the queue itself (the loop need not be running): callers that
-        # queue while one drains are taken together by the next.
-        await self.apply_queued()
+        if self._running:
+            self._wake.set()  # the loop takes every port queued meanwhile in one batch
+        else:
+            await self.apply_queued()  # no loop (start-up, tests): the caller drains
         await done
 
     def needs_pass(self) -> bool:
@@ -137,7 +139,8 @@ class Reconciler:
         self.trigger()
 
     async def run(self) -> None:
-        """Forever: wait for a trigger (or the periodic verification), then converge."""
+        """Forever: wait for a trigger (or the safety sweep), then converge."""
+        self._running = True
         while True:
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
             # comes as the event is set, and the daemon would not stop on SIGTERM.
