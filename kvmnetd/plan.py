@@ -344,6 +344,13 @@ def attach_for(desired: DesiredState, observed: ObservedState, owned: Owned,
     """The plan for one port (a new tap, an API call): what a full pass would do for it,
     in O(1). A port whose bridge is not there yet waits for the pass that makes it."""
     p = Plan()
+    if observed.link(ifname) is None:
+        # Gone: its binding and its request end with the tap, as in a full pass.
+        if ifname in owned.ports:
+            p.forget_ports.append(ifname)
+        if ifname in desired.ports:
+            p.forget_requests.append(ifname)
+        return p
     net = port_network(desired, observed, ifname)
     if net is not None:
         p.ports[ifname] = net

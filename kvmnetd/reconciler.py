@@ -77,6 +77,7 @@ class Reconciler:
         # Ports settled since the last full pass: ifname -> (its index, its bridge's index).
         # Their own netlink events then need no pass.
         self._settled_ports: dict[str, tuple[int, int | None]] = {}
+        self._settled_index: dict[int, str] = {}  # the same, by link index
         self._port_listeners: list[Callable[[set[str] | None], None]] = []
         self._running = False  # run() is draining the port queue
 
@@ -125,12 +126,20 @@ class Reconciler:
 
     def _covers(self, changed: set[int]) -> bool:
         links = self.netlink.observed.links
+        gone: list[str] = []
         for index in changed:
             link = links.get(index)
-            if link is None or not link.up:
+            if link is None:
+                # A settled port's tap deleted (a guest stopped): that port's plan forgets it.
+                name = self._settled_index.get(index)
+                if name is None:
+                    return False
+                gone.append(name)
+                continue
+            if not link.up or self._settled_ports.get(link.name) != (index, link.master):
                 return False
-            if self._settled_ports.get(link.name) != (index, link.master):
-                return False
+        for name in gone:
+            self._port_queue.setdefault(name, [])
         return True
 
     def firewall_changed(self) -> None:
@@ -161,6 +170,7 @@ class Reconciler:
                     if not self._other_trigger:
                         await self.apply_queued()
                     if not self.needs_pass():
+                        await self.apply_queued()  # taps of settled ports that went away
                         self._save_owned_if_dirty()
                         continue
                 await self.converge()
@@ -198,6 +208,9 @@ class Reconciler:
         p = Plan()
         for ifname in queue:
             one = attach_for(self.desired, observed, self.owned, ifname)
+            if one.forget_ports or one.forget_requests:
+                self._record(one)
+                self.owned_dirty = True
             if one.ports and not one.actions and observed.link(ifname) is not None:
                 bridge = self.desired.networks[one.ports[ifname]].bridge
                 if observed.link(bridge) is None:
@@ -221,9 +234,13 @@ class Reconciler:
             net_bridge = self.desired.networks[net].bridge if net else None
             link, br = observed.link(ifname), observed.link(net_bridge) if net_bridge else None
             if link is not None and br is not None and link.master == br.index:
-                self._settled_ports[ifname] = (link.index, br.index)
+                self._settle_port(ifname, link.index, br.index)
             elif link is not None and net is None and link.master is None:
-                self._settled_ports[ifname] = (link.index, None)
+                self._settle_port(ifname, link.index, None)
+            elif link is None:
+                gone = self._settled_ports.pop(ifname, None)
+                if gone is not None:
+                    self._settled_index.pop(gone[0], None)
         # On disk before any caller hears back: a kill now must not lose the port.
         self._save_owned_if_dirty()
         self.completed += 1
@@ -232,6 +249,10 @@ class Reconciler:
             for done in waiters:
                 if not done.done():
                     done.set_result(None)
+
+    def _settle_port(self, ifname: str, index: int, master: int | None) -> None:
+        self._settled_ports[ifname] = (index, master)
+        self._settled_index[index] = ifname
 
     def _ports_changed(self, names: set[str] | None) -> None:
         for listener in self._port_listeners:
@@ -275,6 +296,7 @@ class Reconciler:
         self._other_trigger = False
         self.netlink.take_changes()
         self._settled_ports.clear()
+        self._settled_index.clear()
         queue, self._port_queue = self._port_queue, {}
         if not self._firewall_known:
             self._firewall_known = True  # a change reported while reading clears it again

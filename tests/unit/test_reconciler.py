@@ -226,3 +226,20 @@ async def test_an_api_attach_plans_its_port_alone(tmp_path: Path) -> None:
     vnet0 = nl.observed.link("vnet0")
     assert vnet0 is not None and vnet0.master is None and "vnet0" not in rec.owned.ports
     assert rec.passes == passes
+
+
+async def test_a_settled_ports_tap_going_away_is_forgotten_without_a_pass(
+        tmp_path: Path) -> None:
+    tap = Link(index=70, name="vnet7", kind="tun")
+    rec, nl, _, _ = make(tmp_path, tap)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"})))
+    await rec.request_port("vnet7", "nat")
+    assert rec.owned.ports == {"vnet7": "kvbr0"}
+    passes = rec.passes
+    del nl.observed.links[70]
+    nl.changed = {70}
+    assert not rec.needs_pass(), "one port's tap: its own plan, not a pass"
+    await rec.apply_queued()
+    assert rec.owned.ports == {} and "vnet7" not in rec.desired.ports
+    assert "vnet7" not in rec.last_plan.ports and rec.passes == passes
+    assert load_owned(str(tmp_path / "owned.json")).ports == {}
