@@ -97,9 +97,9 @@ class Reconciler:
         self._wake.set()
 
     def link_added(self, link: Link) -> None:
-        """Netlink saw this link for the first time: a tap policy may place is looked at
-        on its own, not by a full pass."""
-        if link.kind in PORT_KINDS and self.desired.policy:
+        """Netlink saw this link for the first time: a tap or veth is looked at on its
+        own (policy may place it, a request may wait for it), not by a full pass."""
+        if link.kind in PORT_KINDS:
             self._port_queue.setdefault(link.name, [])
             self._wake.set()
 
@@ -136,8 +136,10 @@ class Reconciler:
                     return False
                 gone.append(name)
                 continue
-            if not link.up or self._settled_ports.get(link.name) != (index, link.master):
+            if self._settled_ports.get(link.name) != (index, link.master):
                 return False
+            if link.master is not None and not link.up:
+                return False  # a port of ours went down: the pass brings it up
         for name in gone:
             self._port_queue.setdefault(name, [])
         return True

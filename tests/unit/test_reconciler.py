@@ -243,3 +243,16 @@ async def test_a_settled_ports_tap_going_away_is_forgotten_without_a_pass(
     assert rec.owned.ports == {} and "vnet7" not in rec.desired.ports
     assert "vnet7" not in rec.last_plan.ports and rec.passes == passes
     assert load_owned(str(tmp_path / "owned.json")).ports == {}
+
+
+async def test_a_new_tap_no_rule_claims_needs_no_pass(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       rules=(AttachRule("nat", ifname="vnet*"),)))
+    tap = Link(index=80, name="other0", kind="tun")  # down, as a new tap is
+    nl.observed.links[80] = tap
+    rec.link_added(tap)
+    await rec.apply_queued()
+    nl.changed = {80}
+    assert not rec.needs_pass(), "looked at alone: nothing to do, and no pass over all"
+    assert tap.master is None and "other0" not in rec.last_plan.ports
