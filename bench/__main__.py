@@ -16,13 +16,17 @@ from typing import Any
 
 from bench.common import log, machine
 
-ORDER = ("tap_attach", "hook", "first_lease", "restart", "scale", "control", "heal")
+ORDER = ("tap_attach", "hook", "first_lease", "restart", "scale", "control", "heal", "idle",
+         "api_burst")
+TAKES_PORTS = ("hook",)  # benchmarks with a --ports parameter
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer repetitions (about 2 minutes)")
     p.add_argument("--only", help="comma-separated subset of: " + ", ".join(ORDER))
+    p.add_argument("--ports", type=int, default=0,
+                   help="guest ports already attached while " + ", ".join(TAKES_PORTS) + " runs")
     args = p.parse_args()
     if os.geteuid() != 0:
         p.error("run as root: the benchmarks make network namespaces")
@@ -31,7 +35,7 @@ def main() -> int:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     doc: dict[str, Any] = {"machine": machine(), "quick": args.quick,
-                           "command": "bench/run" + (" --quick" if args.quick else ""),
+                           "command": " ".join(["bench/run", *sys.argv[1:]]),
                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": {}}
     t_all = time.perf_counter()
     failed = False
@@ -39,7 +43,9 @@ def main() -> int:
         log(f"== {name}")
         t0 = time.perf_counter()
         try:
-            res = importlib.import_module(f"bench.{name}").run(args.quick)
+            mod = importlib.import_module(f"bench.{name}")
+            extra = {"ports": args.ports} if name in TAKES_PORTS else {}
+            res = mod.run(args.quick, **extra)
         except Exception as e:
             traceback.print_exc()
             res = {"error": f"{type(e).__name__}: {e}"}

@@ -16,6 +16,7 @@ from bench.common import (
     Agent,
     Box,
     article_agent,
+    attach_rule,
     log,
     median,
     network_toml,
@@ -31,21 +32,34 @@ BARE = '#!/bin/sh\nip link set "$1" master isolationbr up\n'
 GOAL_RATIO = 0.3
 
 
-def run(quick: bool) -> dict[str, Any]:
+PORT_NETS = 10  # the networks that hold the --ports background ports
+
+
+def run(quick: bool, ports: int = 0) -> dict[str, Any]:
     runs = 30
     scratch = open_dir("kvmnetd-bus-")
     bus = start_bus(scratch)
     try:
         with Box() as box, netns("a") as art_ns:
-            return _run(box, art_ns, bus.address, runs)
+            return _run(box, art_ns, bus.address, runs, ports)
     finally:
         stop_bus(bus)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run(box: Box, art_ns: str, bus_address: str, runs: int) -> dict[str, Any]:
-    box.write_config(DAEMON_TOML + network_toml("hk", "kvhk0", "10.62.0.1/24"))
+def _run(box: Box, art_ns: str, bus_address: str, runs: int, ports: int) -> dict[str, Any]:
+    conf = DAEMON_TOML + network_toml("hk", "kvhk0", "10.62.0.1/24")
+    if ports:
+        # Guests already running: a hook's cost must not grow with them.
+        for i in range(PORT_NETS):
+            conf += network_toml(f"bg{i}", f"kvbg{i}", f"10.63.{i}.1/24", dhcp=False)
+            conf += attach_rule(f"bg{i}", f"bg{i}-*")
+    box.write_config(conf)
     box.start(bus=bus_address)
+    if ports:
+        taps = {f"bg{j % PORT_NETS}-{j:04d}": f"kvbg{j % PORT_NETS}" for j in range(ports)}
+        box.batch(f"tuntap add dev {t} mode tap" for t in taps)
+        box.wait_masters(taps, timeout=300)
     bare = box.tmp / "bare-ifup"
     bare.write_text(BARE)
     bare.chmod(0o755)
@@ -89,6 +103,7 @@ def _run(box: Box, art_ns: str, bus_address: str, runs: int) -> dict[str, Any]:
     ratio = med["kvmnetd_dbus"] / med["article_natup"]
     return {
         "runs_each": runs,
+        "background_ports": ports,
         "ms": {k: summary(v) for k, v in times.items()},
         "article_natup_first_guest_ms": r(first),
         "ratio_dbus_vs_article": r(ratio, 3),

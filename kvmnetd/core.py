@@ -16,6 +16,7 @@ from . import __version__, logsetup
 from . import config as cfg
 from .access import Authority, authorize
 from .adapters.files import atomic_write
+from .attach import AttachPolicy
 from .config_render import render_network_toml
 from .errors import (
     Conflict,
@@ -55,13 +56,17 @@ class Core:
         self.stopped: set[str] = set()
         self._listeners: list[Callable[[CoreEvent], None]] = []
         self._attached: dict[str, str] = {}
-        self._ports_cache: tuple[tuple[int, int], list[PortStatus]] | None = None
         # Taps of libvirt domains: ifname -> domain name. Those of <interface type='network'>
         # are libvirt's to plug and unplug (ifname in libvirt_managed): never detached or moved.
         self.port_domains: dict[str, str] = {}
         self.libvirt_managed: set[str] = set()
         self.libvirt: Any = None  # the libvirt watcher, when there is one
+        self._policy = AttachPolicy(config.rules)
+        self._rows: dict[str, PortStatus] | None = None  # see _port_rows
+        self._by_net: dict[str, set[str]] = {}
+        self._port_list: list[PortStatus] | None = None
         reconciler.on_state(self._state_changed)
+        reconciler.on_ports(self._emit_port_changes)
 
     # ---- desired state -------------------------------------------------------------------
 
@@ -74,11 +79,17 @@ class Core:
         active = (active - self.stopped) & set(nets)
         return DesiredState(networks=nets, active=frozenset(active),
                             ports=dict(self.rec.desired.ports if ports is None else ports),
-                            rules=self.config.rules)
+                            rules=self.config.rules, policy=self.policy)
+
+    @property
+    def policy(self) -> AttachPolicy:
+        """The attach policy of the config loaded now: one object per load."""
+        if self._policy.rules is not self.config.rules:
+            self._policy = AttachPolicy(self.config.rules)
+        return self._policy
 
     async def apply(self, ports: dict[str, str] | None = None) -> None:
         await self.rec.set_desired(self.build_desired(ports))
-        self._emit_port_changes()
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -87,46 +98,71 @@ class Core:
 
     def network(self, name: str) -> NetworkStatus:
         net = self._net(name)
-        st = self.rec.states.get(name, NetState("inactive"))
-        dhcp = self.dhcp.status(name) if self.dhcp and net.needs_dnsmasq else DhcpStatus()
-        state, reason = st.state, st.reason
-        if state == "active" and dhcp.state in ("degraded", "failed"):
-            state, reason = "degraded", f"dhcp: {dhcp.reason}"
+        state, reason, dhcp = self._state_of(net)
         addrs = tuple(str(a) for a in (net.ipv4, net.ipv6) if a is not None)
-        ports = tuple(sorted(p.ifname for p in self.list_ports() if p.network == name))
+        self._port_rows()
+        ports = tuple(sorted(self._by_net.get(name, ())))
         return NetworkStatus(name=name, mode=str(net.mode), bridge=net.bridge, addresses=addrs,
                              state=state, reason=reason, ports=ports, dhcp=dhcp,
                              autostart=net.autostart)
 
-    def list_ports(self) -> list[PortStatus]:
-        # Asked once per network by status refreshes: compute once per pass.
-        key = (self.rec.completed, len(self.rec.netlink.observed.links))
-        if self._ports_cache is not None and self._ports_cache[0] == key:
-            return self._ports_cache[1]
-        ports = self._list_ports()
-        self._ports_cache = (key, ports)
-        return ports
+    def _state_of(self, net: Network) -> tuple[str, str, DhcpStatus]:
+        st = self.rec.states.get(net.name, NetState("inactive"))
+        dhcp = self.dhcp.status(net.name) if self.dhcp and net.needs_dnsmasq else DhcpStatus()
+        if st.state == "active" and dhcp.state in ("degraded", "failed"):
+            return "degraded", f"dhcp: {dhcp.reason}", dhcp
+        return st.state, st.reason, dhcp
 
-    def _list_ports(self) -> list[PortStatus]:
+    def summary(self) -> tuple[int, int, int]:
+        """(networks up, ports attached, networks failed or degraded), cheap enough to
+        follow every event: no port list is built."""
+        states = [self._state_of(net)[0] for net in self.networks().values()]
+        return (states.count("active"), len(self._attached),
+                states.count("failed") + states.count("degraded"))
+
+    def list_ports(self) -> list[PortStatus]:
+        if self._port_list is None:
+            rows = self._port_rows()
+            self._port_list = [rows[i] for i in sorted(rows)]
+        return self._port_list
+
+    def _port_rows(self) -> dict[str, PortStatus]:
+        """ifname -> its row: rebuilt after a full pass, kept current port by port after
+        the loop's single-port work, so an event costs O(1), not O(ports)."""
+        if self._rows is None:
+            self._rows, self._by_net = {}, {}
+            for ifname in self.rec.last_plan.ports:
+                self._put_row(ifname)
+        return self._rows
+
+    def _put_row(self, ifname: str) -> None:
+        assert self._rows is not None
+        old = self._rows.pop(ifname, None)
+        if old is not None:
+            self._by_net.get(old.network, set()).discard(ifname)
+        row = self._row(ifname)
+        if row is not None:
+            self._rows[ifname] = row
+            self._by_net.setdefault(row.network, set()).add(ifname)
+        self._port_list = None
+
+    def _row(self, ifname: str) -> PortStatus | None:
+        netname = self.rec.last_plan.ports.get(ifname)
+        net = self.networks().get(netname) if netname else None
+        if net is None:
+            return None  # not a port, or dropped by a reload: the next pass forgets it
         obs = self.rec.netlink.observed
-        nets = self.networks()
-        out = []
-        for ifname, netname in sorted(self.rec.last_plan.ports.items()):
-            if netname not in nets:
-                continue  # dropped by a reload; the next pass forgets it
-            bridge = nets[netname].bridge
-            link, br = obs.link(ifname), obs.link(bridge)
-            if link is None:
-                state = "missing"
-            elif br is not None and link.master == br.index:
-                state = "attached"
-            elif ifname in self.rec.port_errors:
-                state = "failed"
-            else:
-                state = "pending"
-            out.append(PortStatus(ifname=ifname, network=netname, bridge=bridge, state=state,
-                                  domain=self.port_domains.get(ifname, "")))
-        return out
+        link, br = obs.link(ifname), obs.link(net.bridge)
+        if link is None:
+            state = "missing"
+        elif br is not None and link.master == br.index:
+            state = "attached"
+        elif ifname in self.rec.port_errors:
+            state = "failed"
+        else:
+            state = "pending"
+        return PortStatus(ifname=ifname, network=net.name, bridge=net.bridge, state=state,
+                          domain=self.port_domains.get(ifname, ""))
 
     def leases(self, network: str) -> list[Lease]:
         self._net(network)
@@ -226,27 +262,23 @@ class Core:
                           force: bool = False) -> None:
         if not caller.is_root and is_ifname(ifname):
             # A tap's owner is not always announced by events: ask the kernel.
-            tap_info = getattr(self.rec.netlink, "tap_info", None)
-            if tap_info is not None:
-                await tap_info(ifname)
+            await self.rec.netlink.tap_info(ifname)
         if not network:
             network = self.network_by_policy(ifname)
         net = self._check_port_request(caller, ifname, network, force)
-        ports = dict(self.rec.desired.ports)
-        ports[ifname] = net.name
-        await self.apply(ports)
+        # This port alone, through the loop's queue: no pass over every port.
+        await self.rec.request_port(ifname, net.name)
         self._check_attached(ifname, net)
 
     def network_by_policy(self, ifname: str) -> str:
-        """The network an [[attach]] rule gives this device, else the built-in default."""
-        from .plan import rule_matches
-
+        """The network the attach policy gives this device, else the built-in default."""
+        desired = self.rec.desired
         link = self.rec.netlink.observed.link(ifname)
         if link is not None:
-            for rule in self.config.rules:
-                if rule_matches(rule.ifname, rule.mac, link):
-                    return rule.network
-        if "default" in self.rec.desired.active:
+            net = self.policy.network_for(link, desired.active)
+            if net is not None:
+                return net
+        if "default" in desired.active:
             return "default"
         raise InvalidArgument(f"no network chosen for {ifname}: name one (qemu-ifup@NET or "
                               "KVMNET_NETWORK=NET) or add an [[attach]] rule that matches it")
@@ -263,9 +295,8 @@ class Core:
         if ifname not in current:
             raise NoSuchPort(f"{ifname} is not attached by kvmnetd")
         self._authorize_port(caller, ifname, current[ifname])
-        ports = dict(self.rec.desired.ports)
-        ports[ifname] = ""  # explicitly detached: policy rules leave it alone too
-        await self.apply(ports)
+        # "": explicitly detached, so policy rules leave it alone too.
+        await self.rec.request_port(ifname, "")
 
     async def set_log_level(self, caller: Caller, level: str) -> None:
         """Verbosity from now on, until the next reload or restart."""
@@ -405,18 +436,28 @@ class Core:
     def _state_changed(self, name: str, st: NetState) -> None:
         self.emit(CoreEvent(kind="network-changed", network=name))
 
-    def _emit_port_changes(self) -> None:
-        now = {p.ifname: p.network for p in self.list_ports() if p.state == "attached"}
-        for ifname, net in self._attached.items():
-            if now.get(ifname) != net:
-                self.emit(CoreEvent(kind="port-detached", network=net, ifname=ifname))
-        for ifname, net in now.items():
-            if self._attached.get(ifname) != net:
+    def _emit_port_changes(self, names: set[str] | None = None) -> None:
+        """Pushed by the loop after its writes: these ports (None: every port) may have
+        been attached or detached."""
+        if names is None:
+            self._rows = self._port_list = None
+            now = {p.ifname: p.network for p in self.list_ports() if p.state == "attached"}
+            names = set(now) | set(self._attached)
+        else:
+            if self._rows is not None:
+                for ifname in names:
+                    self._put_row(ifname)
+            rows = self._port_rows()
+            now = {i: row.network for i in names
+                   if (row := rows.get(i)) is not None and row.state == "attached"}
+        for ifname in sorted(names):
+            was, net = self._attached.get(ifname), now.get(ifname)
+            if was is not None and was != net:
+                del self._attached[ifname]
+                self.emit(CoreEvent(kind="port-detached", network=was, ifname=ifname))
+            if net is not None and was != net:
+                self._attached[ifname] = net
                 self.emit(CoreEvent(kind="port-attached", network=net, ifname=ifname))
-        self._attached = now
-
-    def after_pass(self) -> None:
-        self._emit_port_changes()
 
 
 def _allowed(caller: Caller, net: Network) -> bool:

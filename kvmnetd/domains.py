@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import structlog
 
 from .adapters.domxml import DomainNic
+from .attach import AttachPolicy
 from .errors import KvmnetError
-from .model import AttachRule, Network
+from .model import Network
 from .observed import Link
-from .plan import rule_matches
 from .status import ROOT
 
 if TYPE_CHECKING:
@@ -20,22 +20,22 @@ if TYPE_CHECKING:
 log = structlog.get_logger("kvmnetd.domains")
 
 
-def network_for_nic(nic: DomainNic, domain: str, uuid: str, rules: Iterable[AttachRule],
-                    networks: Mapping[str, Network]) -> str | None:
-    """The domain's <kvmnet:network> metadata, then an [[attach]] rule naming the domain
-    (and matching the NIC if it says more), then the bridge libvirt put it on if it is ours."""
+def network_for_nic(nic: DomainNic, domain: str, uuid: str, policy: AttachPolicy,
+                    networks: Mapping[str, Network], active: Collection[str]) -> str | None:
+    """The domain's <kvmnet:network> metadata, then the attach policy (rules naming the
+    domain first), then the bridge libvirt put it on if it is ours."""
     if nic.network:
         return nic.network
     link = Link(index=0, name=nic.tap, kind="tun", mac=nic.mac)
-    for rule in rules:
-        if rule.domain is None or rule.domain not in (domain, uuid):
-            continue
-        if (rule.ifname or rule.mac) and not rule_matches(rule.ifname, rule.mac, link):
-            continue
-        return rule.network
-    if nic.bridge:
+    return (policy.network_for_domain(link, domain, uuid, active)
+            or _bridge_network(nic.bridge, networks))
+
+
+def _bridge_network(bridge: str | None, networks: Mapping[str, Network]) -> str | None:
+    """The network whose bridge libvirt already put the NIC on."""
+    if bridge:
         for net in networks.values():
-            if net.bridge == nic.bridge:
+            if net.bridge == bridge:
                 return net.name
     return None
 
@@ -63,7 +63,9 @@ async def domain_changed(core: Core, name: str, uuid: str, started: bool,
         if nic.source_network:
             await _libvirt_nic(core, name, started, nic)
             continue
-        net = network_for_nic(nic, name, uuid, core.config.rules, core.networks())
+        desired = core.build_desired()
+        net = network_for_nic(nic, name, uuid, desired.policy, desired.networks,
+                              desired.active)
         if net is None:
             continue
         try:

@@ -7,6 +7,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from .attach import AttachPolicy
+
 IPv4Interface = ipaddress.IPv4Interface
 IPv6Interface = ipaddress.IPv6Interface
 
@@ -217,6 +219,12 @@ class DesiredState:
     # Explicit port requests: ifname -> network name.
     ports: dict[str, str] = field(default_factory=dict)
     rules: tuple[AttachRule, ...] = ()
+    # Built once per config load and carried through replace(): it keeps its match memo.
+    policy: AttachPolicy = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.policy is None or self.policy.rules is not self.rules:
+            object.__setattr__(self, "policy", AttachPolicy(self.rules))
 
     def active_networks(self) -> list[Network]:
         return [n for name, n in sorted(self.networks.items()) if name in self.active]

@@ -6,19 +6,19 @@ foreign bridge, address, route or table is never changed.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import actions as A
-from .model import AttachRule, DesiredState, Mode, Network
+from .attach import PORT_KINDS, rule_matches
+from .model import DesiredState, Mode, Network
 from .observed import IPInterface, IPNetwork, Link, ObservedState, Route
 from .owned import Owned
+from .render.coexist import CoexistPlan, ForeignForward, coexist_rules
 from .render.nft import fingerprint, render_ruleset
 
-PORT_KINDS = ("tun", "veth")
+__all__ = ["PORT_KINDS", "Plan", "attach_for", "plan", "port_network", "rule_matches"]
 
 
 @dataclass
@@ -31,24 +31,62 @@ class Plan:
     degraded: dict[str, str] = field(default_factory=dict)
     # ifname -> network, for every port that should be attached (explicit or by policy)
     ports: dict[str, str] = field(default_factory=dict)
+    # Bookkeeping the loop records before it applies the actions:
+    # (bridge, network) found ready-made and empty enough to take over
+    adopt: list[tuple[str, str]] = field(default_factory=list)
+    # port bindings whose tap or bridge is gone (qemu reuses names like vnet0)
+    forget_ports: list[str] = field(default_factory=list)
+    # explicit port requests whose tap is gone: the request ends with the tap
+    forget_requests: list[str] = field(default_factory=list)
+    # networks whose dnsmasq should run, unless applying this plan fails for them
+    dhcp: list[Network] = field(default_factory=list)
+    # networks whose bridge this plan makes anew: a dnsmasq bound to the old one restarts
+    dhcp_restart: set[str] = field(default_factory=set)
+    # accepts in foreign firewalls for our networks (None: foreign chains not observed)
+    coexist: CoexistPlan | None = None
 
 
 def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
-         table: str = "kvmnetd") -> Plan:
+         table: str = "kvmnetd", foreign: ForeignForward | None = None,
+         coexist_mode: str = "auto") -> Plan:
     p = Plan()
     active = desired.active_networks()
+    _plan_records(desired, observed, owned, p)
+    adopted = {bridge for bridge, _ in p.adopt}
     routes = host_routes(desired, observed)
     for net in active:
-        if _blocked_by_route(net, observed, owned, routes, p):
+        if _blocked_by_route(net, observed, owned, routes, p, net.bridge in adopted):
             continue
         _plan_network(net, observed, owned, p)
     _plan_ra_guard(active, observed, p)
     _plan_firewall(active, observed, table, p)
     _plan_forwarding(active, observed, owned, p)
-    p.ports = wanted_ports(desired, observed)
+    gone = set(p.forget_requests)
+    p.ports = {i: n for i, n in wanted_ports(desired, observed).items() if i not in gone}
     _plan_ports(desired, observed, owned, p)
     _plan_teardown(desired, observed, owned, p)
+    running = [n for n in active if n.name not in p.problems]
+    p.dhcp = [n for n in running if n.needs_dnsmasq]
+    p.dhcp_restart = {a.network for a in p.actions
+                      if isinstance(a, A.CreateBridge) and a.network is not None}
+    if foreign is not None:
+        p.coexist = coexist_rules(running, foreign, coexist_mode)
     return p
+
+
+def _plan_records(desired: DesiredState, observed: ObservedState, owned: Owned,
+                  p: Plan) -> None:
+    """What the record should say before anything is applied: bridges to adopt, ports
+    and requests that vanished with their tap."""
+    for net in desired.active_networks():
+        if net.bridge not in owned.bridges:
+            link = observed.link(net.bridge)
+            if (link is not None and link.kind == "bridge"
+                    and foreign_bridge(net, observed, owned) is None):
+                p.adopt.append((net.bridge, net.name))
+    p.forget_ports = [i for i, bridge in owned.ports.items()
+                      if observed.link(i) is None or observed.link(bridge) is None]
+    p.forget_requests = [i for i in desired.ports if observed.link(i) is None]
 
 
 # A host route as (IP version, first address, last address, route): plain integers, so
@@ -90,7 +128,7 @@ def describe_route(route: Route, observed: ObservedState) -> str:
 
 
 def _blocked_by_route(net: Network, observed: ObservedState, owned: Owned,
-                      routes: list[HostRoute], p: Plan) -> bool:
+                      routes: list[HostRoute], p: Plan, adopted: bool = False) -> bool:
     """A host route (a VPN, a LAN that came up later) over the subnet degrades the network.
 
     Not yet up: it is not brought up, and comes up by itself once the route goes. Already
@@ -103,7 +141,7 @@ def _blocked_by_route(net: Network, observed: ObservedState, owned: Owned,
     what = f"subnet {subnet} overlaps the host route {describe_route(route, observed)}"
     br = observed.link(net.bridge)
     running = (br is not None and br.kind == "bridge" and br.up
-               and owned.bridges.get(net.bridge) == net.name)
+               and (adopted or owned.bridges.get(net.bridge) == net.name))
     if running:
         p.degraded[net.name] = f"{what}; guests' traffic to it may leave the wrong way"
         return False
@@ -270,75 +308,80 @@ def _plan_ra_guard(active: list[Network], observed: ObservedState, p: Plan) -> N
 def wanted_ports(desired: DesiredState, observed: ObservedState) -> dict[str, str]:
     """Explicit requests first; then policy rules for taps not already on a foreign bridge."""
     ports = {i: n for i, n in desired.ports.items() if n in desired.active}
-    if not desired.rules:
+    if not desired.policy:
         return ports
     ours = {desired.networks[n].bridge for n in desired.active}
-    matches = _memo(desired.rules)
     for link in observed.links.values():
-        if link.name in desired.ports or link.kind not in PORT_KINDS:
+        if link.name in desired.ports:
             continue  # an explicit request (or explicit detach) wins over policy
-        master = observed.name_of(link.master)
-        if master is not None and master not in ours:
-            continue
-        net = _policy(desired, link, matches)
+        net = _by_policy(desired, observed, link, ours)
         if net is not None:
             ports[link.name] = net
     return ports
 
 
-def policy_network(desired: DesiredState, link: Link) -> str | None:
-    """The first matching rule whose network is up."""
-    return _policy(desired, link, _memo(desired.rules))
+def port_network(desired: DesiredState, observed: ObservedState, ifname: str) -> str | None:
+    """Where one port belongs: its explicit request, else the attach policy."""
+    if ifname in desired.ports:
+        net = desired.ports[ifname]
+        return net if net in desired.active else None
+    link = observed.link(ifname)
+    if link is None or not desired.policy:
+        return None
+    ours = {desired.networks[n].bridge for n in desired.active}
+    return _by_policy(desired, observed, link, ours)
 
 
-def _policy(desired: DesiredState, link: Link,
-            matches: dict[tuple[str, str], tuple[str, ...]]) -> str | None:
-    key = (link.name, link.mac)
-    nets = matches.get(key)
-    if nets is None:
-        if len(matches) > 65536:
-            matches.clear()  # tap names churn: keep the memo bounded
-        nets = matches[key] = tuple(r.network for r in desired.rules
-                                    if rule_matches(r.ifname, r.mac, link))
-    for net in nets:
-        if net in desired.active:
-            return net
-    return None
+def _by_policy(desired: DesiredState, observed: ObservedState, link: Link,
+               ours: set[str]) -> str | None:
+    if not desired.policy.eligible(link, ours, observed.name_of(link.master)):
+        return None
+    return desired.policy.network_for(link, desired.active)
 
 
-_last_rules: list[Any] = [None, {}]  # the rule set last asked for, and its memo
+def attach_for(desired: DesiredState, observed: ObservedState, owned: Owned,
+               ifname: str) -> Plan:
+    """The plan for one port (a new tap, an API call): what a full pass would do for it,
+    in O(1). A port whose bridge is not there yet waits for the pass that makes it."""
+    p = Plan()
+    if observed.link(ifname) is None:
+        # Gone: its binding and its request end with the tap, as in a full pass.
+        if ifname in owned.ports:
+            p.forget_ports.append(ifname)
+        if ifname in desired.ports:
+            p.forget_requests.append(ifname)
+        return p
+    net = port_network(desired, observed, ifname)
+    if net is not None:
+        p.ports[ifname] = net
+        bridge = desired.networks[net].bridge
+        if observed.link(bridge) is not None:
+            p.actions += _port_actions(ifname, net, bridge, observed)
+    elif ifname in owned.ports:
+        p.actions += _release(ifname, owned, observed)
+    return p
 
 
-def _memo(rules: tuple[AttachRule, ...]) -> dict[tuple[str, str], tuple[str, ...]]:
-    # Hashing a rule set costs O(rules); the same tuple object is asked for again and again.
-    if _last_rules[0] is not rules:
-        _last_rules[:] = [rules, _matches_for(rules)]
-    memo: dict[tuple[str, str], tuple[str, ...]] = _last_rules[1]
-    return memo
+def _port_actions(ifname: str, netname: str, bridge: str,
+                  observed: ObservedState) -> list[A.Action]:
+    link = observed.link(ifname)
+    if link is None:
+        return []  # not there yet: attached when netlink reports it
+    br = observed.link(bridge)
+    if br is None or link.master != br.index:
+        return [A.Enslave(netname, ifname, bridge)]
+    if not link.up:
+        return [A.SetUp(netname, ifname)]
+    return []
 
 
-@functools.lru_cache(maxsize=4)
-def _matches_for(rules: tuple[AttachRule, ...]) -> dict[tuple[str, str], tuple[str, ...]]:
-    """(tap name, MAC) -> networks whose rules match it, for one rule set.
-
-    Every pass asks again for every tap: match the globs once per tap, and hash the
-    rule set once per pass rather than once per tap.
-    """
-    return {}
-
-
-def rule_matches(ifname_glob: str | None, mac_glob: str | None, link: Link) -> bool:
-    if ifname_glob is None and mac_glob is None:
-        return False
-    if ifname_glob is not None and not fnmatch.fnmatchcase(link.name, ifname_glob):
-        return False
-    if mac_glob is not None:
-        pattern = mac_glob.lower()
-        if not any(c in pattern for c in "*?["):
-            pattern += "*"  # a bare prefix
-        if not fnmatch.fnmatchcase(link.mac.lower(), pattern):
-            return False
-    return True
+def _release(ifname: str, owned: Owned, observed: ObservedState) -> list[A.Action]:
+    bridge = owned.ports[ifname]
+    link = observed.link(ifname)
+    br = observed.link(bridge)
+    if link is not None and br is not None and link.master == br.index:
+        return [A.Release(owned.bridges.get(bridge), ifname)]
+    return []
 
 
 def _plan_ports(desired: DesiredState, observed: ObservedState, owned: Owned, p: Plan) -> None:
@@ -346,21 +389,10 @@ def _plan_ports(desired: DesiredState, observed: ObservedState, owned: Owned, p:
         net = desired.networks[netname]
         if netname in p.problems and observed.link(net.bridge) is None:
             continue
-        link = observed.link(ifname)
-        if link is None:
-            continue  # not there yet: attached when netlink reports it
-        br = observed.link(net.bridge)
-        if br is None or link.master != br.index:
-            p.actions.append(A.Enslave(netname, ifname, net.bridge))
-        elif not link.up:
-            p.actions.append(A.SetUp(netname, ifname))
-    for ifname, bridge in sorted(owned.ports.items()):
-        if ifname in p.ports:
-            continue
-        link = observed.link(ifname)
-        br = observed.link(bridge)
-        if link is not None and br is not None and link.master == br.index:
-            p.actions.append(A.Release(owned.bridges.get(bridge), ifname))
+        p.actions += _port_actions(ifname, netname, net.bridge, observed)
+    for ifname in sorted(owned.ports):
+        if ifname not in p.ports:
+            p.actions += _release(ifname, owned, observed)
 
 
 def _plan_teardown(desired: DesiredState, observed: ObservedState, owned: Owned,

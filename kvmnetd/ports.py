@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Sequence
 from typing import Protocol
 
 from . import actions as A
@@ -17,8 +17,13 @@ class NetlinkPort(Protocol):
 
     async def apply(self, action: A.Action) -> None: ...
 
-    def enslave_new(self, action: A.Enslave) -> asyncio.Future[None]:
-        """apply(), started before it returns (the fast path's new taps)."""
+    async def apply_many(self, actions: Sequence[A.Action]) -> list[BaseException | None]:
+        """apply() for each, in order, as fast as the kernel takes them (pipelined): one
+        result per action, None or the error apply() would have raised."""
+        ...
+
+    async def tap_info(self, ifname: str) -> tuple[int | None, int | None] | None:
+        """(owner uid, group gid) of a tun/tap read from the kernel now; None if none."""
         ...
 
     def take_changes(self) -> tuple[set[int], bool]:
@@ -51,3 +56,7 @@ class CoexistPort(Protocol):
 
 class DhcpPort(Protocol):
     async def sync(self, networks: list[Network]) -> None: ...
+
+    async def restart(self, network: str) -> None:
+        """Its bridge was made anew: a running dnsmasq bound to the old one starts again."""
+        ...

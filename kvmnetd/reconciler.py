@@ -10,16 +10,23 @@ from dataclasses import dataclass, replace
 import structlog
 
 from . import actions as A
+from .attach import PORT_KINDS
 from .errors import KvmnetError, NoSuchPort
-from .fastpath import FastPath
 from .model import DesiredState
-from .observed import ObservedState
+from .observed import Link, ObservedState
 from .owned import Owned, load_owned, save_owned
-from .plan import Plan, foreign_bridge, plan
+from .plan import Plan, attach_for, plan
 from .ports import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
-from .render.coexist import ForeignForward, coexist_rules
+from .render.coexist import ForeignForward
 
 log = structlog.get_logger("kvmnetd.reconcile")
+
+# The safety sweep: what no event reports (sysctls) and a check that events missed
+# nothing. Drift of our own objects comes by netlink, nft monitor and child exits.
+SWEEP_INTERVAL = 60.0
+# While a network cannot start for a reason no event reports (a host sysctl such as
+# accept_ra), the loop looks again this often.
+RETRY_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,7 @@ class NetState:
 class Reconciler:
     def __init__(self, netlink: NetlinkPort, firewall: FirewallPort, sysctl: SysctlPort,
                  dhcp: DhcpPort | None, owned_path: str, table: str = "kvmnetd",
-                 verify_interval: float = 1.0, coexist: CoexistPort | None = None,
+                 verify_interval: float = SWEEP_INTERVAL, coexist: CoexistPort | None = None,
                  coexist_mode: str = "auto") -> None:
         self.netlink = netlink
         self.firewall = firewall
@@ -63,8 +70,16 @@ class Reconciler:
         self._last_errors = 0
         self._sysctl_known = False
         self.owned_dirty = False  # changed since owned.json was last written
-        self.fast = FastPath(self)
         self._other_trigger = True  # woken by something other than link events
+        # Ports to look at without a full pass (new taps, API calls): ifname -> the
+        # callers waiting for it. One queue: whoever asked, the same planner and writes.
+        self._port_queue: dict[str, list[asyncio.Future[None]]] = {}
+        # Ports settled since the last full pass: ifname -> (its index, its bridge's index).
+        # Their own netlink events then need no pass.
+        self._settled_ports: dict[str, tuple[int, int | None]] = {}
+        self._settled_index: dict[int, str] = {}  # the same, by link index
+        self._port_listeners: list[Callable[[set[str] | None], None]] = []
+        self._running = False  # run() is draining the port queue
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
@@ -73,17 +88,61 @@ class Reconciler:
         self._other_trigger = True
         self._wake.set()
 
+    def on_ports(self, listener: Callable[[set[str] | None], None]) -> None:
+        """Called after ports may have changed: with their names, or None after a full pass."""
+        self._port_listeners.append(listener)
+
     def links_changed(self) -> None:
-        """Netlink events changed links: a pass, unless the fast path explains them all."""
+        """Netlink events changed links: a pass, unless the ports settled explain them all."""
         self._wake.set()
 
+    def link_added(self, link: Link) -> None:
+        """Netlink saw this link for the first time: a tap or veth is looked at on its
+        own (policy may place it, a request may wait for it), not by a full pass."""
+        if link.kind in PORT_KINDS:
+            self._port_queue.setdefault(link.name, [])
+            self._wake.set()
+
+    async def request_port(self, ifname: str, network: str) -> None:
+        """An explicit request for one port ("" detaches it): returns once it is applied."""
+        ports = dict(self.desired.ports)
+        ports[ifname] = network
+        self.desired = replace(self.desired, ports=ports)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._port_queue.setdefault(ifname, []).append(done)
+        if self._running:
+            self._wake.set()  # the loop takes every port queued meanwhile in one batch
+        else:
+            await self.apply_queued()  # no loop (start-up, tests): the caller drains
+        await done
+
     def needs_pass(self) -> bool:
-        """False when all that happened since the last pass is taps the fast path attached,
-        still as it left them: the pass would plan every link to find nothing to do."""
-        if self._other_trigger or self.fast.in_flight:
+        """False when all that happened since the last pass is ports settled on their own,
+        still as they were left: the pass would plan every link to find nothing to do."""
+        if self._other_trigger:
             return True
         links, other = self.netlink.take_changes()
-        return other or not self.fast.covers(links)
+        return other or not self._covers(links)
+
+    def _covers(self, changed: set[int]) -> bool:
+        links = self.netlink.observed.links
+        gone: list[str] = []
+        for index in changed:
+            link = links.get(index)
+            if link is None:
+                # A settled port's tap deleted (a guest stopped): that port's plan forgets it.
+                name = self._settled_index.get(index)
+                if name is None:
+                    return False
+                gone.append(name)
+                continue
+            if self._settled_ports.get(link.name) != (index, link.master):
+                return False
+            if link.master is not None and not link.up:
+                return False  # a port of ours went down: the pass brings it up
+        for name in gone:
+            self._port_queue.setdefault(name, [])
+        return True
 
     def firewall_changed(self) -> None:
         """nft monitor saw a change: re-read our table and the foreign chains next pass."""
@@ -91,25 +150,29 @@ class Reconciler:
         self.trigger()
 
     async def run(self) -> None:
-        """Forever: wait for a trigger (or the periodic verification), then converge."""
+        """Forever: wait for a trigger (or the safety sweep), then converge."""
+        self._running = True
         while True:
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
             # comes as the event is set, and the daemon would not stop on SIGTERM.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.verify_interval):
+                wait = RETRY_INTERVAL if self.last_plan.problems else self.verify_interval
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
                 await asyncio.sleep(0)  # let a burst of events land: one pass for all
             timed_out = not self._wake.is_set()
             self._wake.clear()
             try:
                 if timed_out:
-                    # Periodic verification re-reads what no event reports.
+                    # The safety sweep re-reads what no event reports.
                     self._firewall_known = self._sysctl_known = False
                     if not self.foreign_events:
                         self._foreign_known = False
                 else:
-                    await self.fast.settle()
+                    if not self._other_trigger:
+                        await self.apply_queued()
                     if not self.needs_pass():
+                        await self.apply_queued()  # taps of settled ports that went away
                         self._save_owned_if_dirty()
                         continue
                 await self.converge()
@@ -133,8 +196,76 @@ class Reconciler:
                     break
             return p
 
+    async def apply_queued(self) -> None:
+        """The queued ports, now (the loop does this when it wakes)."""
+        if self._port_queue:
+            async with self._lock:
+                await self._port_pass()
+
+    async def _port_pass(self) -> None:
+        """The queued ports alone: each planned by attach_for, all applied as one batch
+        through the same writes and bookkeeping as a full pass."""
+        queue, self._port_queue = self._port_queue, {}
+        observed = self.netlink.observed
+        p = Plan()
+        for ifname in queue:
+            one = attach_for(self.desired, observed, self.owned, ifname)
+            if one.forget_ports or one.forget_requests:
+                self._record(one)
+                self.owned_dirty = True
+            if one.ports and not one.actions and observed.link(ifname) is not None:
+                bridge = self.desired.networks[one.ports[ifname]].bridge
+                if observed.link(bridge) is None:
+                    self._other_trigger = True  # a pass makes the bridge first
+            p.actions += one.actions
+            p.ports.update(one.ports)
+        failed: dict[str, str] = {}
+        if p.actions:
+            for action, err in zip(p.actions, await self._apply_batch(p.actions, observed,
+                                                                      failed), strict=True):
+                if self._settle(action, err, p, observed, failed):
+                    self.owned_dirty = True
+                elif err is not None:
+                    self.trigger()  # a full pass looks at it again, with everything else
+        for ifname in queue:
+            net = p.ports.get(ifname)
+            if net is None:
+                self.last_plan.ports.pop(ifname, None)
+            else:
+                self.last_plan.ports[ifname] = net
+            net_bridge = self.desired.networks[net].bridge if net else None
+            link, br = observed.link(ifname), observed.link(net_bridge) if net_bridge else None
+            if link is not None and br is not None and link.master == br.index:
+                self._settle_port(ifname, link.index, br.index)
+            elif link is not None and net is None and link.master is None:
+                self._settle_port(ifname, link.index, None)
+            elif link is None:
+                gone = self._settled_ports.pop(ifname, None)
+                if gone is not None:
+                    self._settled_index.pop(gone[0], None)
+        # On disk before any caller hears back: a kill now must not lose the port.
+        self._save_owned_if_dirty()
+        self.completed += 1
+        self._ports_changed(set(queue))
+        for waiters in queue.values():
+            for done in waiters:
+                if not done.done():
+                    done.set_result(None)
+
+    def _settle_port(self, ifname: str, index: int, master: int | None) -> None:
+        self._settled_ports[ifname] = (index, master)
+        self._settled_index[index] = ifname
+
+    def _ports_changed(self, names: set[str] | None) -> None:
+        for listener in self._port_listeners:
+            try:
+                listener(names)
+            except Exception:  # a listener's bug must not break the loop
+                log.exception("reconcile.listener_failed")
+
     async def set_desired(self, desired: DesiredState) -> Plan:
         self.desired = desired
+        self._other_trigger = True
         return await self.converge(quick=True)
 
     def observe(self) -> ObservedState:
@@ -166,7 +297,9 @@ class Reconciler:
         # From here on this pass sees everything: later changes are for the next look.
         self._other_trigger = False
         self.netlink.take_changes()
-        self.fast.done.clear()
+        self._settled_ports.clear()
+        self._settled_index.clear()
+        queue, self._port_queue = self._port_queue, {}
         if not self._firewall_known:
             self._firewall_known = True  # a change reported while reading clears it again
             try:
@@ -182,10 +315,10 @@ class Reconciler:
                 self._foreign_known = False
                 raise
         observed = self.observe()
-        before = self.owned.to_json()  # adoption and forgetting below are changes to save too
-        self._adopt(observed)
-        self._forget_vanished(observed)
-        p = plan(self.desired, observed, self.owned, self.table)
+        before = self.owned.to_json()  # adoption and forgetting are changes to save too
+        p = plan(self.desired, observed, self.owned, self.table,
+                 self._foreign if self.coexist is not None else None, self.coexist_mode)
+        self._record(p)
         failed: dict[str, str] = {}
         applied = 0
         self._last_errors = 0
@@ -199,21 +332,23 @@ class Reconciler:
             self.owned_dirty = True
         self._save_owned_if_dirty()
         if self.dhcp is not None:
-            ok = [n for n in self.desired.active_networks()
-                  if n.needs_dnsmasq and n.name not in failed and n.name not in p.problems]
+            ok = [n for n in p.dhcp if n.name not in failed]
             # A bridge made anew this pass: a dnsmasq still bound to the old one is replaced
             # (a new network has none yet; sync starts it).
-            restart = getattr(self.dhcp, "restart", None)
-            made = {a.network for a in p.actions if isinstance(a, A.CreateBridge)}
             for net in ok:
-                if restart is not None and net.name in made:
-                    await restart(net.name)
+                if net.name in p.dhcp_restart:
+                    await self.dhcp.restart(net.name)
             await self.dhcp.sync(ok)
         self.last_plan = p  # before listeners run: they read ports from it
         self.completed += 1
         log.debug("reconcile.pass", number=self.passes, actions=len(p.actions),
                   applied=applied, problems=sorted(p.problems))
         self._update_states(p, failed)
+        self._ports_changed(None)
+        for waiters in queue.values():
+            for done in waiters:
+                if not done.done():
+                    done.set_result(None)
         return p, applied
 
     def _save_owned_if_dirty(self) -> None:
@@ -238,9 +373,8 @@ class Reconciler:
         # a network that failed earlier in this pass is skipped here.
         todo = [a for a in batch if a.network is None or a.network not in failed]
         results: dict[int, BaseException | None] = {}
-        many = getattr(self.netlink, "apply_many", None)
-        if len(todo) > 1 and many is not None:
-            for action, err in zip(todo, await many(todo), strict=True):
+        if len(todo) > 1:
+            for action, err in zip(todo, await self.netlink.apply_many(todo), strict=True):
                 results[id(action)] = err
         else:
             for action in todo:
@@ -297,14 +431,12 @@ class Reconciler:
 
     async def _coexist(self, p: Plan, failed: dict[str, str]) -> int:
         """Accepts for our networks where a foreign firewall drops forwarded traffic."""
-        if self.coexist is None or self._foreign is None:
+        if self.coexist is None or p.coexist is None:
             return 0
-        nets = [n for n in self.desired.active_networks()
-                if n.name not in failed and n.name not in p.problems]
-        cp = coexist_rules(nets, self._foreign, self.coexist_mode)
-        self.coexist_reports = cp.reports
+        self.coexist_reports = p.coexist.reports
+        rules = tuple(r for r in p.coexist.rules if r.network not in failed)
         try:
-            change = await self.coexist.apply(cp.rules)
+            change = await self.coexist.apply(rules)
         except (KvmnetError, OSError) as e:
             log.warning("coexist.failed", error=str(e))
             return 0
@@ -314,22 +446,15 @@ class Reconciler:
         log.info("coexist.applied", inserted=len(change.insert), deleted=len(change.delete))
         return 1
 
-    def _adopt(self, observed: ObservedState) -> None:
-        for net in self.desired.active_networks():
-            if net.bridge not in self.owned.bridges:
-                link = observed.link(net.bridge)
-                if (link is not None and link.kind == "bridge"
-                        and foreign_bridge(net, observed, self.owned) is None):
-                    self.owned.adopt(net.bridge, net.name)
-                    log.info("bridge.adopted", network=net.name, bridge=net.bridge)
-
-    def _forget_vanished(self, observed: ObservedState) -> None:
-        # A deleted tap's binding ends with it: qemu reuses names like vnet0 for other guests.
-        for ifname, bridge in list(self.owned.ports.items()):
-            if observed.link(ifname) is None or observed.link(bridge) is None:
-                del self.owned.ports[ifname]
-        gone = [i for i in self.desired.ports if observed.link(i) is None]
-        if gone:
+    def _record(self, p: Plan) -> None:
+        """The plan's bookkeeping: adopted bridges, and ports gone with their taps."""
+        for bridge, network in p.adopt:
+            self.owned.adopt(bridge, network)
+            log.info("bridge.adopted", network=network, bridge=bridge)
+        for ifname in p.forget_ports:
+            self.owned.ports.pop(ifname, None)
+        if p.forget_requests:
+            gone = set(p.forget_requests)
             ports = {i: n for i, n in self.desired.ports.items() if i not in gone}
             self.desired = replace(self.desired, ports=ports)
 
@@ -387,7 +512,11 @@ class Reconciler:
                 new[name] = NetState("degraded", p.degraded[name])
             else:
                 new[name] = NetState("active")
-        for name, st in new.items():
+        # A network that is gone (undefined, or dropped by a reload) is told as inactive
+        # once, so listeners can drop what they keep for it.
+        gone = {name: NetState("inactive", "undefined") for name in self.states
+                if name not in new}
+        for name, st in [*new.items(), *gone.items()]:
             if self.states.get(name) != st:
                 log.info("network.state", network=name, state=st.state, reason=st.reason)
                 for listener in self._listeners:

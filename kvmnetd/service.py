@@ -87,7 +87,7 @@ class Service:
         self._wired = True
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
-        self.netlink.on_link_added = self.rec.fast.link_appeared
+        self.netlink.on_link_added = self.rec.link_added
         # Listen first, then observe: no ruleset change falls between.
         await self.nftmon.start(self.rec.firewall_changed)
         # Foreign chains then change only with an event: the timer reads just our table.
@@ -99,7 +99,6 @@ class Service:
                                               lambda _why: self.rec.firewall_changed())
             await self.firewalld.start()
         await self.rec.converge()
-        self.core.after_pass()
         await self._watch_libvirt()
         self.control = await self._serve_control()
         if self.control is not None and self.control.bus_expected():
@@ -162,7 +161,7 @@ class Service:
         return {n.name: n.bridge for n in self.rec.desired.active_networks()}
 
     def _libvirt_networks_check(self) -> None:
-        """After a pass: a network started, stopped, defined or undefined means a libvirt sync."""
+        """A network started, stopped, defined or undefined means a libvirt sync."""
         if self.libvirt is None or not self.settings.libvirt_networks:
             return
         now = self.libvirt_networks()
@@ -192,11 +191,9 @@ class Service:
         self.rec.links_changed()
 
     def _on_dhcp_event(self, event: CoreEvent) -> None:
-        if not self._wired:
-            return
-        self.core.emit(event)
-        if event.kind not in ("lease-added", "lease-removed"):
-            self.rec.trigger()
+        # Leases, and a dnsmasq going degraded or serving again: pushed as they happen.
+        if self._wired:
+            self.core.emit(event)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -211,13 +208,8 @@ class Service:
         self.core.subscribe(self._on_core_event)
         loop_task = asyncio.ensure_future(self.rec.run())
         try:
-            while True:
-                await asyncio.sleep(0.5)
-                self.core.after_pass()
-                # dnsmasq going degraded (or recovering) is no event of its own.
-                self.refresh_status()
-                self._libvirt_networks_check()
-                self._qemu_bridge_check()
+            # Everything from here on is pushed: the loop's listeners and core events.
+            await loop_task
         finally:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -254,17 +246,31 @@ class Service:
             self.refresh_status()
 
     def refresh_status(self) -> None:
-        """STATUS= for systemctl status: sent only when the line changed."""
+        """After the events of this turn of the event loop (a burst of port events makes one
+        update): STATUS= when its line changed, and libvirt's and qemu-bridge-helper's view
+        of the active networks."""
+        if self._status_due:
+            return
+        self._status_due = True
+        try:
+            asyncio.get_running_loop().call_soon(self._send_status)
+        except RuntimeError:
+            self._send_status()
+
+    _status_due = False
+
+    def _send_status(self) -> None:
+        self._status_due = False
+        # The same burst of events may have started, stopped or removed networks.
+        self._libvirt_networks_check()
+        self._qemu_bridge_check()
         line = self.status_line()
         if line != self._status_sent:
             self._status_sent = line
             self.notifier.status(line)
 
     def status_line(self) -> str:
-        nets = self.core.list_networks()
-        up = sum(1 for n in nets if n.state == "active")
-        bad = sum(1 for n in nets if n.state in ("failed", "degraded"))
-        ports = sum(1 for p in self.core.list_ports() if p.state == "attached")
+        up, ports, bad = self.core.summary()
         return f"{up} networks up, {ports} ports, {bad} degraded"
 
     def failed_networks(self) -> list[str]:

@@ -59,6 +59,7 @@ class DnsmasqSupervisor:
         self.signals = 0
         self._nets: dict[str, _Net] = {}
         self._refused: dict[str, str] = {}
+        self._on_event = on_event
         self._leases = LeaseWatcher(on_event)
         self._lock = asyncio.Lock()
         self._swept = False
@@ -195,6 +196,14 @@ class DnsmasqSupervisor:
     def _fail(self, st: _Net, reason: str) -> None:
         st.state, st.reason = "failed", reason
         log.error("dnsmasq.failed", network=st.net.name, reason=reason)
+        self._state_changed(st)
+
+    def _state_changed(self, st: _Net) -> None:
+        """The network's DHCP state is part of its own: watchers hear of it now."""
+        try:
+            self._on_event(CoreEvent(kind="network-changed", network=st.net.name))
+        except Exception:  # a listener's bug must not stop the supervision
+            log.exception("dnsmasq.listener_failed", network=st.net.name)
 
     async def _start(self, st: _Net, check: bool) -> None:
         binary = shutil.which(self.settings.dnsmasq_path)
@@ -271,6 +280,7 @@ class DnsmasqSupervisor:
         if proc.alive and st.proc is proc:
             st.state = "running"
             log.info("dnsmasq.started", network=st.net.name, pid=proc.pid)
+            self._state_changed(st)
 
     # -- supervision ------------------------------------------------------------------------
 
@@ -291,6 +301,7 @@ class DnsmasqSupervisor:
             st.reason = (f"dnsmasq quit {n} times within {CRASH_WINDOW:.0f} s, last {what}; "
                          "not restarted until its configuration changes or it is reset")
             log.error("dnsmasq.degraded", network=st.net.name, reason=st.reason)
+            self._state_changed(st)
             return
         delay = FIRST_BACKOFF * 2 ** (n - 1)
         st.state, st.reason = "starting", f"restarting in {delay:.2f} s after {what}"

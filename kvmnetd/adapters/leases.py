@@ -1,4 +1,4 @@
-"""dnsmasq lease files: parsing, and one cheap poll loop that turns changes into events."""
+"""dnsmasq lease files: parsing, and a watcher that turns their changes into events."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from collections.abc import Callable
 import structlog
 
 from ..status import CoreEvent, Lease
+from .inotify import DirWatch
 
 log = structlog.get_logger()
 
-POLL_INTERVAL = 0.5
+POLL_INTERVAL = 0.5  # only where inotify is not available
 
 
 def _field(value: str) -> str:
@@ -68,7 +69,8 @@ def _stamp(path: str) -> _Stamp | None:
 
 
 class LeaseWatcher:
-    """Polls the lease files' stat (one task for all networks) and reports added/removed leases."""
+    """Reports added/removed leases as dnsmasq writes its lease files: inotify on their
+    directories wakes it; without inotify, one task polls every file's stat."""
 
     def __init__(self, on_event: Callable[[CoreEvent], None]) -> None:
         self._on_event = on_event
@@ -76,16 +78,45 @@ class LeaseWatcher:
         self._stamps: dict[str, _Stamp | None] = {}
         self._known: dict[str, dict[tuple[str, str, str, str], Lease]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._inotify: DirWatch | None = None
+        self._check_due = False
 
     def watch(self, network: str, path: str) -> None:
         """Start watching; leases already in the file count as known (no events for them)."""
         if self._files.get(network) == path:
             return
         self._files[network] = path
+        evented = self._watch_dir(os.path.dirname(path) or ".")
         self._stamps[network] = _stamp(path)
         self._known[network] = {_key(lease): lease for lease in read_leases(path)}
-        if self._task is None or self._task.done():
+        if not evented and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _watch_dir(self, directory: str) -> bool:
+        """Watched by inotify from now on (added before the file is first read, so no
+        change falls between); False where inotify cannot be had."""
+        try:
+            if self._inotify is None:
+                self._inotify = DirWatch(self._changed)
+                asyncio.get_running_loop().add_reader(self._inotify.fd, self._inotify.readable)
+            self._inotify.add(directory)
+            return True
+        except OSError as e:
+            log.warning("dnsmasq.lease_watch_polling", error=str(e))
+            return False
+
+    def _changed(self, _directory: str, _name: str) -> None:
+        # A burst of writes makes one look at the files (cheap when unchanged: a stat).
+        if not self._check_due:
+            self._check_due = True
+            asyncio.get_running_loop().call_soon(self._check_now)
+
+    def _check_now(self) -> None:
+        self._check_due = False
+        try:
+            self.check()
+        except OSError as e:
+            log.warning("dnsmasq.lease_check_failed", error=str(e))
 
     def unwatch(self, network: str) -> None:
         self._files.pop(network, None)
@@ -125,6 +156,10 @@ class LeaseWatcher:
                 log.warning("dnsmasq.lease_poll_failed", error=str(e))
 
     async def close(self) -> None:
+        if self._inotify is not None:
+            asyncio.get_running_loop().remove_reader(self._inotify.fd)
+            self._inotify.close()
+            self._inotify = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -221,7 +221,13 @@ class NetlinkAdapter:
 
         async def one(i: int) -> None:
             try:
-                await self.apply(actions[i])
+                action = actions[i]
+                if isinstance(action, act.Enslave):
+                    # A burst of new taps: queued for the request channel's own thread,
+                    # so the loop goes straight on to the next taps' events.
+                    await self._enslave(action, background=True)
+                else:
+                    await self.apply(action)
             except Exception as exc:
                 results[i] = exc
 
@@ -275,15 +281,6 @@ class NetlinkAdapter:
             case _:
                 name = type(action).__name__
                 raise InvalidArgument(f"the netlink adapter does not handle {name}")
-
-    def enslave_new(self, action: act.Enslave) -> asyncio.Future[None]:
-        """apply(), for a new tap in what may be a burst of them: queued for the request
-        channel's own thread before this returns, so the loop goes straight on to the next
-        taps' events. The future completes as apply() would."""
-        master = self._mirror.by_name.get(action.bridge)
-        if master is None:  # not in the mirror yet: ask the kernel first
-            return asyncio.get_running_loop().create_task(self._enslave(action, True))
-        return self._start_enslave(action, master, True)
 
     async def _enslave(self, action: act.Enslave, background: bool = False) -> None:
         master = await self._index(action.bridge, _attach(action))

@@ -405,13 +405,14 @@ async def test_background_enslaves_keep_their_order_with_later_requests(
     names = [f"q{i}" for i in range(60)]
     sh("ip", "-batch", "-", ns=ns, input="".join(f"tuntap add {n} mode tap\n" for n in names))
     assert await until(lambda: all(nl.observed.link(n) is not None for n in names))
-    tasks = [asyncio.ensure_future(nl.enslave_new(act.Enslave(None, n, "br0"))) for n in names]
-    await asyncio.sleep(0)  # every task has queued its request
+    batch = asyncio.ensure_future(nl.apply_many([act.Enslave(None, n, "br0") for n in names]))
+    for _ in range(3):
+        await asyncio.sleep(0)  # every enslave has queued its request
     await nl.apply(act.Release(None, "q59"))  # asked later: must not overtake the queue
-    await asyncio.gather(*tasks)
+    assert await batch == [None] * len(names)
     masters = ip(ns, "-o", "link", "show", "master", "br0")
     assert sum(f" {n}:" in masters for n in names) == 59 and " q59:" not in masters
     link = nl.observed.link("q0")
     assert link is not None and link.master == br and link.up
-    with pytest.raises(NoSuchPort, match="attach nosuch to bridge br0"):
-        await nl.enslave_new(act.Enslave(None, "nosuch", "br0"))
+    [err] = await nl.apply_many([act.Enslave(None, "nosuch", "br0")])
+    assert isinstance(err, NoSuchPort) and "attach nosuch to bridge br0" in str(err)

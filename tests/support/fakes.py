@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 
 from kvmnetd import actions as A
 from kvmnetd.errors import Conflict
@@ -22,8 +23,21 @@ class FakeNetlink:
         self.changed_other = False
         self.delay = 0.0  # seconds each change takes, for calls that must overlap
 
-    def enslave_new(self, action: A.Enslave) -> asyncio.Future[None]:
-        return asyncio.get_running_loop().create_task(self.apply(action))
+    async def apply_many(self, actions: Sequence[A.Action]) -> list[BaseException | None]:
+        out: list[BaseException | None] = []
+        for action in actions:
+            try:
+                await self.apply(action)
+                out.append(None)
+            except Exception as e:
+                out.append(e)
+        return out
+
+    async def tap_info(self, ifname: str) -> tuple[int | None, int | None] | None:
+        link = self.observed.link(ifname)
+        if link is None or link.kind != "tun":
+            return None
+        return link.tun_owner, link.tun_group
 
     def take_changes(self) -> tuple[set[int], bool]:
         out = (self.changed, self.changed_other)
@@ -121,6 +135,7 @@ class FakeDhcp:
         self.synced: list[list[str]] = []
         self.running: set[str] = set()
         self.lease_table: dict[str, list[Lease]] = {}
+        self.restarted: list[str] = []
 
     async def sync(self, networks: list[Network]) -> None:
         self.synced.append([n.name for n in networks])
@@ -131,6 +146,9 @@ class FakeDhcp:
 
     def leases(self, network: str) -> list[Lease]:
         return list(self.lease_table.get(network, []))
+
+    async def restart(self, network: str) -> None:
+        self.restarted.append(network)
 
 
 class FakeAuthority:

@@ -109,8 +109,7 @@ async def test_forgetting_a_vanished_tap_is_saved(tmp_path: Path) -> None:
 
 
 async def _settled(rec: Reconciler) -> None:
-    for _ in range(5):  # the attach task, then its completion callback
-        await asyncio.sleep(0)
+    await rec.apply_queued()  # what the loop does when it wakes
 
 
 async def test_a_new_tap_matching_policy_is_attached_from_its_own_event(tmp_path: Path) -> None:
@@ -120,7 +119,7 @@ async def test_a_new_tap_matching_policy_is_attached_from_its_own_event(tmp_path
     writes, passes = rec.writes, rec.passes
     tap = Link(index=7, name="vnet3", kind="tun")
     nl.observed.links[7] = tap
-    rec.fast.link_appeared(tap)
+    rec.link_added(tap)
     await _settled(rec)
     kvbr1 = nl.observed.link("kvbr1")
     vnet = nl.observed.link("vnet3")
@@ -145,7 +144,7 @@ async def test_fast_attach_leaves_what_policy_does_not_claim(tmp_path: Path) -> 
                  Link(index=23, name="iso0", kind="tun"),  # its network is not active
                  Link(index=24, name="other0", kind="tun")):  # no rule
         nl.observed.links[link.index] = link
-        rec.fast.link_appeared(link)
+        rec.link_added(link)
     await _settled(rec)
     assert rec.writes == writes
 
@@ -157,9 +156,9 @@ async def test_fast_attach_failure_is_the_ports_and_wakes_the_loop(tmp_path: Pat
     nl.fail_on.add("vnet4")
     tap = Link(index=30, name="vnet4", kind="tun")
     nl.observed.links[30] = tap
-    rec.fast.link_appeared(tap)
+    rec.link_added(tap)
     await _settled(rec)
-    assert "refused" in rec.port_errors["vnet4"] and rec._wake.is_set()
+    assert "refused" in rec.port_errors["vnet4"] and rec.needs_pass()
     assert rec.states["nat"].state == "active"
 
 
@@ -171,8 +170,7 @@ async def test_no_pass_when_only_fast_attached_taps_changed(tmp_path: Path) -> N
     taps = [Link(index=40 + i, name=f"vnet{i}", kind="tun") for i in range(3)]
     for tap in taps:
         nl.observed.links[tap.index] = tap
-        rec.fast.link_appeared(tap)
-    assert rec.needs_pass(), "enslaves still in flight"
+        rec.link_added(tap)
     await _settled(rec)
     nl.changed = {40, 41, 42}
     assert not rec.needs_pass()
@@ -207,3 +205,54 @@ async def test_host_route_degrades_one_network_and_its_removal_brings_it_up(
     nl.observed.routes.discard(route)
     await rec.converge()
     assert rec.states["iso"].state == "active" and nl.observed.link("kvbr1") is not None
+
+
+async def test_an_api_attach_plans_its_port_alone(tmp_path: Path) -> None:
+    taps = [Link(index=60 + i, name=f"vnet{i}", kind="tun") for i in range(3)]
+    rec, nl, _, _ = make(tmp_path, *taps)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat", "iso"})))
+    seen: list[set[str] | None] = []
+    rec.on_ports(seen.append)
+    passes, writes = rec.passes, rec.writes
+    await asyncio.gather(rec.request_port("vnet0", "nat"), rec.request_port("vnet1", "iso"))
+    kvbr0, kvbr1 = nl.observed.link("kvbr0"), nl.observed.link("kvbr1")
+    assert kvbr0 is not None and kvbr1 is not None
+    assert [nl.observed.link(n).master for n in ("vnet0", "vnet1", "vnet2")] == [  # type: ignore[union-attr]
+        kvbr0.index, kvbr1.index, None]
+    assert rec.passes == passes and rec.writes == writes + 2, "no full pass for a call"
+    assert rec.last_plan.ports == {"vnet0": "nat", "vnet1": "iso"}
+    assert seen and all(s is not None for s in seen)
+    await rec.request_port("vnet0", "")  # detach: released through the same path
+    vnet0 = nl.observed.link("vnet0")
+    assert vnet0 is not None and vnet0.master is None and "vnet0" not in rec.owned.ports
+    assert rec.passes == passes
+
+
+async def test_a_settled_ports_tap_going_away_is_forgotten_without_a_pass(
+        tmp_path: Path) -> None:
+    tap = Link(index=70, name="vnet7", kind="tun")
+    rec, nl, _, _ = make(tmp_path, tap)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"})))
+    await rec.request_port("vnet7", "nat")
+    assert rec.owned.ports == {"vnet7": "kvbr0"}
+    passes = rec.passes
+    del nl.observed.links[70]
+    nl.changed = {70}
+    assert not rec.needs_pass(), "one port's tap: its own plan, not a pass"
+    await rec.apply_queued()
+    assert rec.owned.ports == {} and "vnet7" not in rec.desired.ports
+    assert "vnet7" not in rec.last_plan.ports and rec.passes == passes
+    assert load_owned(str(tmp_path / "owned.json")).ports == {}
+
+
+async def test_a_new_tap_no_rule_claims_needs_no_pass(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       rules=(AttachRule("nat", ifname="vnet*"),)))
+    tap = Link(index=80, name="other0", kind="tun")  # down, as a new tap is
+    nl.observed.links[80] = tap
+    rec.link_added(tap)
+    await rec.apply_queued()
+    nl.changed = {80}
+    assert not rec.needs_pass(), "looked at alone: nothing to do, and no pass over all"
+    assert tap.master is None and "other0" not in rec.last_plan.ports
