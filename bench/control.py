@@ -23,7 +23,7 @@ from bench.common import (
     r,
 )
 from bench.control_plane import IN_FLIGHT, rate, sequential_latency_us
-from kvmnetd.bus.service import SteadyBus
+from kvmnetd.control.dbus_objects import SteadyBus
 from tests.support.dbus import open_dir, start_bus, stop_bus
 
 PORTS = 50

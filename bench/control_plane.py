@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dbus_fast import BusType, Message, MessageType
 
-from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
-from kvmnetd.bus.server import serve
-from kvmnetd.bus.service import SteadyBus
+from kvmnetd.control.dbus_objects import SteadyBus
+from kvmnetd.control.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+from kvmnetd.control.server import serve
 from tests.support.core import SERVED_CONFIG, make_core, tap
 from tests.support.dbus import KVMNETCTL, open_dir, start_bus, stop_bus
 

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 
-from kvmnetd.adapters.netlink_parse import LinkRec, decode_all
+from kvmnetd.adapters.rtnl.decode import LinkRec, decode_all
 
 RTMGRP_LINK = 1
 SO_RCVBUFFORCE = 33

@@ -14,8 +14,8 @@ import socket
 import sys
 from typing import Any
 
-from . import __version__
-from .bus import names
+from kvmnetd import __version__
+from kvmnetd.control import names
 
 SOCKET_TIMEOUT = 300.0
 PROPERTY_KEYS = {
@@ -76,7 +76,7 @@ def _bus_message(method: str, args: list[Any]) -> tuple[str, str, str, str, list
         return (names.MANAGER_PATH, "org.freedesktop.DBus.Properties", "Get", "ss",
                 [names.MANAGER_IFACE, "Version"])
     # Only the bus needs the signatures: the socket path (a qemu hook's) never loads the table.
-    from .control.methods import BY_NAME
+    from kvmnetd.control.methods import BY_NAME
 
     return names.MANAGER_PATH, names.MANAGER_IFACE, method, BY_NAME[method].signature, args
 
@@ -369,7 +369,7 @@ def parser() -> argparse.ArgumentParser:
     u = verb(net, "undefine", do_network_undefine, "remove a network", change=True)
     u.add_argument("name")
     u.add_argument("--runtime", action="store_true", help="keep the persistent definition")
-    from .cli_libvirt import add_verbs as add_libvirt_verbs
+    from kvmnetd.cli_libvirt import add_verbs as add_libvirt_verbs
 
     add_libvirt_verbs(net, verb)
     port = verbs.add_parser("port", help="guest ports").add_subparsers(

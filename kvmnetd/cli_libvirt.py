@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from .libvirt_import import ImportRefused, check, dnsmasq_leases, parse_network
+from kvmnetd.config.libvirt_import import ImportRefused, check, dnsmasq_leases, parse_network
 
 DEFAULT_URI = "qemu:///system"
 DEFAULT_STATE_DIR = "/var/lib/kvmnetd"
@@ -45,7 +45,7 @@ def _read_source(o: argparse.Namespace) -> str:
     if src.endswith(".xml") or os.sep in src or os.path.isfile(src):
         with open(src, encoding="utf-8") as f:
             return f.read()
-    from .adapters.libvirt_net import network_definition
+    from kvmnetd.adapters.libvirt.networks import network_definition
 
     return network_definition(_uri(o), src)
 
@@ -78,7 +78,7 @@ def do_adopt_libvirt(c: Any, o: argparse.Namespace) -> None:
     bridge-mode one. Any failure before that puts libvirt's network back as it was."""
     import time
 
-    from .adapters import libvirt_net as lv
+    from kvmnetd.adapters.libvirt import networks as lv
 
     uri = _uri(o)
     try:
@@ -127,7 +127,7 @@ def do_adopt_libvirt(c: Any, o: argparse.Namespace) -> None:
 
 
 def _roll_back(c: Any, uri: str, snap: Any, name: str, defined: bool) -> None:
-    from .adapters import libvirt_net as lv
+    from kvmnetd.adapters.libvirt import networks as lv
 
     if defined:
         try:

@@ -14,9 +14,9 @@ import sys
 
 import structlog
 
-from . import __version__, logsetup
-from . import config as cfg
-from .errors import ConfigError
+from kvmnetd import __version__, logsetup
+from kvmnetd.config import load as cfg
+from kvmnetd.model.errors import ConfigError
 
 log = structlog.get_logger("kvmnetd")
 
@@ -62,7 +62,7 @@ SWITCH_INTERVAL = 0.0005
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.print_introspection:
-        from .bus.introspect import introspection_xml
+        from kvmnetd.control.introspect import introspection_xml
 
         sys.stdout.write(introspection_xml())
         return 0
@@ -106,9 +106,9 @@ def check_config(args: argparse.Namespace) -> int:
 
 async def _load_with_routes(config_file: str, networks_dir: str | None,
                            overrides: dict[str, str]) -> cfg.Config:
-    from .adapters.default_subnet import DefaultSubnetFile
-    from .adapters.netlink import NetlinkAdapter
-    from .hostroutes import load_config
+    from kvmnetd.adapters.default_subnet import DefaultSubnetFile
+    from kvmnetd.adapters.rtnl.adapter import NetlinkAdapter
+    from kvmnetd.config.host_routes import load_config
 
     nl = NetlinkAdapter()
     await nl.open(lambda: None)
@@ -121,7 +121,7 @@ async def _load_with_routes(config_file: str, networks_dir: str | None,
 
 
 async def run(args: argparse.Namespace) -> int:
-    from .service import Service
+    from kvmnetd.service import Service
 
     config_file, networks_dir = config_paths(args)
     svc = Service(config_file, networks_dir, overrides_from(args), no_bus=args.no_bus)

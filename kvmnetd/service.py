@@ -10,21 +10,21 @@ from typing import Any
 
 import structlog
 
-from . import config as cfg
-from . import logsetup
-from .adapters.coexist import ForeignForwardAdapter
-from .adapters.default_subnet import DefaultSubnetFile
-from .adapters.dirs import check_writable_dirs
-from .adapters.netlink import NetlinkAdapter
-from .adapters.nftables import NftablesAdapter
-from .adapters.nftmonitor import NftMonitor
-from .adapters.notify import Notifier
-from .adapters.sysctl import SysctlAdapter
-from .core import Core
-from .errors import ConfigError
-from .hostroutes import load_config
-from .reconciler import Reconciler
-from .status import ROOT, CoreEvent
+from kvmnetd import logsetup
+from kvmnetd.adapters.coexist import ForeignForwardAdapter
+from kvmnetd.adapters.default_subnet import DefaultSubnetFile
+from kvmnetd.adapters.dirs import check_writable_dirs
+from kvmnetd.adapters.nftables import NftablesAdapter
+from kvmnetd.adapters.nftmonitor import NftMonitor
+from kvmnetd.adapters.notify import Notifier
+from kvmnetd.adapters.rtnl.adapter import NetlinkAdapter
+from kvmnetd.adapters.sysctl import SysctlAdapter
+from kvmnetd.app.core import Core
+from kvmnetd.config import load as cfg
+from kvmnetd.config.host_routes import load_config
+from kvmnetd.engine.reconciler import Reconciler
+from kvmnetd.model.errors import ConfigError
+from kvmnetd.model.records import ROOT, CoreEvent
 
 log = structlog.get_logger("kvmnetd")
 
@@ -93,7 +93,7 @@ class Service:
         # Foreign chains then change only with an event: the timer reads just our table.
         self.rec.foreign_events = self.nftmon.listening
         if not self.no_bus:
-            from .adapters.firewalld import FirewalldWatcher
+            from kvmnetd.adapters.firewalld import FirewalldWatcher
 
             self.firewalld = FirewalldWatcher(s.bus_address,
                                               lambda _why: self.rec.firewall_changed())
@@ -110,16 +110,16 @@ class Service:
         self.notifier.ready(self._status_sent)
 
     def _make_dhcp(self, conf: cfg.Config) -> Any:
-        from .adapters.dnsmasq import DnsmasqSupervisor
+        from kvmnetd.adapters.dnsmasq.supervisor import DnsmasqSupervisor
 
         return DnsmasqSupervisor(conf.settings, self._on_dhcp_event)
 
     async def _serve_control(self) -> Any:
         try:
-            from .bus.server import serve
+            from kvmnetd.control.server import serve
         except ImportError:  # the bus layer is optional for --apply-once style use
             return None
-        from .bus.polkit import PolkitAuthority
+        from kvmnetd.control.polkit import PolkitAuthority
 
         sock = os.path.join(self.settings.run_dir, "control.sock")
         server = await serve(self.core, self.settings.bus_address, sock, use_bus=not self.no_bus)
@@ -145,8 +145,8 @@ class Service:
         await self._start_libvirt(uri)
 
     async def _start_libvirt(self, uri: str) -> None:
-        from .adapters.libvirt import LibvirtWatcher
-        from .domains import domain_changed
+        from kvmnetd.adapters.libvirt.watcher import LibvirtWatcher
+        from kvmnetd.app.domains import domain_changed
 
         def on_event(ev: Any) -> None:
             self.spawn(domain_changed(self.core, ev.name, ev.uuid, ev.started, ev.nics))
@@ -176,11 +176,11 @@ class Service:
         path = self.settings.qemu_bridge_conf
         if not path:
             return
-        from .qemu_bridge import bridge_acl
+        from kvmnetd.plan.qemu_bridge import bridge_acl
 
         text = bridge_acl(self.rec.desired.active_networks(), path)
         if text != self._qemu_bridge_text:
-            from .adapters.qemu_bridge_file import write_if_changed
+            from kvmnetd.adapters.qemu_bridge_file import write_if_changed
 
             write_if_changed(path, text)
             self._qemu_bridge_text = text

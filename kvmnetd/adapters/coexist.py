@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..foreign_forward import parse_ruleset
-from ..render.coexist import CoexistChanges, CoexistRule, ForeignForward, changes
-from .nft_run import NFT, NftablesError, nft_json, run_nft
+from kvmnetd.adapters.nft_run import NFT, NftablesError, nft_json, run_nft
+from kvmnetd.plan.coexist import CoexistChanges, CoexistRule, ForeignForward, changes
+from kvmnetd.plan.foreign_forward import parse_ruleset
 
 
 class CoexistError(NftablesError):

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from .files import atomic_write
+from kvmnetd.adapters.files import atomic_write
 
 log = structlog.get_logger("kvmnetd")
 

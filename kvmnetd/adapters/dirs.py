@@ -8,8 +8,8 @@ import re
 
 import structlog
 
-from ..errors import ConfigError, ConfigIssue
-from ..model import Settings
+from kvmnetd.model.desired import Settings
+from kvmnetd.model.errors import ConfigError, ConfigIssue
 
 log = structlog.get_logger("kvmnetd")
 

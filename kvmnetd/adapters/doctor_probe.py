@@ -17,13 +17,13 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..model import Network, Settings
-from ..observed import ObservedState, Route
-from ..render.dnsmasq import dnsmasq_paths
-from ..status import Lease, NetworkStatus
-from .conflicts import find_conflicts
-from .nft_run import NftablesError, nft_json
-from .sysctl import accept_ra, accept_ra_key
+from kvmnetd.adapters.dnsmasq.conflicts import find_conflicts
+from kvmnetd.adapters.nft_run import NftablesError, nft_json
+from kvmnetd.adapters.sysctl import accept_ra, accept_ra_key
+from kvmnetd.model.desired import Network, Settings
+from kvmnetd.model.observed import ObservedState, Route
+from kvmnetd.model.records import Lease, NetworkStatus
+from kvmnetd.plan.dnsmasq import dnsmasq_paths
 
 V4_FORWARD, V6_FORWARD = "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"
 BRNF = {4: "net.bridge.bridge-nf-call-iptables", 6: "net.bridge.bridge-nf-call-ip6tables"}

@@ -10,7 +10,7 @@ import asyncio
 import json
 from typing import Any
 
-from ..errors import KvmnetError
+from kvmnetd.model.errors import KvmnetError
 
 NFT = "nft"
 

@@ -6,9 +6,9 @@ import contextlib
 import os
 import re
 
-from ..model import is_nft_name
-from .files import atomic_write
-from .nft_run import NFT, NftablesError, run_nft
+from kvmnetd.adapters.files import atomic_write
+from kvmnetd.adapters.nft_run import NFT, NftablesError, run_nft
+from kvmnetd.model.desired import is_nft_name
 
 __all__ = ["TAMPERED", "NftablesAdapter", "NftablesError"]
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
-from .nft_run import NFT, spawn_monitor
+from kvmnetd.adapters.nft_run import NFT, spawn_monitor
 
 log = structlog.get_logger("kvmnetd.nftmonitor")
 

@@ -7,7 +7,7 @@ import os
 
 import structlog
 
-log = structlog.get_logger("kvmnetd.qemu_bridge")
+log = structlog.get_logger("kvmnetd.plan.qemu_bridge")
 
 
 def write_if_changed(path: str, text: str) -> bool:

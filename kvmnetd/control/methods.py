@@ -13,11 +13,11 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from ..bus.names import network_path
+from kvmnetd.control.names import network_path
 
 if TYPE_CHECKING:
-    from ..api import CoreAPI
-    from ..status import Caller, NetworkStatus
+    from kvmnetd.control.api import CoreAPI
+    from kvmnetd.model.records import Caller, NetworkStatus
 
 
 # Who may call: "read" anyone (the caller is not even looked up); "port" anyone at the

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvmnetd import logsetup
-from kvmnetd.bus.server import serve
+from kvmnetd.control.server import serve
 from tests.support.core import Served, served_core
 from tests.support.dbus import PrivateBus, start_bus, stop_bus
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
-from kvmnetd.status import ROOT
+from kvmnetd.control.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+from kvmnetd.model.records import ROOT
 from tests.support.core import Served
 from tests.support.dbus import KVMNETCTL, NOBODY, run
 from tests.support.fakes import FakeAuthority

@@ -11,8 +11,8 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from kvmnetd import __version__, logsetup
-from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, network_path
-from kvmnetd.status import ROOT
+from kvmnetd.control.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, network_path
+from kvmnetd.model.records import ROOT
 from tests.support.core import SERVED_CONFIG, Served
 from tests.support.dbus import KVMNETCTL, run
 from tests.support.toml import network_toml

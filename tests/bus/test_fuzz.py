@@ -9,8 +9,8 @@ import random
 import pytest
 from dbus_fast import BusType, Message, MessageType
 
-from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, NETWORK_IFACE, network_path
-from kvmnetd.bus.service import SteadyBus
+from kvmnetd.control.dbus_objects import SteadyBus
+from kvmnetd.control.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, NETWORK_IFACE, network_path
 from tests.support.core import Served
 
 pytestmark = pytest.mark.integration

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd.bus import names
-from kvmnetd.bus.introspect import introspection_xml
+from kvmnetd.control import names
+from kvmnetd.control.introspect import introspection_xml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_checked_in_xml_matches_code() -> None:
     path = REPO / "dbus" / names.INTROSPECTION_FILE
     assert path.read_text() == introspection_xml(), (
-        f"regenerate: python -m kvmnetd.bus.introspect > dbus/{names.INTROSPECTION_FILE}")
+        f"regenerate: python -m kvmnetd.control.introspect > dbus/{names.INTROSPECTION_FILE}")
 
 
 def test_names_derive_from_one_version() -> None:

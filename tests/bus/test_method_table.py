@@ -6,12 +6,12 @@ import re
 from pathlib import Path
 from typing import cast
 
-from kvmnetd.api import CoreAPI
-from kvmnetd.bus.service import BusService, Manager, NetworkObject
-from kvmnetd.bus.socket_server import _args_ok
 from kvmnetd.cli import _bus_message
+from kvmnetd.control.api import CoreAPI
+from kvmnetd.control.dbus_objects import BusService, Manager, NetworkObject
 from kvmnetd.control.methods import BY_NAME, METHODS
-from kvmnetd.status import NetworkStatus
+from kvmnetd.control.socket_server import _args_ok
+from kvmnetd.model.records import NetworkStatus
 
 
 def test_manager_methods_are_the_table_rows_on_the_bus() -> None:

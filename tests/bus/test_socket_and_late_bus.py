@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmnetd import __version__
-from kvmnetd.bus.server import ControlServer, serve
+from kvmnetd.control.server import ControlServer, serve
 from tests.support.core import Served, served_core
 from tests.support.dbus import KVMNETCTL, NOBODY, run, start_bus, stop_bus
 from tests.support.toml import network_toml

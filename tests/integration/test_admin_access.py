@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd.access import ADMIN_GROUP
-from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+from kvmnetd.app.access import ADMIN_GROUP
+from kvmnetd.control.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from tests.support.dbus import PrivateBus, start_bus, stop_bus
 from tests.support.netns import sh
 from tests.support.rig import PY, Sandbox, wait_until

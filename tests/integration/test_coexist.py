@@ -19,9 +19,9 @@ import pytest
 
 from kvmnetd.adapters.coexist import ForeignForwardAdapter
 from kvmnetd.adapters.nftables import NftablesAdapter
-from kvmnetd.model import Mode, Network
-from kvmnetd.render.coexist import coexist_rules
-from kvmnetd.render.nft import render_ruleset
+from kvmnetd.model.desired import Mode, Network
+from kvmnetd.plan.coexist import coexist_rules
+from kvmnetd.plan.nft import render_ruleset
 from tests.support.netns import entered, ping, sh
 from tests.support.rig import HOST_UPLINK_IP, Sandbox
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from kvmnetd import config as cfg
 from kvmnetd.cli import CallFailed, socket_call
-from kvmnetd.render.nft import render_ruleset
+from kvmnetd.config import load as cfg
+from kvmnetd.plan.nft import render_ruleset
 from tests.support.netns import netns, sh
 from tests.support.rig import FAR_HOST, Sandbox, wait_until
 from tests.support.toml import attach_toml, network_toml

@@ -11,8 +11,8 @@ import time
 import pytest
 from dbus_fast import BusType, Message, MessageType
 
-from kvmnetd.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
-from kvmnetd.bus.service import SteadyBus
+from kvmnetd.control.dbus_objects import SteadyBus
+from kvmnetd.control.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from tests.support.dbus import PrivateBus, start_bus, stop_bus
 from tests.support.netns import sh
 from tests.support.rig import Sandbox, wait_until

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from kvmnetd import config as cfg
+from kvmnetd.config import load as cfg
 from tests.support.netns import sh
 from tests.support.rig import Sandbox
 

@@ -20,9 +20,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from kvmnetd.adapters.dnsmasq import DnsmasqSupervisor
-from kvmnetd.errors import InvalidArgument
-from kvmnetd.model import (
+from kvmnetd.adapters.dnsmasq.supervisor import DnsmasqSupervisor
+from kvmnetd.model.desired import (
     Dhcp,
     DhcpHost,
     DhcpHost6,
@@ -33,8 +32,9 @@ from kvmnetd.model import (
     Network,
     Settings,
 )
-from kvmnetd.render.dnsmasq import dnsmasq_paths, render_config, render_hosts
-from kvmnetd.status import CoreEvent
+from kvmnetd.model.errors import InvalidArgument
+from kvmnetd.model.records import CoreEvent
+from kvmnetd.plan.dnsmasq import dnsmasq_paths, render_config, render_hosts
 from tests.support.netns import entered, netns, sh, veth_into
 
 pytestmark = [

@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from kvmnetd.adapters.dnsmasq import DnsmasqSupervisor
-from kvmnetd.adapters.netlink import NetlinkAdapter
-from kvmnetd.doctor import Finding, doctor
-from kvmnetd.model import Dhcp, DhcpRange, Mode, Network, Settings
-from kvmnetd.render.nft import render_ruleset
-from kvmnetd.status import DhcpStatus, Lease, NetworkStatus
+from kvmnetd.adapters.dnsmasq.supervisor import DnsmasqSupervisor
+from kvmnetd.adapters.rtnl.adapter import NetlinkAdapter
+from kvmnetd.app.doctor import Finding, doctor
+from kvmnetd.model.desired import Dhcp, DhcpRange, Mode, Network, Settings
+from kvmnetd.model.records import DhcpStatus, Lease, NetworkStatus
+from kvmnetd.plan.nft import render_ruleset
 from tests.support.dbus import start_bus, stop_bus
 from tests.support.netns import entered, netns, ping, sh, veth_into
 

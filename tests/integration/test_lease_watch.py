@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd.adapters.leases import LeaseWatcher
-from kvmnetd.status import CoreEvent
+from kvmnetd.adapters.dnsmasq.leases import LeaseWatcher
+from kvmnetd.model.records import CoreEvent
 
 pytestmark = pytest.mark.integration
 

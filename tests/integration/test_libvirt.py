@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 from structlog.testing import capture_logs
 
-import kvmnetd.adapters.libvirt as lvmod
-from kvmnetd.adapters.libvirt import KVMNET_XMLNS, DomainEvent, LibvirtWatcher
+import kvmnetd.adapters.libvirt.watcher as lvmod
+from kvmnetd.adapters.libvirt.watcher import KVMNET_XMLNS, DomainEvent, LibvirtWatcher
 from tests.support.libvirtd import Libvirtd, bridge_nic, domain_xml, ethernet_nic, private_libvirtd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

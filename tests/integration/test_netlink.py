@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from kvmnetd import actions as act
-from kvmnetd.adapters import netlink_raw as raw
-from kvmnetd.adapters.netlink import NetlinkAdapter
-from kvmnetd.adapters.netlink_parse import RTM_DELLINK, RTM_NEWLINK, messages
-from kvmnetd.errors import Conflict, InvalidArgument, NoSuchPort
-from kvmnetd.observed import Route
+from kvmnetd.adapters.rtnl import requests as raw
+from kvmnetd.adapters.rtnl.adapter import NetlinkAdapter
+from kvmnetd.adapters.rtnl.decode import RTM_DELLINK, RTM_NEWLINK, messages
+from kvmnetd.model import actions as act
+from kvmnetd.model.errors import Conflict, InvalidArgument, NoSuchPort
+from kvmnetd.model.observed import Route
 from tests.support.netns import entered, netns, sh
 
 pytestmark = pytest.mark.integration

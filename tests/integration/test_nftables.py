@@ -21,8 +21,8 @@ import pytest
 
 from kvmnetd.adapters.nftables import TAMPERED, NftablesAdapter, NftablesError
 from kvmnetd.adapters.sysctl import set_forwarding
-from kvmnetd.model import Dhcp, Mode, Network
-from kvmnetd.render.nft import fingerprint, render_ruleset
+from kvmnetd.model.desired import Dhcp, Mode, Network
+from kvmnetd.plan.nft import fingerprint, render_ruleset
 from tests.support.netns import entered, netns, ping, sh, veth_into
 from tests.support.networks import CASES
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvmnetd.adapters.dirs import UNIT_WRITABLE
-from kvmnetd.model import Settings
+from kvmnetd.model.desired import Settings
 from tests.support.netns import sh
 from tests.support.rig import Sandbox, wait_until
 from tests.support.toml import attach_toml, network_toml

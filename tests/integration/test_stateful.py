@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from kvmnetd import cli
-from kvmnetd import config as cfg
-from kvmnetd.model import Settings
-from kvmnetd.render.nft import fingerprint, render_ruleset
+from kvmnetd.config import load as cfg
+from kvmnetd.model.desired import Settings
+from kvmnetd.plan.nft import fingerprint, render_ruleset
 from tests.support.netns import netns, sh, veth_into
 from tests.support.rig import Sandbox
 

@@ -11,12 +11,12 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmnetd import config as cfg
-from kvmnetd.bus.server import ControlServer
-from kvmnetd.core import Core
-from kvmnetd.observed import Link
-from kvmnetd.reconciler import Reconciler
-from kvmnetd.status import Lease
+from kvmnetd.app.core import Core
+from kvmnetd.config import load as cfg
+from kvmnetd.control.server import ControlServer
+from kvmnetd.engine.reconciler import Reconciler
+from kvmnetd.model.observed import Link
+from kvmnetd.model.records import Lease
 from tests.support.dbus import NOBODY, PrivateBus
 from tests.support.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeSysctl
 from tests.support.toml import daemon_toml, network_toml

@@ -6,11 +6,11 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 
-from kvmnetd import actions as A
-from kvmnetd.errors import Conflict
-from kvmnetd.model import Network
-from kvmnetd.observed import Link, ObservedState
-from kvmnetd.status import Caller, DhcpStatus, Lease
+from kvmnetd.model import actions as A
+from kvmnetd.model.desired import Network
+from kvmnetd.model.errors import Conflict
+from kvmnetd.model.observed import Link, ObservedState
+from kvmnetd.model.records import Caller, DhcpStatus, Lease
 
 
 class FakeNetlink:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from kvmnetd.model import Dhcp, Dns, Mode, Network
+from kvmnetd.model.desired import Dhcp, Dns, Mode, Network
 
 v4 = ipaddress.IPv4Interface
 v6 = ipaddress.IPv6Interface

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from kvmnetd import access
-from kvmnetd.access import MANAGE, authorize
-from kvmnetd.bus.credentials import process_start_time
-from kvmnetd.bus.polkit import PolkitAuthority, check_message, subject_of
-from kvmnetd.errors import PermissionDenied
-from kvmnetd.status import Caller
+from kvmnetd.app import access
+from kvmnetd.app.access import MANAGE, authorize
+from kvmnetd.control.credentials import process_start_time
+from kvmnetd.control.polkit import PolkitAuthority, check_message, subject_of
+from kvmnetd.model.errors import PermissionDenied
+from kvmnetd.model.records import Caller
 from tests.support.fakes import FakeAuthority
 
 GID = 4242

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from kvmnetd import cli_libvirt
-from kvmnetd.adapters import libvirt_net
-from kvmnetd.adapters.libvirt_net import Snapshot
+from kvmnetd.adapters.libvirt import networks as libvirt_net
+from kvmnetd.adapters.libvirt.networks import Snapshot
 
 XML = """<network><name>default</name><forward mode='nat'/><bridge name='virbr0' stp='off'/>
 <ip address='192.168.122.1' netmask='255.255.255.0'><dhcp>

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd.adapters.domxml import DomainNic
-from kvmnetd.config import Config
-from kvmnetd.core import Core
-from kvmnetd.domains import network_for_nic
-from kvmnetd.errors import InvalidArgument
-from kvmnetd.model import AttachRule, DesiredState, Mode, Network, Settings
-from kvmnetd.observed import Link
-from kvmnetd.plan import port_network, wanted_ports
-from kvmnetd.reconciler import Reconciler
+from kvmnetd.app.core import Core
+from kvmnetd.app.domains import network_for_nic
+from kvmnetd.config.load import Config
+from kvmnetd.engine.reconciler import Reconciler
+from kvmnetd.model.desired import AttachRule, DesiredState, Mode, Network, Settings
+from kvmnetd.model.domxml import DomainNic
+from kvmnetd.model.errors import InvalidArgument
+from kvmnetd.model.observed import Link
+from kvmnetd.plan.planner import port_network, wanted_ports
 from tests.support.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeSysctl
 
 NETS = {name: Network(name, Mode.ISOLATED, f"kvp{i}",

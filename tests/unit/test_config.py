@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd import config as cfg
-from kvmnetd import validate as v
-from kvmnetd.errors import ConfigError
-from kvmnetd.model import Dhcp, DhcpHost, DhcpRange, Mode, Network
-from kvmnetd.tomlpos import Locator, format_path
+from kvmnetd.config import load as cfg
+from kvmnetd.config import schema as v
+from kvmnetd.config.locate import Locator, format_path
+from kvmnetd.model.desired import Dhcp, DhcpHost, DhcpRange, Mode, Network
+from kvmnetd.model.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 NAT = '[network.nat]\nipv4 = "10.0.0.254/24"\n'  # two lines, reused as a prefix
@@ -525,8 +525,8 @@ options = ["dhcp-option=option:ntp-server,10.0.9.1", "log-dhcp"]
 
 
 def test_boot_files_and_extra_options_are_read_and_round_trip(tmp_path: Path) -> None:
-    from kvmnetd.config_render import render_network_toml
-    from kvmnetd.model import BootFiles
+    from kvmnetd.config.write import render_network_toml
+    from kvmnetd.model.desired import BootFiles
 
     conf = load(tmp_path, PXE_LAB)
     net = conf.networks["lab"]
@@ -618,7 +618,7 @@ def test_one_rule_for_the_firewall_table_name(tmp_path: Path, table: str) -> Non
     # What --check-config accepts, the renderer and the nft adapter accept too, and
     # what they would refuse is a FILE:LINE error instead of a traceback at start.
     from kvmnetd.adapters.nftables import NftablesAdapter
-    from kvmnetd.render.nft import render_ruleset
+    from kvmnetd.plan.nft import render_ruleset
 
     text = f'[daemon]\nfirewall_table = "{table}"\n'
     try:

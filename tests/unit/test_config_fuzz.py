@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmnetd import config as cfg
-from kvmnetd import validate as v
-from kvmnetd.config_render import render_network_toml
-from kvmnetd.errors import ConfigError
-from kvmnetd.model import (
+from kvmnetd.config import load as cfg
+from kvmnetd.config import schema as v
+from kvmnetd.config.locate import Locator
+from kvmnetd.config.write import render_network_toml
+from kvmnetd.model.desired import (
     BootFiles,
     Dhcp,
     DhcpHost,
@@ -28,7 +28,7 @@ from kvmnetd.model import (
     Network,
     Settings,
 )
-from kvmnetd.tomlpos import Locator
+from kvmnetd.model.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

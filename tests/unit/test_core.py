@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd import access, logsetup
-from kvmnetd import config as cfg
-from kvmnetd.errors import (
+from kvmnetd import logsetup
+from kvmnetd.app import access
+from kvmnetd.config import load as cfg
+from kvmnetd.model.errors import (
     ConfigError,
     Conflict,
     InvalidArgument,
@@ -19,8 +20,8 @@ from kvmnetd.errors import (
     NoSuchPort,
     PermissionDenied,
 )
-from kvmnetd.observed import Link
-from kvmnetd.status import ROOT, Caller, CoreEvent
+from kvmnetd.model.observed import Link
+from kvmnetd.model.records import ROOT, Caller, CoreEvent
 from tests.support.core import CoreRig, make_core, tap
 from tests.support.fakes import FakeAuthority
 from tests.support.toml import attach_toml, network_toml

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvmnetd.adapters.default_subnet import FILE_NAME, DefaultSubnetFile
-from kvmnetd.hostroutes import load_config
-from kvmnetd.observed import Link, ObservedState, Route
+from kvmnetd.config.host_routes import load_config
+from kvmnetd.model.observed import Link, ObservedState, Route
 
 N = ipaddress.IPv4Network
 

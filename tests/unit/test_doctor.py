@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from kvmnetd.adapters.doctor_probe import learned_macs
-from kvmnetd.doctor import DoctorInput, Finding, ForeignListener, render_text, run_checks
-from kvmnetd.foreign_forward import bridge_allowed, forward_drops
-from kvmnetd.model import Dhcp, DhcpRange, Mode, Network
-from kvmnetd.observed import Link, ObservedState, Route
-from kvmnetd.status import DhcpStatus, Lease, NetworkStatus
+from kvmnetd.app.doctor import DoctorInput, Finding, ForeignListener, render_text, run_checks
+from kvmnetd.model.desired import Dhcp, DhcpRange, Mode, Network
+from kvmnetd.model.observed import Link, ObservedState, Route
+from kvmnetd.model.records import DhcpStatus, Lease, NetworkStatus
+from kvmnetd.plan.foreign_forward import bridge_allowed, forward_drops
 
 V4 = ipaddress.ip_interface
 NETS = ipaddress.ip_network

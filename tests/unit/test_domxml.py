@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmnetd.adapters.domxml import KVMNET_XMLNS, DomainNic, parse_domain, parse_domain_xml
+from kvmnetd.model.domxml import KVMNET_XMLNS, DomainNic, parse_domain, parse_domain_xml
 
 UUID = "86a78bb7-f561-45b2-b18e-a345cdd61f4e"
 

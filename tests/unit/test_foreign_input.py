@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from kvmnetd.doctor import DoctorInput, run_checks
-from kvmnetd.foreign_input import DHCP, DNS, TFTP, accept_fix, input_blocks, services_of
-from kvmnetd.model import Dhcp, DhcpRange, Dns, Mode, Network
-from kvmnetd.observed import Link, ObservedState
+from kvmnetd.app.doctor import DoctorInput, run_checks
+from kvmnetd.model.desired import Dhcp, DhcpRange, Dns, Mode, Network
+from kvmnetd.model.observed import Link, ObservedState
+from kvmnetd.plan.foreign_input import DHCP, DNS, TFTP, accept_fix, input_blocks, services_of
 
 BR = "kvbr0"
 DHCP_CONF = Dhcp(ranges=(DhcpRange(ipaddress.ip_address("10.0.0.10"),

@@ -7,7 +7,7 @@ import tomllib
 import pytest
 
 from kvmnetd.cli_libvirt import REFUSED
-from kvmnetd.libvirt_import import ImportRefused, check, parse_network
+from kvmnetd.config.libvirt_import import ImportRefused, check, parse_network
 
 FULL = """<network connections='1'>
   <name>lab</name>
@@ -237,7 +237,7 @@ def test_cli_exit_codes(tmp_path: object, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_libvirt_leases_as_dnsmasq_lines() -> None:
-    from kvmnetd.libvirt_import import dnsmasq_leases
+    from kvmnetd.config.libvirt_import import dnsmasq_leases
 
     records = [
         {"type": 0, "expirytime": 2000, "mac": "52:54:00:AA:00:01", "ipaddr": "10.0.0.5",
@@ -258,8 +258,8 @@ def test_libvirt_leases_as_dnsmasq_lines() -> None:
 def test_static_hosts_load_as_kvmnetd_hosts() -> None:
     import ipaddress
 
-    from kvmnetd import config as cfg
-    from kvmnetd.model import DhcpHost, DhcpHost6, DnsHost, Settings
+    from kvmnetd.config import load as cfg
+    from kvmnetd.model.desired import DhcpHost, DhcpHost6, DnsHost, Settings
 
     empty = cfg.Config(settings=Settings(), networks={}, rules=(), files=())
     net = cfg.parse_network_text(parse_network(FULL).toml(), "(import)", empty)

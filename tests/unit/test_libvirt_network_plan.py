@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from kvmnetd.adapters.domxml import KVMNET_XMLNS, DomainNic
-from kvmnetd.doctor_libvirt import libvirt_clash_findings
-from kvmnetd.domains import libvirt_plugged
-from kvmnetd.libvirt_networks import (
+from kvmnetd.app.doctor_libvirt import libvirt_clash_findings
+from kvmnetd.app.domains import libvirt_plugged
+from kvmnetd.model.desired import Mode, Network
+from kvmnetd.model.domxml import KVMNET_XMLNS, DomainNic
+from kvmnetd.plan.libvirt_networks import (
     NetAction,
     SeenNetwork,
     network_xml,
     parse_seen,
     plan_networks,
 )
-from kvmnetd.model import Mode, Network
 
 
 def ours(name: str, bridge: str, active: bool = True, persistent: bool = True,

@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
-from kvmnetd.adapters import netlink_parse as nlp
-from kvmnetd.adapters.netlink_config import ConfigWriter
-from kvmnetd.observed import Route
+from kvmnetd.adapters.rtnl import decode as nlp
+from kvmnetd.adapters.rtnl.writes import ConfigWriter
+from kvmnetd.model.observed import Route
 
 
 class Sent:

@@ -5,17 +5,17 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from kvmnetd.adapters import netlink_parse as nlp
-from kvmnetd.adapters.netlink_mirror import Mirror
-from kvmnetd.adapters.netlink_parse import (
+from kvmnetd.adapters.rtnl import decode as nlp
+from kvmnetd.adapters.rtnl.decode import (
     IFLA_BR_FORWARD_DELAY,
     IFLA_BR_STP_STATE,
     IFLA_INFO_DATA,
     IFLA_INFO_KIND,
     IFLA_LINKINFO,
 )
-from kvmnetd.adapters.netlink_raw import attr, attr_str, attr_u32
-from kvmnetd.observed import Link, ObservedState, Route
+from kvmnetd.adapters.rtnl.mirror import Mirror
+from kvmnetd.adapters.rtnl.requests import attr, attr_str, attr_u32
+from kvmnetd.model.observed import Link, ObservedState, Route
 
 
 def bridge_info(stp: bool, delay: int) -> bytes:

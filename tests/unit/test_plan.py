@@ -6,12 +6,12 @@ import ipaddress
 
 import pytest
 
-from kvmnetd import actions as A
-from kvmnetd.model import AttachRule, DesiredState, Mode, Network
-from kvmnetd.observed import Link, ObservedState, Route
-from kvmnetd.owned import Owned, UplinkMove
-from kvmnetd.plan import plan, rule_matches
-from kvmnetd.render.nft import fingerprint
+from kvmnetd.model import actions as A
+from kvmnetd.model.desired import AttachRule, DesiredState, Mode, Network
+from kvmnetd.model.observed import Link, ObservedState, Route
+from kvmnetd.model.owned import Owned, UplinkMove
+from kvmnetd.plan.nft import fingerprint
+from kvmnetd.plan.planner import plan, rule_matches
 
 V4 = ipaddress.ip_interface
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd import config as cfg
-from kvmnetd.core import _allowed
-from kvmnetd.errors import ConfigError
-from kvmnetd.qemu_bridge import bridge_acl
-from kvmnetd.status import Caller
+from kvmnetd.app.core import _allowed
+from kvmnetd.config import load as cfg
+from kvmnetd.model.errors import ConfigError
+from kvmnetd.model.records import Caller
+from kvmnetd.plan.qemu_bridge import bridge_acl
 
 CONF = """
 [daemon]

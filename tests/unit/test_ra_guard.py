@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd import actions as A
-from kvmnetd.doctor import DoctorInput, run_checks
-from kvmnetd.model import DesiredState, Mode, Network
-from kvmnetd.observed import RTPROT_RA, Link, ObservedState, Route
-from kvmnetd.owned import Owned
-from kvmnetd.plan import plan, ra_blockers
-from kvmnetd.reconciler import Reconciler
+from kvmnetd.app.doctor import DoctorInput, run_checks
+from kvmnetd.engine.reconciler import Reconciler
+from kvmnetd.model import actions as A
+from kvmnetd.model.desired import DesiredState, Mode, Network
+from kvmnetd.model.observed import RTPROT_RA, Link, ObservedState, Route
+from kvmnetd.model.owned import Owned
+from kvmnetd.plan.planner import plan, ra_blockers
 from tests.support.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeSysctl
 
 ETH = Link(2, "eth0", None, up=True)

@@ -7,10 +7,10 @@ import ipaddress
 from dataclasses import replace
 from pathlib import Path
 
-from kvmnetd.model import AttachRule, DesiredState, Mode, Network
-from kvmnetd.observed import Link
-from kvmnetd.owned import load_owned
-from kvmnetd.reconciler import Reconciler
+from kvmnetd.adapters.owned_file import load_owned
+from kvmnetd.engine.reconciler import Reconciler
+from kvmnetd.model.desired import AttachRule, DesiredState, Mode, Network
+from kvmnetd.model.observed import Link
 from tests.support.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeSysctl
 
 
@@ -191,7 +191,7 @@ async def test_no_pass_when_only_fast_attached_taps_changed(tmp_path: Path) -> N
 
 async def test_host_route_degrades_one_network_and_its_removal_brings_it_up(
         tmp_path: Path) -> None:
-    from kvmnetd.observed import Route
+    from kvmnetd.model.observed import Route
 
     vpn = Link(index=7, name="tun0", kind="tun", up=True)
     rec, nl, _, _ = make(tmp_path, vpn)

@@ -9,9 +9,8 @@ import pytest
 
 from kvmnetd.adapters.coexist import transaction
 from kvmnetd.adapters.nftmonitor import is_change
-from kvmnetd.foreign_forward import parse_ruleset
-from kvmnetd.model import Mode, Network
-from kvmnetd.render.coexist import (
+from kvmnetd.model.desired import Mode, Network
+from kvmnetd.plan.coexist import (
     ChainRef,
     CoexistRule,
     ForeignForward,
@@ -20,6 +19,7 @@ from kvmnetd.render.coexist import (
     coexist_rules,
     rule_text,
 )
+from kvmnetd.plan.foreign_forward import parse_ruleset
 
 v4 = ipaddress.IPv4Interface
 v6 = ipaddress.IPv6Interface

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd.adapters.conflicts import names_interface
-from kvmnetd.adapters.leases import parse_leases
-from kvmnetd.errors import InvalidArgument
-from kvmnetd.model import (
+from kvmnetd.adapters.dnsmasq.conflicts import names_interface
+from kvmnetd.adapters.dnsmasq.leases import parse_leases
+from kvmnetd.model.desired import (
     BootFiles,
     Dhcp,
     DhcpHost,
@@ -27,7 +26,8 @@ from kvmnetd.model import (
     Network,
     Settings,
 )
-from kvmnetd.render.dnsmasq import config_digest, dnsmasq_paths, render_config, render_hosts
+from kvmnetd.model.errors import InvalidArgument
+from kvmnetd.plan.dnsmasq import config_digest, dnsmasq_paths, render_config, render_hosts
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "dnsmasq"
 v4 = ipaddress.IPv4Interface

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd.model import Dhcp, Dns, Mode, Network
-from kvmnetd.render.nft import fingerprint, render_ruleset
+from kvmnetd.model.desired import Dhcp, Dns, Mode, Network
+from kvmnetd.plan.nft import fingerprint, render_ruleset
 from tests.support.networks import BRIDGED, CASES, ISOLATED, MIXED, NAT, PXE
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"

@@ -1,0 +1,290 @@
+"""Decode rtnetlink messages into observed-state records; map kernel errors to typed ones.
+
+Pure: no sockets here, so recorded or hand-made bytes can be fed in. Only the fields the
+mirror needs are read (layouts: linux/rtnetlink.h, linux/if_link.h, linux/if_addr.h).
+The message layouts and flag constants are defined here once: the request channel
+(netlink_raw), the configuration writes (netlink_config) and sock_diag (conflicts)
+encode and walk messages with them.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from kvmnetd.model.errors import (
+    Busy,
+    Conflict,
+    InvalidArgument,
+    KvmnetError,
+    NoSuchPort,
+    NotSupported,
+    PermissionDenied,
+)
+from kvmnetd.model.observed import IPInterface, IPNetwork, Link, Route
+
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400  # on new requests
+NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200  # on NLMSG_ERROR
+NLMSGERR_ATTR_MSG = 1
+IFF_UP = 0x1
+IFA_F_NODAD = 0x02
+RTN_UNICAST = 1
+RTPROT_STATIC = 4
+RTM_F_CLONED = 0x200
+MAIN_TABLE = 254
+USER_HZ = 100  # IFLA_BR_FORWARD_DELAY is in clock_t units
+
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 4, 10, 18
+IFLA_EXT_MASK = 29
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_BR_FORWARD_DELAY, IFLA_BR_STP_STATE = 1, 5
+IFLA_TUN_OWNER, IFLA_TUN_GROUP = 1, 2
+IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
+
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+# family, dst_len, src_len, tos, table, proto, scope, type, flags
+RTMSG = struct.Struct("=BBBBBBBBI")
+NLMSGERR = struct.Struct("=i")
+RTA = struct.Struct("=HH")  # rtattr: len, type
+_U32 = struct.Struct("=I")
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+
+_LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
+
+Buffer = bytes | bytearray | memoryview
+
+
+class LinkRec(NamedTuple):
+    new: bool
+    link: Link
+
+
+class AddrRec(NamedTuple):
+    new: bool
+    ifindex: int
+    iface: IPInterface
+
+
+class RouteRec(NamedTuple):
+    new: bool
+    replace: bool  # NLM_F_REPLACE: an older route with the same key was swapped out silently
+    route: Route
+
+
+Record = LinkRec | AddrRec | RouteRec
+
+
+def messages(buf: Buffer, size: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(type, flags, seq, start, end) of each message in one datagram; start is past the header."""
+    off = 0
+    while off + 16 <= size:
+        length, kind, flags, seq, _ = NLMSGHDR.unpack_from(buf, off)
+        if length < 16 or off + length > size:
+            return
+        yield kind, flags, seq, off + 16, off + length
+        off += (length + 3) & ~3
+
+
+def attrs(buf: Buffer, off: int, end: int) -> dict[int, tuple[int, int]]:
+    """Attribute type -> (start, end) of its payload; the last one of a type wins."""
+    out: dict[int, tuple[int, int]] = {}
+    unpack = RTA.unpack_from
+    while off + 4 <= end:
+        length, kind = unpack(buf, off)
+        if length < 4:
+            break
+        out[kind & _NLA_TYPE_MASK] = (off + 4, off + length)
+        off += (length + 3) & ~3
+    return out
+
+
+def decode(kind: int, flags: int, buf: Buffer, start: int, end: int) -> Record | None:
+    """One message body as a record; None for what the mirror does not follow."""
+    if kind == RTM_NEWLINK or kind == RTM_DELLINK:
+        link = decode_link(buf, start, end)
+        return LinkRec(kind == RTM_NEWLINK, link) if link is not None else None
+    if kind == RTM_NEWADDR or kind == RTM_DELADDR:
+        addr = decode_addr(buf, start, end)
+        return AddrRec(kind == RTM_NEWADDR, *addr) if addr is not None else None
+    if kind == RTM_NEWROUTE or kind == RTM_DELROUTE:
+        route = decode_route(buf, start, end)
+        if route is None:
+            return None
+        return RouteRec(kind == RTM_NEWROUTE, bool(flags & NLM_F_REPLACE), route)
+    return None
+
+
+def decode_all(buf: Buffer, size: int) -> list[Record]:
+    out = []
+    for kind, flags, _, start, end in messages(buf, size):
+        rec = decode(kind, flags, buf, start, end)
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+def _u32(buf: Buffer, span: tuple[int, int] | None) -> int | None:
+    return _U32.unpack_from(buf, span[0])[0] if span is not None else None
+
+
+def _str(buf: Buffer, span: tuple[int, int]) -> str:
+    return bytes(buf[span[0]:span[1]]).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def decode_link(buf: Buffer, start: int, end: int) -> Link | None:
+    if end - start < IFINFOMSG.size:
+        return None
+    family, _, index, ifflags, _ = IFINFOMSG.unpack_from(buf, start)
+    # AF_BRIDGE copies (family 7) describe a port's bridge view, not the device; a port's
+    # release even comes as an AF_BRIDGE RTM_DELLINK while the device lives on.
+    if family != socket.AF_UNSPEC:
+        return None
+    at = attrs(buf, start + IFINFOMSG.size, end)
+    name = at.get(IFLA_IFNAME)
+    if name is None:
+        return None
+    kind = None
+    stp = delay = owner = group = None
+    info = at.get(IFLA_LINKINFO)
+    if info is not None:
+        sub = attrs(buf, *info)
+        if IFLA_INFO_KIND in sub:
+            kind = _str(buf, sub[IFLA_INFO_KIND])
+        data = sub.get(IFLA_INFO_DATA)
+        if data is not None and kind == "bridge":
+            opts = attrs(buf, *data)
+            state = _u32(buf, opts.get(IFLA_BR_STP_STATE))
+            stp = bool(state) if state is not None else None
+            cs = _u32(buf, opts.get(IFLA_BR_FORWARD_DELAY))
+            # Jiffies to clock_t can lose one tick (15 s reads as 1499).
+            delay = round(cs / USER_HZ) if cs is not None else None
+        elif data is not None and kind == "tun":
+            opts = attrs(buf, *data)
+            owner = _u32(buf, opts.get(IFLA_TUN_OWNER))
+            group = _u32(buf, opts.get(IFLA_TUN_GROUP))
+    mac = at.get(IFLA_ADDRESS)
+    return Link(
+        index=index,
+        name=_str(buf, name),
+        kind=kind,
+        master=_u32(buf, at.get(IFLA_MASTER)) or None,
+        up=bool(ifflags & IFF_UP),
+        mtu=_u32(buf, at.get(IFLA_MTU)) or 0,
+        mac=bytes(buf[mac[0]:mac[1]]).hex(":") if mac is not None else "",
+        stp=stp,
+        forward_delay=delay,
+        tun_owner=owner,
+        tun_group=group,
+    )
+
+
+def decode_addr(buf: Buffer, start: int, end: int) -> tuple[int, IPInterface] | None:
+    if end - start < IFADDRMSG.size:
+        return None
+    family, prefixlen, _, _, index = IFADDRMSG.unpack_from(buf, start)
+    at = attrs(buf, start + IFADDRMSG.size, end)
+    iface: IPInterface
+    if family == socket.AF_INET:
+        # IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on p2p links.
+        span = at.get(IFA_LOCAL) or at.get(IFA_ADDRESS)
+        if span is None or span[1] - span[0] != 4:
+            return None
+        iface = ipaddress.IPv4Interface((bytes(buf[span[0]:span[1]]), prefixlen))
+    elif family == socket.AF_INET6:
+        span = at.get(IFA_ADDRESS)
+        if span is None or span[1] - span[0] != 16:
+            return None
+        iface = ipaddress.IPv6Interface((bytes(buf[span[0]:span[1]]), prefixlen))
+        if iface.ip in _LINK_LOCAL6:
+            return None
+    else:
+        return None
+    return index, iface
+
+
+def decode_route(buf: Buffer, start: int, end: int) -> Route | None:
+    if end - start < RTMSG.size:
+        return None
+    family, dst_len, _, _, table, proto, scope, rtype, rflags = RTMSG.unpack_from(buf, start)
+    if family == socket.AF_INET:
+        width = 4
+    elif family == socket.AF_INET6:
+        width = 16
+    else:
+        return None
+    if rtype != RTN_UNICAST or rflags & RTM_F_CLONED:
+        return None
+    at = attrs(buf, start + RTMSG.size, end)
+    table = _u32(buf, at.get(RTA_TABLE)) or table
+    if table != MAIN_TABLE:
+        return None
+    span = at.get(RTA_DST)
+    dst = bytes(buf[span[0]:span[1]]) if span is not None else bytes(width)
+    if len(dst) != width:
+        return None
+    net: IPNetwork
+    if width == 4:
+        net = ipaddress.IPv4Network((dst, dst_len), strict=False)
+    else:
+        net = ipaddress.IPv6Network((dst, dst_len), strict=False)
+        if net.subnet_of(_LINK_LOCAL6):
+            return None  # the kernel adds fe80::/64 on every link; never ours
+    gw = at.get(RTA_GATEWAY)
+    gateway = socket.inet_ntop(family, bytes(buf[gw[0]:gw[1]])) if gw is not None else None
+    return Route(
+        dst=net,
+        oif=_u32(buf, at.get(RTA_OIF)),
+        gateway=gateway,
+        table=MAIN_TABLE,
+        proto=proto,
+        scope=scope,
+        priority=_u32(buf, at.get(RTA_PRIORITY)),
+    )
+
+
+def decode_error(buf: Buffer, flags: int, start: int, end: int) -> tuple[int, str]:
+    """(errno, extended-ack message) of an NLMSG_ERROR; errno 0 is a plain ack."""
+    code = -NLMSGERR.unpack_from(buf, start)[0]
+    reason = ""
+    if code and flags & NLM_F_ACK_TLVS and end - start >= 20:
+        inner = NLMSGHDR.unpack_from(buf, start + 4)[0]
+        tlvs = start + 4 + (16 if flags & NLM_F_CAPPED else (inner + 3) & ~3)
+        msg = attrs(buf, tlvs, end).get(NLMSGERR_ATTR_MSG)
+        if msg is not None:
+            reason = _str(buf, msg)
+    return code, reason
+
+
+_ERRORS: dict[int, type[KvmnetError]] = {
+    errno.EEXIST: Conflict,
+    errno.ENOTEMPTY: Conflict,
+    errno.ENODEV: NoSuchPort,
+    errno.EBUSY: Busy,
+    errno.EPERM: PermissionDenied,
+    errno.EACCES: PermissionDenied,
+    errno.EOPNOTSUPP: NotSupported,
+    errno.EINVAL: InvalidArgument,
+    errno.ERANGE: InvalidArgument,
+}
+
+
+def kernel_error(code: int, reason: str, what: str) -> KvmnetError:
+    """A typed error naming the request and the kernel's reason (its extended ack if any)."""
+    generic = os.strerror(code) if code > 0 else "unknown error"
+    detail = reason if reason and reason != generic else generic
+    name = errno.errorcode.get(code, str(code))
+    return _ERRORS.get(code, KvmnetError)(f"{what}: the kernel refused it: {detail} ({name})")

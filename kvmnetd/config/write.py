@@ -1,0 +1,64 @@
+"""A network back to TOML, for `define` persisting it under networks.d/.
+
+load(render_network_toml(n)) gives n back; a property test checks that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tomli_w
+
+from kvmnetd.model.desired import DhcpRange, Network
+
+
+def _plain(v: object) -> Any:
+    """TOML-ready: flags and numbers stay, sequences become lists, the rest their text."""
+    if isinstance(v, bool | int):
+        return v
+    if isinstance(v, tuple | list):
+        return [_plain(x) for x in v]
+    return str(v)
+
+
+def _table(items: list[tuple[str, object]]) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in items if v is not None}
+
+
+def _ranges(rs: tuple[DhcpRange, ...]) -> list[str]:
+    return [f"{r.start}-{r.end}" for r in rs]
+
+
+def render_network_toml(net: Network) -> str:
+    """A [network.NAME] document that parses back to an equal Network."""
+    body = _table([
+        ("mode", net.mode.value), ("bridge", net.bridge), ("ipv4", net.ipv4),
+        ("ipv6", net.ipv6), ("uplink", net.uplink), ("stp", net.stp),
+        ("forward_delay", net.forward_delay), ("mtu", net.mtu), ("autostart", net.autostart),
+        ("host_access", net.host_access),
+        ("allow_users", net.allow_users or None), ("allow_groups", net.allow_groups or None),
+    ])
+    d = net.dhcp
+    if d is not None:
+        dhcp = body["dhcp"] = _table([
+            ("ranges", _ranges(d.ranges)), ("ranges6", _ranges(d.ranges6) or None),
+            ("lease_time", d.lease_time), ("router", d.router), ("ping_check", d.ping_check),
+            ("tftp_root", d.tftp_root), ("boot_file", d.boot_file),
+            ("next_server", d.next_server), ("ra", d.ra), ("dhcpv6", d.dhcpv6),
+        ])
+        if d.boot.items():
+            dhcp["boot"] = _table(list(d.boot.items()))
+        if d.hosts:
+            dhcp["host"] = [_table([("mac", h.mac), ("ip", h.ip), ("name", h.name),
+                                    ("lease_time", h.lease_time)]) for h in d.hosts]
+        if d.hosts6:
+            dhcp["host6"] = [_table([("id", h.id), ("ip", h.ip), ("name", h.name),
+                                     ("lease_time", h.lease_time)]) for h in d.hosts6]
+    body["dns"] = _table([("enabled", net.dns.enabled), ("domain", net.dns.domain),
+                          ("forwarders", net.dns.forwarders)])
+    if net.dns.hosts:
+        body["dns"]["host"] = [_table([("ip", h.ip), ("names", h.names)])
+                               for h in net.dns.hosts]
+    if net.dnsmasq_options:
+        body["dnsmasq"] = _table([("options", net.dnsmasq_options)])
+    return tomli_w.dumps({"network": {net.name: body}})

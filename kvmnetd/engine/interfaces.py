@@ -1,0 +1,62 @@
+"""What the reconciler needs from each adapter. Tests fake these, never the system."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from kvmnetd.model import actions as A
+from kvmnetd.model.desired import Network
+from kvmnetd.model.observed import ObservedState
+from kvmnetd.plan.coexist import CoexistChanges, CoexistRule, ForeignForward
+
+
+class NetlinkPort(Protocol):
+    observed: ObservedState
+    writes: int
+
+    async def apply(self, action: A.Action) -> None: ...
+
+    async def apply_many(self, actions: Sequence[A.Action]) -> list[BaseException | None]:
+        """apply() for each, in order, as fast as the kernel takes them (pipelined): one
+        result per action, None or the error apply() would have raised."""
+        ...
+
+    async def tap_info(self, ifname: str) -> tuple[int | None, int | None] | None:
+        """(owner uid, group gid) of a tun/tap read from the kernel now; None if none."""
+        ...
+
+    def take_changes(self) -> tuple[set[int], bool]:
+        """(link indexes events changed, anything else changed) since the last call."""
+        ...
+
+
+class FirewallPort(Protocol):
+    writes: int
+
+    async def observe(self) -> str | None: ...
+    async def apply(self, ruleset: str) -> None: ...
+    async def remove(self) -> None: ...
+
+
+class SysctlPort(Protocol):
+    writes: int
+
+    def forwarding(self, family: int) -> bool | None: ...
+    def set_forwarding(self, family: int, enabled: bool) -> None: ...
+    def accept_ra(self, ifname: str) -> int | None: ...
+
+
+class CoexistPort(Protocol):
+    writes: int
+
+    async def observe(self) -> ForeignForward: ...
+    async def apply(self, rules: tuple[CoexistRule, ...]) -> CoexistChanges: ...
+
+
+class DhcpPort(Protocol):
+    async def sync(self, networks: list[Network]) -> None: ...
+
+    async def restart(self, network: str) -> None:
+        """Its bridge was made anew: a running dnsmasq bound to the old one starts again."""
+        ...

@@ -1,0 +1,536 @@
+"""The one loop: coalesce triggers, observe, plan, apply, record; per-network state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import structlog
+
+from kvmnetd.adapters.owned_file import load_owned, save_owned
+from kvmnetd.engine.interfaces import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
+from kvmnetd.model import actions as A
+from kvmnetd.model.desired import DesiredState
+from kvmnetd.model.errors import KvmnetError, NoSuchPort
+from kvmnetd.model.observed import Link, ObservedState
+from kvmnetd.model.owned import Owned
+from kvmnetd.model.policy import PORT_KINDS
+from kvmnetd.plan.coexist import ForeignForward
+from kvmnetd.plan.planner import Plan, attach_for, plan
+
+log = structlog.get_logger("kvmnetd.reconcile")
+
+# The safety sweep: what no event reports (sysctls) and a check that events missed
+# nothing. Drift of our own objects comes by netlink, nft monitor and child exits.
+SWEEP_INTERVAL = 60.0
+# While a network cannot start for a reason no event reports (a host sysctl such as
+# accept_ra), the loop looks again this often.
+RETRY_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class NetState:
+    state: str  # inactive | configuring | active | degraded | failed
+    reason: str = ""
+
+
+class Reconciler:
+    def __init__(self, netlink: NetlinkPort, firewall: FirewallPort, sysctl: SysctlPort,
+                 dhcp: DhcpPort | None, owned_path: str, table: str = "kvmnetd",
+                 verify_interval: float = SWEEP_INTERVAL, coexist: CoexistPort | None = None,
+                 coexist_mode: str = "auto") -> None:
+        self.netlink = netlink
+        self.firewall = firewall
+        self.sysctl = sysctl
+        self.dhcp = dhcp
+        self.owned_path = owned_path
+        self.owned: Owned = load_owned(owned_path)
+        self.table = table
+        self.verify_interval = verify_interval
+        self.desired = DesiredState()
+        self.states: dict[str, NetState] = {}
+        self.last_plan = Plan()
+        self.passes = 0
+        self.completed = 0  # passes finished: what readers of the results key caches on
+        self._firewall_seen: str | None = None
+        self._firewall_known = False  # our own table
+        self._foreign_known = False  # other tables' forward chains (coexistence)
+        # Something (nft monitor) reports foreign ruleset changes: then the periodic
+        # verification reads only our own table, not the whole (maybe huge) ruleset.
+        self.foreign_events = False
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[str, NetState], None]] = []
+        self.coexist = coexist
+        self.coexist_mode = coexist_mode
+        self._foreign: ForeignForward | None = None
+        self.coexist_reports: tuple[str, ...] = ()
+        self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
+        self._last_errors = 0
+        self._sysctl_known = False
+        self.owned_dirty = False  # changed since owned.json was last written
+        self._other_trigger = True  # woken by something other than link events
+        # Ports to look at without a full pass (new taps, API calls): ifname -> the
+        # callers waiting for it. One queue: whoever asked, the same planner and writes.
+        self._port_queue: dict[str, list[asyncio.Future[None]]] = {}
+        # Ports settled since the last full pass: ifname -> (its index, its bridge's index).
+        # Their own netlink events then need no pass.
+        self._settled_ports: dict[str, tuple[int, int | None]] = {}
+        self._settled_index: dict[int, str] = {}  # the same, by link index
+        self._port_listeners: list[Callable[[set[str] | None], None]] = []
+        self._running = False  # run() is draining the port queue
+
+    def on_state(self, listener: Callable[[str, NetState], None]) -> None:
+        self._listeners.append(listener)
+
+    def trigger(self) -> None:
+        self._other_trigger = True
+        self._wake.set()
+
+    def on_ports(self, listener: Callable[[set[str] | None], None]) -> None:
+        """Called after ports may have changed: with their names, or None after a full pass."""
+        self._port_listeners.append(listener)
+
+    def links_changed(self) -> None:
+        """Netlink events changed links: a pass, unless the ports settled explain them all."""
+        self._wake.set()
+
+    def link_added(self, link: Link) -> None:
+        """Netlink saw this link for the first time: a tap or veth is looked at on its
+        own (policy may place it, a request may wait for it), not by a full pass."""
+        if link.kind in PORT_KINDS:
+            self._port_queue.setdefault(link.name, [])
+            self._wake.set()
+
+    async def request_port(self, ifname: str, network: str) -> None:
+        """An explicit request for one port ("" detaches it): returns once it is applied."""
+        ports = dict(self.desired.ports)
+        ports[ifname] = network
+        self.desired = replace(self.desired, ports=ports)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._port_queue.setdefault(ifname, []).append(done)
+        if self._running:
+            self._wake.set()  # the loop takes every port queued meanwhile in one batch
+        else:
+            await self.apply_queued()  # no loop (start-up, tests): the caller drains
+        await done
+
+    def needs_pass(self) -> bool:
+        """False when all that happened since the last pass is ports settled on their own,
+        still as they were left: the pass would plan every link to find nothing to do."""
+        if self._other_trigger:
+            return True
+        links, other = self.netlink.take_changes()
+        return other or not self._covers(links)
+
+    def _covers(self, changed: set[int]) -> bool:
+        links = self.netlink.observed.links
+        gone: list[str] = []
+        for index in changed:
+            link = links.get(index)
+            if link is None:
+                # A settled port's tap deleted (a guest stopped): that port's plan forgets it.
+                name = self._settled_index.get(index)
+                if name is None:
+                    return False
+                gone.append(name)
+                continue
+            if self._settled_ports.get(link.name) != (index, link.master):
+                return False
+            if link.master is not None and not link.up:
+                return False  # a port of ours went down: the pass brings it up
+        for name in gone:
+            self._port_queue.setdefault(name, [])
+        return True
+
+    def firewall_changed(self) -> None:
+        """nft monitor saw a change: re-read our table and the foreign chains next pass."""
+        self._firewall_known = self._foreign_known = False
+        self.trigger()
+
+    async def run(self) -> None:
+        """Forever: wait for a trigger (or the safety sweep), then converge."""
+        self._running = True
+        while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+            # comes as the event is set, and the daemon would not stop on SIGTERM.
+            with contextlib.suppress(TimeoutError):
+                wait = RETRY_INTERVAL if self.last_plan.problems else self.verify_interval
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+                await asyncio.sleep(0)  # let a burst of events land: one pass for all
+            timed_out = not self._wake.is_set()
+            self._wake.clear()
+            try:
+                if timed_out:
+                    # The safety sweep re-reads what no event reports.
+                    self._firewall_known = self._sysctl_known = False
+                    if not self.foreign_events:
+                        self._foreign_known = False
+                else:
+                    if not self._other_trigger:
+                        await self.apply_queued()
+                    if not self.needs_pass():
+                        await self.apply_queued()  # taps of settled ports that went away
+                        self._save_owned_if_dirty()
+                        continue
+                await self.converge()
+            except Exception:  # the loop must survive anything a pass throws
+                log.exception("reconcile.crashed")
+
+    async def converge(self, max_passes: int = 4, quick: bool = False) -> Plan:
+        """Run passes until one has nothing left to do (or only failures remain).
+
+        quick (API calls): also stop after a pass that applied its whole plan cleanly.
+        """
+        async with self._lock:
+            p = Plan()
+            for _ in range(max_passes):
+                p, applied = await self._pass()
+                # Nothing done, or the whole plan applied cleanly: the mirror already shows
+                # the result (writes are read back), so callers need not wait for a re-check;
+                # the events our writes cause run one in the background.
+                if applied == 0 or (quick and applied >= len(p.actions)
+                                    and not self._last_errors):
+                    break
+            return p
+
+    async def apply_queued(self) -> None:
+        """The queued ports, now (the loop does this when it wakes)."""
+        if self._port_queue:
+            async with self._lock:
+                await self._port_pass()
+
+    async def _port_pass(self) -> None:
+        """The queued ports alone: each planned by attach_for, all applied as one batch
+        through the same writes and bookkeeping as a full pass."""
+        queue, self._port_queue = self._port_queue, {}
+        observed = self.netlink.observed
+        p = Plan()
+        for ifname in queue:
+            one = attach_for(self.desired, observed, self.owned, ifname)
+            if one.forget_ports or one.forget_requests:
+                self._record(one)
+                self.owned_dirty = True
+            if one.ports and not one.actions and observed.link(ifname) is not None:
+                bridge = self.desired.networks[one.ports[ifname]].bridge
+                if observed.link(bridge) is None:
+                    self._other_trigger = True  # a pass makes the bridge first
+            p.actions += one.actions
+            p.ports.update(one.ports)
+        failed: dict[str, str] = {}
+        if p.actions:
+            for action, err in zip(p.actions, await self._apply_batch(p.actions, observed,
+                                                                      failed), strict=True):
+                if self._settle(action, err, p, observed, failed):
+                    self.owned_dirty = True
+                elif err is not None:
+                    self.trigger()  # a full pass looks at it again, with everything else
+        for ifname in queue:
+            net = p.ports.get(ifname)
+            if net is None:
+                self.last_plan.ports.pop(ifname, None)
+            else:
+                self.last_plan.ports[ifname] = net
+            net_bridge = self.desired.networks[net].bridge if net else None
+            link, br = observed.link(ifname), observed.link(net_bridge) if net_bridge else None
+            if link is not None and br is not None and link.master == br.index:
+                self._settle_port(ifname, link.index, br.index)
+            elif link is not None and net is None and link.master is None:
+                self._settle_port(ifname, link.index, None)
+            elif link is None:
+                gone = self._settled_ports.pop(ifname, None)
+                if gone is not None:
+                    self._settled_index.pop(gone[0], None)
+        # On disk before any caller hears back: a kill now must not lose the port.
+        self._save_owned_if_dirty()
+        self.completed += 1
+        self._ports_changed(set(queue))
+        for waiters in queue.values():
+            for done in waiters:
+                if not done.done():
+                    done.set_result(None)
+
+    def _settle_port(self, ifname: str, index: int, master: int | None) -> None:
+        self._settled_ports[ifname] = (index, master)
+        self._settled_index[index] = ifname
+
+    def _ports_changed(self, names: set[str] | None) -> None:
+        for listener in self._port_listeners:
+            try:
+                listener(names)
+            except Exception:  # a listener's bug must not break the loop
+                log.exception("reconcile.listener_failed")
+
+    async def set_desired(self, desired: DesiredState) -> Plan:
+        self.desired = desired
+        self._other_trigger = True
+        return await self.converge(quick=True)
+
+    def observe(self) -> ObservedState:
+        obs = self.netlink.observed
+        fresh = not self._sysctl_known  # first pass, periodic verification, after our writes
+        if fresh:
+            for fam in (4, 6):
+                value = self.sysctl.forwarding(fam)
+                if value is not None:
+                    obs.forwarding[fam] = value
+            self._sysctl_known = True
+        # accept_ra of devices with an RA-learned default route, for the planner's check
+        # before IPv6 forwarding goes on; a device new since the last read is read now.
+        ra_devices = obs.ra_default_devices()
+        for name in ra_devices:
+            if fresh or name not in obs.accept_ra:
+                ra = self.sysctl.accept_ra(name)
+                if ra is None:
+                    obs.accept_ra.pop(name, None)
+                else:
+                    obs.accept_ra[name] = ra
+        for name in set(obs.accept_ra) - set(ra_devices):
+            del obs.accept_ra[name]
+        obs.firewall = self._firewall_seen
+        return obs
+
+    async def _pass(self) -> tuple[Plan, int]:
+        self.passes += 1
+        # From here on this pass sees everything: later changes are for the next look.
+        self._other_trigger = False
+        self.netlink.take_changes()
+        self._settled_ports.clear()
+        self._settled_index.clear()
+        queue, self._port_queue = self._port_queue, {}
+        if not self._firewall_known:
+            self._firewall_known = True  # a change reported while reading clears it again
+            try:
+                self._firewall_seen = await self.firewall.observe()
+            except BaseException:
+                self._firewall_known = False
+                raise
+        if not self._foreign_known and self.coexist is not None:
+            self._foreign_known = True
+            try:
+                self._foreign = await self.coexist.observe()
+            except BaseException:
+                self._foreign_known = False
+                raise
+        observed = self.observe()
+        before = self.owned.to_json()  # adoption and forgetting are changes to save too
+        p = plan(self.desired, observed, self.owned, self.table,
+                 self._foreign if self.coexist is not None else None, self.coexist_mode)
+        self._record(p)
+        failed: dict[str, str] = {}
+        applied = 0
+        self._last_errors = 0
+        for batch in self._batches(p):
+            for action, err in zip(batch, await self._apply_batch(batch, observed, failed),
+                                   strict=True):
+                applied += self._settle(action, err, p, observed, failed)
+                self._last_errors += err is not None
+        applied += await self._coexist(p, failed)
+        if self.owned.to_json() != before:
+            self.owned_dirty = True
+        self._save_owned_if_dirty()
+        if self.dhcp is not None:
+            ok = [n for n in p.dhcp if n.name not in failed]
+            # A bridge made anew this pass: a dnsmasq still bound to the old one is replaced
+            # (a new network has none yet; sync starts it).
+            for net in ok:
+                if net.name in p.dhcp_restart:
+                    await self.dhcp.restart(net.name)
+            await self.dhcp.sync(ok)
+        self.last_plan = p  # before listeners run: they read ports from it
+        self.completed += 1
+        log.debug("reconcile.pass", number=self.passes, actions=len(p.actions),
+                  applied=applied, problems=sorted(p.problems))
+        self._update_states(p, failed)
+        self._ports_changed(None)
+        for waiters in queue.values():
+            for done in waiters:
+                if not done.done():
+                    done.set_result(None)
+        return p, applied
+
+    def _save_owned_if_dirty(self) -> None:
+        if self.owned_dirty:
+            self.owned_dirty = False
+            save_owned(self.owned_path, self.owned)
+
+    def _batches(self, p: Plan) -> list[list[A.Action]]:
+        """Runs of guest-port actions go together (pipelined); everything else alone, in order."""
+        out: list[list[A.Action]] = []
+        for action in p.actions:
+            if (out and self._port_of(action, p) is not None
+                    and self._port_of(out[-1][-1], p) is not None):
+                out[-1].append(action)
+            else:
+                out.append([action])
+        return out
+
+    async def _apply_batch(self, batch: list[A.Action], observed: ObservedState,
+                           failed: dict[str, str]) -> list[BaseException | None]:
+        # A failure is settled after each batch; other actions are batches of one, so
+        # a network that failed earlier in this pass is skipped here.
+        todo = [a for a in batch if a.network is None or a.network not in failed]
+        results: dict[int, BaseException | None] = {}
+        if len(todo) > 1:
+            for action, err in zip(todo, await self.netlink.apply_many(todo), strict=True):
+                results[id(action)] = err
+        else:
+            for action in todo:
+                if isinstance(action, A.CreateBridge):
+                    # Write ahead: a kill right after the kernel made it must not leave a
+                    # bridge we would later adopt as someone else's and never delete.
+                    self.owned.record(action, observed)
+                    save_owned(self.owned_path, self.owned)
+                try:
+                    await self._apply(action, observed)
+                    results[id(action)] = None
+                except (KvmnetError, OSError) as e:
+                    results[id(action)] = e
+        return [results.get(id(a), _SKIPPED) for a in batch]
+
+    def _settle(self, action: A.Action, err: BaseException | None, p: Plan,
+                observed: ObservedState, failed: dict[str, str]) -> int:
+        """Record one action's outcome; 1 if it changed the system."""
+        if err is _SKIPPED:
+            return 0
+        if err is None:
+            if isinstance(action, A.Enslave | A.SetUp | A.Release):
+                self.port_errors.pop(action.ifname, None)
+            self.owned.record(action, observed)
+            log.info("reconcile.applied", network=action.network, ifname=A.device(action),
+                     action=A.describe(action))
+            return 1
+        if isinstance(action, A.CreateBridge) and observed.link(action.bridge) is None:
+            self.owned.bridges.pop(action.bridge, None)
+            self.owned.created.discard(action.bridge)
+        port = self._port_of(action, p)
+        if port is not None:
+            # A guest's tap failing (or vanishing mid-pass) is that port's problem,
+            # never its network's.
+            if not isinstance(err, NoSuchPort):
+                self.port_errors[port] = str(err)
+                log.warning("reconcile.port_failed", network=action.network, ifname=port,
+                            error=str(err))
+            return 0
+        log.warning("reconcile.action_failed", network=action.network,
+                    action=type(action).__name__, error=str(err))
+        if action.network is not None:
+            failed[action.network] = str(err)
+        return 0
+
+    def _port_of(self, action: A.Action, p: Plan) -> str | None:
+        """The guest port an action is about, if it is one (not a bridge, not an uplink)."""
+        if isinstance(action, A.Enslave) and not action.uplink:
+            return action.ifname
+        if isinstance(action, A.Release | A.SetUp) and (
+                action.ifname in p.ports or action.ifname in self.owned.ports):
+            return action.ifname
+        return None
+
+    async def _coexist(self, p: Plan, failed: dict[str, str]) -> int:
+        """Accepts for our networks where a foreign firewall drops forwarded traffic."""
+        if self.coexist is None or p.coexist is None:
+            return 0
+        self.coexist_reports = p.coexist.reports
+        rules = tuple(r for r in p.coexist.rules if r.network not in failed)
+        try:
+            change = await self.coexist.apply(rules)
+        except (KvmnetError, OSError) as e:
+            log.warning("coexist.failed", error=str(e))
+            return 0
+        if not change:
+            return 0
+        self._foreign_known = False
+        log.info("coexist.applied", inserted=len(change.insert), deleted=len(change.delete))
+        return 1
+
+    def _record(self, p: Plan) -> None:
+        """The plan's bookkeeping: adopted bridges, and ports gone with their taps."""
+        for bridge, network in p.adopt:
+            self.owned.adopt(bridge, network)
+            log.info("bridge.adopted", network=network, bridge=bridge)
+        for ifname in p.forget_ports:
+            self.owned.ports.pop(ifname, None)
+        if p.forget_requests:
+            gone = set(p.forget_requests)
+            ports = {i: n for i, n in self.desired.ports.items() if i not in gone}
+            self.desired = replace(self.desired, ports=ports)
+
+    def restore_ports(self) -> None:
+        """After a restart, guest ports found on our bridges stay requested (crash-only).
+
+        What the kernel shows wins over the record: a kill between an attach or move
+        and the save of owned.json must not make the port unknown.
+        """
+        obs = self.netlink.observed
+        ports = dict(self.desired.ports)
+        by_index = {}
+        for net in self.desired.active_networks():
+            br = obs.link(net.bridge)
+            if br is not None:
+                by_index[br.index] = (net.name, net.bridge)
+        uplinks = {n.uplink for n in self.desired.networks.values() if n.uplink}
+        before = dict(self.owned.ports)
+        for link in obs.links.values():
+            hit = by_index.get(link.master) if link.master is not None else None
+            if hit is None or link.kind not in ("tun", "veth") or link.name in uplinks:
+                continue
+            ports.setdefault(link.name, hit[0])
+            self.owned.ports[link.name] = hit[1]
+        self.desired = replace(self.desired, ports=ports)
+        if self.owned.ports != before:
+            save_owned(self.owned_path, self.owned)
+
+    async def _apply(self, action: A.Action, observed: ObservedState) -> None:
+        match action:
+            case A.ApplyFirewall(ruleset=text):
+                self._firewall_known = False
+                await self.firewall.apply(text)
+            case A.RemoveFirewall():
+                self._firewall_known = False
+                await self.firewall.remove()
+            case A.SetForwarding(family=fam, enabled=on):
+                self._sysctl_known = False
+                self.sysctl.set_forwarding(fam, on)
+            case A.DeleteBridge(bridge=br) if observed.link(br) is None:
+                pass  # already gone: only our record is left to drop
+            case _:
+                await self.netlink.apply(action)
+
+    def _update_states(self, p: Plan, failed: dict[str, str]) -> None:
+        new: dict[str, NetState] = {}
+        for name in sorted(self.desired.networks):
+            if name not in self.desired.active:
+                new[name] = NetState("inactive")
+            elif name in p.problems and name not in p.degraded:
+                new[name] = NetState("failed", p.problems[name])
+            elif name in failed:
+                new[name] = NetState("failed", failed[name])
+            elif name in p.degraded:
+                new[name] = NetState("degraded", p.degraded[name])
+            else:
+                new[name] = NetState("active")
+        # A network that is gone (undefined, or dropped by a reload) is told as inactive
+        # once, so listeners can drop what they keep for it.
+        gone = {name: NetState("inactive", "undefined") for name in self.states
+                if name not in new}
+        for name, st in [*new.items(), *gone.items()]:
+            if self.states.get(name) != st:
+                log.info("network.state", network=name, state=st.state, reason=st.reason)
+                for listener in self._listeners:
+                    try:
+                        listener(name, st)
+                    except Exception:  # a listener's bug must not break the loop
+                        log.exception("reconcile.listener_failed", network=name)
+        self.states = new
+
+    @property
+    def writes(self) -> int:
+        extra = self.coexist.writes if self.coexist is not None else 0
+        return self.netlink.writes + self.firewall.writes + self.sysctl.writes + extra
+
+
+_SKIPPED = KvmnetError("skipped: its network failed earlier in this pass")

@@ -1,0 +1,113 @@
+"""The vocabulary between the planner and the adapters: one small dataclass per change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmnetd.model.observed import IPInterface, Route
+
+
+@dataclass(frozen=True)
+class Action:
+    # The network this action serves; a failure marks that network failed.
+    network: str | None
+
+
+@dataclass(frozen=True)
+class CreateBridge(Action):
+    bridge: str
+    mtu: int | None = None
+    mac: str | None = None  # bridged mode: take the uplink's MAC
+
+
+@dataclass(frozen=True)
+class SetBridgeOptions(Action):
+    """STP and forward delay; the adapter applies the delay first when enabling STP."""
+
+    bridge: str
+    stp: bool
+    forward_delay: int
+
+
+@dataclass(frozen=True)
+class SetMtu(Action):
+    ifname: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class SetUp(Action):
+    ifname: str
+
+
+@dataclass(frozen=True)
+class AddAddress(Action):
+    ifname: str
+    address: IPInterface
+
+
+@dataclass(frozen=True)
+class RemoveAddress(Action):
+    ifname: str
+    address: IPInterface
+
+
+@dataclass(frozen=True)
+class AddRoute(Action):
+    ifname: str
+    route: Route
+
+
+@dataclass(frozen=True)
+class RemoveRoute(Action):
+    ifname: str
+    route: Route
+
+
+@dataclass(frozen=True)
+class Enslave(Action):
+    """Attach (or move) a port; it is also set up. Moving never takes it down."""
+
+    ifname: str
+    bridge: str
+    # bridged mode: this is the physical NIC; its addresses and routes move to the bridge.
+    uplink: bool = False
+
+
+@dataclass(frozen=True)
+class Release(Action):
+    ifname: str
+
+
+@dataclass(frozen=True)
+class DeleteBridge(Action):
+    bridge: str
+
+
+@dataclass(frozen=True)
+class SetForwarding(Action):
+    family: int  # 4 or 6
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class ApplyFirewall(Action):
+    ruleset: str  # the whole table, applied as one transaction
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class RemoveFirewall(Action):
+    pass
+
+
+def device(action: Action) -> str | None:
+    """The device an action changes, for logs."""
+    dev = getattr(action, "ifname", None) or getattr(action, "bridge", None)
+    return dev if isinstance(dev, str) else None
+
+
+def describe(action: Action) -> str:
+    """One line for logs: the action and its fields (not the whole ruleset)."""
+    fields = {k: v for k, v in vars(action).items() if k not in ("network", "ruleset")}
+    return f"{type(action).__name__}({', '.join(f'{k}={v}' for k, v in fields.items())})"

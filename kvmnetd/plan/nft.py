@@ -1,0 +1,196 @@
+"""Pure renderer: desired networks -> one nftables transaction for our own `inet` table.
+
+The text replaces our table atomically and touches nothing else:
+
+    add table inet T       (so the delete cannot fail when the table is absent)
+    delete table inet T
+    table inet T { comment "kvmnetd <fingerprint>" ... }
+
+Only chains that carry rules are emitted, so an empty network list (or bridged
+networks only) gives an empty table. The caller may instead remove the table
+altogether; both leave the host's traffic alone.
+
+br_netfilter is on: traffic between two ports of one bridge also passes the
+forward hook, so every forward rule set first lets bridge-local traffic through
+(or, for isolated networks, only drops what leaves or enters the bridge).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+
+from kvmnetd.model.desired import Mode, Network, is_nft_name
+
+# Multicast control and limited broadcast are never masqueraded (as libvirt does).
+_NO_MASQUERADE = ("224.0.0.0/24", "255.255.255.255")
+
+_CHAINS = (
+    ("postrouting", "type nat hook postrouting priority srcnat; policy accept;"),
+    ("forward", "type filter hook forward priority filter; policy accept;"),
+    ("input", "type filter hook input priority filter; policy accept;"),
+)
+
+
+def quote(value: str) -> str:
+    """Quote a name for nft; names are validated elsewhere, this refuses what would break out."""
+    if not value or any(c in value for c in '"\\\n\r\t') or not value.isprintable():
+        raise ValueError(f"name not usable in an nftables rule: {value!r}")
+    return f'"{value}"'
+
+
+def _check_table(table: str) -> str:
+    if not is_nft_name(table):
+        raise ValueError(f"invalid nftables table name: {table!r}")
+    return table
+
+
+class _Rules:
+    """Rules of one network, each tagged with a comment naming it."""
+
+    def __init__(self, net: Network) -> None:
+        self.net = net
+        self.br = quote(net.bridge)
+        self.tag = quote(f"net:{net.name}")
+        self.postrouting: list[str] = []
+        self.forward: list[str] = []
+        self.input: list[str] = []
+
+    def add(self, chain: list[str], rule: str) -> None:
+        chain.append(f"{rule} comment {self.tag}")
+
+
+def _families(net: Network) -> Iterable[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    if net.ipv4 is not None:
+        yield "ip", net.ipv4.network
+    if net.ipv6 is not None:
+        yield "ip6", net.ipv6.network
+
+
+def _service_rules(r: _Rules, open_host: bool) -> None:
+    """Input from the bridge: the services the network's config turns on, on every mode.
+
+    On isolated networks without host_access everything else to the host is dropped.
+    """
+    net, br = r.net, r.br
+    dhcp = net.dhcp
+    if dhcp is not None and net.ipv4 is not None:
+        r.add(r.input, f"iifname {br} udp dport 67 accept")
+    if dhcp is not None and net.ipv6 is not None:
+        r.add(r.input, f"iifname {br} udp dport 547 accept")
+    if net.dns.enabled:
+        r.add(r.input, f"iifname {br} udp dport 53 accept")
+        r.add(r.input, f"iifname {br} tcp dport 53 accept")
+    if dhcp is not None and dhcp.tftp_root:
+        # Only the request: dnsmasq answers from a new port of its own, so the guest's
+        # acknowledgements are replies to that flow and pass as established below.
+        r.add(r.input, f"iifname {br} udp dport 69 accept")
+    if net.ipv6 is not None or not open_host:
+        # Router solicitations for RA, and neighbour discovery, which even a bridge
+        # with only its link-local address needs where the rest is dropped.
+        r.add(r.input, f"iifname {br} icmpv6 type "
+                       "{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept")
+    if open_host:
+        return
+    # Replies to flows the host opened: TFTP data, its own connections to guests.
+    r.add(r.input, f"iifname {br} ct state established,related accept")
+    r.add(r.input, f"iifname {br} drop")
+
+
+def _forward_rules(r: _Rules) -> None:
+    """nat and routed: guests out with their own prefix; in only where the mode allows."""
+    net, br = r.net, r.br
+    out = f" oifname {quote(net.uplink)}" if net.uplink else ""
+    r.add(r.forward, f"iifname {br} oifname {br} accept")
+    for fam, prefix in _families(net):
+        r.add(r.forward, f"iifname {br}{out} {fam} saddr {prefix} accept")
+        if net.mode is Mode.NAT and fam == "ip":
+            # NAT: only replies come back in.
+            r.add(r.forward,
+                  f"oifname {br} {fam} daddr {prefix} ct state established,related accept")
+        else:
+            # Routed (and IPv6 on a nat network): the prefix is reachable as is.
+            r.add(r.forward, f"oifname {br} {fam} daddr {prefix} accept")
+    # Spoofed sources out, anything else in.
+    r.add(r.forward, f"iifname {br} drop")
+    r.add(r.forward, f"oifname {br} drop")
+
+
+def _nat_rules(r: _Rules) -> None:
+    net = r.net
+    if net.ipv4 is None:
+        return
+    prefix = net.ipv4.network
+    for dst in _NO_MASQUERADE:
+        r.add(r.postrouting, f"ip saddr {prefix} ip daddr {dst} return")
+    out = f" oifname {quote(net.uplink)}" if net.uplink else ""
+    r.add(r.postrouting, f"ip saddr {prefix} ip daddr != {prefix}{out} masquerade")
+
+
+def _rules_for(net: Network) -> _Rules:
+    r = _Rules(net)
+    if net.mode is Mode.NAT:
+        _nat_rules(r)
+        _forward_rules(r)
+        _service_rules(r, open_host=True)
+    elif net.mode is Mode.ROUTED:
+        _forward_rules(r)
+        _service_rules(r, open_host=True)
+    elif net.mode is Mode.ISOLATED:
+        # Not a bare `iifname BR drop`: that would also cut guests off from each other.
+        r.add(r.forward, f"iifname {r.br} oifname != {r.br} drop")
+        r.add(r.forward, f"oifname {r.br} iifname != {r.br} drop")
+        _service_rules(r, open_host=net.host_access)
+    # bridged: the host only switches; no rules.
+    return r
+
+
+def _body(networks: list[Network]) -> list[str]:
+    chains: dict[str, list[str]] = {name: [] for name, _ in _CHAINS}
+    for net in sorted(networks, key=lambda n: n.name):
+        r = _rules_for(net)
+        chains["postrouting"] += r.postrouting
+        chains["forward"] += r.forward
+        chains["input"] += r.input
+    lines: list[str] = []
+    for name, header in _CHAINS:
+        if not chains[name]:
+            continue
+        lines.append(f"\tchain {name} {{")
+        lines.append(f"\t\t{header}")
+        lines.extend(f"\t\t{rule}" for rule in chains[name])
+        lines.append("\t}")
+    return lines
+
+
+def _digest(table: str, body: list[str]) -> str:
+    text = f"{table}\n" + "\n".join(body)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint(networks: list[Network], table: str = "kvmnetd") -> str:
+    """Short sha256 of the table body; it is also written into the table's comment."""
+    return _fingerprint(tuple(networks), table)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(networks: tuple[Network, ...], table: str) -> str:
+    # Called on every pass with the same frozen networks: render once per change.
+    return _digest(_check_table(table), _body(list(networks)))
+
+
+def render_ruleset(networks: list[Network], table: str = "kvmnetd") -> str:
+    """The whole transaction for `nft -f -`."""
+    _check_table(table)
+    body = _body(networks)
+    lines = [
+        f"add table inet {table}",
+        f"delete table inet {table}",
+        f"table inet {table} {{",
+        f'\tcomment "kvmnetd {_digest(table, body)}"',
+        *body,
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
