@@ -206,6 +206,8 @@ class Service:
             self.spawn(self.reload_from_signal())
         self.rec.on_state(lambda *_: self.refresh_status())
         self.core.subscribe(self._on_core_event)
+        # What start-up brought up happened before these listeners: one look now.
+        self.refresh_status()
         loop_task = asyncio.ensure_future(self.rec.run())
         try:
             # Everything from here on is pushed: the loop's listeners and core events.
