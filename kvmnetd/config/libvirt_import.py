@@ -16,11 +16,10 @@ from typing import Any
 
 import tomli_w
 
-from kvmnetd.model.domxml import KVMNET_XMLNS
+from kvmnetd.model.domxml import KVMNET_XMLNS, parse_root
 
 DNSMASQ_XMLNS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
 MAX_XML = 1 << 20
-_DECLARATION = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _UNITS = {"seconds": 1, "minutes": 60, "hours": 3600}
 MIN_LEASE = 120  # kvmnetd's floor, in seconds
@@ -95,16 +94,10 @@ def _yes(el: ET.Element, key: str, default: bool) -> bool:
 
 def parse_network(xml: str) -> Imported:
     """The kvmnetd form of one libvirt network definition; ImportRefused if it cannot be."""
-    if len(xml) > MAX_XML:
-        raise ImportRefused(f"network XML too large ({len(xml)} characters)")
-    if _DECLARATION.search(xml):
-        raise ImportRefused("network XML refused: it contains a DOCTYPE or ENTITY declaration")
     try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise ImportRefused(f"network XML is not well-formed: {exc}") from None
-    if root.tag != "network":
-        raise ImportRefused(f"not a libvirt network: root element is <{_local(root.tag)}>")
+        root = parse_root(xml, "network", MAX_XML)
+    except ValueError as exc:
+        raise ImportRefused(str(exc)) from None
     return _Reader(root).read()
 
 

@@ -52,18 +52,29 @@ class ParsedDomain:
     nics: tuple[DomainNic, ...]
 
 
-def parse_domain(xml: str) -> ParsedDomain:
-    """Parse a domain XML; ValueError with a message naming the problem if it is not one."""
-    if len(xml) > MAX_XML:
-        raise ValueError(f"domain XML too large ({len(xml)} characters, limit {MAX_XML})")
+def parse_root(xml: str, kind: str, limit: int = MAX_XML) -> ET.Element:
+    """libvirt XML whose root element is <kind>, parsed without DTDs or entities.
+
+    ValueError names what is wrong. The one parser for domain and network XML alike:
+    XML from libvirt or a user's file is checked the same way everywhere.
+    """
+    if len(xml) > limit:
+        raise ValueError(f"{kind} XML too large ({len(xml)} characters, limit {limit})")
     if _DECLARATION.search(xml):
-        raise ValueError("domain XML refused: it contains a DOCTYPE or ENTITY declaration")
+        raise ValueError(f"{kind} XML refused: it contains a DOCTYPE or ENTITY declaration")
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
-        raise ValueError(f"domain XML is not well-formed: {exc}") from None
-    if root.tag != "domain":
-        raise ValueError(f"not a domain XML: root element is <{root.tag}>, expected <domain>")
+        raise ValueError(f"{kind} XML is not well-formed: {exc}") from None
+    if root.tag != kind:
+        local = root.tag.rpartition("}")[2]
+        raise ValueError(f"not a libvirt {kind}: root element is <{local}>, expected <{kind}>")
+    return root
+
+
+def parse_domain(xml: str) -> ParsedDomain:
+    """Parse a domain XML; ValueError with a message naming the problem if it is not one."""
+    root = parse_root(xml, "domain")
     name = (root.findtext("name") or "").strip()
     if not name:
         raise ValueError("domain XML has no <name>")

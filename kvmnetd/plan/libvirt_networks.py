@@ -8,15 +8,11 @@ someone else and is never changed, only reported when its name clashes with one 
 
 from __future__ import annotations
 
-import re
-import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
-from kvmnetd.model.domxml import KVMNET_XMLNS
-
-_DECLARATION = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+from kvmnetd.model.domxml import KVMNET_XMLNS, parse_root
 
 
 @dataclass(frozen=True)
@@ -53,14 +49,7 @@ def network_xml(name: str, bridge: str, uuid: str = "") -> str:
 
 def parse_seen(xml: str, active: bool, persistent: bool, autostart: bool) -> SeenNetwork:
     """A listed network's XML; ValueError if it is not one."""
-    if _DECLARATION.search(xml):
-        raise ValueError("network XML refused: it contains a DOCTYPE or ENTITY declaration")
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise ValueError(f"network XML is not well-formed: {exc}") from None
-    if root.tag != "network":
-        raise ValueError(f"not a network XML: root element is <{root.tag}>")
+    root = parse_root(xml, "network")
     name = (root.findtext("name") or "").strip()
     br = root.find("bridge")
     ours = root.find(f"metadata/{{{KVMNET_XMLNS}}}network") is not None
