@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.guest import guest_images
+from tests.support.guest import console_lease, guest_images, libvirt_guest_xml
 from tests.support.libvirtd import Libvirtd, private_libvirtd
 from tests.support.rig import Sandbox, wait_until
 
@@ -72,32 +72,11 @@ def in_step(lv: Libvirtd, name: str, bridge: str) -> bool:
         "yes", "yes", "yes", bridge)
 
 
-def network_guest(name: str, network: str, console: Path, images: tuple[str, str]) -> str:
-    kernel, initrd = images
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 mitigations=off kvmnet.hold=1 kvmnet.hostname={name}
-      kvmnet.ping=10.0.0.254</cmdline>
-  </os>
-  <cpu mode='custom'><model>qemu64</model></cpu>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <interface type='network'><source network='{network}'/><mac address='{GUEST_MAC}'/>
-      <model type='virtio'/><rom enabled='no'/></interface>
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
-
-
-def console_lease(console: Path) -> dict[str, str] | None:
-    if not console.exists():
-        return None
+def network_guest(name: str, network: str, console: Path, images: tuple[str, str],
+                  mac: str = GUEST_MAC, ping: str = "10.0.0.254") -> str:
+    return libvirt_guest_xml(name, f"""<interface type='network'><source network='{network}'/>
+      <mac address='{mac}'/><model type='virtio'/><rom enabled='no'/></interface>""",
+                             console, images, ping)
     for line in console.read_text(errors="replace").splitlines():
         if line.startswith("KVMNET lease ok=1"):
             return dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
@@ -261,8 +240,7 @@ ADOPT_MACS = ("52:54:00:14:00:21", "52:54:00:14:00:22")
 
 def adopt_guest(name: str, mac: str, sock: Path, images: tuple[str, str]) -> str:
     """A guest whose serial console is a unix socket: the test reads it and sends commands."""
-    return (network_guest(name, "default", sock, images)
-            .replace(GUEST_MAC, mac).replace("kvmnet.ping=10.0.0.254", "kvmnet.ping=192.168.122.1")
+    return (network_guest(name, "default", sock, images, mac, "192.168.122.1")
             .replace(f"<serial type='file'><source path='{sock}'/>",
                      f"<serial type='unix'><source mode='bind' path='{sock}'/>"))
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.dbus import PrivateBus
-from tests.support.guest import Guest, guest_images, wait_for_link
+from tests.support.guest import (
+    Guest,
+    console_lease,
+    guest_images,
+    libvirt_guest_xml,
+    wait_for_link,
+)
 from tests.support.netns import sh
 from tests.support.rig import FAR_HOST, HOST_UPLINK_IP, Sandbox, wait_until
 from tests.support.toml import attach_toml, daemon_toml, network_toml
@@ -142,31 +148,9 @@ def test_hook_fails_clearly_when_the_daemon_is_down(box: Sandbox, bus: PrivateBu
 
 def libvirt_guest(name: str, tap: str, mac: str, console: Path,
                   images: tuple[str, str]) -> str:
-    kernel, initrd = images
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 mitigations=off kvmnet.hold=1 kvmnet.hostname={name}
-      kvmnet.ping=10.0.0.254</cmdline>
-  </os>
-  <cpu mode='custom'><model>qemu64</model></cpu>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <interface type='ethernet'><target dev='{tap}'/><mac address='{mac}'/>
-      <model type='virtio'/><rom enabled='no'/></interface>
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
-
-
-def console_lease(console: Path) -> dict[str, str] | None:
-    if not console.exists():
-        return None
+    return libvirt_guest_xml(name, f"""<interface type='ethernet'><target dev='{tap}'/>
+      <mac address='{mac}'/><model type='virtio'/><rom enabled='no'/></interface>""",
+                             console, images)
     for line in console.read_text(errors="replace").splitlines():
         if line.startswith("KVMNET lease ok=1"):
             return dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)

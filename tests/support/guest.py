@@ -220,3 +220,38 @@ class Guest:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def libvirt_guest_xml(name: str, nic: str, console: Path, images: tuple[str, str],
+                      ping: str = "10.0.0.254") -> str:
+    """A libvirt domain booting the tiny guest with one NIC (`nic`: an <interface> element);
+    it leases, pings `ping` and says so on the serial console file."""
+    kernel, initrd = images
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 mitigations=off kvmnet.hold=1 kvmnet.hostname={name}
+      kvmnet.ping={ping}</cmdline>
+  </os>
+  <cpu mode='custom'><model>qemu64</model></cpu>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    {nic}
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+def console_lease(console: Path) -> dict[str, str] | None:
+    """The lease a libvirt_guest_xml guest reported on its console, once it has."""
+    if not console.exists():
+        return None
+    for line in console.read_text(errors="replace").splitlines():
+        if line.startswith("KVMNET lease ok=1"):
+            return dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
+    return None
