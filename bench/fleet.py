@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 from contextlib import suppress
 
 from bench.common import DAEMON_TOML, Box, attach_rule, network_toml
@@ -44,3 +45,15 @@ def wipe(box: Box) -> None:
             os.kill(int(f.read_text().strip()), signal.SIGKILL)
     shutil.rmtree(box.run_dir, ignore_errors=True)
     shutil.rmtree(box.state_dir, ignore_errors=True)
+
+
+def grow(box: Box, have: int, n: int) -> None:
+    """Stop the daemon (if running), wipe what it made, and add taps up to n: the next
+    start is a cold one over n taps."""
+    if box.daemon is not None:
+        try:
+            box.stop_daemon(timeout=10)
+        except subprocess.TimeoutExpired:
+            box.kill_daemon()
+        wipe(box)
+    box.batch(f"tuntap add dev {t} mode tap" for t in tap_names(have, n))

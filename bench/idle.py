@@ -4,7 +4,6 @@ happens for 60 s (--quick: 10 s). CPU is utime + stime of the daemon from /proc/
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from typing import Any
 
@@ -22,13 +21,7 @@ def run(quick: bool) -> dict[str, Any]:
     with Box() as box:
         box.write_config(fleet.config())
         for n in SIZES:
-            if box.daemon is not None:
-                try:
-                    box.stop_daemon(timeout=10)
-                except subprocess.TimeoutExpired:
-                    box.kill_daemon()
-                fleet.wipe(box)
-            box.batch(f"tuntap add dev {t} mode tap" for t in fleet.tap_names(have, n))
+            fleet.grow(box, have, n)
             have = n
             box.start()
             box.wait_masters({t: fleet.bridge_of(t) for t in fleet.tap_names(0, n)}, timeout=300)

@@ -6,7 +6,6 @@ tap's attach latency (netlink listener, median of 20) and the daemon's CPU time 
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from typing import Any
 
@@ -26,13 +25,7 @@ def run(quick: bool) -> dict[str, Any]:
     with Box() as box:
         box.write_config(fleet.config())
         for n in sizes:
-            if box.daemon is not None:
-                try:
-                    box.stop_daemon(timeout=10)
-                except subprocess.TimeoutExpired:
-                    box.kill_daemon()
-                fleet.wipe(box)
-            box.batch(f"tuntap add dev {t} mode tap" for t in fleet.tap_names(have, n))
+            fleet.grow(box, have, n)
             have = n
             want = {t: fleet.bridge_of(t) for t in fleet.tap_names(0, n)}
             t0 = time.perf_counter()
