@@ -124,6 +124,8 @@ class Network:
     autostart: bool = True
     # isolated only: may guests reach the host's gateway address (beyond DHCP/DNS)?
     host_access: bool = False
+    # guests' ports are isolated from each other (bridge port isolation)
+    isolate_ports: bool = False
     dhcp: Dhcp | None = None
     dns: Dns = field(default_factory=Dns)
     allow_users: tuple[str, ...] = ()
