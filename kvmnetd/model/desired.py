@@ -211,6 +211,9 @@ class Settings:
     # auto (iptables chains such as DOCKER-USER), off, all (also foreign nft chains).
     coexist: str = "auto"
     log_level: str = "info"
+    # Per-port counters in the Prometheus text format, for node exporter's textfile
+    # collector; None: not written (and nothing runs for it).
+    metrics_file: str | None = None
 
 
 @dataclass(frozen=True)
