@@ -264,6 +264,7 @@ class Service:
         every few seconds; with none it is written once and waits for a port. Without
         metrics_file this task does not exist."""
         written = None
+        failed = ""  # the last failure, logged once until it changes
         try:
             while (path := self.core.config.settings.metrics_file) is not None:
                 self._ports_changed.clear()
@@ -272,9 +273,11 @@ class Service:
                 if (path, text) != written:
                     try:
                         atomic_write(path, text)
-                        written = (path, text)
+                        written, failed = (path, text), ""
                     except OSError as exc:
-                        log.warning("metrics.write_failed", path=path, error=str(exc))
+                        if str(exc) != failed:
+                            failed = str(exc)
+                            log.warning("metrics.write_failed", path=path, error=failed)
                 if ports:
                     await asyncio.sleep(METRICS_INTERVAL)
                 else:
