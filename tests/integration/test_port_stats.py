@@ -126,3 +126,20 @@ def test_port_stats_verb_and_its_refusals(box: Sandbox) -> None:
     assert bad.returncode != 0 and "nosuch0 is not a port of any network" in bad.stderr
     # Without metrics_file nothing is written anywhere.
     assert not list(box.tmp.rglob("*.prom"))
+
+
+def test_metrics_file_set_by_a_reload_and_emptied_when_the_last_port_goes(
+        box: Sandbox) -> None:
+    metrics = box.tmp / "kvmnetd.prom"
+    net = (network_toml("cnt", "nat", "kvcnt0", "10.70.0.1/24", dns=False)
+           + attach_toml("cnt", ifname="pc*"))
+    box.write_config(net)
+    box.guest("pc1", "10.70.0.11/24", "10.70.0.1")
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: box.master_of("pc1") == "kvcnt0")
+    assert not metrics.exists()
+    box.write_config(daemon_toml(metrics_file=str(metrics)) + net)
+    assert box.ctl("reload").returncode == 0
+    assert wait_until(lambda: metrics.exists() and "pc1" in from_file(metrics), timeout=10)
+    sh("ip", "link", "del", "pc1", ns=box.host)
+    assert wait_until(lambda: from_file(metrics) == {}, timeout=15)
