@@ -323,6 +323,15 @@ def do_port_list(c: Client, o: argparse.Namespace) -> None:
     emit(o, rows, lambda: table(rows, cols))
 
 
+STATS_COLS = ["ifname", "network", "rx_bytes", "tx_bytes", "rx_packets", "tx_packets",
+              "drops", "spoof_drops"]
+
+
+def do_port_stats(c: Client, o: argparse.Namespace) -> None:
+    rows = [dict(zip(STATS_COLS, r, strict=True)) for r in c.call("PortStats", o.ifname or "")]
+    emit(o, rows, lambda: table(rows, STATS_COLS))
+
+
 def do_version(c: Client, o: argparse.Namespace) -> None:
     print(c.call("Version"))
 
@@ -384,6 +393,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("ifname")
     m.add_argument("network")
     verb(port, "list", do_port_list, "list ports", True)
+    verb(port, "stats", do_port_stats,
+         "traffic counters per port, from the guest's side (tx: sent by the guest)",
+         True).add_argument("ifname", nargs="?", help="one port (default: all)")
     verb(verbs, "leases", do_leases, "DHCP leases of a network", True).add_argument("network")
     verb(verbs, "doctor", do_doctor, "explain why a guest may have no network", True)
     verb(verbs, "reload", simple("Reload"), "re-read the configuration")

@@ -14,6 +14,7 @@ from kvmnetd import logsetup
 from kvmnetd.adapters.coexist import ForeignForwardAdapter
 from kvmnetd.adapters.default_subnet import DefaultSubnetFile
 from kvmnetd.adapters.dirs import check_writable_dirs
+from kvmnetd.adapters.files import atomic_write
 from kvmnetd.adapters.nftables import NftablesAdapter
 from kvmnetd.adapters.nftmonitor import NftMonitor
 from kvmnetd.adapters.notify import Notifier
@@ -25,8 +26,11 @@ from kvmnetd.config.host_routes import load_config
 from kvmnetd.engine.reconciler import Reconciler
 from kvmnetd.model.errors import ConfigError
 from kvmnetd.model.records import ROOT, CoreEvent
+from kvmnetd.plan.metrics import render_metrics
 
 log = structlog.get_logger("kvmnetd")
+
+METRICS_INTERVAL = 5.0  # seconds between rewrites of [daemon] metrics_file while ports exist
 
 
 def libvirt_socket(uri: str) -> str | None:
@@ -65,6 +69,8 @@ class Service:
         self._status_sent = ""
         self._wired = False  # rec and core exist: events may reach them
         self._reload_pending = False
+        self._metrics: asyncio.Task[None] | None = None
+        self._ports_changed = asyncio.Event()
 
     async def start(self) -> None:
         await self.netlink.open(self._on_netlink)
@@ -206,6 +212,8 @@ class Service:
             self.spawn(self.reload_from_signal())
         self.rec.on_state(lambda *_: self.refresh_status())
         self.core.subscribe(self._on_core_event)
+        self.core.on_reload.append(self._metrics_check)  # metrics_file follows the file
+        self._metrics_check()
         # What start-up brought up happened before these listeners: one look now.
         self.refresh_status()
         loop_task = asyncio.ensure_future(self.rec.run())
@@ -246,6 +254,40 @@ class Service:
     def _on_core_event(self, event: CoreEvent) -> None:
         if event.kind in ("port-attached", "port-detached", "network-changed"):
             self.refresh_status()
+            self._ports_changed.set()
+
+    def _metrics_check(self) -> None:
+        if self._metrics is None and self.core.config.settings.metrics_file is not None:
+            self._metrics = asyncio.ensure_future(self._write_metrics())
+            self._tasks.add(self._metrics)
+
+    async def _write_metrics(self) -> None:
+        """Counters change without events, so while there are ports the file is rewritten
+        every few seconds; with none it is written once and waits for a port. Without
+        metrics_file this task does not exist."""
+        written = None
+        failed = ""  # the last failure, logged once until it changes
+        try:
+            while (path := self.core.config.settings.metrics_file) is not None:
+                self._ports_changed.clear()
+                ports = bool(self.core.list_ports())
+                text = render_metrics(self.core.port_stats() if ports else [])
+                if (path, text) != written:
+                    try:
+                        atomic_write(path, text)
+                        written, failed = (path, text), ""
+                    except OSError as exc:
+                        if str(exc) != failed:
+                            failed = str(exc)
+                            log.warning("metrics.write_failed", path=path, error=failed)
+                if ports:
+                    await asyncio.sleep(METRICS_INTERVAL)
+                else:
+                    await self._ports_changed.wait()
+        finally:
+            if self._metrics is not None:
+                self._tasks.discard(self._metrics)
+            self._metrics = None
 
     def refresh_status(self) -> None:
         """After the events of this turn of the event loop (a burst of port events makes one

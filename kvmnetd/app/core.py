@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import structlog
 
 from kvmnetd import __version__, logsetup
+from kvmnetd.adapters.counters import GuestCounters, read_port_counters
 from kvmnetd.adapters.files import atomic_write
 from kvmnetd.app.access import Authority, authorize
 from kvmnetd.config import load as cfg
@@ -28,7 +29,15 @@ from kvmnetd.model.errors import (
     PermissionDenied,
 )
 from kvmnetd.model.policy import AttachPolicy
-from kvmnetd.model.records import Caller, CoreEvent, DhcpStatus, Lease, NetworkStatus, PortStatus
+from kvmnetd.model.records import (
+    Caller,
+    CoreEvent,
+    DhcpStatus,
+    Lease,
+    NetworkStatus,
+    PortCounters,
+    PortStatus,
+)
 from kvmnetd.plan.planner import PORT_KINDS
 
 log = structlog.get_logger("kvmnetd.app.core")
@@ -65,6 +74,9 @@ class Core:
         self._rows: dict[str, PortStatus] | None = None  # see _port_rows
         self._by_net: dict[str, set[str]] = {}
         self._port_list: list[PortStatus] | None = None
+        # The kernel's counters of a port, from the guest's side (replaceable in tests).
+        self.read_counters: Callable[[str], GuestCounters | None] = read_port_counters
+        self.on_reload: list[Callable[[], None]] = []  # called after a reload took effect
         reconciler.on_state(self._state_changed)
         reconciler.on_ports(self._emit_port_changes)
 
@@ -163,6 +175,23 @@ class Core:
             state = "pending"
         return PortStatus(ifname=ifname, network=net.name, bridge=net.bridge, state=state,
                           domain=self.port_domains.get(ifname, ""))
+
+    def port_stats(self, ifname: str = "") -> list[PortCounters]:
+        """Counters of every port that is there, or of the one named (NoSuchPort if it is
+        not a port of a network, or its device is gone)."""
+        ports = self.list_ports()
+        if ifname:
+            ports = [p for p in ports if p.ifname == ifname]
+            if not ports:
+                raise NoSuchPort(f"{ifname} is not a port of any network")
+        out = []
+        for p in ports:
+            counters = self.read_counters(p.ifname)
+            if counters is not None:
+                out.append(PortCounters(p.ifname, p.network, *counters))
+            elif ifname:
+                raise NoSuchPort(f"{ifname}: no such device")
+        return out
 
     def leases(self, network: str) -> list[Lease]:
         self._net(network)
@@ -340,10 +369,12 @@ class Core:
         # Paths stay as started; behaviour settings follow the file.
         self.config = replace(new, settings=replace(
             s, teardown_on_stop=new.settings.teardown_on_stop,
-            log_level=new.settings.log_level))
+            log_level=new.settings.log_level, metrics_file=new.settings.metrics_file))
         logsetup.set_level(new.settings.log_level)
         await self.apply()
         log.info("config.reloaded", networks=len(self.networks()))
+        for callback in self.on_reload:
+            callback()
 
     def subscribe(self, listener: Callable[[CoreEvent], None]) -> None:
         self._listeners.append(listener)

@@ -124,6 +124,7 @@ class _Reader:
             "description": self._ignored, "metadata": self._metadata,
             "forward": self._forward, "bridge": self._bridge, "mtu": self._mtu,
             "mac": self._mac, "domain": self._domain, "dns": self._dns, "ip": self._ip,
+            "port": self._port,
         }
         seen: set[str] = set()
         forward_seen = False
@@ -224,6 +225,12 @@ class _Reader:
             if child.tag == "address":
                 raise _refuse(child, "a NAT address range is not supported")
             raise _refuse(child, f"not supported inside {describe(el)}")
+
+    def _port(self, el: ET.Element) -> None:
+        # <port isolated='yes'/>: libvirt's bridge port isolation of every guest's port.
+        _attrs(el, ("isolated",))
+        _no_children(el)
+        self.net["isolate_ports"] = _yes(el, "isolated", False)
 
     def _bridge(self, el: ET.Element) -> None:
         a = _attrs(el, ("name", "stp", "delay", "macTableManager", "zone"))
@@ -472,7 +479,6 @@ _UNSUPPORTED = {
     "bandwidth": "bandwidth limits are not supported",
     "vlan": "VLAN tags are not supported",
     "virtualport": "virtual ports (Open vSwitch, 802.1Qbh) are not supported",
-    "port": "port settings (isolated ports) are not supported",
 }
 
 

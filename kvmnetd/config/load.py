@@ -60,7 +60,7 @@ def default_candidates() -> Iterator[ipaddress.IPv4Network]:
         yield from pool.subnets(new_prefix=24)
 
 
-_OPTIONAL = ("bus_address", "libvirt_uri", "qemu_bridge_conf")  # "" means None
+_OPTIONAL = ("bus_address", "libvirt_uri", "qemu_bridge_conf", "metrics_file")  # "" means None
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 DAEMON_CONV: dict[str, Callable[[str], str]] = {
     "run_dir": val.check_abs_path,
@@ -75,6 +75,7 @@ DAEMON_CONV: dict[str, Callable[[str], str]] = {
     "log_format": val.one_of("kv", "json", "journal"),
     "log_level": val.one_of("debug", "info", "warning", "error"),
     "coexist": val.one_of("auto", "off", "all"),
+    "metrics_file": lambda s: s and val.check_abs_path(s),
 }
 _FLAGS = ("teardown_on_stop", "libvirt_networks")
 DAEMON_KEYS = (*DAEMON_CONV, *_FLAGS)

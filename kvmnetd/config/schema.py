@@ -186,8 +186,8 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 
 NETWORK_KEYS = ("mode", "bridge", "ipv4", "ipv6", "uplink", "stp", "forward_delay", "mtu",
-                "autostart", "host_access", "allow_users", "allow_groups", "dhcp", "dns",
-                "dnsmasq")
+                "autostart", "host_access", "isolate_ports", "allow_users", "allow_groups",
+                "dhcp", "dns", "dnsmasq")
 DHCP_KEYS = ("ranges", "ranges6", "lease_time", "router", "ping_check", "tftp_root",
              "boot_file", "next_server", "ra", "dhcpv6", "host", "host6", "boot")
 BOOT_KEYS = ("bios", "efi_x86_64", "efi_arm64", "ipxe")
@@ -457,7 +457,8 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
     return Network(
         name=name, mode=mode, bridge=bridge, ipv4=v4, ipv6=v6, uplink=uplink, stp=stp,
         forward_delay=delay, mtu=mtu or None, autostart=t.flag("autostart", True),
-        host_access=host_access, dhcp=dhcp, dns=dns, dnsmasq_options=options,
+        host_access=host_access, isolate_ports=t.flag("isolate_ports", False), dhcp=dhcp,
+        dns=dns, dnsmasq_options=options,
         allow_users=t.texts("allow_users", check_allowed_user),
         allow_groups=t.texts("allow_groups", check_user),
         source=ctx.source(t.path),

@@ -35,7 +35,7 @@ def render_network_toml(net: Network) -> str:
         ("mode", net.mode.value), ("bridge", net.bridge), ("ipv4", net.ipv4),
         ("ipv6", net.ipv6), ("uplink", net.uplink), ("stp", net.stp),
         ("forward_delay", net.forward_delay), ("mtu", net.mtu), ("autostart", net.autostart),
-        ("host_access", net.host_access),
+        ("host_access", net.host_access), ("isolate_ports", net.isolate_ports),
         ("allow_users", net.allow_users or None), ("allow_groups", net.allow_groups or None),
     ])
     d = net.dhcp

@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from kvmnetd.model.records import Caller, CoreEvent, Lease, NetworkStatus, PortStatus
+from kvmnetd.model.records import (
+    Caller,
+    CoreEvent,
+    Lease,
+    NetworkStatus,
+    PortCounters,
+    PortStatus,
+)
 
 
 class CoreAPI(Protocol):
@@ -20,6 +27,8 @@ class CoreAPI(Protocol):
     def network(self, name: str) -> NetworkStatus: ...  # NoSuchNetwork
 
     def list_ports(self) -> list[PortStatus]: ...
+
+    def port_stats(self, ifname: str = "") -> list[PortCounters]: ...  # NoSuchPort
 
     def leases(self, network: str) -> list[Lease]: ...
 

@@ -99,6 +99,11 @@ async def _list_ports(core: CoreAPI, _c: Caller | None, _a: list[Any]) -> Any:
     return [[p.ifname, p.network, p.state] for p in core.list_ports()]
 
 
+async def _port_stats(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
+    return [[r.ifname, r.network, r.rx_bytes, r.tx_bytes, r.rx_packets, r.tx_packets,
+             r.drops, r.spoof_drops] for r in core.port_stats(a[0])]
+
+
 async def _define(core: CoreAPI, c: Caller | None, a: list[Any]) -> Any:
     return network_path(await core.define_network(_caller(c), a[0], a[1]))
 
@@ -158,6 +163,8 @@ METHODS: tuple[Method, ...] = (
     Method("Doctor", (), "s", READ, _doctor),
     Method("GetNetwork", (("name", _S),), "o", READ, _get_network),
     Method("ListPorts", (), "a(sss)", READ, _list_ports),
+    # ifname "": every port. Guest's view: tx is what the guest sent.
+    Method("PortStats", (("ifname", _S),), "a(sstttttt)", READ, _port_stats),
     Method("DefineNetwork", (("toml_text", _S), ("persist", _B)), "o", ADMIN, _define,
            "result"),
     Method("UndefineNetwork", (("name", _S), ("persist", _B)), "", ADMIN, _undefine,

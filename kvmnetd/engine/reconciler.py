@@ -397,7 +397,7 @@ class Reconciler:
         if err is _SKIPPED:
             return 0
         if err is None:
-            if isinstance(action, A.Enslave | A.SetUp | A.Release):
+            if isinstance(action, A.Enslave | A.SetUp | A.Release | A.SetIsolated):
                 self.port_errors.pop(action.ifname, None)
             self.owned.record(action, observed)
             log.info("reconcile.applied", network=action.network, ifname=A.device(action),
@@ -425,7 +425,7 @@ class Reconciler:
         """The guest port an action is about, if it is one (not a bridge, not an uplink)."""
         if isinstance(action, A.Enslave) and not action.uplink:
             return action.ifname
-        if isinstance(action, A.Release | A.SetUp) and (
+        if isinstance(action, A.Release | A.SetUp | A.SetIsolated) and (
                 action.ifname in p.ports or action.ifname in self.owned.ports):
             return action.ifname
         return None

@@ -75,6 +75,14 @@ class Enslave(Action):
 
 
 @dataclass(frozen=True)
+class SetIsolated(Action):
+    """A guest port's bridge port isolation: isolated ports reach only the others."""
+
+    ifname: str
+    isolated: bool
+
+
+@dataclass(frozen=True)
 class Release(Action):
     ifname: str
 

@@ -124,6 +124,8 @@ class Network:
     autostart: bool = True
     # isolated only: may guests reach the host's gateway address (beyond DHCP/DNS)?
     host_access: bool = False
+    # guests' ports are isolated from each other (bridge port isolation)
+    isolate_ports: bool = False
     dhcp: Dhcp | None = None
     dns: Dns = field(default_factory=Dns)
     allow_users: tuple[str, ...] = ()
@@ -209,6 +211,9 @@ class Settings:
     # auto (iptables chains such as DOCKER-USER), off, all (also foreign nft chains).
     coexist: str = "auto"
     log_level: str = "info"
+    # Per-port counters in the Prometheus text format, for node exporter's textfile
+    # collector; None: not written (and nothing runs for it).
+    metrics_file: str | None = None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ class Link:
     forward_delay: int | None = None  # bridges only, whole seconds
     tun_owner: int | None = None  # taps only: uid allowed to use it (-1/None: any)
     tun_group: int | None = None
+    isolated: bool | None = None  # bridge ports only: bridge port isolation
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,23 @@ class PortStatus:
 
 
 @dataclass(frozen=True)
+class PortCounters:
+    """A port's traffic as its guest sees it: tx is what the guest sent."""
+
+    ifname: str
+    network: str
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    tx_packets: int = 0
+    drops: int = 0
+    spoof_drops: int = 0  # anti-spoofing does not exist yet: always 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class CoreEvent:
     """kind: network-changed | port-attached | port-detached | lease-added | lease-removed."""
 

@@ -354,25 +354,30 @@ def attach_for(desired: DesiredState, observed: ObservedState, owned: Owned,
     net = port_network(desired, observed, ifname)
     if net is not None:
         p.ports[ifname] = net
-        bridge = desired.networks[net].bridge
-        if observed.link(bridge) is not None:
-            p.actions += _port_actions(ifname, net, bridge, observed)
+        network = desired.networks[net]
+        if observed.link(network.bridge) is not None:
+            p.actions += _port_actions(ifname, network, observed)
     elif ifname in owned.ports:
         p.actions += _release(ifname, owned, observed)
     return p
 
 
-def _port_actions(ifname: str, netname: str, bridge: str,
-                  observed: ObservedState) -> list[A.Action]:
+def _port_actions(ifname: str, net: Network, observed: ObservedState) -> list[A.Action]:
     link = observed.link(ifname)
     if link is None:
         return []  # not there yet: attached when netlink reports it
-    br = observed.link(bridge)
+    br = observed.link(net.bridge)
     if br is None or link.master != br.index:
-        return [A.Enslave(netname, ifname, bridge)]
+        # A port joins a bridge without isolation, also when it moves from another.
+        isolate = [A.SetIsolated(net.name, ifname, True)] if net.isolate_ports else []
+        return [A.Enslave(net.name, ifname, net.bridge), *isolate]
+    acts: list[A.Action] = []
     if not link.up:
-        return [A.SetUp(netname, ifname)]
-    return []
+        acts.append(A.SetUp(net.name, ifname))
+    # None: not reported (yet); only a wanted isolation is worth a write then.
+    if bool(link.isolated) != net.isolate_ports or (net.isolate_ports and link.isolated is None):
+        acts.append(A.SetIsolated(net.name, ifname, net.isolate_ports))
+    return acts
 
 
 def _release(ifname: str, owned: Owned, observed: ObservedState) -> list[A.Action]:
@@ -389,7 +394,7 @@ def _plan_ports(desired: DesiredState, observed: ObservedState, owned: Owned, p:
         net = desired.networks[netname]
         if netname in p.problems and observed.link(net.bridge) is None:
             continue
-        p.actions += _port_actions(ifname, netname, net.bridge, observed)
+        p.actions += _port_actions(ifname, net, observed)
     for ifname in sorted(owned.ports):
         if ifname not in p.ports:
             p.actions += _release(ifname, owned, observed)

@@ -249,3 +249,19 @@ async def test_changes_say_what_changed(served: Served, tmp_path: Path, socket: 
     assert await line("--quiet", "port", "attach", "vnet2", "default") == ""
     assert await line("port", "move", "vnet2", "lab", "--quiet") == ""
     assert await line("-q", "port", "detach", "vnet2") == ""
+
+
+async def test_port_stats_over_the_bus(served: Served) -> None:
+    assert served.bus is not None
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": served.bus.address}
+    served.core.read_counters = lambda ifname: (1, 2, 3, 4, 5)
+    busctl = ["busctl", "--system", "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE]
+    assert (await run(*busctl, "AttachPort", "ssb", "tap1", "default", "false", env=env))[0] == 0
+    rc, out, err = await run(*busctl, "PortStats", "s", "", env=env)
+    assert rc == 0, err
+    assert out.strip() == 'a(sstttttt) 1 "tap1" "default" 1 2 3 4 5 0'
+    rc, _, err = await run(*busctl, "PortStats", "s", "vnet9", env=env)
+    assert rc != 0 and "vnet9 is not a port of any network" in err
+    assert await ok_json(served, "port", "stats", "tap1") == [
+        {"ifname": "tap1", "network": "default", "rx_bytes": 1, "tx_bytes": 2, "rx_packets": 3,
+         "tx_packets": 4, "drops": 5, "spoof_drops": 0}]

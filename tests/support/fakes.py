@@ -78,9 +78,13 @@ class FakeNetlink:
             case A.Enslave(ifname=dev, bridge=br):
                 master = obs.link(br)
                 assert master
-                self._set(dev, master=master.index, up=True)
+                moved = obs.link(dev).master != master.index  # type: ignore[union-attr]
+                self._set(dev, master=master.index, up=True,
+                          **({"isolated": False} if moved else {}))
+            case A.SetIsolated(ifname=dev, isolated=on):
+                self._set(dev, isolated=on)
             case A.Release(ifname=dev):
-                self._set(dev, master=None)
+                self._set(dev, master=None, isolated=None)
             case A.DeleteBridge(bridge=br):
                 link = obs.link(br)
                 assert link

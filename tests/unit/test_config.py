@@ -88,6 +88,7 @@ CASES = [
     (NAT + "mtu = 65536\n", 3, "network.nat.mtu", "outside 68..65535"),
     (NAT + 'ipv6 = "fd00::1/64"\nmtu = 1000\n', 4, "network.nat.mtu", "1280"),
     (NAT + 'stp = "yes"\n', 3, "network.nat.stp", "expected true or false, got a string"),
+    (NAT + "isolate_ports = 1\n", 3, "network.nat.isolate_ports", "expected true or false"),
     (NAT + "mtu = 1500.0\n", 3, "network.nat.mtu", "expected an integer"),
     (NAT + "mtu = true\n", 3, "network.nat.mtu", "expected an integer"),
     (NAT + 'allow_users = ["Alice"]\n', 3, "network.nat.allow_users[0]", "plain user"),
@@ -533,6 +534,15 @@ def test_boot_files_and_extra_options_are_read_and_round_trip(tmp_path: Path) ->
     assert net.dhcp is not None and net.dhcp.boot == BootFiles(
         bios="undionly.kpxe", efi_x86_64="ipxe.efi", ipxe="http://10.0.9.1/boot.ipxe")
     assert net.dnsmasq_options == ("dhcp-option=option:ntp-server,10.0.9.1", "log-dhcp")
+    assert cfg.parse_network_text(render_network_toml(net), "x", conf) == net
+
+
+def test_isolate_ports_is_read_defaults_off_and_round_trips(tmp_path: Path) -> None:
+    from kvmnetd.config.write import render_network_toml
+
+    conf = load(tmp_path, NAT + "isolate_ports = true\n[network.b]\nipv4 = \"10.0.1.1/24\"\n")
+    net = conf.networks["nat"]
+    assert net.isolate_ports is True and conf.networks["b"].isolate_ports is False
     assert cfg.parse_network_text(render_network_toml(net), "x", conf) == net
 
 

@@ -344,3 +344,20 @@ async def test_log_level(rig: CoreRig) -> None:
     with pytest.raises(InvalidArgument, match="log level 'loud' must be one of"):
         await rig.core.set_log_level(ROOT, "loud")
     assert logsetup._threshold[0] == logging.DEBUG
+
+
+async def test_port_stats_of_every_port_and_of_one(rig: CoreRig) -> None:
+    await rig.core.attach_port(ROOT, "vnet0", "default")
+    await rig.core.attach_port(ROOT, "vnet1", "lab")
+    counters = {"vnet0": (1, 2, 3, 4, 5), "vnet1": (10, 20, 30, 40, 0)}
+    rig.core.read_counters = counters.get
+    rows = rig.core.port_stats()
+    assert [(r.ifname, r.network, r.rx_bytes, r.tx_bytes, r.drops, r.spoof_drops)
+            for r in rows] == [("vnet0", "default", 1, 2, 5, 0), ("vnet1", "lab", 10, 20, 0, 0)]
+    assert [r.ifname for r in rig.core.port_stats("vnet1")] == ["vnet1"]
+    with pytest.raises(NoSuchPort, match="mine0 is not a port of any network"):
+        rig.core.port_stats("mine0")
+    del counters["vnet1"]  # its device went away
+    assert [r.ifname for r in rig.core.port_stats()] == ["vnet0"]
+    with pytest.raises(NoSuchPort, match="vnet1: no such device"):
+        rig.core.port_stats("vnet1")

@@ -102,6 +102,12 @@ def test_forward_modes(forward: str, mode: str) -> None:
     assert net["dns"] == {"enabled": False}
 
 
+@pytest.mark.parametrize(("port", "want"), [("<port isolated='yes'/>", True),
+                                            ("<port isolated='no'/>", False)])
+def test_isolated_ports(port: str, want: bool) -> None:
+    assert imported(NET.format("", "", port))["isolate_ports"] is want
+
+
 def test_lease_in_minutes_by_default_and_stp_floor() -> None:
     xml = ("<network><name>n</name><bridge name='kvn0' delay='0'/>"
            "<ip address='10.9.0.1' prefix='24'><dhcp><range start='10.9.0.10' end='10.9.0.20'>"
@@ -184,7 +190,7 @@ REFUSALS = [
     (NET.format("", "", "<bandwidth/>"), "<bandwidth>: bandwidth limits"),
     (NET.format("", "", "<vlan/>"), "<vlan>: VLAN tags"),
     (NET.format("", "", "<virtualport type='openvswitch'/>"), "virtual ports"),
-    (NET.format("", "", "<port isolated='yes'/>"), "<port isolated='yes'>: port settings"),
+    (NET.format("", "", "<port isolated='yes' trust='no'/>"), "attribute 'trust'"),
     (NET.format("", "", "<bridge name='b0' zone='trusted'/>"), "a firewalld zone"),
     (NET.format("", "", "<bridge name='b0' macTableManager='libvirt'/>"), "macTableManager"),
     (NET.format("", "", "<bridge name='b0' foo='1'/>"), "<bridge name='b0' foo='1'>: "

@@ -160,3 +160,41 @@ def test_mirror_replace_down_and_delete() -> None:
     assert mirror.apply(nlp.LinkRec(False, Link(index=2, name="eth0", kind=None)))
     assert 2 not in state.addresses and state.link("eth0") is None
     assert not mirror.apply(nlp.LinkRec(False, Link(index=2, name="eth0", kind=None)))
+
+
+def _slave_info(isolated: int) -> bytes:
+    data = attr(nlp.IFLA_BRPORT_ISOLATED, bytes([isolated]))
+    return attr(nlp.IFLA_LINKINFO, attr_str(nlp.IFLA_INFO_KIND, "tun")
+                + attr_str(nlp.IFLA_INFO_SLAVE_KIND, "bridge")
+                + attr(nlp.IFLA_INFO_SLAVE_DATA, data))
+
+
+def test_bridge_port_isolation_from_the_ports_slave_data() -> None:
+    attrs = attr_str(nlp.IFLA_IFNAME, "tap0") + attr_u32(nlp.IFLA_MASTER, 7)
+    on = one(link_msg(index=9, attrs=attrs + _slave_info(1)))
+    off = one(link_msg(index=9, attrs=attrs + _slave_info(0)))
+    plain = one(link_msg(index=9, attrs=attrs))
+    assert isinstance(on, nlp.LinkRec) and on.link.isolated is True and on.link.kind == "tun"
+    assert isinstance(off, nlp.LinkRec) and off.link.isolated is False
+    assert isinstance(plain, nlp.LinkRec) and plain.link.isolated is None
+
+
+def test_bridge_family_copy_gives_the_ports_isolation() -> None:
+    nested = 0x8000  # the kernel marks IFLA_PROTINFO nested
+    protinfo = attr(nlp.IFLA_PROTINFO | nested, attr(nlp.IFLA_BRPORT_ISOLATED, b"\x01"))
+    attrs = attr_str(nlp.IFLA_IFNAME, "tap0") + attr_u32(nlp.IFLA_MASTER, 7) + protinfo
+    assert one(link_msg(family=7, index=9, attrs=attrs)) == nlp.PortRec(9, True)
+    assert one(link_msg(family=7, index=9, attrs=attr_str(nlp.IFLA_IFNAME, "tap0"))) is None
+
+
+def test_mirror_takes_isolation_of_known_ports_only() -> None:
+    state = ObservedState()
+    mirror = Mirror(state)
+    mirror.apply(nlp.LinkRec(True, Link(index=9, name="tap0", kind="tun", master=7,
+                                        isolated=True)))
+    mirror.apply(nlp.LinkRec(True, Link(index=8, name="tap1", kind="tun")))
+    assert mirror.apply(nlp.PortRec(9, False)) is True
+    assert state.links[9].isolated is False
+    assert mirror.apply(nlp.PortRec(9, False)) is False  # nothing new
+    assert mirror.apply(nlp.PortRec(8, True)) is False  # not a port
+    assert mirror.apply(nlp.PortRec(99, True)) is False

@@ -11,7 +11,7 @@ from kvmnetd.model.desired import AttachRule, DesiredState, Mode, Network
 from kvmnetd.model.observed import Link, ObservedState, Route
 from kvmnetd.model.owned import Owned, UplinkMove
 from kvmnetd.plan.nft import fingerprint
-from kvmnetd.plan.planner import plan, rule_matches
+from kvmnetd.plan.planner import attach_for, plan, rule_matches
 
 V4 = ipaddress.ip_interface
 
@@ -279,3 +279,52 @@ def test_missing_uplink_fails_only_its_network() -> None:
     p = plan(desired(net(), lan), observed(), Owned())
     assert p.problems == {"lan": "uplink nosuch0 not found"}
     assert {a.bridge for a in p.actions if isinstance(a, A.CreateBridge)} >= {"kvbr0"}
+
+
+def _isolated_setup(isolated: bool | None, isolate_ports: bool = True
+                    ) -> tuple[DesiredState, ObservedState, Owned]:
+    n = net(isolate_ports=isolate_ports)
+    d = desired(n, ports={"vnet0": "nat"})
+    o = observed(BR, Link(**{**vars(TAP), "master": 10, "isolated": isolated}),
+                 addrs={10: {"10.0.0.254/24"}}, fw=fingerprint([n]))
+    owned = Owned(bridges={"kvbr0": "nat"}, created={"kvbr0"},
+                  addresses={"kvbr0": {"10.0.0.254/24"}}, ports={"vnet0": "kvbr0"})
+    return d, o, owned
+
+
+def test_isolated_network_isolates_a_new_port_after_enslaving_it() -> None:
+    n = net(isolate_ports=True)
+    o = observed(BR, TAP, addrs={10: {"10.0.0.254/24"}}, fw=fingerprint([n]))
+    owned = Owned(bridges={"kvbr0": "nat"}, created={"kvbr0"},
+                  addresses={"kvbr0": {"10.0.0.254/24"}})
+    want = [A.Enslave("nat", "vnet0", "kvbr0"), A.SetIsolated("nat", "vnet0", True)]
+    assert plan(desired(n, ports={"vnet0": "nat"}), o, owned).actions == want
+    assert attach_for(desired(n, ports={"vnet0": "nat"}), o, owned, "vnet0").actions == want
+
+
+@pytest.mark.parametrize(("isolated", "isolate_ports", "expected"), [
+    (True, True, []),  # converged
+    (False, True, [A.SetIsolated("nat", "vnet0", True)]),  # drift: healed
+    (None, True, [A.SetIsolated("nat", "vnet0", True)]),  # not reported: set it
+    (True, False, [A.SetIsolated("nat", "vnet0", False)]),  # turned off in the config
+    (False, False, []),
+    (None, False, []),  # unknown and not wanted: no write
+])
+def test_port_isolation_is_desired_state(isolated: bool | None, isolate_ports: bool,
+                                         expected: list[A.Action]) -> None:
+    d, o, owned = _isolated_setup(isolated, isolate_ports)
+    assert plan(d, o, owned).actions == expected
+    assert attach_for(d, o, owned, "vnet0").actions == expected
+
+
+def test_port_moved_to_a_network_without_isolation_is_only_enslaved() -> None:
+    # The kernel makes a new bridge port: the old bridge's isolation does not follow it.
+    a = net("nat", isolate_ports=True)
+    b = net("iso", Mode.ISOLATED, "kvbr1", ipv4=V4("10.0.1.1/24"))
+    br1 = Link(index=11, name="kvbr1", kind="bridge", up=True, stp=False, forward_delay=0)
+    o = observed(BR, br1, Link(**{**vars(TAP), "master": 10, "isolated": True}),
+                 addrs={10: {"10.0.0.254/24"}, 11: {"10.0.1.1/24"}}, fw=fingerprint([b, a]))
+    owned = Owned(bridges={"kvbr0": "nat", "kvbr1": "iso"}, created={"kvbr0", "kvbr1"},
+                  ports={"vnet0": "kvbr0"})
+    p = plan(desired(a, b, ports={"vnet0": "iso"}), o, owned)
+    assert p.actions == [A.Enslave("iso", "vnet0", "kvbr1")]

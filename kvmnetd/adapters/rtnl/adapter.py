@@ -23,6 +23,7 @@ from kvmnetd.adapters.rtnl.decode import (
     RTM_NEWLINK,
     RTMSG,
     LinkRec,
+    PortRec,
     Record,
     kernel_error,
 )
@@ -163,6 +164,10 @@ class NetlinkAdapter:
                 if apply(rec):
                     self._changed.add(rec.link.index)
                     changed = True
+            elif isinstance(rec, PortRec):
+                if apply(rec):
+                    self._changed.add(rec.ifindex)
+                    changed = True
             elif apply(rec):
                 self._changed_other = changed = True
         if added and self.on_link_added is not None:
@@ -260,10 +265,13 @@ class NetlinkAdapter:
                 mirror.update_link(name, up=True)
             case act.Enslave():
                 await self._enslave(action)
+            case act.SetIsolated(ifname=name, isolated=isolated):
+                await self._cfg.port_isolated(name, isolated)
+                mirror.update_link(name, isolated=isolated)
             case act.Release(ifname=name):
                 await self._set_link(f"detach {name} from its bridge", name,
                                      attr_u32(IFLA_MASTER, 0))
-                mirror.update_link(name, master=None)
+                mirror.update_link(name, master=None, isolated=None)
             case act.AddAddress() | act.RemoveAddress():
                 index = await self._address(action)
                 if index is not None:
@@ -296,7 +304,11 @@ class NetlinkAdapter:
             if f.cancelled():
                 out.cancel()
             elif (exc := f.exception()) is None:
-                self._mirror.update_link(name, master=master, up=True)
+                # A port joining a bridge starts without isolation; the plan sets it after.
+                old = self._mirror.link(name)
+                moved = old is None or old.master != master
+                self._mirror.update_link(name, master=master, up=True,
+                                         **({"isolated": False} if moved else {}))
                 out.set_result(None)
             elif isinstance(exc, NetlinkFailure):
                 err = kernel_error(exc.code, exc.reason, _attach(action))

@@ -45,9 +45,11 @@ RTM_F_CLONED = 0x200
 MAIN_TABLE = 254
 USER_HZ = 100  # IFLA_BR_FORWARD_DELAY is in clock_t units
 
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 4, 10, 18
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = (
+    1, 3, 4, 10, 12, 18)
 IFLA_EXT_MASK = 29
-IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
+IFLA_BRPORT_ISOLATED = 33  # u8, in IFLA_PROTINFO (AF_BRIDGE) and a port's slave data
 IFLA_BR_FORWARD_DELAY, IFLA_BR_STP_STATE = 1, 5
 IFLA_TUN_OWNER, IFLA_TUN_GROUP = 1, 2
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
@@ -85,7 +87,15 @@ class RouteRec(NamedTuple):
     route: Route
 
 
-Record = LinkRec | AddrRec | RouteRec
+class PortRec(NamedTuple):
+    """A bridge port's own view (an AF_BRIDGE RTM_NEWLINK): only its isolated flag is read.
+    `bridge link set ... isolated` announces itself only this way."""
+
+    ifindex: int
+    isolated: bool
+
+
+Record = LinkRec | AddrRec | RouteRec | PortRec
 
 
 def messages(buf: Buffer, size: int) -> Iterator[tuple[int, int, int, int, int]]:
@@ -115,6 +125,9 @@ def attrs(buf: Buffer, off: int, end: int) -> dict[int, tuple[int, int]]:
 def decode(kind: int, flags: int, buf: Buffer, start: int, end: int) -> Record | None:
     """One message body as a record; None for what the mirror does not follow."""
     if kind == RTM_NEWLINK or kind == RTM_DELLINK:
+        if kind == RTM_NEWLINK and end - start >= IFINFOMSG.size \
+                and buf[start] == socket.AF_BRIDGE:
+            return decode_port(buf, start, end)
         link = decode_link(buf, start, end)
         return LinkRec(kind == RTM_NEWLINK, link) if link is not None else None
     if kind == RTM_NEWADDR or kind == RTM_DELADDR:
@@ -141,6 +154,10 @@ def _u32(buf: Buffer, span: tuple[int, int] | None) -> int | None:
     return _U32.unpack_from(buf, span[0])[0] if span is not None else None
 
 
+def _u8(buf: Buffer, span: tuple[int, int] | None) -> int | None:
+    return buf[span[0]] if span is not None and span[1] > span[0] else None
+
+
 def _str(buf: Buffer, span: tuple[int, int]) -> str:
     return bytes(buf[span[0]:span[1]]).split(b"\0", 1)[0].decode("utf-8", "replace")
 
@@ -159,9 +176,15 @@ def decode_link(buf: Buffer, start: int, end: int) -> Link | None:
         return None
     kind = None
     stp = delay = owner = group = None
+    isolated = None
     info = at.get(IFLA_LINKINFO)
     if info is not None:
         sub = attrs(buf, *info)
+        slave = sub.get(IFLA_INFO_SLAVE_DATA)
+        if slave is not None and sub.get(IFLA_INFO_SLAVE_KIND) is not None \
+                and _str(buf, sub[IFLA_INFO_SLAVE_KIND]) == "bridge":
+            flag = _u8(buf, attrs(buf, *slave).get(IFLA_BRPORT_ISOLATED))
+            isolated = bool(flag) if flag is not None else None
         if IFLA_INFO_KIND in sub:
             kind = _str(buf, sub[IFLA_INFO_KIND])
         data = sub.get(IFLA_INFO_DATA)
@@ -189,7 +212,18 @@ def decode_link(buf: Buffer, start: int, end: int) -> Link | None:
         forward_delay=delay,
         tun_owner=owner,
         tun_group=group,
+        isolated=isolated,
     )
+
+
+def decode_port(buf: Buffer, start: int, end: int) -> PortRec | None:
+    _, _, index, _, _ = IFINFOMSG.unpack_from(buf, start)
+    at = attrs(buf, start + IFINFOMSG.size, end)
+    info = at.get(IFLA_PROTINFO)
+    if info is None:
+        return None
+    flag = _u8(buf, attrs(buf, *info).get(IFLA_BRPORT_ISOLATED))
+    return PortRec(index, bool(flag)) if flag is not None else None
 
 
 def decode_addr(buf: Buffer, start: int, end: int) -> tuple[int, IPInterface] | None:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from kvmnetd.adapters.rtnl.decode import AddrRec, LinkRec, Record
+from kvmnetd.adapters.rtnl.decode import AddrRec, LinkRec, PortRec, Record
 from kvmnetd.model.observed import IPInterface, Link, ObservedState, Route
 
 RouteKey = tuple[Any, int, int | None]
@@ -47,6 +47,11 @@ class Mirror:
             return self._put_link(rec.link) if rec.new else self._drop_link(rec.link.index)
         if isinstance(rec, AddrRec):
             return self.set_address(rec.ifindex, rec.iface, rec.new)
+        if isinstance(rec, PortRec):
+            port = self.state.links.get(rec.ifindex)
+            if port is None or port.master is None or port.isolated == rec.isolated:
+                return False
+            return self._put_link(dataclasses.replace(port, isolated=rec.isolated))
         route = rec.route
         if not rec.new:
             return self._drop_route(route)

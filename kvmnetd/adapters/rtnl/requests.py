@@ -30,7 +30,6 @@ from kvmnetd.adapters.rtnl.decode import (
     RTA,
     RTM_DELLINK,
     RTM_GETLINK,
-    RTM_NEWLINK,
     Record,
     decode,
     decode_error,
@@ -95,12 +94,12 @@ def _be16(value: int) -> int:
     return int.from_bytes(struct.pack("=H", value), "big")
 
 
-# Accept everything except RTM_NEWLINK/RTM_DELLINK of family AF_BRIDGE: a bridge port's own
-# copy of each link event. The decoder drops them anyway, but half of a tap's events are
-# such copies, and dropping them in the kernel saves a wake-up and a read for each.
+# Accept everything except RTM_DELLINK of family AF_BRIDGE: a bridge port's own copy of a
+# release or deletion, which says nothing the device's own event does not. Dropping them in
+# the kernel saves a wake-up and a read for each. The AF_BRIDGE RTM_NEWLINK copies are kept:
+# `bridge link set ... isolated` is announced only that way, and port isolation is healed.
 _DROP_BRIDGE_COPIES = (
     (0x28, 0, 0, 4),  # ldh [4]: nlmsg_type
-    (0x15, 2, 0, _be16(RTM_NEWLINK)),  # jeq -> family check
     (0x15, 1, 0, _be16(RTM_DELLINK)),  # jeq -> family check
     (0x06, 0, 0, 0xFFFFFFFF),  # ret: accept
     (0x30, 0, 0, 16),  # ldb [16]: ifi_family

@@ -19,9 +19,12 @@ from kvmnetd.adapters.rtnl.decode import (
     IFLA_ADDRESS,
     IFLA_BR_FORWARD_DELAY,
     IFLA_BR_STP_STATE,
+    IFLA_BRPORT_ISOLATED,
     IFLA_IFNAME,
     IFLA_INFO_DATA,
     IFLA_INFO_KIND,
+    IFLA_INFO_SLAVE_DATA,
+    IFLA_INFO_SLAVE_KIND,
     IFLA_LINKINFO,
     IFLA_MTU,
     MAIN_TABLE,
@@ -87,6 +90,16 @@ class ConfigWriter:
     async def bridge_options(self, what: str, name: str, stp: int | None = None,
                              delay: int | None = None) -> None:
         await self._write(what, RTM_NEWLINK, 0, set_link(name, _bridge_info(stp, delay)))
+
+    async def port_isolated(self, name: str, isolated: bool) -> None:
+        # As `ip link set NAME type bridge_slave isolated on|off`: by name, and unlike the
+        # AF_BRIDGE RTM_SETLINK of `bridge link set` the kernel also announces it as an
+        # ordinary RTM_NEWLINK carrying the port's flags.
+        what = f"set bridge port isolation {'on' if isolated else 'off'} on {name}"
+        data = attr(IFLA_BRPORT_ISOLATED, bytes([int(isolated)]))
+        info = attr(IFLA_LINKINFO, attr_str(IFLA_INFO_SLAVE_KIND, "bridge")
+                    + attr(IFLA_INFO_SLAVE_DATA, data))
+        await self._write(what, RTM_NEWLINK, 0, set_link(name, info))
 
     async def stp_and_delay(self, a: SetBridgeOptions) -> None:
         what = (f"set stp {'on' if a.stp else 'off'} and forward delay {a.forward_delay} s "
