@@ -222,6 +222,8 @@ class Reconciler:
         through the same writes and bookkeeping as a full pass."""
         queue, self._port_queue = self._port_queue, {}
         observed = self.netlink.observed
+        # Seen gone by their own plan now: a deletion event read later needs no other.
+        absent = {ifname for ifname in queue if observed.link(ifname) is None}
         p = Plan()
         for ifname in queue:
             one = attach_for(self.desired, observed, self.owned, ifname)
@@ -256,9 +258,10 @@ class Reconciler:
                 self._settle_port(ifname, link.index, br.index)
             elif link is not None and net is None and link.master is None:
                 self._settle_port(ifname, link.index, None)
-            elif link is None:
+            elif link is None and ifname in absent:
                 # Its index stays known until the deletion event is read: that event
-                # then needs no plan.
+                # then needs no plan. A port that vanished while its writes ran stays
+                # settled: its deletion event brings the plan that forgets it.
                 self._settled_ports.pop(ifname, None)
         # On disk before any caller hears back: a kill now must not lose the port.
         self._save_owned_if_dirty()

@@ -293,3 +293,33 @@ async def test_other_changes_of_our_bridge_still_wake_the_planner(tmp_path: Path
     assert nl.observed.link("kvbr0").up  # type: ignore[union-attr]
     nl.changed_other = True  # an address or a route (a host route over our subnet)
     assert rec.needs_pass()
+
+
+async def test_a_port_that_vanishes_while_its_plan_runs_is_forgotten_by_its_deletion(
+        tmp_path: Path) -> None:
+    from kvmnetd.model import actions as A
+    from kvmnetd.model.errors import NoSuchPort
+
+    tap = Link(index=95, name="vnet5", kind="tun")
+    rec, nl, _, _ = make(tmp_path, tap)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       ports={"vnet5": "nat"}))
+    passes = rec.passes
+    plain = nl.apply
+
+    async def vanishing(action: A.Action) -> None:
+        if isinstance(action, A.SetUp) and action.ifname == "vnet5":
+            del nl.observed.links[95]  # `ip link del`: down first, gone before the write
+            raise NoSuchPort("bring up vnet5: no such device")
+        await plain(action)
+
+    nl.apply = vanishing  # type: ignore[method-assign]
+    nl._set("vnet5", up=False)
+    nl.changed = {95}
+    assert not rec.needs_pass()
+    await rec.apply_queued()
+    assert "vnet5" in rec.owned.ports, "planned while it was there: not forgotten yet"
+    nl.changed = {95}  # its deletion event
+    assert not rec.needs_pass()
+    await rec.apply_queued()
+    assert "vnet5" not in rec.owned.ports and rec.passes == passes
