@@ -29,6 +29,8 @@ from kvmnetd.model.records import ROOT, CoreEvent
 from kvmnetd.plan.metrics import render_metrics
 
 log = structlog.get_logger("kvmnetd")
+# STATUS= after port events waits this long, so a burst of them sends one line.
+PORT_STATUS_DELAY = 0.1
 
 METRICS_INTERVAL = 5.0  # seconds between rewrites of [daemon] metrics_file while ports exist
 
@@ -252,8 +254,13 @@ class Service:
             self.notifier.ready(self._status_sent)
 
     def _on_core_event(self, event: CoreEvent) -> None:
-        if event.kind in ("port-attached", "port-detached", "network-changed"):
+        if event.kind == "network-changed":
             self.refresh_status()
+            self._ports_changed.set()
+        elif event.kind in ("port-attached", "port-detached"):
+            # Only the port count changes: a burst of taps makes one datagram, not one per
+            # turn of the loop (each wakes the supervisor, on the CPUs the taps need).
+            self.refresh_status(PORT_STATUS_DELAY)
             self._ports_changed.set()
 
     def _metrics_check(self) -> None:
@@ -289,22 +296,29 @@ class Service:
                 self._tasks.discard(self._metrics)
             self._metrics = None
 
-    def refresh_status(self) -> None:
+    def refresh_status(self, delay: float = 0.0) -> None:
         """After the events of this turn of the event loop (a burst of port events makes one
         update): STATUS= when its line changed, and libvirt's and qemu-bridge-helper's view
         of the active networks."""
-        if self._status_due:
-            return
-        self._status_due = True
+        if self._status_due is not None:
+            if delay or self._status_due.when() <= self._status_now():
+                return
+            self._status_due.cancel()  # a network changed: now, not after the ports' delay
         try:
-            asyncio.get_running_loop().call_soon(self._send_status)
+            loop = asyncio.get_running_loop()
         except RuntimeError:
             self._send_status()
+            return
+        self._status_due = loop.call_at(loop.time() + delay, self._send_status)
 
-    _status_due = False
+    _status_due: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def _status_now() -> float:
+        return asyncio.get_running_loop().time()
 
     def _send_status(self) -> None:
-        self._status_due = False
+        self._status_due = None
         # The same burst of events may have started, stopped or removed networks.
         self._libvirt_networks_check()
         self._qemu_bridge_check()

@@ -79,6 +79,8 @@ class Reconciler:
         # Their own netlink events then need no pass.
         self._settled_ports: dict[str, tuple[int, int | None]] = {}
         self._settled_index: dict[int, str] = {}  # the same, by link index
+        # Our bridges as the last full pass left them (MAC blanked): link index -> link.
+        self._settled_bridges: dict[int, Link] = {}
         self._port_listeners: list[Callable[[set[str] | None], None]] = []
         self._running = False  # run() is draining the port queue
 
@@ -130,17 +132,29 @@ class Reconciler:
         gone: list[str] = []
         for index in changed:
             link = links.get(index)
+            if link is not None and link.name in self._port_queue:
+                continue  # a queued port: its own plan comes next
+            if link is not None and index in self._settled_bridges:
+                # A bridge without a fixed address takes its lowest port's MAC: a port
+                # coming or going changes it, and nothing the planner reads.
+                if replace(link, mac="") == self._settled_bridges[index]:
+                    continue
+                return False
             if link is None:
                 # A settled port's tap deleted (a guest stopped): that port's plan forgets it.
-                name = self._settled_index.get(index)
+                name = self._settled_index.pop(index, None)
                 if name is None:
                     return False
-                gone.append(name)
+                settled = self._settled_ports.get(name)
+                if settled is not None and settled[0] == index:
+                    gone.append(name)  # not yet seen gone by its own plan
                 continue
             if self._settled_ports.get(link.name) != (index, link.master):
                 return False
             if link.master is not None and not link.up:
-                return False  # a port of ours went down: the pass brings it up
+                # A port of ours went down (or is on its way out: `ip link del` downs it
+                # first): its own plan brings it up.
+                gone.append(link.name)
         for name in gone:
             self._port_queue.setdefault(name, [])
         return True
@@ -208,6 +222,8 @@ class Reconciler:
         through the same writes and bookkeeping as a full pass."""
         queue, self._port_queue = self._port_queue, {}
         observed = self.netlink.observed
+        # Seen gone by their own plan now: a deletion event read later needs no other.
+        absent = {ifname for ifname in queue if observed.link(ifname) is None}
         p = Plan()
         for ifname in queue:
             one = attach_for(self.desired, observed, self.owned, ifname)
@@ -226,8 +242,10 @@ class Reconciler:
                                                                       failed), strict=True):
                 if self._settle(action, err, p, observed, failed):
                     self.owned_dirty = True
-                elif err is not None:
-                    self.trigger()  # a full pass looks at it again, with everything else
+                elif err is not None and not isinstance(err, NoSuchPort):
+                    # A full pass looks at it again, with everything else. A port that
+                    # vanished needs none: its deletion event brings its own plan.
+                    self.trigger()
         for ifname in queue:
             net = p.ports.get(ifname)
             if net is None:
@@ -240,10 +258,11 @@ class Reconciler:
                 self._settle_port(ifname, link.index, br.index)
             elif link is not None and net is None and link.master is None:
                 self._settle_port(ifname, link.index, None)
-            elif link is None:
-                gone = self._settled_ports.pop(ifname, None)
-                if gone is not None:
-                    self._settled_index.pop(gone[0], None)
+            elif link is None and ifname in absent:
+                # Its index stays known until the deletion event is read: that event
+                # then needs no plan. A port that vanished while its writes ran stays
+                # settled: its deletion event brings the plan that forgets it.
+                self._settled_ports.pop(ifname, None)
         # On disk before any caller hears back: a kill now must not lose the port.
         self._save_owned_if_dirty()
         self.completed += 1
@@ -252,6 +271,24 @@ class Reconciler:
             for done in waiters:
                 if not done.done():
                     done.set_result(None)
+
+    def _settle_all(self, p: Plan, observed: ObservedState) -> None:
+        """After a full pass: its ports where it put them, and our bridges as they are, so
+        the events that follow (a tap deleted, a bridge's MAC) need no pass of their own.
+        Left empty while something is still to do: the next pass looks again."""
+        if p.problems or self._last_errors:
+            return
+        bridges: dict[str, int] = {}
+        for net in self.desired.active_networks():
+            br = observed.link(net.bridge)
+            if br is not None:
+                bridges[net.name] = br.index
+                self._settled_bridges[br.index] = replace(br, mac="")
+        for ifname, net_name in p.ports.items():
+            link = observed.link(ifname)
+            master = bridges.get(net_name)
+            if link is not None and master is not None and link.master == master and link.up:
+                self._settle_port(ifname, link.index, master)
 
     def _settle_port(self, ifname: str, index: int, master: int | None) -> None:
         self._settled_ports[ifname] = (index, master)
@@ -300,6 +337,7 @@ class Reconciler:
         self.netlink.take_changes()
         self._settled_ports.clear()
         self._settled_index.clear()
+        self._settled_bridges.clear()
         queue, self._port_queue = self._port_queue, {}
         if not self._firewall_known:
             self._firewall_known = True  # a change reported while reading clears it again
@@ -341,6 +379,7 @@ class Reconciler:
                     await self.dhcp.restart(net.name)
             await self.dhcp.sync(ok)
         self.last_plan = p  # before listeners run: they read ports from it
+        self._settle_all(p, observed)
         self.completed += 1
         log.debug("reconcile.pass", number=self.passes, actions=len(p.actions),
                   applied=applied, problems=sorted(p.problems))

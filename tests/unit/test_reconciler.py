@@ -256,3 +256,70 @@ async def test_a_new_tap_no_rule_claims_needs_no_pass(tmp_path: Path) -> None:
     nl.changed = {80}
     assert not rec.needs_pass(), "looked at alone: nothing to do, and no pass over all"
     assert tap.master is None and "other0" not in rec.last_plan.ports
+
+
+async def test_port_events_after_a_full_pass_need_no_pass(tmp_path: Path) -> None:
+    tap = Link(index=90, name="vnet9", kind="tun")
+    rec, nl, _, _ = make(tmp_path, tap)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       ports={"vnet9": "nat"}))
+    kvbr0 = nl.observed.link("kvbr0")
+    assert kvbr0 is not None and nl.observed.link("vnet9").master == kvbr0.index  # type: ignore[union-attr]
+    passes = rec.passes
+    # The bridge takes its lowest port's MAC: nothing the planner reads.
+    nl._set("kvbr0", mac="02:00:00:00:00:01")
+    nl.changed = {kvbr0.index}
+    assert not rec.needs_pass()
+    # `ip link del` downs the tap first: its own plan, not a pass over all.
+    nl._set("vnet9", up=False)
+    nl.changed = {90}
+    assert not rec.needs_pass()
+    del nl.observed.links[90]  # gone before its plan ran: the write finds no device
+    await rec.apply_queued()
+    nl.changed = {90, kvbr0.index}  # the deletion event, read after
+    assert not rec.needs_pass(), "its plan already saw it gone"
+    assert rec.passes == passes and "vnet9" not in rec.owned.ports
+
+
+async def test_other_changes_of_our_bridge_still_wake_the_planner(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"})))
+    kvbr0 = nl.observed.link("kvbr0")
+    assert kvbr0 is not None
+    nl._set("kvbr0", up=False)
+    nl.changed = {kvbr0.index}
+    assert rec.needs_pass()
+    await rec.converge()
+    assert nl.observed.link("kvbr0").up  # type: ignore[union-attr]
+    nl.changed_other = True  # an address or a route (a host route over our subnet)
+    assert rec.needs_pass()
+
+
+async def test_a_port_that_vanishes_while_its_plan_runs_is_forgotten_by_its_deletion(
+        tmp_path: Path) -> None:
+    from kvmnetd.model import actions as A
+    from kvmnetd.model.errors import NoSuchPort
+
+    tap = Link(index=95, name="vnet5", kind="tun")
+    rec, nl, _, _ = make(tmp_path, tap)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       ports={"vnet5": "nat"}))
+    passes = rec.passes
+    plain = nl.apply
+
+    async def vanishing(action: A.Action) -> None:
+        if isinstance(action, A.SetUp) and action.ifname == "vnet5":
+            del nl.observed.links[95]  # `ip link del`: down first, gone before the write
+            raise NoSuchPort("bring up vnet5: no such device")
+        await plain(action)
+
+    nl.apply = vanishing  # type: ignore[method-assign]
+    nl._set("vnet5", up=False)
+    nl.changed = {95}
+    assert not rec.needs_pass()
+    await rec.apply_queued()
+    assert "vnet5" in rec.owned.ports, "planned while it was there: not forgotten yet"
+    nl.changed = {95}  # its deletion event
+    assert not rec.needs_pass()
+    await rec.apply_queued()
+    assert "vnet5" not in rec.owned.ports and rec.passes == passes
