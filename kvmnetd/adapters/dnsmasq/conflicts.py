@@ -114,9 +114,14 @@ def _netns_id(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def same_netns(pid: int) -> bool:
+def same_netns(pid: int) -> bool | None:
+    """None when the other process's namespace cannot be seen: under the unit, root has no
+    CAP_SYS_PTRACE, and dnsmasq runs as its own user, so /proc/PID/ns is closed to us."""
     mine = _netns_id("/proc/thread-self/ns/net")
-    return mine is not None and _netns_id(f"/proc/{pid}/ns/net") == mine
+    theirs = _netns_id(f"/proc/{pid}/ns/net")
+    if mine is None or theirs is None:
+        return None
+    return theirs == mine
 
 
 def _pids() -> Iterable[int]:
@@ -202,8 +207,10 @@ def find_conflicts(net: Network, ours: set[int]) -> list[Holder]:
 def is_our_dnsmasq(pid: int, conf: str) -> bool:
     """A dnsmasq in this namespace running exactly our config file: one we started."""
     argv = read_cmdline(pid)
+    # The config file lives in our own run_dir, so its path alone names our dnsmasq when
+    # the namespace cannot be compared; another namespace's is refused when it can.
     return (bool(argv) and os.path.basename(argv[0]) == "dnsmasq"
-            and f"--conf-file={conf}" in argv and same_netns(pid))
+            and f"--conf-file={conf}" in argv and same_netns(pid) is not False)
 
 
 def pids_running(conf: str) -> list[int]:
