@@ -151,10 +151,9 @@ class Reconciler:
                 continue
             if self._settled_ports.get(link.name) != (index, link.master):
                 return False
-            if link.master is not None and not link.up:
-                # A port of ours went down (or is on its way out: `ip link del` downs it
-                # first): its own plan brings it up.
-                gone.append(link.name)
+            # Anything else on a settled port (down, or on its way out: `ip link del`
+            # downs it first; its isolation flag changed by hand): its own plan looks.
+            gone.append(link.name)
         for name in gone:
             self._port_queue.setdefault(name, [])
         return True
