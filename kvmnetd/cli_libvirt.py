@@ -7,8 +7,6 @@ import os
 import sys
 from typing import Any
 
-from kvmnetd.config.libvirt_import import ImportRefused, check, dnsmasq_leases, parse_network
-
 DEFAULT_URI = "qemu:///system"
 DEFAULT_STATE_DIR = "/var/lib/kvmnetd"
 REFUSED = 2
@@ -51,6 +49,10 @@ def _read_source(o: argparse.Namespace) -> str:
 
 
 def do_import_libvirt(c: Any, o: argparse.Namespace) -> None:
+    # Loaded by the verb, not at start-up: every other kvmnetctl call (a qemu hook's
+    # among them) would pay for the XML and TOML libraries.
+    from kvmnetd.config.libvirt_import import ImportRefused, check, parse_network
+
     try:
         xml = _read_source(o)
     except (OSError, UnicodeDecodeError, RuntimeError) as exc:
@@ -79,6 +81,12 @@ def do_adopt_libvirt(c: Any, o: argparse.Namespace) -> None:
     import time
 
     from kvmnetd.adapters.libvirt import networks as lv
+    from kvmnetd.config.libvirt_import import (
+        ImportRefused,
+        check,
+        dnsmasq_leases,
+        parse_network,
+    )
 
     uri = _uri(o)
     try:
