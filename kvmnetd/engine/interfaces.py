@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from kvmnetd.model import actions as A
@@ -17,13 +17,19 @@ class NetlinkPort(Protocol):
 
     async def apply(self, action: A.Action) -> None: ...
 
-    async def apply_many(self, actions: Sequence[A.Action]) -> list[BaseException | None]:
+    async def apply_many(self, actions: Sequence[A.Action],
+                         sent: Callable[[], None] | None = None) -> list[BaseException | None]:
         """apply() for each, in order, as fast as the kernel takes them (pipelined): one
-        result per action, None or the error apply() would have raised."""
+        result per action, None or the error apply() would have raised. sent() is called
+        once every request has gone out, before the acks are awaited."""
         ...
 
     async def tap_info(self, ifname: str) -> tuple[int | None, int | None] | None:
         """(owner uid, group gid) of a tun/tap read from the kernel now; None if none."""
+        ...
+
+    def events_pending(self) -> bool:
+        """Kernel events are waiting to be read: the mirror may still show a passing state."""
         ...
 
     def take_changes(self) -> tuple[set[int], bool]:

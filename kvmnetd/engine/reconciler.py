@@ -28,6 +28,8 @@ SWEEP_INTERVAL = 60.0
 # While a network cannot start for a reason no event reports (a host sysctl such as
 # accept_ra), the loop looks again this often.
 RETRY_INTERVAL = 1.0
+# How long after an event on a settled port its own plan looks at it.
+RECHECK_DELAY = 0.02
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,20 @@ class Reconciler:
         self._settled_bridges: dict[int, Link] = {}
         self._port_listeners: list[Callable[[set[str] | None], None]] = []
         self._running = False  # run() is draining the port queue
+        # Ports whose writes are sent and not yet acknowledged: ifname -> how many
+        # port passes have it in flight. The next port pass need not wait for those
+        # acks; a full pass does (it plans from what the kernel acknowledged).
+        self._inflight: dict[str, int] = {}
+        self._inflight_passes = 0
+        self._no_inflight = asyncio.Event()
+        self._no_inflight.set()
+        self._inflight_seen: set[str] = set()  # their events, read while in flight
+        self._port_tasks: set[asyncio.Task[None]] = set()
+        # Settled ports an event touched: planned once the events are all read, since a
+        # write of ours shows in several events (enslaved, then up) and a plan made
+        # between them would undo what is already done.
+        self._recheck: set[str] = set()
+        self._recheck_due: float | None = None
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
@@ -104,6 +120,10 @@ class Reconciler:
         own (policy may place it, a request may wait for it), not by a full pass."""
         if link.kind in PORT_KINDS:
             self._port_queue.setdefault(link.name, [])
+            if self._running:
+                # Its pass starts now rather than when the loop next wakes: a guest's
+                # tap waits for no other event of the burst to be read first.
+                self._start_port_pass()
             self._wake.set()
 
     async def request_port(self, ifname: str, network: str) -> None:
@@ -114,7 +134,7 @@ class Reconciler:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._port_queue.setdefault(ifname, []).append(done)
         if self._running:
-            self._wake.set()  # the loop takes every port queued meanwhile in one batch
+            self._start_port_pass()  # it takes every port queued meanwhile in one batch
         else:
             await self.apply_queued()  # no loop (start-up, tests): the caller drains
         await done
@@ -134,6 +154,9 @@ class Reconciler:
             link = links.get(index)
             if link is not None and link.name in self._port_queue:
                 continue  # a queued port: its own plan comes next
+            if link is not None and link.name in self._inflight:
+                self._inflight_seen.add(link.name)  # its own pass settles it
+                continue
             if link is not None and index in self._settled_bridges:
                 # A bridge without a fixed address takes its lowest port's MAC: a port
                 # coming or going changes it, and nothing the planner reads.
@@ -154,8 +177,7 @@ class Reconciler:
             # Anything else on a settled port (down, or on its way out: `ip link del`
             # downs it first; its isolation flag changed by hand): its own plan looks.
             gone.append(link.name)
-        for name in gone:
-            self._port_queue.setdefault(name, [])
+        self._recheck.update(gone)
         return True
 
     def firewall_changed(self) -> None:
@@ -184,9 +206,10 @@ class Reconciler:
                         self._foreign_known = False
                 else:
                     if not self._other_trigger:
-                        await self.apply_queued()
+                        self._start_port_pass()
                     if not self.needs_pass():
-                        await self.apply_queued()  # taps of settled ports that went away
+                        self._take_rechecks()
+                        self._start_port_pass()
                         self._save_owned_if_dirty()
                         continue
                 await self.converge()
@@ -199,6 +222,7 @@ class Reconciler:
         quick (API calls): also stop after a pass that applied its whole plan cleanly.
         """
         async with self._lock:
+            await self._no_inflight.wait()  # plan from what the kernel acknowledged
             p = Plan()
             for _ in range(max_passes):
                 p, applied = await self._pass()
@@ -211,15 +235,68 @@ class Reconciler:
             return p
 
     async def apply_queued(self) -> None:
-        """The queued ports, now (the loop does this when it wakes)."""
+        """The queued ports, now, waiting for their acks (start-up, tests)."""
+        self._take_rechecks(now=True)
         if self._port_queue:
-            async with self._lock:
-                await self._port_pass()
+            await self._port_pass()
+
+    def _take_rechecks(self, now: bool = False) -> None:
+        """Queue the settled ports events touched, a moment after the first of them and
+        once no event waits to be read: a tap being deleted goes down first, and a plan
+        made in between would bring it up again just before it goes."""
+        if not self._recheck:
+            return
+        loop = asyncio.get_running_loop()
+        if self._recheck_due is None:
+            self._recheck_due = loop.time() + RECHECK_DELAY
+        wait = self._recheck_due - loop.time()
+        if not now and (wait > 0 or self.netlink.events_pending()):
+            loop.call_later(max(wait, 0.005), self._wake.set)
+            return
+        for name in self._recheck:
+            self._port_queue.setdefault(name, [])
+        self._recheck.clear()
+        self._recheck_due = None
+
+    def _start_port_pass(self) -> None:
+        """The queued ports, without waiting for them: the loop goes back to reading
+        events, and the next taps' pass may send while the kernel still works on these."""
+        if not self._port_queue:
+            return
+        task = asyncio.get_running_loop().create_task(self._port_pass_logged())
+        self._port_tasks.add(task)
+        task.add_done_callback(self._port_tasks.discard)
+
+    async def _port_pass_logged(self) -> None:
+        try:
+            await self._port_pass()
+        except Exception:  # the loop must survive anything a pass throws
+            log.exception("reconcile.crashed")
 
     async def _port_pass(self) -> None:
         """The queued ports alone: each planned by attach_for, all applied as one batch
-        through the same writes and bookkeeping as a full pass."""
+        through the same writes and bookkeeping as a full pass.
+
+        The lock covers planning and sending, so passes send in order; it is released
+        once the writes are out, and the acks are read and settled after."""
+        await self._lock.acquire()
+        held = True
+
+        def unlock() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._lock.release()
+
+        try:
+            await self._port_pass_locked(unlock)
+        finally:
+            unlock()
+
+    async def _port_pass_locked(self, unlock: Callable[[], None]) -> None:
         queue, self._port_queue = self._port_queue, {}
+        if not queue:
+            return
         observed = self.netlink.observed
         # Seen gone by their own plan now: a deletion event read later needs no other.
         absent = {ifname for ifname in queue if observed.link(ifname) is None}
@@ -237,8 +314,21 @@ class Reconciler:
             p.ports.update(one.ports)
         failed: dict[str, str] = {}
         if p.actions:
-            for action, err in zip(p.actions, await self._apply_batch(p.actions, observed,
-                                                                      failed), strict=True):
+            for name in queue:
+                self._inflight[name] = self._inflight.get(name, 0) + 1
+            self._inflight_passes += 1
+            self._no_inflight.clear()
+            try:
+                results = await self._apply_batch(p.actions, observed, failed, sent=unlock)
+            finally:
+                for name in queue:
+                    left = self._inflight.pop(name) - 1
+                    if left:
+                        self._inflight[name] = left
+                self._inflight_passes -= 1
+                if not self._inflight_passes:
+                    self._no_inflight.set()
+            for action, err in zip(p.actions, results, strict=True):
                 if self._settle(action, err, p, observed, failed):
                     self.owned_dirty = True
                 elif err is not None and not isinstance(err, NoSuchPort):
@@ -262,6 +352,12 @@ class Reconciler:
                 # then needs no plan. A port that vanished while its writes ran stays
                 # settled: its deletion event brings the plan that forgets it.
                 self._settled_ports.pop(ifname, None)
+            elif link is not None and ifname in self._inflight_seen:
+                # Not where its plan put it, and the events that would have told the
+                # loop were read while its writes were in flight: look again.
+                self._port_queue.setdefault(ifname, [])
+                self._wake.set()
+            self._inflight_seen.discard(ifname)
         # On disk before any caller hears back: a kill now must not lose the port.
         self._save_owned_if_dirty()
         self.completed += 1
@@ -336,6 +432,8 @@ class Reconciler:
         self.netlink.take_changes()
         self._settled_ports.clear()
         self._settled_index.clear()
+        self._recheck.clear()
+        self._recheck_due = None
         self._settled_bridges.clear()
         queue, self._port_queue = self._port_queue, {}
         if not self._firewall_known:
@@ -407,13 +505,15 @@ class Reconciler:
         return out
 
     async def _apply_batch(self, batch: list[A.Action], observed: ObservedState,
-                           failed: dict[str, str]) -> list[BaseException | None]:
+                           failed: dict[str, str],
+                           sent: Callable[[], None] | None = None) -> list[BaseException | None]:
         # A failure is settled after each batch; other actions are batches of one, so
         # a network that failed earlier in this pass is skipped here.
         todo = [a for a in batch if a.network is None or a.network not in failed]
         results: dict[int, BaseException | None] = {}
-        if len(todo) > 1:
-            for action, err in zip(todo, await self.netlink.apply_many(todo), strict=True):
+        if len(todo) > 1 or (todo and isinstance(todo[0], _PORT_WRITES)):
+            for action, err in zip(todo, await self.netlink.apply_many(todo, sent),
+                                   strict=True):
                 results[id(action)] = err
         else:
             for action in todo:
@@ -427,6 +527,8 @@ class Reconciler:
                     results[id(action)] = None
                 except (KvmnetError, OSError) as e:
                     results[id(action)] = e
+            if sent is not None:
+                sent()
         return [results.get(id(a), _SKIPPED) for a in batch]
 
     def _settle(self, action: A.Action, err: BaseException | None, p: Plan,
@@ -571,4 +673,6 @@ class Reconciler:
         return self.netlink.writes + self.firewall.writes + self.sysctl.writes + extra
 
 
+# A port's own writes: sent through the netlink adapter's pipeline even one at a time.
+_PORT_WRITES = (A.Enslave, A.SetUp, A.Release, A.SetIsolated)
 _SKIPPED = KvmnetError("skipped: its network failed earlier in this pass")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import Network
@@ -23,7 +23,8 @@ class FakeNetlink:
         self.changed_other = False
         self.delay = 0.0  # seconds each change takes, for calls that must overlap
 
-    async def apply_many(self, actions: Sequence[A.Action]) -> list[BaseException | None]:
+    async def apply_many(self, actions: Sequence[A.Action],
+                         sent: Callable[[], None] | None = None) -> list[BaseException | None]:
         out: list[BaseException | None] = []
         for action in actions:
             try:
@@ -31,6 +32,8 @@ class FakeNetlink:
                 out.append(None)
             except Exception as e:
                 out.append(e)
+        if sent is not None:
+            sent()
         return out
 
     async def tap_info(self, ifname: str) -> tuple[int | None, int | None] | None:
@@ -38,6 +41,9 @@ class FakeNetlink:
         if link is None or link.kind != "tun":
             return None
         return link.tun_owner, link.tun_group
+
+    def events_pending(self) -> bool:
+        return False
 
     def take_changes(self) -> tuple[set[int], bool]:
         out = (self.changed, self.changed_other)

@@ -324,3 +324,46 @@ async def test_a_port_that_vanishes_while_its_plan_runs_is_forgotten_by_its_dele
     assert not rec.needs_pass()
     await rec.apply_queued()
     assert "vnet5" not in rec.owned.ports and rec.passes == passes
+
+
+class _HeldAcks(FakeNetlink):
+    """Applies at once but holds each batch's acks until the test lets them go."""
+
+    def __init__(self, *links: Link) -> None:
+        super().__init__(*links)
+        self.acks = asyncio.Event()
+        self.sent_batches: list[list[str]] = []
+
+    async def apply_many(self, actions, sent=None):  # type: ignore[no-untyped-def]
+        out = await super().apply_many(actions)
+        self.sent_batches.append([a.ifname for a in actions])
+        if sent is not None:
+            sent()
+        await self.acks.wait()
+        return out
+
+
+async def test_a_port_pass_sends_while_the_last_ones_acks_are_pending(tmp_path: Path) -> None:
+    taps = [Link(index=80 + i, name=f"vnet{i}", kind="tun") for i in range(2)]
+    nl = _HeldAcks(*taps)
+    rec = Reconciler(nl, FakeFirewall(), FakeSysctl(), FakeDhcp(), str(tmp_path / "owned.json"))
+    nl.acks.set()
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"})))
+    nl.acks.clear()
+    nl.sent_batches.clear()
+    first = asyncio.ensure_future(rec.request_port("vnet0", "nat"))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(rec.request_port("vnet1", "nat"))
+    await asyncio.sleep(0.01)
+    # The second tap's enslave went out before the first one's ack came back.
+    assert nl.sent_batches == [["vnet0"], ["vnet1"]]
+    assert not first.done() and not second.done()
+    # A full pass plans from what the kernel acknowledged: it waits for those acks.
+    passes = rec.passes
+    full = asyncio.ensure_future(rec.converge())
+    await asyncio.sleep(0.01)
+    assert rec.passes == passes and not full.done()
+    nl.acks.set()
+    await asyncio.gather(first, second, full)
+    assert rec.owned.ports == {"vnet0": "kvbr0", "vnet1": "kvbr0"}
+    assert rec.passes == passes + 1

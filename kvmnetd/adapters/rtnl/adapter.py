@@ -181,6 +181,10 @@ class NetlinkAdapter:
         if changed:
             self._notify()
 
+    def events_pending(self) -> bool:
+        """Kernel events not yet read: the mirror may still show a passing state."""
+        return self._events is not None and self._events.pending()
+
     def take_changes(self) -> tuple[set[int], bool]:
         """(link indexes changed, anything else changed) since the last call."""
         out = (self._changed, self._changed_other)
@@ -215,35 +219,78 @@ class NetlinkAdapter:
 
     # -- writes ------------------------------------------------------------------------------
 
-    async def apply_many(self, actions: Sequence[act.Action]) -> list[BaseException | None]:
+    async def apply_many(self, actions: Sequence[act.Action],
+                         sent: Callable[[], None] | None = None) -> list[BaseException | None]:
         """Apply in order; runs of port actions are sent together and their acks collected
-        after. One result per action: None, or the error apply() would have raised."""
+        after. One result per action: None, or the error apply() would have raised.
+
+        sent: called once every request has gone out, before their acks are read, so a
+        caller may plan and send the next batch while the kernel works on this one."""
         results: list[BaseException | None] = [None] * len(actions)
+        remaining = len(actions)
+
+        def started() -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0 and sent is not None:
+                sent()
 
         async def one(i: int) -> None:
+            pending = True
             try:
                 action = actions[i]
                 if isinstance(action, act.Enslave):
                     # A burst of new taps: queued for the request channel's own thread,
                     # so the loop goes straight on to the next taps' events.
-                    await self._enslave(action, background=True)
+                    master = await self._index(action.bridge, _attach(action))
+                    ack = self._start_enslave(action, master, background=True)
+                    pending = False
+                    started()
+                    await ack
                 else:
+                    # Its request goes out in apply()'s first step, before any other
+                    # task runs: counted as sent now.
+                    pending = False
+                    started()
                     await self.apply(action)
             except Exception as exc:
                 results[i] = exc
+            finally:
+                if pending:
+                    started()
 
-        batch: list[int] = []
-        for i, action in enumerate(actions):
-            if isinstance(action, _PIPELINED) and len(batch) < IN_FLIGHT:
-                batch.append(i)
-                continue
+        if not actions and sent is not None:
+            sent()
+        batch: list[int] = []  # pipelined, sent by their own tasks
+        acks: list[tuple[int, asyncio.Future[None]]] = []  # enslaves sent right here
+
+        async def flush() -> None:
             await asyncio.gather(*(one(j) for j in batch))
-            batch = []
-            if isinstance(action, _PIPELINED):
+            batch.clear()
+            for j, ack in acks:
+                try:
+                    await ack
+                except Exception as exc:
+                    results[j] = exc
+            acks.clear()
+
+        for i, action in enumerate(actions):
+            if len(batch) + len(acks) >= IN_FLIGHT:
+                await flush()
+            master = (self._mirror.by_name.get(action.bridge)
+                      if isinstance(action, act.Enslave) and not batch else None)
+            if master is not None:
+                # Sent before this returns to the loop: a tap's enslave waits for no
+                # other callback (a burst of events being read) to run first.
+                assert isinstance(action, act.Enslave)
+                acks.append((i, self._start_enslave(action, master, background=True)))
+                started()
+            elif isinstance(action, _PIPELINED):
                 batch.append(i)
             else:
+                await flush()
                 await one(i)
-        await asyncio.gather(*(one(j) for j in batch))
+        await flush()
         return results
 
     async def apply(self, action: act.Action) -> None:

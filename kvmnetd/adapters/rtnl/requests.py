@@ -147,6 +147,15 @@ class EventSocket:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._readable)
 
+    def pending(self) -> bool:
+        """Events are waiting to be read: what was read so far may be behind the kernel."""
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # ENOBUFS: events were lost; the resync that follows catches up
+
     def _readable(self) -> None:
         records: list[Record] = []
         buf = self._buf
