@@ -1,6 +1,8 @@
-"""qemu ifup hook wall time, one tap, the network already up: contrib/qemu-ifup over D-Bus
-and over the socket fallback, the article's qemu-natup, and a bare `ip link set` script.
-Runs interleaved (the order rotates every round); each spawned by an agent in its namespace."""
+"""qemu ifup hook wall time, one tap, the network already up: contrib/qemu-ifup as a host
+runs it (the control socket through kvmnet-hook, the C client scripts/setup builds), the
+same script where only the bus is reachable (dbus-send), the article's qemu-natup, and a
+bare `ip link set` script. Runs interleaved (the order rotates every round); each spawned
+by an agent in its namespace."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from tests.support.netns import netns, sh
 IFUP = str(REPO / "contrib" / "qemu-ifup")
 NATUP = str(REPO / "bench" / "baseline" / "qemu-natup")
 BARE = '#!/bin/sh\nip link set "$1" master isolationbr up\n'
-GOAL_RATIO = 0.3
+GOAL_RATIO = 0.2
 
 
 PORT_NETS = 10  # the networks that hold the --ports background ports
@@ -100,13 +102,14 @@ def _run(box: Box, art_ns: str, bus_address: str, runs: int, ports: int) -> dict
         ours.close()
         art.close()
     med = {k: median(v) for k, v in times.items()}
-    ratio = med["kvmnetd_dbus"] / med["article_natup"]
+    # The goal is on the hook as installed: the daemon always serves its socket.
+    ratio = med["kvmnetd_socket"] / med["article_natup"]
     return {
         "runs_each": runs,
         "background_ports": ports,
         "ms": {k: summary(v) for k, v in times.items()},
         "article_natup_first_guest_ms": r(first),
-        "ratio_dbus_vs_article": r(ratio, 3),
+        "ratio_dbus_vs_article": r(med["kvmnetd_dbus"] / med["article_natup"], 3),
         "ratio_socket_vs_article": r(med["kvmnetd_socket"] / med["article_natup"], 3),
         "ratio_bare_sh_vs_article": r(med["bare_sh"] / med["article_natup"], 3),
         "article_masquerade_rules_after_runs": masq,

@@ -32,6 +32,7 @@ EXPECTED_FILES = [
     "usr/share/dbus-1/interfaces/org.kvmnetd.Kvmnetd1.xml",
     "usr/share/polkit-1/actions/org.kvmnetd.policy",
     "usr/share/kvmnetd/qemu-ifup",
+    "usr/lib/kvmnetd/kvmnet-hook",
     "usr/share/kvmnetd/qemu-ifdown",
     "usr/share/man/man8/kvmnetd.8.gz",
     "usr/share/man/man1/kvmnetctl.1.gz",
@@ -98,7 +99,8 @@ def test_file_list(deb: Path) -> None:
     modes = {line.split()[-1].removeprefix("./"): line.split()[0] for line in listing}
     missing = [f for f in EXPECTED_FILES if f not in paths]
     assert not missing
-    for exe in ["usr/sbin/kvmnetd", "usr/bin/kvmnetctl", "usr/share/kvmnetd/qemu-ifup"]:
+    for exe in ["usr/sbin/kvmnetd", "usr/bin/kvmnetctl", "usr/share/kvmnetd/qemu-ifup",
+                "usr/lib/kvmnetd/kvmnet-hook"]:
         assert modes[exe] == "-rwxr-xr-x"
     assert all(line.split()[1] == "root/root" for line in listing)
     # kvmnetctl and the qemu hooks run as any user: everything must be readable.

@@ -283,7 +283,10 @@ class NetlinkAdapter:
                 # Sent before this returns to the loop: a tap's enslave waits for no
                 # other callback (a burst of events being read) to run first.
                 assert isinstance(action, act.Enslave)
-                acks.append((i, self._start_enslave(action, master, background=True)))
+                # One alone (an API call, a single new tap) goes out from here: handing
+                # it to the sender thread would cost a thread wake-up for nothing.
+                acks.append((i, self._start_enslave(action, master,
+                                                    background=len(actions) > 1)))
                 started()
             elif isinstance(action, _PIPELINED):
                 batch.append(i)
