@@ -17,6 +17,7 @@ from kvmnetd.model.errors import KvmnetError, NoSuchPort
 from kvmnetd.model.observed import Link, ObservedState
 from kvmnetd.model.owned import Owned
 from kvmnetd.model.policy import PORT_KINDS
+from kvmnetd.plan.adopt import adopt_ports
 from kvmnetd.plan.coexist import ForeignForward
 from kvmnetd.plan.planner import Plan, attach_for, plan
 
@@ -600,28 +601,11 @@ class Reconciler:
             self.desired = replace(self.desired, ports=ports)
 
     def restore_ports(self) -> None:
-        """After a restart, guest ports found on our bridges stay requested (crash-only).
-
-        What the kernel shows wins over the record: a kill between an attach or move
-        and the save of owned.json must not make the port unknown.
-        """
-        obs = self.netlink.observed
-        ports = dict(self.desired.ports)
-        by_index = {}
-        for net in self.desired.active_networks():
-            br = obs.link(net.bridge)
-            if br is not None:
-                by_index[br.index] = (net.name, net.bridge)
-        uplinks = {n.uplink for n in self.desired.networks.values() if n.uplink}
-        before = dict(self.owned.ports)
-        for link in obs.links.values():
-            hit = by_index.get(link.master) if link.master is not None else None
-            if hit is None or link.kind not in ("tun", "veth") or link.name in uplinks:
-                continue
-            ports.setdefault(link.name, hit[0])
-            self.owned.ports[link.name] = hit[1]
+        """After a restart, guest ports found on our bridges stay requested (plan.adopt)."""
+        ports, owned = adopt_ports(self.desired, self.netlink.observed, self.owned.ports)
         self.desired = replace(self.desired, ports=ports)
-        if self.owned.ports != before:
+        if owned != self.owned.ports:
+            self.owned.ports = owned
             save_owned(self.owned_path, self.owned)
 
     async def _apply(self, action: A.Action, observed: ObservedState) -> None:
