@@ -15,6 +15,7 @@ from kvmnetd.adapters.coexist import ForeignForwardAdapter
 from kvmnetd.adapters.default_subnet import DefaultSubnetFile
 from kvmnetd.adapters.dirs import check_writable_dirs
 from kvmnetd.adapters.files import atomic_write
+from kvmnetd.adapters.inotify import wait_for_path
 from kvmnetd.adapters.nftables import NftablesAdapter
 from kvmnetd.adapters.nftmonitor import NftMonitor
 from kvmnetd.adapters.notify import Notifier
@@ -148,8 +149,7 @@ class Service:
         await self._start_libvirt(uri)
 
     async def _libvirt_when_present(self, uri: str, sock: str) -> None:
-        while not os.path.exists(sock):
-            await asyncio.sleep(2.0)
+        await wait_for_path(sock)  # inotify: libvirt may start much later, or never
         await self._start_libvirt(uri)
 
     async def _start_libvirt(self, uri: str) -> None:

@@ -3,6 +3,7 @@ so nothing needs to poll."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import os
@@ -70,3 +71,34 @@ class DirWatch:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _deepest_dir(path: str) -> str:
+    d = os.path.dirname(path) or "/"
+    while not os.path.isdir(d):
+        d = os.path.dirname(d) or "/"
+    return d
+
+
+async def wait_for_path(path: str) -> None:
+    """Return once `path` exists. Its nearest existing directory is watched, deeper as
+    directories appear (/run/libvirt is made by the daemon that makes the socket)."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+    watch = DirWatch(lambda _d, _n: changed.set())
+    loop.add_reader(watch.fd, watch.readable)
+    try:
+        watched = ""
+        while not os.path.exists(path):
+            d = _deepest_dir(path)
+            if d != watched:
+                if watched:
+                    watch.remove(watched)
+                watch.add(d)
+                watched = d
+                continue  # look again: it may have appeared before the watch was there
+            changed.clear()
+            await changed.wait()
+    finally:
+        loop.remove_reader(watch.fd)
+        watch.close()
