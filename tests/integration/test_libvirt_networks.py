@@ -372,3 +372,14 @@ def test_adopt_libvirt_with_running_guests_and_its_rollback(box: Sandbox) -> Non
         assert len(ports(box)) == 2
         lv.virsh("destroy", "adopt0")
         assert wait_until(lambda: len(ports(box)) == 1, timeout=20), ports(box)
+
+
+def test_libvirtd_started_after_kvmnetd_is_found_without_polling(box: Sandbox) -> None:
+    """No socket at start: kvmnetd waits on inotify and lists its networks once it appears."""
+    with private_libvirtd(started=False, ns=box.host) as lv:
+        box.write_config(config(lv.uri))
+        box.start_daemon("--no-bus")
+        assert wait_until(lambda: "libvirt.waiting" in box.log.read_text(), timeout=10)
+        lv.start()
+        assert wait_until(lambda: in_step(lv, "nat", "kvnat0"), timeout=20), \
+            lv.virsh("net-list", "--all").stdout
