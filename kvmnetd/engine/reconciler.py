@@ -10,15 +10,24 @@ from dataclasses import dataclass, replace
 import structlog
 
 from kvmnetd.adapters.owned_file import load_owned, save_owned
-from kvmnetd.engine.interfaces import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
+from kvmnetd.engine.interfaces import (
+    CoexistPort,
+    DhcpPort,
+    FirewallPort,
+    NetlinkPort,
+    RatePort,
+    SysctlPort,
+)
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import DesiredState
 from kvmnetd.model.errors import KvmnetError, NoSuchPort
-from kvmnetd.model.observed import Link, ObservedState
+from kvmnetd.model.observed import Link, ObservedState, RateSeen
 from kvmnetd.model.owned import Owned
 from kvmnetd.model.policy import PORT_KINDS
+from kvmnetd.model.rate import SetPortRate
 from kvmnetd.plan.coexist import ForeignForward
 from kvmnetd.plan.planner import Plan, attach_for, plan
+from kvmnetd.plan.rate import port_rates
 
 log = structlog.get_logger("kvmnetd.reconcile")
 
@@ -40,7 +49,7 @@ class Reconciler:
     def __init__(self, netlink: NetlinkPort, firewall: FirewallPort, sysctl: SysctlPort,
                  dhcp: DhcpPort | None, owned_path: str, table: str = "kvmnetd",
                  verify_interval: float = SWEEP_INTERVAL, coexist: CoexistPort | None = None,
-                 coexist_mode: str = "auto") -> None:
+                 coexist_mode: str = "auto", rate: RatePort | None = None) -> None:
         self.netlink = netlink
         self.firewall = firewall
         self.sysctl = sysctl
@@ -65,6 +74,8 @@ class Reconciler:
         self._listeners: list[Callable[[str, NetState], None]] = []
         self.coexist = coexist
         self.coexist_mode = coexist_mode
+        self.rate = rate  # None: no tc here; a limit asked for fails on its port
+        self._rates_known = False
         self._foreign: ForeignForward | None = None
         self.coexist_reports: tuple[str, ...] = ()
         self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
@@ -158,6 +169,11 @@ class Reconciler:
             self._port_queue.setdefault(name, [])
         return True
 
+    def rates_changed(self) -> None:
+        """A qdisc changed (tc events): re-read the ports' limits next pass."""
+        self._rates_known = False
+        self.trigger()
+
     def firewall_changed(self) -> None:
         """nft monitor saw a change: re-read our table and the foreign chains next pass."""
         self._firewall_known = self._foreign_known = False
@@ -182,6 +198,7 @@ class Reconciler:
                     self._firewall_known = self._sysctl_known = False
                     if not self.foreign_events:
                         self._foreign_known = False
+                    self._rates_known = False
                 else:
                     if not self._other_trigger:
                         await self.apply_queued()
@@ -226,7 +243,7 @@ class Reconciler:
         p = Plan()
         for ifname in queue:
             one = attach_for(self.desired, observed, self.owned, ifname)
-            if one.forget_ports or one.forget_requests:
+            if one.forget_ports or one.forget_requests or one.forget_limits:
                 self._record(one)
                 self.owned_dirty = True
             if one.ports and not one.actions and observed.link(ifname) is not None:
@@ -352,6 +369,14 @@ class Reconciler:
             except BaseException:
                 self._foreign_known = False
                 raise
+        if not self._rates_known and self.rate is not None:
+            self._rates_known = True
+            try:
+                qdiscs = await self.rate.observe()
+                self.netlink.observed.port_rates = port_rates(qdiscs, self.netlink.observed)
+            except BaseException:
+                self._rates_known = False
+                raise
         observed = self.observe()
         before = self.owned.to_json()  # adoption and forgetting are changes to save too
         p = plan(self.desired, observed, self.owned, self.table,
@@ -412,21 +437,24 @@ class Reconciler:
         # a network that failed earlier in this pass is skipped here.
         todo = [a for a in batch if a.network is None or a.network not in failed]
         results: dict[int, BaseException | None] = {}
-        if len(todo) > 1:
-            for action, err in zip(todo, await self.netlink.apply_many(todo), strict=True):
+        # Rate limits go through tc, one port at a time, after the port's links.
+        links = [a for a in todo if not isinstance(a, SetPortRate)]
+        if len(links) > 1:
+            for action, err in zip(links, await self.netlink.apply_many(links), strict=True):
                 results[id(action)] = err
-        else:
-            for action in todo:
-                if isinstance(action, A.CreateBridge):
-                    # Write ahead: a kill right after the kernel made it must not leave a
-                    # bridge we would later adopt as someone else's and never delete.
-                    self.owned.record(action, observed)
-                    save_owned(self.owned_path, self.owned)
-                try:
-                    await self._apply(action, observed)
-                    results[id(action)] = None
-                except (KvmnetError, OSError) as e:
-                    results[id(action)] = e
+        for action in todo:
+            if id(action) in results:
+                continue
+            if isinstance(action, A.CreateBridge):
+                # Write ahead: a kill right after the kernel made it must not leave a
+                # bridge we would later adopt as someone else's and never delete.
+                self.owned.record(action, observed)
+                save_owned(self.owned_path, self.owned)
+            try:
+                await self._apply(action, observed)
+                results[id(action)] = None
+            except (KvmnetError, OSError) as e:
+                results[id(action)] = e
         return [results.get(id(a), _SKIPPED) for a in batch]
 
     def _settle(self, action: A.Action, err: BaseException | None, p: Plan,
@@ -435,7 +463,8 @@ class Reconciler:
         if err is _SKIPPED:
             return 0
         if err is None:
-            if isinstance(action, A.Enslave | A.SetUp | A.Release | A.SetIsolated):
+            if isinstance(action, A.Enslave | A.SetUp | A.Release | A.SetIsolated
+                          | SetPortRate):
                 self.port_errors.pop(action.ifname, None)
             self.owned.record(action, observed)
             log.info("reconcile.applied", network=action.network, ifname=A.device(action),
@@ -463,8 +492,9 @@ class Reconciler:
         """The guest port an action is about, if it is one (not a bridge, not an uplink)."""
         if isinstance(action, A.Enslave) and not action.uplink:
             return action.ifname
-        if isinstance(action, A.Release | A.SetUp | A.SetIsolated) and (
-                action.ifname in p.ports or action.ifname in self.owned.ports):
+        if isinstance(action, A.Release | A.SetUp | A.SetIsolated | SetPortRate) and (
+                action.ifname in p.ports or action.ifname in self.owned.ports
+                or isinstance(action, SetPortRate)):
             return action.ifname
         return None
 
@@ -492,6 +522,8 @@ class Reconciler:
             log.info("bridge.adopted", network=network, bridge=bridge)
         for ifname in p.forget_ports:
             self.owned.ports.pop(ifname, None)
+        for ifname in p.forget_limits:
+            self.owned.limits.pop(ifname, None)
         if p.forget_requests:
             gone = set(p.forget_requests)
             ports = {i: n for i, n in self.desired.ports.items() if i not in gone}
@@ -535,6 +567,15 @@ class Reconciler:
                 self.sysctl.set_forwarding(fam, on)
             case A.DeleteBridge(bridge=br) if observed.link(br) is None:
                 pass  # already gone: only our record is left to drop
+            case SetPortRate(ifname=dev, rate=rate):
+                if self.rate is None:
+                    raise KvmnetError(f"{dev}: rate limits are not available here (no tc)")
+                await self.rate.apply(action)
+                # Read back as written; the qdisc events it causes re-read them all.
+                if rate is None:
+                    observed.port_rates.pop(dev, None)
+                else:
+                    observed.port_rates[dev] = RateSeen(rate, rate)
             case _:
                 await self.netlink.apply(action)
 
@@ -568,6 +609,7 @@ class Reconciler:
     @property
     def writes(self) -> int:
         extra = self.coexist.writes if self.coexist is not None else 0
+        extra += self.rate.writes if self.rate is not None else 0
         return self.netlink.writes + self.firewall.writes + self.sysctl.writes + extra
 
 
