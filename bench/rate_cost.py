@@ -78,13 +78,24 @@ def run(quick: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"repetitions": reps}
         try:
             time.sleep(0.3)
+            # Interleaved, one transfer each way per case and round: the machine's load
+            # then weighs on every case alike.
+            runs: dict[str, dict[str, list[float]]] = {
+                c[0]: {"u": [], "d": []} for c in CASES}
+            for _ in range(reps):
+                for label, rate, size in CASES:
+                    _set_limit(box, rate)
+                    for op in ("u", "d"):
+                        runs[label][op].append(_speed(guest, op, size // (5 if quick else 1)))
             for label, rate, size in CASES:
-                box.ctl("port", "limit", PORT, rate)
-                want = None if rate == "none" else rate
-                assert wait_until(lambda w=want: _tbf_rate(box) == w, timeout=10), label
+                _set_limit(box, rate)
                 log(f"rate_cost: {label}")
-                out[label] = _measure(guest, reps, size // (5 if quick else 1),
-                                      loaded=label == "20mbit")
+                out[label] = {"bytes": size // (5 if quick else 1),
+                              "up_mbit_s": summary(runs[label]["u"], 1),
+                              "down_mbit_s": summary(runs[label]["d"], 1),
+                              "rtt": _ping(guest)}
+                if rate == "20mbit":
+                    out[label]["rtt_while_downloading"] = _loaded_rtt(guest, size)
         finally:
             server.kill()
             server.wait(5)
@@ -142,15 +153,18 @@ def _ping(guest: str, count: int = 50) -> dict[str, Any]:
             "max_ms": float(m.group(3))}
 
 
-def _measure(guest: str, reps: int, size: int, loaded: bool) -> dict[str, Any]:
-    up = [_speed(guest, "u", size) for _ in range(reps)]
-    down = [_speed(guest, "d", size) for _ in range(reps)]
-    res: dict[str, Any] = {"bytes": size, "up_mbit_s": summary(up, 1),
-                           "down_mbit_s": summary(down, 1), "rtt": _ping(guest)}
-    if loaded:
-        dl = subprocess.Popen(["ip", "netns", "exec", guest, PY, "-c", CLIENT, "d",
-                               str(size * 2)], stdout=subprocess.DEVNULL)
+def _set_limit(box: Box, rate: str) -> None:
+    box.ctl("port", "limit", PORT, rate)
+    want = None if rate == "none" else rate
+    assert wait_until(lambda: _tbf_rate(box) == want, timeout=10), rate
+
+
+def _loaded_rtt(guest: str, size: int) -> dict[str, Any]:
+    """The RTT while the guest downloads at its limit: tbf's queue in the way."""
+    dl = subprocess.Popen(["ip", "netns", "exec", guest, PY, "-c", CLIENT, "d", str(size * 2)],
+                          stdout=subprocess.DEVNULL)
+    try:
         time.sleep(0.5)
-        res["rtt_while_downloading"] = _ping(guest, 30)
+        return _ping(guest, 30)
+    finally:
         dl.wait(60)
-    return res

@@ -58,6 +58,10 @@ class RatePort(Protocol):
 
     async def apply(self, action: SetPortRate) -> None: ...
 
+    async def apply_many(self, actions: Sequence[SetPortRate]) -> list[BaseException | None]:
+        """apply() for each, in as few processes as it can: one result per action."""
+        ...
+
 
 class CoexistPort(Protocol):
     writes: int

@@ -437,11 +437,17 @@ class Reconciler:
         # a network that failed earlier in this pass is skipped here.
         todo = [a for a in batch if a.network is None or a.network not in failed]
         results: dict[int, BaseException | None] = {}
-        # Rate limits go through tc, one port at a time, after the port's links.
+        # Rate limits go through tc after the ports' links, all in one go.
         links = [a for a in todo if not isinstance(a, SetPortRate)]
         if len(links) > 1:
             for action, err in zip(links, await self.netlink.apply_many(links), strict=True):
                 results[id(action)] = err
+        limits = [a for a in todo if isinstance(a, SetPortRate)]
+        if len(limits) > 1 and self.rate is not None:
+            for limit, err in zip(limits, await self.rate.apply_many(limits), strict=True):
+                results[id(limit)] = err
+                if err is None:
+                    self._limit_seen(limit, observed)
         for action in todo:
             if id(action) in results:
                 continue
@@ -567,17 +573,21 @@ class Reconciler:
                 self.sysctl.set_forwarding(fam, on)
             case A.DeleteBridge(bridge=br) if observed.link(br) is None:
                 pass  # already gone: only our record is left to drop
-            case SetPortRate(ifname=dev, rate=rate):
+            case SetPortRate(ifname=dev):
                 if self.rate is None:
                     raise KvmnetError(f"{dev}: rate limits are not available here (no tc)")
                 await self.rate.apply(action)
-                # Read back as written; the qdisc events it causes re-read them all.
-                if rate is None:
-                    observed.port_rates.pop(dev, None)
-                else:
-                    observed.port_rates[dev] = RateSeen(rate, rate)
+                self._limit_seen(action, observed)
             case _:
                 await self.netlink.apply(action)
+
+    @staticmethod
+    def _limit_seen(action: SetPortRate, observed: ObservedState) -> None:
+        """Read back as written; the qdisc events it causes have them all re-read."""
+        if action.rate is None:
+            observed.port_rates.pop(action.ifname, None)
+        else:
+            observed.port_rates[action.ifname] = RateSeen(action.rate, action.rate)
 
     def _update_states(self, p: Plan, failed: dict[str, str]) -> None:
         new: dict[str, NetState] = {}

@@ -3,6 +3,7 @@ an override at run time through a restart and a move, healing, and removal."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
@@ -10,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.netns import sh
+from kvmnetd.adapters.rate.tc import TcRates
+from kvmnetd.model.rate import SetPortRate
+from tests.support.netns import entered, netns, sh
 from tests.support.rig import FAR_HOST, PY, Sandbox, wait_until
 from tests.support.toml import attach_toml, network_toml
 
@@ -188,7 +191,7 @@ def test_limit_healed_and_removed_with_its_port_and_network(box: Sandbox) -> Non
         before = heals(box)
         sh(*damage, ns=box.host)
         # Healed, often before a look could see it gone: the log tells it was rewritten.
-        assert wait_until(lambda: heals(box) > before and limited(box, "rl1", LIMIT),
+        assert wait_until(lambda n=before: heals(box) > n and limited(box, "rl1", LIMIT),
                           timeout=10), damage
     # The port goes (its guest stopped): its ifb goes with it.
     sh("ip", "link", "del", "rl1", ns=box.host)
@@ -199,3 +202,27 @@ def test_limit_healed_and_removed_with_its_port_and_network(box: Sandbox) -> Non
     assert wait_until(lambda: unlimited(box, "rl2"), timeout=10)
     owned = json.loads((box.run_dir / "owned.json").read_text())
     assert owned.get("limits", {}) == {}
+
+
+def test_tc_adapter_batches_ports_and_names_the_one_refused() -> None:
+    with netns("tc") as ns:
+        for port in ("ta1", "ta2"):
+            sh("ip", "link", "add", port, "type", "veth", "peer", "name", f"x{port}", ns=ns)
+        tc = TcRates()
+        acts = [SetPortRate("n", "ta1", LIMIT, "kr-ta1"),
+                SetPortRate("n", "nosuch0", LIMIT, "kr-nosuch0"),
+                SetPortRate("n", "ta2", LIMIT * 2, "kr-ta2")]
+        with entered(ns):
+            errors = asyncio.run(tc.apply_many(acts))
+            seen = asyncio.run(tc.observe())
+        assert [e is None for e in errors] == [True, False, True]
+        assert "nosuch0" in str(errors[1])
+        assert seen["ta1"] == (LIMIT, True) and seen["kr-ta1"] == (LIMIT, False)
+        assert seen["ta2"] == (LIMIT * 2, True)
+        # A port refused leaves nothing behind, not even its ifb.
+        assert sh("ip", "link", "show", "kr-nosuch0", ns=ns, check=False).returncode != 0
+        with entered(ns):
+            errors = asyncio.run(tc.apply_many([SetPortRate("n", "ta1", None, "kr-ta1")]))
+            seen = asyncio.run(tc.observe())
+        assert errors == [None] and "ta1" not in seen and "kr-ta1" not in seen
+        assert sh("ip", "link", "show", "kr-ta1", ns=ns, check=False).returncode != 0

@@ -127,6 +127,16 @@ class FakeRates:
         self.qdiscs[action.ifname] = (action.rate, True)
         self.qdiscs[action.ifb] = (action.rate, False)
 
+    async def apply_many(self, actions: Sequence[SetPortRate]) -> list[BaseException | None]:
+        out: list[BaseException | None] = []
+        for action in actions:
+            try:
+                await self.apply(action)
+                out.append(None)
+            except Exception as e:
+                out.append(e)
+        return out
+
 
 class FakeFirewall:
     def __init__(self) -> None:
