@@ -169,6 +169,12 @@ class Reconciler:
             self._port_queue.setdefault(name, [])
         return True
 
+    def _rates_wanted(self) -> bool:
+        """Any limit asked for or still ours to remove: else no tc runs at all."""
+        d = self.desired
+        return bool(d.rates or self.owned.limits
+                    or any(n.port_rate for n in d.networks.values()))
+
     def rates_changed(self) -> None:
         """A qdisc changed (tc events): re-read the ports' limits next pass."""
         self._rates_known = False
@@ -369,14 +375,14 @@ class Reconciler:
             except BaseException:
                 self._foreign_known = False
                 raise
-        if not self._rates_known and self.rate is not None:
-            self._rates_known = True
+        if not self._rates_known and self.rate is not None and self._rates_wanted():
+            self._rates_known = True  # a change reported while reading clears it again
             try:
                 qdiscs = await self.rate.observe()
                 self.netlink.observed.port_rates = port_rates(qdiscs, self.netlink.observed)
-            except BaseException:
-                self._rates_known = False
-                raise
+            except (KvmnetError, OSError) as e:
+                # No tc: the limits asked for fail on their ports; the rest goes on.
+                log.warning("rates.observe_failed", error=str(e))
         observed = self.observe()
         before = self.owned.to_json()  # adoption and forgetting are changes to save too
         p = plan(self.desired, observed, self.owned, self.table,

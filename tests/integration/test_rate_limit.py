@@ -161,9 +161,12 @@ def test_override_survives_a_restart_and_a_move(box: Sandbox) -> None:
     saved = json.loads((box.state_dir / "port-limits.json").read_text())
     assert saved == {"rl1": LIMIT}
 
+    writes = box.log.read_text().count("SetPortRate(")
     box.stop_daemon()
     box.start_daemon("--no-bus")
     assert rates(box) == {"rl1": "20mbit"} and limited(box, "rl1", LIMIT)
+    # A restart over limits that are right rewrites none of them.
+    assert box.log.read_text().count("SetPortRate(") == writes
     # Moved to a network whose default is 100mbit: the port's own limit goes with it.
     box.ctl("port", "move", "rl1", "rb")
     assert box.master_of("rl1") == "kvrb0"
