@@ -76,6 +76,9 @@ class Reconciler:
         self.coexist_mode = coexist_mode
         self.rate = rate  # None: no tc here; a limit asked for fails on its port
         self._rates_known = False
+        # Devices whose last tc filter event was a deletion: a port's redirect to its ifb
+        # is gone although its ingress qdisc is there.
+        self._filters_lost: set[int] = set()
         self._foreign: ForeignForward | None = None
         self.coexist_reports: tuple[str, ...] = ()
         self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
@@ -175,8 +178,14 @@ class Reconciler:
         return bool(d.rates or self.owned.limits
                     or any(n.port_rate for n in d.networks.values()))
 
-    def rates_changed(self) -> None:
-        """A qdisc changed (tc events): re-read the ports' limits next pass."""
+    def rates_changed(self, filters: dict[int, bool] | None = None) -> None:
+        """A qdisc or filter changed (tc events): re-read the ports' limits next pass.
+        filters: ifindex -> whether its last filter event added or deleted one."""
+        for index, present in (filters or {}).items():
+            if present:
+                self._filters_lost.discard(index)
+            else:
+                self._filters_lost.add(index)
         self._rates_known = False
         self.trigger()
 
@@ -379,7 +388,8 @@ class Reconciler:
             self._rates_known = True  # a change reported while reading clears it again
             try:
                 qdiscs = await self.rate.observe()
-                self.netlink.observed.port_rates = port_rates(qdiscs, self.netlink.observed)
+                self.netlink.observed.port_rates = port_rates(
+                    qdiscs, self.netlink.observed, self._filters_lost)
             except (KvmnetError, OSError) as e:
                 # No tc: the limits asked for fail on their ports; the rest goes on.
                 log.warning("rates.observe_failed", error=str(e))

@@ -14,17 +14,18 @@ from kvmnetd.model.owned import Owned
 from kvmnetd.model.rate import SetPortRate, ifb_name
 
 
-def port_rates(qdiscs: dict[str, tuple[int | None, bool]],
-               observed: ObservedState) -> dict[str, RateSeen]:
+def port_rates(qdiscs: dict[str, tuple[int | None, bool]], observed: ObservedState,
+               filters_lost: set[int] | frozenset[int] = frozenset()) -> dict[str, RateSeen]:
     """Each device's limit from its qdiscs: (root tbf rate, has ingress) per device; the
-    ingress direction counts while the device redirects to its ifb and that has a tbf."""
+    ingress direction counts while the device redirects to its ifb (its ingress qdisc is
+    there and its filter was not deleted since: `filters_lost`) and that has a tbf."""
     out: dict[str, RateSeen] = {}
     for dev, (egress, ingress) in qdiscs.items():
         link = observed.link(dev)
         if link is None or link.kind == "ifb":
             continue
         inbound = None
-        if ingress:
+        if ingress and link.index not in filters_lost:
             inbound = qdiscs.get(ifb_name(dev, link.index), (None, False))[0]
         out[dev] = RateSeen(egress, inbound)
     return out

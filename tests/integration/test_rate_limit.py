@@ -189,6 +189,7 @@ def test_limit_healed_and_removed_with_its_port_and_network(box: Sandbox) -> Non
                       timeout=15)
     for damage in (["tc", "qdisc", "del", "dev", "rl1", "root"],
                    ["tc", "qdisc", "del", "dev", "rl1", "ingress"],
+                   ["tc", "filter", "del", "dev", "rl1", "ingress"],
                    ["tc", "qdisc", "del", "dev", "kr-rl1", "root"],
                    ["ip", "link", "del", "kr-rl1"]):
         before = heals(box)
