@@ -178,16 +178,24 @@ class Reconciler:
         return bool(d.rates or self.owned.limits
                     or any(n.port_rate for n in d.networks.values()))
 
-    def rates_changed(self, filters: dict[int, bool] | None = None) -> None:
-        """A qdisc or filter changed (tc events): re-read the ports' limits next pass.
-        filters: ifindex -> whether its last filter event added or deleted one."""
+    def rates_changed(self, touched: set[int] | None = None,
+                      filters: dict[int, bool] | None = None) -> None:
+        """tc events: the devices they touched (None: unknown, events were lost) and
+        ifindex -> whether its last filter event added or deleted one. A pass re-reads the
+        limits when one of our limited ports or their ifbs is among them."""
         for index, present in (filters or {}).items():
             if present:
                 self._filters_lost.discard(index)
             else:
                 self._filters_lost.add(index)
         self._rates_known = False
-        self.trigger()
+        if touched is None or not touched.isdisjoint(self._limited_indexes()):
+            self.trigger()
+
+    def _limited_indexes(self) -> set[int]:
+        obs = self.netlink.observed
+        names = [*self.owned.limits, *self.owned.limits.values()]
+        return {link.index for name in names if (link := obs.link(name)) is not None}
 
     def firewall_changed(self) -> None:
         """nft monitor saw a change: re-read our table and the foreign chains next pass."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmnetd.adapters.rate.monitor import RTM_DELTFILTER, RTM_NEWTFILTER, filter_events
+from kvmnetd.adapters.rate.monitor import RTM_DELTFILTER, RTM_NEWTFILTER, tc_events
 from kvmnetd.config import load as cfg
 from kvmnetd.config.write import render_network_toml
 from kvmnetd.engine.reconciler import Reconciler
@@ -210,14 +210,14 @@ async def test_a_refused_limit_is_that_ports_failure(tmp_path: Path) -> None:
     assert "tc refused" in rec.port_errors["vnet0"]
 
 
-def test_filter_events_last_one_per_device_wins() -> None:
+def test_tc_events_devices_and_the_last_filter_event_per_device() -> None:
     def msg(kind: int, index: int) -> bytes:
         body = struct.pack("=BxxxiIII", 0, index, 0, 0xFFFF0000, 0)
         return struct.pack("=IHHII", 16 + len(body), kind, 0, 0, 0) + body
     data = (msg(RTM_DELTFILTER, 5) + msg(36, 6) + msg(RTM_NEWTFILTER, 5)
             + msg(RTM_DELTFILTER, 7))
-    assert filter_events(data) == {5: True, 7: False}
-    assert filter_events(b"\x00" * 3) == {}
+    assert tc_events(data) == ({5, 6, 7}, {5: True, 7: False})
+    assert tc_events(b"\x00" * 3) == (set(), {})
 
 
 def test_a_lost_filter_counts_as_no_limit_from_the_guest() -> None:

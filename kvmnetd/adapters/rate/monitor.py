@@ -1,10 +1,11 @@
-"""Follows rtnetlink's tc group: any qdisc, class or filter change is a trigger.
+"""Follows rtnetlink's tc group: qdisc and filter changes, by device.
 
-Qdiscs are not decoded: the reconciler re-reads them once per burst (one `tc -j qdisc
-show`) and the planner compares. Filters are not in that listing (it would take one tc
-call per port), so their events are read here: which devices lost or gained one, the
-last event per device winning. Our own writes are reported too; the pass they cause
-finds nothing to do. A dropped event (ENOBUFS) is a trigger as well.
+Qdiscs are not decoded beyond their device: the reconciler re-reads them all (one
+`tc -j qdisc show`) when a device with a limit of ours is touched, and the planner
+compares; the default qdisc every new tap gets costs nothing. Filters are not in that
+listing (it would take one tc call per port), so their events are read here: the last
+one per device says whether its filter is there. Our own writes are reported too; the
+pass they cause finds nothing to do. Lost events (ENOBUFS) make the loop look at all.
 """
 
 from __future__ import annotations
@@ -25,20 +26,24 @@ _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
 
 
-def filter_events(data: bytes) -> dict[int, bool]:
-    """ifindex -> whether its last filter event in `data` added (True) or deleted one."""
-    out: dict[int, bool] = {}
+def tc_events(data: bytes) -> tuple[set[int], dict[int, bool]]:
+    """(the ifindexes any tc event in `data` is about, ifindex -> whether its last filter
+    event added (True) or deleted a filter)."""
+    touched: set[int] = set()
+    filters: dict[int, bool] = {}
     pos = 0
     while pos + _NLMSGHDR.size <= len(data):
         length, kind = _NLMSGHDR.unpack_from(data, pos)[:2]
         if length < _NLMSGHDR.size:
             break
         body = pos + _NLMSGHDR.size
-        if kind in (RTM_NEWTFILTER, RTM_DELTFILTER) and body + _TCMSG.size <= len(data):
+        if body + _TCMSG.size <= min(len(data), pos + length):
             index = _TCMSG.unpack_from(data, body)[1]
-            out[index] = kind == RTM_NEWTFILTER
+            touched.add(index)
+            if kind in (RTM_NEWTFILTER, RTM_DELTFILTER):
+                filters[index] = kind == RTM_NEWTFILTER
         pos += (length + 3) & ~3
-    return out
+    return touched, filters
 
 
 class TcMonitor:
@@ -50,7 +55,7 @@ class TcMonitor:
     def listening(self) -> bool:
         return self._sock is not None
 
-    def start(self, on_change: Callable[[dict[int, bool]], None]) -> None:
+    def start(self, on_change: Callable[[set[int] | None, dict[int, bool]], None]) -> None:
         """Subscribe in the caller's network namespace; without rtnetlink, log and go on
         (the safety sweep still finds what changed)."""
         try:
@@ -63,7 +68,7 @@ class TcMonitor:
         self._sock = sock
 
         def readable() -> None:
-            changed = False
+            touched: set[int] | None = set()
             filters: dict[int, bool] = {}
             while True:
                 try:
@@ -71,15 +76,17 @@ class TcMonitor:
                 except BlockingIOError:
                     break
                 except OSError:  # ENOBUFS: events were lost, so look at everything
-                    changed = True
+                    touched = None
                     continue
                 if not data:
                     break
-                changed = True
-                filters.update(filter_events(data))
-            if changed:
+                indexes, lost = tc_events(data)
+                if touched is not None:
+                    touched |= indexes
+                filters.update(lost)
+            if touched is None or touched:
                 self.events += 1
-                on_change(filters)
+                on_change(touched, filters)
 
         asyncio.get_running_loop().add_reader(sock.fileno(), readable)
 
