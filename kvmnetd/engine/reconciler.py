@@ -522,9 +522,10 @@ class Reconciler:
         """The guest port an action is about, if it is one (not a bridge, not an uplink)."""
         if isinstance(action, A.Enslave) and not action.uplink:
             return action.ifname
-        if isinstance(action, A.Release | A.SetUp | A.SetIsolated | SetPortRate) and (
-                action.ifname in p.ports or action.ifname in self.owned.ports
-                or isinstance(action, SetPortRate)):
+        if isinstance(action, SetPortRate):
+            return action.ifname  # only guest ports are limited
+        if isinstance(action, A.Release | A.SetUp | A.SetIsolated) and (
+                action.ifname in p.ports or action.ifname in self.owned.ports):
             return action.ifname
         return None
 
