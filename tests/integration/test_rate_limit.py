@@ -220,7 +220,8 @@ def test_tc_adapter_batches_ports_and_names_the_one_refused() -> None:
             errors = asyncio.run(tc.apply_many(acts))
             seen = asyncio.run(tc.observe())
         assert [e is None for e in errors] == [True, False, True]
-        assert "nosuch0" in str(errors[1])
+        assert "tc refused the rate limit of nosuch0: qdisc replace dev nosuch0" in str(
+            errors[1]) and "Cannot find device" in str(errors[1]), str(errors[1])
         assert seen["ta1"] == (LIMIT, True) and seen["kr-ta1"] == (LIMIT, False)
         assert seen["ta2"] == (LIMIT * 2, True)
         # A port refused leaves nothing behind, not even its ifb.

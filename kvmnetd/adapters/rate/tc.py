@@ -42,19 +42,24 @@ def tbf_options(rate: int) -> str:
     return f"tbf rate {rate}bps burst {burst} limit {limit}"
 
 
-def set_commands(ifname: str, ifb: str, rate: int) -> tuple[list[str], list[str]]:
-    """(tc commands that may fail harmlessly, tc commands that must succeed) for a limit.
+def set_commands(ifname: str, ifb: str, rate: int) -> list[str]:
+    """The tc commands of a limit, each of which must succeed.
 
-    The ingress qdisc is made anew, so no stale redirect (to an ifb that was deleted)
-    survives; for that instant the guest's traffic is not limited, never dropped.
+    The ingress qdisc is made anew (after `stale_commands`), so no stale redirect (to an
+    ifb that was deleted) survives; for that instant the guest's traffic is not limited,
+    never dropped.
     """
     tbf = tbf_options(rate)
-    return ([f"qdisc del dev {ifname} ingress"],
-            [f"qdisc replace dev {ifname} root {tbf}",
+    return [f"qdisc replace dev {ifname} root {tbf}",
              f"qdisc replace dev {ifb} root {tbf}",
              f"qdisc add dev {ifname} handle ffff: ingress",
              f"filter add dev {ifname} parent ffff: protocol all pref 1 u32 match u32 0 0 "
-             f"action mirred egress redirect dev {ifb}"])
+             f"action mirred egress redirect dev {ifb}"]
+
+
+def stale_commands(ifname: str) -> list[str]:
+    """Before a limit: its old redirect goes (an error here only means there was none)."""
+    return [f"qdisc del dev {ifname} ingress"]
 
 
 def clear_commands(ifname: str) -> list[str]:
@@ -101,16 +106,25 @@ class TcRates:
         rc = proc.returncode if proc.returncode is not None else -1
         return rc, out.decode(errors="replace"), err.decode(errors="replace")
 
-    async def _batch(self, cmd: str, lines: list[str]) -> set[int]:
-        """Run lines through `CMD -force -batch -`: the indexes of the lines that failed."""
+    async def _batch(self, cmd: str, lines: list[str]) -> dict[int, str]:
+        """Run lines through `CMD -force -batch -`: index of each line that failed -> why."""
         if not lines:
-            return set()
+            return {}
         self.writes += 1
         rc, _, err = await self._run(cmd, "-force", "-batch", "-", stdin="\n".join(lines) + "\n")
         if rc == 0:
-            return set()
-        failed = {int(n) - 1 for n in _FAILED_LINE.findall(err)}
-        return failed or set(range(len(lines)))  # no line named: count them all as failed
+            return {}
+        failed: dict[int, str] = {}
+        why: list[str] = []
+        for text in err.splitlines():
+            m = _FAILED_LINE.match(text)
+            if m is None:
+                why.append(text.strip())
+            else:
+                failed[int(m.group(1)) - 1] = "; ".join(w for w in why if w) or "refused"
+                why = []
+        # No line named: count them all as failed.
+        return failed or dict.fromkeys(range(len(lines)), err.strip() or "refused")
 
     async def observe(self) -> dict[str, tuple[int | None, bool]]:
         rc, out, err = await self._run(self.tc, "-j", "qdisc", "show")
@@ -137,7 +151,7 @@ class TcRates:
         await self._batch(self.ip, [line for a in sets
                                     for line in (f"link add {a.ifb} type ifb",
                                                  f"link set {a.ifb} up")])
-        harmless = [line for a in sets for line in set_commands(a.ifname, a.ifb, 1)[0]]
+        harmless = [line for a in sets for line in stale_commands(a.ifname)]
         harmless += [line for a in clears for line in clear_commands(a.ifname)]
         await self._batch(self.tc, harmless)
         await self._batch(self.ip, [f"link del {a.ifb}" for a in clears])
@@ -145,10 +159,13 @@ class TcRates:
         needed: list[str] = []
         for i, a in enumerate(sets):
             assert a.rate is not None
-            lines = set_commands(a.ifname, a.ifb, a.rate)[1]
+            lines = set_commands(a.ifname, a.ifb, a.rate)
             needed += lines
             owner += [i] * len(lines)
-        bad = {owner[n] for n in await self._batch(self.tc, needed) if n < len(owner)}
+        bad: dict[int, str] = {}
+        for n, why in (await self._batch(self.tc, needed)).items():
+            if n < len(owner):
+                bad.setdefault(owner[n], f"{needed[n]}: {why}")
         if bad:
             # Half a limit is worse than none (a redirect to a missing ifb drops all the
             # guest sends): a port that failed is left unlimited, and its ifb removed.
@@ -156,6 +173,6 @@ class TcRates:
                                         for line in clear_commands(sets[i].ifname)])
             await self._batch(self.ip, [f"link del {sets[i].ifb}" for i in sorted(bad)])
         errors: dict[int, BaseException] = {
-            id(sets[i]): TcError(f"tc refused the rate limit of {sets[i].ifname}")
-            for i in bad}
+            id(sets[i]): TcError(f"tc refused the rate limit of {sets[i].ifname}: {why}")
+            for i, why in bad.items()}
         return [errors.get(id(a)) for a in actions]
