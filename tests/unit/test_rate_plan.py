@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvmnetd.adapters.rate.monitor import RTM_DELTFILTER, RTM_NEWTFILTER, tc_events
+from kvmnetd.adapters.rate.tc import qdiscs_by_device
 from kvmnetd.config import load as cfg
 from kvmnetd.config.write import render_network_toml
 from kvmnetd.engine.reconciler import Reconciler
@@ -224,3 +225,20 @@ def test_a_lost_filter_counts_as_no_limit_from_the_guest() -> None:
     o = state(BR, TAP, IFB)
     qd = {"vnet0": (MBIT20, True), "kr-vnet0": (MBIT20, False)}
     assert port_rates(qd, o, {5}) == {"vnet0": RateSeen(MBIT20, None)}
+
+
+def test_qdiscs_by_device_reads_tc_json() -> None:
+    # As `tc -j qdisc show` prints them (iproute2 6.1): rates in bytes/s.
+    listing = [
+        {"kind": "tbf", "handle": "80b6:", "dev": "vnet0", "root": True, "refcnt": 3,
+         "options": {"rate": 2500000, "burst": 50000, "lat": 60000}},
+        {"kind": "ingress", "handle": "ffff:", "dev": "vnet0", "parent": "ffff:fff1",
+         "options": {}},
+        {"kind": "tbf", "handle": "8001:", "dev": "kr-vnet0", "root": True,
+         "options": {"rate": 2500000}},
+        {"kind": "pfifo_fast", "handle": "0:", "dev": "eth0", "root": True, "options": {}},
+        {"kind": "ingress", "handle": "ffff:", "dev": "vnet1", "options": {}},
+        "junk",
+    ]
+    assert qdiscs_by_device(listing) == {"vnet0": (MBIT20, True), "kr-vnet0": (MBIT20, False),
+                                         "vnet1": (None, True)}
