@@ -26,9 +26,17 @@ def port_rates(qdiscs: dict[str, tuple[int | None, bool]], observed: ObservedSta
             continue
         inbound = None
         if ingress and link.index not in filters_lost:
-            inbound = qdiscs.get(ifb_name(dev, link.index), (None, False))[0]
+            inbound = qdiscs.get(ifb_for(dev, link.index, observed), (None, False))[0]
         out[dev] = RateSeen(egress, inbound)
     return out
+
+
+def ifb_for(ifname: str, index: int, observed: ObservedState) -> str:
+    """The port's ifb: kr-IFNAME, or kr<index> when a device that is no ifb has that
+    name (never ours to change)."""
+    name = ifb_name(ifname, index)
+    other = observed.link(name)
+    return f"kr{index}" if other is not None and other.kind != "ifb" else name
 
 
 def effective_rate(desired: DesiredState, net: Network, ifname: str) -> int | None:
@@ -46,7 +54,7 @@ def port_rate_actions(desired: DesiredState, net: Network, ifname: str,
     if link is None:
         return []
     want = effective_rate(desired, net, ifname)
-    ifb = ifb_name(ifname, link.index)
+    ifb = ifb_for(ifname, link.index, observed)
     if want is None:
         if ifname in owned.limits:
             return [SetPortRate(net.name, ifname, None, owned.limits[ifname])]

@@ -242,3 +242,9 @@ def test_qdiscs_by_device_reads_tc_json() -> None:
     ]
     assert qdiscs_by_device(listing) == {"vnet0": (MBIT20, True), "kr-vnet0": (MBIT20, False),
                                          "vnet1": (None, True)}
+
+
+def test_a_foreign_device_with_the_ifbs_name_is_left_alone() -> None:
+    foreign = Link(index=9, name="kr-vnet0", kind="veth", up=True)
+    acts = rate_actions(desired(nat()), state(BR, TAP, foreign), Owned())
+    assert acts == [SetPortRate("nat", "vnet0", MBIT20, "kr5")]
