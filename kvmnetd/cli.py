@@ -286,6 +286,18 @@ def do_port_detach(c: Client, o: argparse.Namespace) -> None:
          f"{o.ifname}: detached from {before or '?'}")
 
 
+def do_port_limit(c: Client, o: argparse.Namespace) -> None:
+    c.call("LimitPort", o.ifname, o.rate)
+    if _quiet(o):
+        return
+    row: dict[str, Any] = next((p for p in json.loads(c.call("Describe")).get("ports", [])
+                if p.get("ifname") == o.ifname), {})
+    rate = row.get("rate", "?")
+    done(o, {"ifname": o.ifname, "network": row.get("network"), "rate": rate,
+             "action": "limited"},
+         f"{o.ifname}: limit {rate} each way" if rate != "none" else f"{o.ifname}: no limit")
+
+
 def do_network_define(c: Client, o: argparse.Namespace) -> None:
     try:
         if o.file == "-":
@@ -317,7 +329,7 @@ def _when(epoch: int) -> str:
 
 def do_port_list(c: Client, o: argparse.Namespace) -> None:
     # Describe carries each port's libvirt domain too; ListPorts' row type stays as it is.
-    cols = ["ifname", "network", "state", "domain"]
+    cols = ["ifname", "network", "state", "rate", "domain"]
     ports = json.loads(c.call("Describe")).get("ports", [])
     rows = [{k: p.get(k, "") for k in cols} for p in ports]
     emit(o, rows, lambda: table(rows, cols))
@@ -392,7 +404,12 @@ def parser() -> argparse.ArgumentParser:
     m = verb(port, "move", do_port_move, "move to another network", change=True)
     m.add_argument("ifname")
     m.add_argument("network")
-    verb(port, "list", do_port_list, "list ports", True)
+    lim = verb(port, "limit", do_port_limit,
+               "limit a port's rate each way (kept across restarts and moves)", change=True)
+    lim.add_argument("ifname")
+    lim.add_argument("rate", help='e.g. 20mbit; "none": no limit; "default": the '
+                                  "network's port_rate")
+    verb(port, "list", do_port_list, "list ports (with the rate limit in effect)", True)
     verb(port, "stats", do_port_stats,
          "traffic counters per port, from the guest's side (tx: sent by the guest)",
          True).add_argument("ifname", nargs="?", help="one port (default: all)")

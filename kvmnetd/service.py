@@ -19,6 +19,8 @@ from kvmnetd.adapters.inotify import wait_for_path
 from kvmnetd.adapters.nftables import NftablesAdapter
 from kvmnetd.adapters.nftmonitor import NftMonitor
 from kvmnetd.adapters.notify import Notifier
+from kvmnetd.adapters.rate.monitor import TcMonitor
+from kvmnetd.adapters.rate.tc import TcRates
 from kvmnetd.adapters.rtnl.adapter import NetlinkAdapter
 from kvmnetd.adapters.sysctl import SysctlAdapter
 from kvmnetd.app.core import Core
@@ -65,6 +67,7 @@ class Service:
         self.netlink = NetlinkAdapter()
         self.notifier = Notifier()
         self.nftmon = NftMonitor()
+        self.tcmon = TcMonitor()
         self.libvirt: Any = None
         self.firewalld: Any = None
         self.control: Any = None
@@ -91,11 +94,14 @@ class Service:
                               self.dhcp, os.path.join(s.run_dir, "owned.json"),
                               table=s.firewall_table,
                               coexist=ForeignForwardAdapter(s.firewall_table),
-                              coexist_mode=s.coexist)
+                              coexist_mode=s.coexist, rate=TcRates())
         self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets)
         self._wired = True
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
+        self.core.forget_gone_limits()
+        # Qdisc changes (ours healed, a `tc qdisc del`) come as rtnetlink tc events.
+        self.tcmon.start(self.rec.rates_changed)
         self.netlink.on_link_added = self.rec.link_added
         # Listen first, then observe: no ruleset change falls between.
         await self.nftmon.start(self.rec.firewall_changed)
@@ -345,6 +351,7 @@ class Service:
             with contextlib.suppress(Exception):
                 await self.control.close()
         await self.nftmon.close()
+        self.tcmon.close()
         if self.firewalld is not None:
             await self.firewalld.close()
         if self.libvirt is not None:

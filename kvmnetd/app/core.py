@@ -15,6 +15,7 @@ import structlog
 from kvmnetd import __version__, logsetup
 from kvmnetd.adapters.counters import GuestCounters, read_port_counters
 from kvmnetd.adapters.files import atomic_write
+from kvmnetd.adapters.port_limits import load_port_limits, save_port_limits
 from kvmnetd.app.access import Authority, authorize
 from kvmnetd.config import load as cfg
 from kvmnetd.config.host_routes import DefaultSubnetStore, load_config
@@ -29,6 +30,7 @@ from kvmnetd.model.errors import (
     PermissionDenied,
 )
 from kvmnetd.model.policy import AttachPolicy
+from kvmnetd.model.rate import DEFAULT, NO_LIMIT, format_rate, parse_rate
 from kvmnetd.model.records import (
     Caller,
     CoreEvent,
@@ -39,6 +41,7 @@ from kvmnetd.model.records import (
     PortStatus,
 )
 from kvmnetd.plan.planner import PORT_KINDS
+from kvmnetd.plan.rate import effective_rate
 
 log = structlog.get_logger("kvmnetd.app.core")
 
@@ -77,6 +80,8 @@ class Core:
         # The kernel's counters of a port, from the guest's side (replaceable in tests).
         self.read_counters: Callable[[str], GuestCounters | None] = read_port_counters
         self.on_reload: list[Callable[[], None]] = []  # called after a reload took effect
+        # Per-port rate overrides (ifname -> bytes/s, 0: none), kept in state_dir.
+        self.port_limits = load_port_limits(config.settings.state_dir)
         reconciler.on_state(self._state_changed)
         reconciler.on_ports(self._emit_port_changes)
 
@@ -91,7 +96,8 @@ class Core:
         active = (active - self.stopped) & set(nets)
         return DesiredState(networks=nets, active=frozenset(active),
                             ports=dict(self.rec.desired.ports if ports is None else ports),
-                            rules=self.config.rules, policy=self.policy)
+                            rules=self.config.rules, policy=self.policy,
+                            rates=dict(self.port_limits))
 
     @property
     def policy(self) -> AttachPolicy:
@@ -173,8 +179,10 @@ class Core:
             state = "failed"
         else:
             state = "pending"
+        rate = effective_rate(self.rec.desired, net, ifname)
         return PortStatus(ifname=ifname, network=net.name, bridge=net.bridge, state=state,
-                          domain=self.port_domains.get(ifname, ""))
+                          domain=self.port_domains.get(ifname, ""),
+                          rate=format_rate(rate) if rate else NO_LIMIT)
 
     def port_stats(self, ifname: str = "") -> list[PortCounters]:
         """Counters of every port that is there, or of the one named (NoSuchPort if it is
@@ -327,6 +335,46 @@ class Core:
         # "": explicitly detached, so policy rules leave it alone too.
         await self.rec.request_port(ifname, "")
 
+    async def limit_port(self, caller: Caller, ifname: str, rate: str) -> None:
+        """A port's own rate limit: a rate, "none" (no limit, whatever its network's
+        port_rate says) or "default" (its network's port_rate again). Kept across restarts
+        and moves; it ends with the port's device."""
+        await self.authorize_admin(caller, "limit ports")
+        if ifname not in {p.ifname for p in self.list_ports()}:
+            raise NoSuchPort(f"{ifname} is not a port of any network")
+        word = rate.strip().lower()
+        limits = dict(self.port_limits)
+        if word == DEFAULT:
+            limits.pop(ifname, None)
+        elif word == NO_LIMIT:
+            limits[ifname] = 0
+        else:
+            try:
+                limits[ifname] = parse_rate(word)
+            except ValueError as e:
+                raise InvalidArgument(f"{e}; or {NO_LIMIT!r} or {DEFAULT!r}") from None
+        if limits != self.port_limits:
+            save_port_limits(self.config.settings.state_dir, limits)
+            self.port_limits = limits
+        await self.apply()
+        if ifname in self.rec.port_errors:
+            raise Conflict(f"{ifname}: the limit could not be set: "
+                           f"{self.rec.port_errors[ifname]}")
+
+    def forget_gone_limits(self) -> None:
+        """Overrides end with their device, like port requests: a tap name reused by
+        another guest (qemu's vnetN) starts with its network's default."""
+        obs = self.rec.netlink.observed
+        gone = [i for i in self.port_limits if obs.link(i) is None]
+        if not gone:
+            return
+        self.port_limits = {i: r for i, r in self.port_limits.items() if i not in gone}
+        self.rec.desired = replace(self.rec.desired, rates=dict(self.port_limits))
+        try:
+            save_port_limits(self.config.settings.state_dir, self.port_limits)
+        except OSError as e:
+            log.warning("port_limits.save_failed", error=str(e))
+
     async def set_log_level(self, caller: Caller, level: str) -> None:
         """Verbosity from now on, until the next reload or restart."""
         await self.authorize_admin(caller, "change the log level")
@@ -470,6 +518,8 @@ class Core:
     def _emit_port_changes(self, names: set[str] | None = None) -> None:
         """Pushed by the loop after its writes: these ports (None: every port) may have
         been attached or detached."""
+        if self.port_limits and (names is None or not names.isdisjoint(self.port_limits)):
+            self.forget_gone_limits()
         if names is None:
             self._rows = self._port_list = None
             now = {p.ifname: p.network for p in self.list_ports() if p.state == "attached"}

@@ -35,6 +35,7 @@ from kvmnetd.model.desired import (
     ifname_problem,
     is_nft_name,
 )
+from kvmnetd.model.rate import NO_LIMIT, parse_rate
 
 NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,32}")
 USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
@@ -176,6 +177,11 @@ def check_nft_name(s: str) -> str:
     return s
 
 
+def parse_port_rate(s: str) -> int | None:
+    """A network's default per-port limit: a rate such as "100mbit", or "none"."""
+    return None if s.strip().lower() == NO_LIMIT else parse_rate(s)
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     def check(s: str) -> str:
         if s not in choices:
@@ -186,8 +192,8 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 
 NETWORK_KEYS = ("mode", "bridge", "ipv4", "ipv6", "uplink", "stp", "forward_delay", "mtu",
-                "autostart", "host_access", "isolate_ports", "allow_users", "allow_groups",
-                "dhcp", "dns", "dnsmasq")
+                "autostart", "host_access", "isolate_ports", "port_rate", "allow_users",
+                "allow_groups", "dhcp", "dns", "dnsmasq")
 DHCP_KEYS = ("ranges", "ranges6", "lease_time", "router", "ping_check", "tftp_root",
              "boot_file", "next_server", "ra", "dhcpv6", "host", "host6", "boot")
 BOOT_KEYS = ("bios", "efi_x86_64", "efi_arm64", "ipxe")
@@ -457,7 +463,8 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
     return Network(
         name=name, mode=mode, bridge=bridge, ipv4=v4, ipv6=v6, uplink=uplink, stp=stp,
         forward_delay=delay, mtu=mtu or None, autostart=t.flag("autostart", True),
-        host_access=host_access, isolate_ports=t.flag("isolate_ports", False), dhcp=dhcp,
+        host_access=host_access, isolate_ports=t.flag("isolate_ports", False),
+        port_rate=t.text("port_rate", parse_port_rate, None), dhcp=dhcp,
         dns=dns, dnsmasq_options=options,
         allow_users=t.texts("allow_users", check_allowed_user),
         allow_groups=t.texts("allow_groups", check_user),

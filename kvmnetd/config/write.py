@@ -10,6 +10,7 @@ from typing import Any
 import tomli_w
 
 from kvmnetd.model.desired import DhcpRange, Network
+from kvmnetd.model.rate import format_rate
 
 
 def _plain(v: object) -> Any:
@@ -36,6 +37,7 @@ def render_network_toml(net: Network) -> str:
         ("ipv6", net.ipv6), ("uplink", net.uplink), ("stp", net.stp),
         ("forward_delay", net.forward_delay), ("mtu", net.mtu), ("autostart", net.autostart),
         ("host_access", net.host_access), ("isolate_ports", net.isolate_ports),
+        ("port_rate", format_rate(net.port_rate) if net.port_rate else None),
         ("allow_users", net.allow_users or None), ("allow_groups", net.allow_groups or None),
     ])
     d = net.dhcp

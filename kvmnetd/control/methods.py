@@ -132,6 +132,10 @@ async def _move(core: CoreAPI, c: Caller | None, a: list[Any]) -> Any:
     await core.move_port(_caller(c), a[0], a[1])
 
 
+async def _limit(core: CoreAPI, c: Caller | None, a: list[Any]) -> Any:
+    await core.limit_port(_caller(c), a[0], a[1])
+
+
 async def _reload(core: CoreAPI, c: Caller | None, _a: list[Any]) -> Any:
     await core.reload(_caller(c))
 
@@ -174,6 +178,8 @@ METHODS: tuple[Method, ...] = (
     Method("AttachPort", (("ifname", _S), ("network", _S), ("force", _B)), "", PORT, _attach),
     Method("DetachPort", (("ifname", _S),), "", PORT, _detach),
     Method("MovePort", (("ifname", _S), ("network", _S)), "", PORT, _move),
+    # rate: "100mbit" and the like, "none" (no limit) or "default" (the network's).
+    Method("LimitPort", (("ifname", _S), ("rate", _S)), "", ADMIN, _limit),
     Method("Reload", (), "", ADMIN, _reload, "all"),
     Method("SetLogLevel", (("level", _S),), "", ADMIN, _set_log_level),
     # The bus reaches these through the network object and the Version property.

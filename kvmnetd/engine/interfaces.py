@@ -8,6 +8,7 @@ from typing import Protocol
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import Network
 from kvmnetd.model.observed import ObservedState
+from kvmnetd.model.rate import SetPortRate
 from kvmnetd.plan.coexist import CoexistChanges, CoexistRule, ForeignForward
 
 
@@ -51,6 +52,21 @@ class SysctlPort(Protocol):
     def forwarding(self, family: int) -> bool | None: ...
     def set_forwarding(self, family: int, enabled: bool) -> None: ...
     def accept_ra(self, ifname: str) -> int | None: ...
+
+
+class RatePort(Protocol):
+    writes: int
+
+    async def observe(self) -> dict[str, tuple[int | None, bool]]:
+        """device -> (its root tbf's rate in bytes/s, has an ingress qdisc), for every
+        device with either, as the kernel has them now."""
+        ...
+
+    async def apply(self, action: SetPortRate) -> None: ...
+
+    async def apply_many(self, actions: Sequence[SetPortRate]) -> list[BaseException | None]:
+        """apply() for each, in as few processes as it can: one result per action."""
+        ...
 
 
 class CoexistPort(Protocol):

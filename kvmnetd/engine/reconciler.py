@@ -10,16 +10,25 @@ from dataclasses import dataclass, replace
 import structlog
 
 from kvmnetd.adapters.owned_file import load_owned, save_owned
-from kvmnetd.engine.interfaces import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
+from kvmnetd.engine.interfaces import (
+    CoexistPort,
+    DhcpPort,
+    FirewallPort,
+    NetlinkPort,
+    RatePort,
+    SysctlPort,
+)
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import DesiredState
 from kvmnetd.model.errors import KvmnetError, NoSuchPort
-from kvmnetd.model.observed import Link, ObservedState
+from kvmnetd.model.observed import Link, ObservedState, RateSeen
 from kvmnetd.model.owned import Owned
 from kvmnetd.model.policy import PORT_KINDS
+from kvmnetd.model.rate import SetPortRate
 from kvmnetd.plan.adopt import adopt_ports
 from kvmnetd.plan.coexist import ForeignForward
 from kvmnetd.plan.planner import Plan, attach_for, plan
+from kvmnetd.plan.rate import port_rates
 
 log = structlog.get_logger("kvmnetd.reconcile")
 
@@ -43,7 +52,7 @@ class Reconciler:
     def __init__(self, netlink: NetlinkPort, firewall: FirewallPort, sysctl: SysctlPort,
                  dhcp: DhcpPort | None, owned_path: str, table: str = "kvmnetd",
                  verify_interval: float = SWEEP_INTERVAL, coexist: CoexistPort | None = None,
-                 coexist_mode: str = "auto") -> None:
+                 coexist_mode: str = "auto", rate: RatePort | None = None) -> None:
         self.netlink = netlink
         self.firewall = firewall
         self.sysctl = sysctl
@@ -68,6 +77,11 @@ class Reconciler:
         self._listeners: list[Callable[[str, NetState], None]] = []
         self.coexist = coexist
         self.coexist_mode = coexist_mode
+        self.rate = rate  # None: no tc here; a limit asked for fails on its port
+        self._rates_known = False
+        # Devices whose last tc filter event was a deletion: a port's redirect to its ifb
+        # is gone although its ingress qdisc is there.
+        self._filters_lost: set[int] = set()
         self._foreign: ForeignForward | None = None
         self.coexist_reports: tuple[str, ...] = ()
         self.port_errors: dict[str, str] = {}  # ifname -> why it could not be attached
@@ -181,6 +195,31 @@ class Reconciler:
         self._recheck.update(gone)
         return True
 
+    def _rates_wanted(self) -> bool:
+        """Any limit asked for or still ours to remove: else no tc runs at all."""
+        d = self.desired
+        return bool(d.rates or self.owned.limits
+                    or any(n.port_rate for n in d.networks.values()))
+
+    def rates_changed(self, touched: set[int] | None = None,
+                      filters: dict[int, bool] | None = None) -> None:
+        """tc events: the devices they touched (None: unknown, events were lost) and
+        ifindex -> whether its last filter event added or deleted one. A pass re-reads the
+        limits when one of our limited ports or their ifbs is among them."""
+        for index, present in (filters or {}).items():
+            if present:
+                self._filters_lost.discard(index)
+            else:
+                self._filters_lost.add(index)
+        self._rates_known = False
+        if touched is None or not touched.isdisjoint(self._limited_indexes()):
+            self.trigger()
+
+    def _limited_indexes(self) -> set[int]:
+        obs = self.netlink.observed
+        names = [*self.owned.limits, *self.owned.limits.values()]
+        return {link.index for name in names if (link := obs.link(name)) is not None}
+
     def firewall_changed(self) -> None:
         """nft monitor saw a change: re-read our table and the foreign chains next pass."""
         self._firewall_known = self._foreign_known = False
@@ -205,6 +244,7 @@ class Reconciler:
                     self._firewall_known = self._sysctl_known = False
                     if not self.foreign_events:
                         self._foreign_known = False
+                    self._rates_known = False
                 else:
                     if not self._other_trigger:
                         self._start_port_pass()
@@ -304,7 +344,7 @@ class Reconciler:
         p = Plan()
         for ifname in queue:
             one = attach_for(self.desired, observed, self.owned, ifname)
-            if one.forget_ports or one.forget_requests:
+            if one.forget_ports or one.forget_requests or one.forget_limits:
                 self._record(one)
                 self.owned_dirty = True
             if one.ports and not one.actions and observed.link(ifname) is not None:
@@ -451,6 +491,15 @@ class Reconciler:
             except BaseException:
                 self._foreign_known = False
                 raise
+        if not self._rates_known and self.rate is not None and self._rates_wanted():
+            self._rates_known = True  # a change reported while reading clears it again
+            try:
+                qdiscs = await self.rate.observe()
+                self.netlink.observed.port_rates = port_rates(
+                    qdiscs, self.netlink.observed, self._filters_lost)
+            except (KvmnetError, OSError) as e:
+                # No tc: the limits asked for fail on their ports; the rest goes on.
+                log.warning("rates.observe_failed", error=str(e))
         observed = self.observe()
         before = self.owned.to_json()  # adoption and forgetting are changes to save too
         p = plan(self.desired, observed, self.owned, self.table,
@@ -512,24 +561,35 @@ class Reconciler:
         # a network that failed earlier in this pass is skipped here.
         todo = [a for a in batch if a.network is None or a.network not in failed]
         results: dict[int, BaseException | None] = {}
-        if len(todo) > 1 or (todo and isinstance(todo[0], _PORT_WRITES)):
-            for action, err in zip(todo, await self.netlink.apply_many(todo, sent),
+        # Rate limits go through tc after the ports' links, all in one go.
+        links = [a for a in todo if not isinstance(a, SetPortRate)]
+        limits = [a for a in todo if isinstance(a, SetPortRate)]
+        if len(links) > 1 or (links and isinstance(links[0], _PORT_WRITES)):
+            # sent() as soon as the links' requests are out, unless tc follows.
+            early = sent if len(links) == len(todo) else None
+            for action, err in zip(links, await self.netlink.apply_many(links, early),
                                    strict=True):
                 results[id(action)] = err
-        else:
-            for action in todo:
-                if isinstance(action, A.CreateBridge):
-                    # Write ahead: a kill right after the kernel made it must not leave a
-                    # bridge we would later adopt as someone else's and never delete.
-                    self.owned.record(action, observed)
-                    save_owned(self.owned_path, self.owned)
-                try:
-                    await self._apply(action, observed)
-                    results[id(action)] = None
-                except (KvmnetError, OSError) as e:
-                    results[id(action)] = e
-            if sent is not None:
-                sent()
+        if len(limits) > 1 and self.rate is not None:
+            for limit, err in zip(limits, await self.rate.apply_many(limits), strict=True):
+                results[id(limit)] = err
+                if err is None:
+                    self._limit_seen(limit, observed)
+        for action in todo:
+            if id(action) in results:
+                continue
+            if isinstance(action, A.CreateBridge):
+                # Write ahead: a kill right after the kernel made it must not leave a
+                # bridge we would later adopt as someone else's and never delete.
+                self.owned.record(action, observed)
+                save_owned(self.owned_path, self.owned)
+            try:
+                await self._apply(action, observed)
+                results[id(action)] = None
+            except (KvmnetError, OSError) as e:
+                results[id(action)] = e
+        if sent is not None:
+            sent()  # once more does nothing
         return [results.get(id(a), _SKIPPED) for a in batch]
 
     def _settle(self, action: A.Action, err: BaseException | None, p: Plan,
@@ -538,7 +598,8 @@ class Reconciler:
         if err is _SKIPPED:
             return 0
         if err is None:
-            if isinstance(action, A.Enslave | A.SetUp | A.Release | A.SetIsolated):
+            if isinstance(action, A.Enslave | A.SetUp | A.Release | A.SetIsolated
+                          | SetPortRate):
                 self.port_errors.pop(action.ifname, None)
             self.owned.record(action, observed)
             log.info("reconcile.applied", network=action.network, ifname=A.device(action),
@@ -566,6 +627,8 @@ class Reconciler:
         """The guest port an action is about, if it is one (not a bridge, not an uplink)."""
         if isinstance(action, A.Enslave) and not action.uplink:
             return action.ifname
+        if isinstance(action, SetPortRate):
+            return action.ifname  # only guest ports are limited
         if isinstance(action, A.Release | A.SetUp | A.SetIsolated) and (
                 action.ifname in p.ports or action.ifname in self.owned.ports):
             return action.ifname
@@ -595,6 +658,8 @@ class Reconciler:
             log.info("bridge.adopted", network=network, bridge=bridge)
         for ifname in p.forget_ports:
             self.owned.ports.pop(ifname, None)
+        for ifname in p.forget_limits:
+            self.owned.limits.pop(ifname, None)
         if p.forget_requests:
             gone = set(p.forget_requests)
             ports = {i: n for i, n in self.desired.ports.items() if i not in gone}
@@ -621,8 +686,21 @@ class Reconciler:
                 self.sysctl.set_forwarding(fam, on)
             case A.DeleteBridge(bridge=br) if observed.link(br) is None:
                 pass  # already gone: only our record is left to drop
+            case SetPortRate(ifname=dev):
+                if self.rate is None:
+                    raise KvmnetError(f"{dev}: rate limits are not available here (no tc)")
+                await self.rate.apply(action)
+                self._limit_seen(action, observed)
             case _:
                 await self.netlink.apply(action)
+
+    @staticmethod
+    def _limit_seen(action: SetPortRate, observed: ObservedState) -> None:
+        """Read back as written; the qdisc events it causes have them all re-read."""
+        if action.rate is None:
+            observed.port_rates.pop(action.ifname, None)
+        else:
+            observed.port_rates[action.ifname] = RateSeen(action.rate, action.rate)
 
     def _update_states(self, p: Plan, failed: dict[str, str]) -> None:
         new: dict[str, NetState] = {}
@@ -654,6 +732,7 @@ class Reconciler:
     @property
     def writes(self) -> int:
         extra = self.coexist.writes if self.coexist is not None else 0
+        extra += self.rate.writes if self.rate is not None else 0
         return self.netlink.writes + self.firewall.writes + self.sysctl.writes + extra
 
 

@@ -126,6 +126,8 @@ class Network:
     host_access: bool = False
     # guests' ports are isolated from each other (bridge port isolation)
     isolate_ports: bool = False
+    # every guest port's limit in each direction, bytes/s (model/rate.py); None: none
+    port_rate: int | None = None
     dhcp: Dhcp | None = None
     dns: Dns = field(default_factory=Dns)
     allow_users: tuple[str, ...] = ()
@@ -224,6 +226,9 @@ class DesiredState:
     # Explicit port requests: ifname -> network name.
     ports: dict[str, str] = field(default_factory=dict)
     rules: tuple[AttachRule, ...] = ()
+    # Per-port rate overrides: ifname -> bytes/s, 0 for no limit (the network's default
+    # applies to ports not named here).
+    rates: dict[str, int] = field(default_factory=dict)
     # Built once per config load and carried through replace(): it keeps its match memo.
     policy: AttachPolicy = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 

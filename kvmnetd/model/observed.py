@@ -37,6 +37,18 @@ class Route:
     priority: int | None = None
 
 
+@dataclass(frozen=True)
+class RateSeen:
+    """A port's rate limit as found (model/rate.py), bytes/s; None: no limit that way.
+
+    egress: the tbf on the port (towards the guest); ingress: the tbf on the port's ifb,
+    counted only while the port has the ingress qdisc that redirects there.
+    """
+
+    egress: int | None = None
+    ingress: int | None = None
+
+
 @dataclass
 class ObservedState:
     links: dict[int, Link] = field(default_factory=dict)
@@ -48,6 +60,8 @@ class ObservedState:
     accept_ra: dict[str, int] = field(default_factory=dict)
     # Fingerprint of our nftables table as found (None: absent or not observed).
     firewall: str | None = None
+    # port ifname -> its rate limit as found (only ports with a tbf or an ingress qdisc)
+    port_rates: dict[str, RateSeen] = field(default_factory=dict)
     # name -> index, kept by whoever fills `links` (the netlink mirror); empty: scan.
     by_name: dict[str, int] = field(default_factory=dict)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from kvmnetd.model import actions as A
 from kvmnetd.model.observed import ObservedState, Route
+from kvmnetd.model.rate import SetPortRate
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Owned:
     forwarding: dict[int, bool] = field(default_factory=dict)  # family -> value before us
     uplinks: dict[str, UplinkMove] = field(default_factory=dict)
     firewall: bool = False
+    # port ifname -> the ifb we made for its rate limit (model/rate.py)
+    limits: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +42,7 @@ class Owned:
             "forwarding": {str(k): v for k, v in self.forwarding.items()},
             "uplinks": {k: dict(vars(v)) for k, v in self.uplinks.items()},
             "firewall": self.firewall,
+            "limits": dict(self.limits),
         }
 
     @classmethod
@@ -51,6 +55,7 @@ class Owned:
             forwarding={int(k): bool(v) for k, v in d.get("forwarding", {}).items()},
             uplinks={k: UplinkMove(**v) for k, v in d.get("uplinks", {}).items()},
             firewall=bool(d.get("firewall", False)),
+            limits=dict(d.get("limits", {})),
         )
 
     def record(self, action: A.Action, observed: ObservedState) -> None:
@@ -91,6 +96,10 @@ class Owned:
                 self.firewall = True
             case A.RemoveFirewall():
                 self.firewall = False
+            case SetPortRate(ifname=dev, rate=None):
+                self.limits.pop(dev, None)
+            case SetPortRate(ifname=dev, ifb=ifb):
+                self.limits[dev] = ifb
             case _:
                 pass
 

@@ -71,6 +71,7 @@ class PortStatus:
     bridge: str
     state: str = "pending"  # pending | attached | missing | failed
     domain: str = ""  # the libvirt domain whose NIC this is, if known
+    rate: str = "none"  # its rate limit in each direction ("20mbit"), or "none"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,6 +17,7 @@ from kvmnetd.model.owned import Owned
 from kvmnetd.model.policy import PORT_KINDS, rule_matches
 from kvmnetd.plan.coexist import CoexistPlan, ForeignForward, coexist_rules
 from kvmnetd.plan.nft import fingerprint, render_ruleset
+from kvmnetd.plan.rate import port_rate_actions, released_limits
 
 __all__ = ["PORT_KINDS", "Plan", "attach_for", "plan", "port_network", "rule_matches"]
 
@@ -44,6 +45,8 @@ class Plan:
     dhcp_restart: set[str] = field(default_factory=set)
     # accepts in foreign firewalls for our networks (None: foreign chains not observed)
     coexist: CoexistPlan | None = None
+    # rate limits of ours whose port and ifb are both gone: only the record is left
+    forget_limits: list[str] = field(default_factory=list)
 
 
 def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
@@ -350,6 +353,7 @@ def attach_for(desired: DesiredState, observed: ObservedState, owned: Owned,
             p.forget_ports.append(ifname)
         if ifname in desired.ports:
             p.forget_requests.append(ifname)
+        _release_limits(owned, observed, p, [ifname])
         return p
     net = port_network(desired, observed, ifname)
     if net is not None:
@@ -357,9 +361,18 @@ def attach_for(desired: DesiredState, observed: ObservedState, owned: Owned,
         network = desired.networks[net]
         if observed.link(network.bridge) is not None:
             p.actions += _port_actions(ifname, network, observed)
+            p.actions += port_rate_actions(desired, network, ifname, observed, owned)
     elif ifname in owned.ports:
         p.actions += _release(ifname, owned, observed)
+    _release_limits(owned, observed, p, [ifname])
     return p
+
+
+def _release_limits(owned: Owned, observed: ObservedState, p: Plan,
+                    names: list[str] | None = None) -> None:
+    acts, forget = released_limits(owned, observed, p.ports, names)
+    p.actions += acts
+    p.forget_limits += forget
 
 
 def _port_actions(ifname: str, net: Network, observed: ObservedState) -> list[A.Action]:
@@ -395,9 +408,11 @@ def _plan_ports(desired: DesiredState, observed: ObservedState, owned: Owned, p:
         if netname in p.problems and observed.link(net.bridge) is None:
             continue
         p.actions += _port_actions(ifname, net, observed)
+        p.actions += port_rate_actions(desired, net, ifname, observed, owned)
     for ifname in sorted(owned.ports):
         if ifname not in p.ports:
             p.actions += _release(ifname, owned, observed)
+    _release_limits(owned, observed, p)
 
 
 def _plan_teardown(desired: DesiredState, observed: ObservedState, owned: Owned,

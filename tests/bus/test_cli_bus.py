@@ -58,7 +58,11 @@ async def test_every_verb(served: Served, tmp_path: Path) -> None:
     assert (await ctl(s, "port", "attach", "vnet0", "default"))[0] == 0
     assert (await ctl(s, "port", "move", "vnet0", "extra"))[0] == 0
     assert await ok_json(s, "port", "list") == [
-        {"ifname": "vnet0", "network": "extra", "state": "attached", "domain": ""}]
+        {"ifname": "vnet0", "network": "extra", "state": "attached", "rate": "none",
+         "domain": ""}]
+    rc, out, err = await ctl(s, "port", "limit", "vnet0", "20mbit")
+    assert (rc, out.strip()) == (0, "vnet0: limit 20mbit each way"), err
+    assert [p["rate"] for p in await ok_json(s, "port", "list")] == ["20mbit"]
     assert (await ctl(s, "port", "detach", "vnet0"))[0] == 0
     assert (await ctl(s, "network", "stop", "extra"))[0] == 0
     assert s.state("extra") == "inactive"

@@ -55,7 +55,7 @@ async def test_verbs_over_the_socket(busless: ControlServer, tmp_path: Path) -> 
         rc, _, err = await sock(busless, *argv)
         assert rc == 0, (argv, err)
     ports = json.loads((await sock(busless, "port", "list", "--json"))[1])
-    assert ports == [{"ifname": "vnet3", "network": "default", "state": "attached",
+    assert ports == [{"ifname": "vnet3", "network": "default", "state": "attached", "rate": "none",
                       "domain": ""}]
     assert (await sock(busless, "port", "detach", "vnet3"))[0] == 0
     assert (await sock(busless, "network", "stop", "sock"))[0] == 0

@@ -18,7 +18,7 @@ from kvmnetd.engine.reconciler import Reconciler
 from kvmnetd.model.observed import Link
 from kvmnetd.model.records import Lease
 from tests.support.dbus import NOBODY, PrivateBus
-from tests.support.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeSysctl
+from tests.support.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakeRates, FakeSysctl
 from tests.support.toml import daemon_toml, network_toml
 
 _index = itertools.count(10_000)  # above the indexes FakeNetlink gives new bridges
@@ -49,7 +49,8 @@ async def make_core(directory: Path, config: str, *links: Link) -> CoreRig:
     config_file = directory / "kvmnetd.toml"
     config_file.write_text(_main_file(config_file, networks_dir, config))
     nl, dhcp = FakeNetlink(*links), FakeDhcp()
-    rec = Reconciler(nl, FakeFirewall(), FakeSysctl(), dhcp, str(directory / "owned.json"))
+    rec = Reconciler(nl, FakeFirewall(), FakeSysctl(), dhcp, str(directory / "owned.json"),
+                     rate=FakeRates(nl))
     core = Core(rec, cfg.load(str(config_file), None), dhcp)
     await core.apply({})
     return CoreRig(core, nl, dhcp, config_file, networks_dir)

@@ -10,6 +10,7 @@ from kvmnetd.model import actions as A
 from kvmnetd.model.desired import Network
 from kvmnetd.model.errors import Conflict
 from kvmnetd.model.observed import Link, ObservedState
+from kvmnetd.model.rate import SetPortRate
 from kvmnetd.model.records import Caller, DhcpStatus, Lease
 
 
@@ -100,6 +101,47 @@ class FakeNetlink:
                         self._set(other.name, master=None)
             case _:
                 pass
+
+
+class FakeRates:
+    """tc as the reconciler sees it: qdiscs per device, and ifb links in the fake netlink."""
+
+    def __init__(self, netlink: FakeNetlink) -> None:
+        self.netlink = netlink
+        self.writes = 0
+        self.qdiscs: dict[str, tuple[int | None, bool]] = {}
+        self.fail_on: set[str] = set()
+
+    async def observe(self) -> dict[str, tuple[int | None, bool]]:
+        return dict(self.qdiscs)
+
+    async def apply(self, action: SetPortRate) -> None:
+        if action.ifname in self.fail_on:
+            raise Conflict(f"{action.ifname}: tc refused")
+        self.writes += 1
+        obs = self.netlink.observed
+        ifb = obs.link(action.ifb)
+        if action.rate is None:
+            self.qdiscs.pop(action.ifname, None)
+            self.qdiscs.pop(action.ifb, None)
+            if ifb is not None:
+                del obs.links[ifb.index]
+            return
+        if ifb is None:
+            i = next(self.netlink._index)
+            obs.links[i] = Link(index=i, name=action.ifb, kind="ifb", up=True)
+        self.qdiscs[action.ifname] = (action.rate, True)
+        self.qdiscs[action.ifb] = (action.rate, False)
+
+    async def apply_many(self, actions: Sequence[SetPortRate]) -> list[BaseException | None]:
+        out: list[BaseException | None] = []
+        for action in actions:
+            try:
+                await self.apply(action)
+                out.append(None)
+            except Exception as e:
+                out.append(e)
+        return out
 
 
 class FakeFirewall:
