@@ -1,0 +1,167 @@
+"""Port forwards with the real daemon, nftables and kernel: reached from upstream (the guest
+sees the real client), from the host itself, from another guest (hairpin) and over IPv6;
+a forward by host name follows the host; healed when flushed; gone with its network."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.netns import sh
+from tests.support.rig import HOST_UPLINK_IP, PY, UPSTREAM_IP, Sandbox, wait_until
+from tests.support.toml import attach_toml, network_toml
+
+pytestmark = pytest.mark.integration
+
+HOST6, UPSTREAM6 = "2001:db8:51::1", "2001:db8:51::2"
+WEB, WEB6, OTHER, MOVED = "10.70.0.5", "fd00:70::5", "10.70.0.6", "10.70.0.7"
+
+# In a guest: answer each connection on port 80 with "NAME PEER", and log PEER.
+SERVER = """
+import socket, sys
+name, log = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 80))
+s.listen(16)
+while True:
+    conn, peer = s.accept()
+    addr = peer[0].removeprefix("::ffff:")
+    with open(log, "a") as f:
+        f.write(addr + "\\n")
+    conn.sendall(f"{name} {addr}\\n".encode())
+    conn.close()
+"""
+
+CLIENT = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.settimeout(2)
+s.connect((host, port))
+print(s.makefile().readline().strip())
+"""
+
+
+def config(web: str = WEB, with_net: bool = True) -> str:
+    if not with_net:
+        return network_toml("keep", "nat", "kvkeep0", "10.71.0.1/24", dns=False)
+    return (network_toml("fw", "nat", "kvfw0", "10.70.0.1/24", dns=False, ipv6="fd00:70::1/64",
+                         hosts=[("52:54:00:70:00:05", web, "web")],
+                         dhcp={"dhcpv6": "stateful", "ranges6": ["fd00:70::100-fd00:70::1ff"]})
+            + '[[network.fw.dhcp.host6]]\nname = "web"\nip = "fd00:70::5"\n'
+            + '[[network.fw.forward]]\nproto = "tcp"\nport = 8080\nto = "web"\nto_port = 80\n'
+            + attach_toml("fw", ifname="pf*"))
+
+
+def serve(box: Sandbox, ns: str, name: str) -> Path:
+    log = box.tmp / f"{name}.peers"
+    log.touch()
+    p = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c", SERVER, name, str(log)])
+    box.stack.callback(_stop, p)
+    return log
+
+
+def _stop(p: subprocess.Popen[bytes]) -> None:
+    p.kill()
+    p.wait(5)
+
+
+def connect(ns: str, host: str, port: int = 8080) -> str | None:
+    """'NAME PEER' from the guest that answered, or None."""
+    r = sh(PY, "-c", CLIENT, host, str(port), ns=ns, check=False)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def reached(ns: str, host: str, expect: str, timeout: float = 10) -> bool:
+    return bool(wait_until(lambda: connect(ns, host) == expect, timeout=timeout,
+                           interval=0.2))
+
+
+def v6_guest(box: Sandbox, port: str, v4: str, v6: str) -> str:
+    ns = box.guest(port, f"{v4}/24", "10.70.0.1")
+    sh("ip", "addr", "add", f"{v6}/64", "dev", "eth0", "nodad", ns=ns)
+    sh("ip", "route", "add", "default", "via", "fd00:70::1", ns=ns)
+    return ns
+
+
+def setup(box: Sandbox) -> tuple[str, str, Path]:
+    """The daemon with network fw, guest web serving, guest other; IPv6 upstream."""
+    sh("ip", "addr", "add", f"{HOST6}/64", "dev", "uplink0", "nodad", ns=box.host)
+    sh("ip", "addr", "add", f"{UPSTREAM6}/64", "dev", "eth0", "nodad", ns=box.upstream)
+    box.write_config(config())
+    web = v6_guest(box, "pf1", WEB, WEB6)
+    other = v6_guest(box, "pf2", OTHER, "fd00:70::6")
+    log = serve(box, web, "web")
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: box.master_of("pf1") == "kvfw0"
+                      and box.master_of("pf2") == "kvfw0")
+    return web, other, log
+
+
+def reload(box: Sandbox, text: str) -> None:
+    box.write_config(text)
+    assert box.daemon is not None
+    box.daemon.send_signal(signal.SIGHUP)
+
+
+def test_reached_from_upstream_host_and_hairpin_with_the_right_client(box: Sandbox) -> None:
+    _, other, log = setup(box)
+    # From outside: the guest sees the upstream client itself, not the host.
+    assert reached(box.upstream, HOST_UPLINK_IP, f"web {UPSTREAM_IP}")
+    assert UPSTREAM_IP in log.read_text().split()
+    # From the host itself, to its own address.
+    assert connect(box.host, HOST_UPLINK_IP) == f"web {HOST_UPLINK_IP}"
+    # Hairpin: another guest, to the host's address; answered through the host.
+    assert connect(other, HOST_UPLINK_IP) == "web 10.70.0.1"
+    # The gateway address is not a forward's: nothing listens on the host there.
+    assert connect(other, "10.70.0.1") is None
+
+
+def test_ipv6_forward(box: Sandbox) -> None:
+    _, other, log = setup(box)
+    assert reached(box.upstream, HOST6, f"web {UPSTREAM6}")
+    assert UPSTREAM6 in log.read_text().split()
+    assert connect(box.host, HOST6) == f"web {HOST6}"
+    assert connect(other, HOST6) == "web fd00:70::1"
+
+
+def test_forward_by_host_name_follows_the_host_after_reload(box: Sandbox) -> None:
+    setup(box)
+    assert reached(box.upstream, HOST_UPLINK_IP, f"web {UPSTREAM_IP}")
+    moved = box.guest("pf3", f"{MOVED}/24", "10.70.0.1")
+    serve(box, moved, "moved")
+    reload(box, config(web=MOVED))
+    assert reached(box.upstream, HOST_UPLINK_IP, f"moved {UPSTREAM_IP}")
+    assert "dnat ip to 10.70.0.5" not in box.nft()
+
+
+@pytest.mark.parametrize("damage", [
+    ["flush", "table", "inet", "kvmnetd"],
+    ["flush", "chain", "inet", "kvmnetd", "prerouting"],
+    ["delete", "chain", "inet", "kvmnetd", "output"],
+])
+def test_healed_when_rules_are_flushed_or_deleted(box: Sandbox, damage: list[str]) -> None:
+    setup(box)
+    assert reached(box.upstream, HOST_UPLINK_IP, f"web {UPSTREAM_IP}")
+    before = box.nft()
+    sh("nft", *damage, ns=box.host)
+    assert wait_until(lambda: box.nft() == before, timeout=10)
+    assert connect(box.upstream, HOST_UPLINK_IP) == f"web {UPSTREAM_IP}"
+    assert connect(box.host, HOST_UPLINK_IP) == f"web {HOST_UPLINK_IP}"
+
+
+def test_removed_with_its_network(box: Sandbox) -> None:
+    setup(box)
+    assert reached(box.upstream, HOST_UPLINK_IP, f"web {UPSTREAM_IP}")
+    reload(box, config(with_net=False))
+    assert wait_until(lambda: "dnat" not in box.nft() and "kvfw0" not in box.nft(),
+                      timeout=10)
+    time.sleep(0.2)
+    assert connect(box.upstream, HOST_UPLINK_IP) is None
