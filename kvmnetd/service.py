@@ -15,6 +15,7 @@ from kvmnetd.adapters.coexist import ForeignForwardAdapter
 from kvmnetd.adapters.default_subnet import DefaultSubnetFile
 from kvmnetd.adapters.dirs import check_writable_dirs
 from kvmnetd.adapters.files import atomic_write
+from kvmnetd.adapters.forward_store import ForwardFile
 from kvmnetd.adapters.nftables import NftablesAdapter
 from kvmnetd.adapters.nftmonitor import NftMonitor
 from kvmnetd.adapters.notify import Notifier
@@ -91,7 +92,8 @@ class Service:
                               table=s.firewall_table,
                               coexist=ForeignForwardAdapter(s.firewall_table),
                               coexist_mode=s.coexist)
-        self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets)
+        self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets,
+                         forward_store=ForwardFile())
         self._wired = True
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()

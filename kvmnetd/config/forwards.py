@@ -24,7 +24,7 @@ def check_proto(s: str) -> str:
 
 
 def check_port(s: str) -> int:
-    lo, hi = parse_ports(s)
+    lo, hi = parse_ports(s.strip())
     if lo != hi:
         raise ValueError(f"to_port {s!r} must be one port")
     return lo
@@ -146,3 +146,19 @@ def _check_to(s: str) -> str:
     if not s or len(s) > 253 or any(c.isspace() or c in ",/:" for c in s):
         raise ValueError(f"to {s!r} must be a guest address or the name of a dhcp host")
     return s
+
+
+def parse_target(text: str) -> tuple[str, int | None]:
+    """kvmnetctl's TO[:TO_PORT]: "10.0.0.5", "web:80", "fd00::5", "[fd00::5]:80"."""
+    host, port = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r} must be [IPV6] or [IPV6]:PORT")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    to = _check_to(host)
+    if port == "" and text.endswith(":"):
+        raise ValueError(f"{text!r} has an empty port")
+    return to, check_port(port) if port else None

@@ -165,3 +165,61 @@ def test_removed_with_its_network(box: Sandbox) -> None:
                       timeout=10)
     time.sleep(0.2)
     assert connect(box.upstream, HOST_UPLINK_IP) is None
+
+
+def test_runtime_forward_added_listed_kept_across_restart_and_removed(box: Sandbox) -> None:
+    _, other, _ = setup(box)
+    box.ctl("forward", "add", "fw", "tcp", "9090", f"{OTHER}:80")
+    serve(box, other, "other")
+    assert wait_until(lambda: connect(box.upstream, HOST_UPLINK_IP, 9090)
+                      == f"other {UPSTREAM_IP}", timeout=10)
+    rows = box.jctl("forward", "list", "fw")
+    assert rows == [
+        {"network": "fw", "proto": "tcp", "port": "8080", "to": "web", "to_port": 80,
+         "runtime": False},
+        {"network": "fw", "proto": "tcp", "port": "9090", "to": OTHER, "to_port": 80,
+         "runtime": True}]
+    # A restart brings it back, from state_dir.
+    box.stop_daemon()
+    box.start_daemon("--no-bus")
+    assert wait_until(lambda: connect(box.upstream, HOST_UPLINK_IP, 9090)
+                      == f"other {UPSTREAM_IP}", timeout=10)
+    assert len(box.jctl("forward", "list")) == 2
+    box.ctl("forward", "remove", "fw", "tcp", "9090")
+    assert wait_until(lambda: "tcp dport 9090" not in box.nft(), timeout=10)
+    assert connect(box.upstream, HOST_UPLINK_IP, 9090) is None
+    assert [r["port"] for r in box.jctl("forward", "list")] == ["8080"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["tcp", "8080", OTHER], "overlaps tcp 8080 -> web:80 of network fw"),
+    (["udp", "60-70", OTHER], "udp port 67 is kvmnetd's DHCP (dnsmasq)"),
+    (["tcp", "9090", "10.99.0.5"], "is not a guest address of network fw"),
+    (["tcp", "9090", "nobody"], "neither an address nor the name"),
+    (["tcp", "0", OTHER], "outside 1..65535"),
+])
+def test_bad_runtime_forwards_are_refused(box: Sandbox, args: list[str], message: str) -> None:
+    setup(box)
+    r = box.ctl("forward", "add", "fw", *args, check=False)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert [r["port"] for r in box.jctl("forward", "list")] == ["8080"]
+
+
+def test_persisted_forward_is_written_to_the_networks_file(box: Sandbox) -> None:
+    setup(box)
+    # Declared in the main file: persisting there is refused, with where it is.
+    r = box.ctl("forward", "add", "fw", "tcp", "9090", OTHER, "--persist", check=False)
+    assert r.returncode == 1 and "kvmnetd.toml:1" in r.stderr, r.stderr
+    net = box.networks_dir / "side.toml"
+    net.write_text(network_toml("side", "nat", "kvside0", "10.72.0.1/24", dns=False))
+    reload(box, config())
+    assert wait_until(lambda: any(n["name"] == "side" for n in box.jctl("network", "list")))
+    box.ctl("forward", "add", "side", "udp", "7000-7010", "10.72.0.5", "--persist")
+    assert '{ proto = "udp", port = "7000-7010", to = "10.72.0.5" }' in net.read_text()
+    reload(box, config())
+    time.sleep(0.5)
+    rows = box.jctl("forward", "list", "side")
+    assert rows == [{"network": "side", "proto": "udp", "port": "7000-7010", "to": "10.72.0.5",
+                     "to_port": None, "runtime": False}]
+    box.ctl("forward", "remove", "side", "udp", "7000")
+    assert "7000" not in net.read_text()
