@@ -89,9 +89,32 @@ def overlap_problem(fwd: Forward, net_name: str,
     return None
 
 
+def overlapping(items: list[tuple[str, Forward]]) -> dict[int, tuple[str, Forward]]:
+    """Index of each item that overlaps an earlier one (by position) -> that earlier one.
+
+    A sweep over the forwards sorted by port, so a thousand of them cost a sort, not a
+    million comparisons.
+    """
+    order = sorted(range(len(items)), key=lambda i: (items[i][1].proto, items[i][1].port, i))
+    found: dict[int, tuple[str, Forward]] = {}
+    open_: list[int] = []  # earlier in port order, their range not yet ended
+    proto = None
+    for i in order:
+        fwd = items[i][1]
+        if fwd.proto != proto:
+            open_, proto = [], fwd.proto
+        open_ = [j for j in open_ if items[j][1].port_end >= fwd.port]
+        for j in open_:
+            if fwd.overlaps(items[j][1]) and max(i, j) not in found:
+                found[max(i, j)] = items[min(i, j)]
+        open_.append(i)
+    return found
+
+
 def read_forwards(t: Table, net: Network) -> tuple[Forward, ...]:
     """The network's [[network.NAME.forward]] tables; issues go to t's file."""
     out: list[Forward] = []
+    tables: list[Table] = []
     for i, data in t.tables("forward"):
         f = Table(t.ctx, (*t.path, "forward", i), data, FORWARD_KEYS)
         fwd = _read_one(f, i)
@@ -101,9 +124,11 @@ def read_forwards(t: Table, net: Network) -> tuple[Forward, ...]:
             f.error(key or (), msg)
         if problem := reserved_problem(fwd, [net]):
             f.error("port", problem)
-        elif problem := overlap_problem(fwd, net.name, [(net.name, o) for o in out]):
-            f.error("port", problem)
         out.append(fwd)
+        tables.append(f)
+    for k, (name, other) in overlapping([(net.name, f) for f in out]).items():
+        tables[k].error("port", f"{out[k].describe()} overlaps {other.describe()} of "
+                                f"network {name}")
     return tuple(out)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvmnetd.config import schema as val
-from kvmnetd.config.forwards import overlap_problem, reserved_problem
+from kvmnetd.config.forwards import overlapping, reserved_problem
 from kvmnetd.config.locate import FileCtx, Table, has_control, suggest
 from kvmnetd.model.desired import AttachRule, Dhcp, DhcpRange, Dns, Mode, Network, Settings, Source
 from kvmnetd.model.errors import ConfigError, ConfigIssue
@@ -258,16 +258,22 @@ def _cross(decls: list[tuple[Network, FileCtx | None]]) -> None:
 
 
 def _cross_forwards(decls: list[tuple[Network, FileCtx | None]]) -> None:
-    """Forwards against other networks: the same port twice, or one their dnsmasq serves."""
+    """Forwards against other networks: the same port twice (reported on the later of the
+    two), or one that another network's dnsmasq serves."""
+    items = [(net.name, f) for net, _ in decls for f in net.port_forwards]
+    owner = [(net, ctx) for net, ctx in decls for _ in net.port_forwards]
+    for k, (name, other) in overlapping(items).items():
+        net, ctx = owner[k]
+        if ctx is not None and name != net.name:  # within one network: read_forwards'
+            fwd = items[k][1]
+            ctx.error(("network", net.name, "forward", fwd.index or 0, "port"),
+                      f"{fwd.describe()} overlaps {other.describe()} of network {name}")
     for i, (net, ctx) in enumerate(decls):
         if ctx is None or not net.port_forwards:
             continue
         others = [n for j, (n, _) in enumerate(decls) if j != i]
-        # An overlap is reported on the later of the two, a dnsmasq port on any.
-        taken = [(o.name, f) for o, _ in decls[:i] for f in o.port_forwards]
         for fwd in net.port_forwards:
-            problem = reserved_problem(fwd, others) or overlap_problem(fwd, net.name, taken)
-            if problem:
+            if problem := reserved_problem(fwd, others):
                 ctx.error(("network", net.name, "forward", fwd.index or 0, "port"), problem)
 
 

@@ -53,16 +53,34 @@ class ForwardRules:
     forward: list[str] = field(default_factory=list)
 
 
-def _listen(fwd: Forward, fam: str, gateways: list[IPAddress], output: bool) -> str | None:
+# Named sets of the addresses a forward without `address` does not listen on: one per
+# family and hook, declared once in the table (sets_for), not once per rule.
+SKIP_SETS = {("ip", False): "forward_skip4", ("ip", True): "forward_skip4_out",
+             ("ip6", False): "forward_skip6", ("ip6", True): "forward_skip6_out"}
+
+
+def _listen(fwd: Forward, fam: str, output: bool) -> str | None:
     """The match on where the packet was sent; None when the forward has nothing here."""
     if fwd.address is not None:
         return None if _fam(fwd.address) != fam else f"{fam} daddr {fwd.address}"
-    mine = [str(g) for g in gateways if _fam(g) == fam]
-    if output:
-        mine.append("127.0.0.0/8" if fam == "ip" else "::1")
-    if not mine:
-        return f"fib daddr type local meta nfproto {'ipv4' if fam == 'ip' else 'ipv6'}"
-    return f"fib daddr type local {fam} daddr != {{ {', '.join(mine)} }}"
+    return f"fib daddr type local {fam} daddr != @{SKIP_SETS[(fam, output)]}"
+
+
+def sets_for(rules: list[str], gateways: Iterable[IPAddress]) -> list[str]:
+    """Declarations of the skip sets `rules` use: our gateways, and loopback for output."""
+    out = []
+    for (fam, output), name in SKIP_SETS.items():
+        if f"@{name} " not in "\n".join(rules):
+            continue
+        elems = [str(g) for g in sorted(gateways, key=lambda a: (a.version, a))
+                 if _fam(g) == fam]
+        if output:
+            elems.append("127.0.0.0/8" if fam == "ip" else "::1/128")
+        kind = "ipv4_addr" if fam == "ip" else "ipv6_addr"
+        flags = " flags interval;" if output else ""
+        body = f" elements = {{ {', '.join(elems)} }}" if elems else ""
+        out.append(f"set {name} {{ type {kind};{flags}{body} }}")
+    return out
 
 
 def _dnat(fwd: Forward, to: IPAddress) -> str:
@@ -72,13 +90,11 @@ def _dnat(fwd: Forward, to: IPAddress) -> str:
     return f"dnat {_fam(to)} to {host}:{fwd.to_port}"
 
 
-def forward_rules(net: Network, gateways: Iterable[IPAddress], tag: str,
-                  quote_br: str) -> ForwardRules:
+def forward_rules(net: Network, tag: str, quote_br: str) -> ForwardRules:
     """Rules of one network's forwards, each ending in `comment TAG`."""
     r = ForwardRules()
     if net.mode not in FORWARD_MODES or not net.port_forwards:
         return r
-    gws = sorted(gateways, key=lambda a: (a.version, a))
     families: set[str] = set()
     for fwd in net.port_forwards:
         ports = fwd.ports
@@ -86,7 +102,7 @@ def forward_rules(net: Network, gateways: Iterable[IPAddress], tag: str,
             fam = _fam(to)
             families.add(fam)
             for chain, output in ((r.prerouting, False), (r.output, True)):
-                listen = _listen(fwd, fam, gws, output)
+                listen = _listen(fwd, fam, output)
                 if listen is not None:
                     chain.append(f"{listen} {fwd.proto} dport {ports} {_dnat(fwd, to)}"
                                  f" comment {tag}")

@@ -23,8 +23,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from kvmnetd.model.desired import Mode, Network, is_nft_name
-from kvmnetd.model.forward import IPAddress
-from kvmnetd.plan.forwards import forward_rules, gateways_of
+from kvmnetd.plan.forwards import forward_rules, gateways_of, sets_for
 
 # Multicast control and limited broadcast are never masqueraded (as libvirt does).
 _NO_MASQUERADE = ("224.0.0.0/24", "255.255.255.255")
@@ -137,7 +136,7 @@ def _nat_rules(r: _Rules) -> None:
     r.add(r.postrouting, f"ip saddr {prefix} ip daddr != {prefix}{out} masquerade")
 
 
-def _rules_for(net: Network, gateways: list[IPAddress]) -> _Rules:
+def _rules_for(net: Network) -> _Rules:
     r = _Rules(net)
     if net.mode is Mode.NAT:
         _nat_rules(r)
@@ -152,7 +151,7 @@ def _rules_for(net: Network, gateways: list[IPAddress]) -> _Rules:
         r.add(r.forward, f"oifname {r.br} iifname != {r.br} drop")
         _service_rules(r, open_host=net.host_access)
     # bridged: the host only switches; no rules.
-    fwd = forward_rules(net, gateways, r.tag, r.br)
+    fwd = forward_rules(net, r.tag, r.br)
     # Hairpin masquerade and the accept of DNAT-ed flows go before the network's own
     # returns and drops.
     r.postrouting[:0] = fwd.postrouting
@@ -163,15 +162,15 @@ def _rules_for(net: Network, gateways: list[IPAddress]) -> _Rules:
 
 def _body(networks: list[Network]) -> list[str]:
     chains: dict[str, list[str]] = {name: [] for name, _ in _CHAINS}
-    gateways = gateways_of(networks)
     for net in sorted(networks, key=lambda n: n.name):
-        r = _rules_for(net, gateways)
+        r = _rules_for(net)
         chains["postrouting"] += r.postrouting
         chains["forward"] += r.forward
         chains["input"] += r.input
         chains["prerouting"] += r.prerouting
         chains["output"] += r.output
-    lines: list[str] = []
+    lines = [f"\t{decl}" for decl in sets_for(chains["prerouting"] + chains["output"],
+                                              gateways_of(networks))]
     for name, header in _CHAINS:
         if not chains[name]:
             continue

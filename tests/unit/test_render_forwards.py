@@ -40,19 +40,27 @@ def test_dnat_from_outside_and_from_the_host_itself() -> None:
     # Every local address but our gateways (of every network), in each family the
     # target has; no SNAT, so the guest sees who connected.
     assert pre == [
-        "fib daddr type local ip daddr != { 10.77.1.1, 10.77.2.1 } tcp dport 8080 "
+        f"fib daddr type local ip daddr != @forward_skip4 tcp dport 8080 "
         f"dnat ip to 10.77.1.5:80 {tag}",
-        "fib daddr type local ip6 daddr != { fd00:77:1::1 } tcp dport 8080 "
+        f"fib daddr type local ip6 daddr != @forward_skip6 tcp dport 8080 "
         f"dnat ip6 to [fd00:77:1::5]:80 {tag}",
-        "fib daddr type local ip daddr != { 10.77.1.1, 10.77.2.1 } udp dport 5000-5010 "
+        f"fib daddr type local ip daddr != @forward_skip4 udp dport 5000-5010 "
         f"dnat ip to 10.77.1.6 {tag}",
         f"ip daddr 198.51.100.2 tcp dport 2222 dnat ip to 10.77.1.7:22 {tag}",
     ]
     out = chain(text, "output")
-    assert out[0].startswith("fib daddr type local ip daddr != "
-                             "{ 10.77.1.1, 10.77.2.1, 127.0.0.0/8 } tcp dport 8080")
-    assert out[1].startswith("fib daddr type local ip6 daddr != { fd00:77:1::1, ::1 }")
+    assert out[0].startswith("fib daddr type local ip daddr != @forward_skip4_out tcp dport 8080")
+    assert out[1].startswith("fib daddr type local ip6 daddr != @forward_skip6_out tcp")
     assert len(out) == 4
+    sets = [line.strip() for line in text.splitlines() if line.startswith("\tset ")]
+    assert sets == [
+        "set forward_skip4 { type ipv4_addr; elements = { 10.77.1.1, 10.77.2.1 } }",
+        "set forward_skip4_out { type ipv4_addr; flags interval; "
+        "elements = { 10.77.1.1, 10.77.2.1, 127.0.0.0/8 } }",
+        "set forward_skip6 { type ipv6_addr; elements = { fd00:77:1::1 } }",
+        "set forward_skip6_out { type ipv6_addr; flags interval; "
+        "elements = { fd00:77:1::1, ::1/128 } }",
+    ]
 
 
 def test_hairpin_is_masqueraded_and_dnat_flows_pass_before_the_drops() -> None:
@@ -96,7 +104,7 @@ def test_no_forwards_no_new_chains() -> None:
     for nets in CASES.values():
         text = render_ruleset(nets)
         assert "chain prerouting" not in text and "chain output" not in text
-        assert "ct status dnat" not in text
+        assert "ct status dnat" not in text and "\tset " not in text
 
 
 def test_forwards_of_a_network_are_removed_with_it() -> None:
