@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -38,10 +39,7 @@ class Forward:
 
     def to_address(self) -> IPAddress | None:
         """The guest address when `to` is one; None when it names a host."""
-        try:
-            return ipaddress.ip_address(self.to)
-        except ValueError:
-            return None
+        return _address(self.to)
 
     def overlaps(self, other: Forward) -> bool:
         """Would both catch the same packet (same protocol, port and listening address)?"""
@@ -72,3 +70,12 @@ def parse_ports(text: str) -> tuple[int, int]:
     if hi < lo:
         raise ValueError(f"port range {text!r} ends before it starts")
     return lo, hi
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(text: str) -> IPAddress | None:
+    # Asked for by every check and every render of a thousand forwards.
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
