@@ -269,6 +269,8 @@ class Core(ForwardsMixin):
             self.config = replace(self.config, networks=nets)
         else:
             raise InvalidArgument(f"network {name} is defined on disk; undefine it with persist")
+        if name in self.runtime_forwards:  # they went with the network
+            self._set_runtime(name, ())
         ports = {i: n for i, n in self.rec.desired.ports.items() if n != name}
         self.started.discard(name)
         self.stopped.discard(name)

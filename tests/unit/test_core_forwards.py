@@ -104,3 +104,14 @@ async def test_remove_of_a_forward_in_the_main_file_names_it(rig: CoreRig) -> No
         await rig.core.remove_forward(ROOT, "nat", "tcp", "8080")
     with pytest.raises(InvalidArgument, match="no tcp forward on port 9"):
         await rig.core.remove_forward(ROOT, "nat", "tcp", "9")
+
+
+async def test_runtime_forwards_go_with_an_undefined_network(rig: CoreRig) -> None:
+    text = network_toml("tmp", "nat", "kv-tmp", "10.77.3.1/24", dns=False)
+    await rig.core.define_network(ROOT, text, False)
+    await rig.core.add_forward(ROOT, "tmp", "tcp", "7000", "10.77.3.5", False)
+    assert [r.network for r in rig.core.list_forwards()] == ["nat", "tmp"]
+    await rig.core.undefine_network(ROOT, "tmp", False)
+    await rig.core.define_network(ROOT, text, False)
+    assert [r.network for r in rig.core.list_forwards()] == ["nat"]
+    assert ForwardFile().read(state_dir(rig)) == {}
