@@ -11,7 +11,7 @@ For each forward and each address family its target has:
 - forward: accept what our DNAT sends into the bridge, before the network's drops.
 
 Without `address`, a forward listens on every local address of the host except the
-gateway addresses of our own networks (`fib daddr type local`, minus that set).
+gateway addresses of our own networks (`fib daddr type local`, minus a named set).
 Loopback is left alone: the kernel does not route 127.0.0.0/8 to another host.
 """
 
@@ -69,8 +69,9 @@ def _listen(fwd: Forward, fam: str, output: bool) -> str | None:
 def sets_for(rules: list[str], gateways: Iterable[IPAddress]) -> list[str]:
     """Declarations of the skip sets `rules` use: our gateways, and loopback for output."""
     out = []
+    text = "\n".join(rules)
     for (fam, output), name in SKIP_SETS.items():
-        if f"@{name} " not in "\n".join(rules):
+        if f"@{name} " not in text:
             continue
         elems = [str(g) for g in sorted(gateways, key=lambda a: (a.version, a))
                  if _fam(g) == fam]

@@ -223,3 +223,41 @@ def test_persisted_forward_is_written_to_the_networks_file(box: Sandbox) -> None
                      "to_port": None, "runtime": False}]
     box.ctl("forward", "remove", "side", "udp", "7000")
     assert "7000" not in net.read_text()
+
+
+# In a guest: answer each datagram to ports 5000-5002 with "PORT PEER".
+UDP_SERVER = """
+import select, socket
+socks = []
+for port in (5000, 5001, 5002):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    socks.append(s)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, peer = s.recvfrom(512)
+        s.sendto(f"{s.getsockname()[1]} {peer[0]}".encode(), peer)
+"""
+
+UDP_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+s.sendto(b"hi", (sys.argv[1], int(sys.argv[2])))
+print(s.recvfrom(512)[0].decode())
+"""
+
+
+def test_udp_port_range_keeps_its_ports(box: Sandbox) -> None:
+    _, other, _ = setup(box)
+    p = subprocess.Popen(["ip", "netns", "exec", other, PY, "-c", UDP_SERVER])
+    box.stack.callback(_stop, p)
+    box.ctl("forward", "add", "fw", "udp", "5000-5002", OTHER)
+
+    def ask(port: int) -> str | None:
+        r = sh(PY, "-c", UDP_CLIENT, HOST_UPLINK_IP, str(port), ns=box.upstream, check=False)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    assert wait_until(lambda: ask(5001) == f"5001 {UPSTREAM_IP}", timeout=10)
+    assert ask(5000) == f"5000 {UPSTREAM_IP}" and ask(5002) == f"5002 {UPSTREAM_IP}"
+    assert ask(5003) is None
