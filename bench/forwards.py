@@ -80,11 +80,13 @@ def run(quick: bool) -> dict[str, Any]:
         with Box() as box:
             box.write_config(config(count))
             start_s = box.timed_start()
-            rules = box.nft().count("dnat ip to")
+            listing = box.nft()
+            rules, elements = listing.count("dnat ip to"), listing.count(" . 80")
             per_round = attach_rounds(box, rounds)
             same, changed = reload_ms(box, count, rounds)
             row = {
-                "forwards": count, "dnat_rules": rules, "start_ms": r(start_s * 1000),
+                "forwards": count, "dnat_rules": rules, "map_elements": elements,
+                "start_ms": r(start_s * 1000),
                 "attach_p50_ms": r(median(x["p50_ms"] for x in per_round)),
                 "attach_p99_ms": r(median(x["p99_ms"] for x in per_round)),
                 "reload_unchanged_ms": r(same),

@@ -1,6 +1,8 @@
-"""Pure: a network's port forwards -> nftables rules for our `inet` table.
+"""Pure: a network's port forwards -> nftables maps and rules for our `inet` table.
 
-For each forward and each address family its target has:
+The forwards of a network go into DNAT maps, one per address family and kind (any host
+address or one given `address`; a guest port given, or the host's ports kept), keyed
+by protocol and port (interval: ranges are one element). A few rules look them up:
 
 - prerouting: DNAT of connections from outside (and from guests: hairpin) to the
   host's addresses; no SNAT, so the guest sees the real client address;
@@ -9,6 +11,9 @@ For each forward and each address family its target has:
   forward), else the target would answer the other guest directly, from an address
   that guest never spoke to;
 - forward: accept what our DNAT sends into the bridge, before the network's drops.
+
+A thousand forwards are then a thousand map elements, not two thousand rules: one
+lookup per new connection, and `nft -f` of the table stays fast.
 
 Without `address`, a forward listens on every local address of the host except the
 gateway addresses of our own networks (`fib daddr type local`, minus a named set).
@@ -47,6 +52,7 @@ def _fam(addr: IPAddress) -> str:
 
 @dataclass
 class ForwardRules:
+    maps: list[str] = field(default_factory=list)  # declarations, at the table's top
     prerouting: list[str] = field(default_factory=list)
     output: list[str] = field(default_factory=list)
     postrouting: list[str] = field(default_factory=list)
@@ -59,10 +65,8 @@ SKIP_SETS = {("ip", False): "forward_skip4", ("ip", True): "forward_skip4_out",
              ("ip6", False): "forward_skip6", ("ip6", True): "forward_skip6_out"}
 
 
-def _listen(fwd: Forward, fam: str, output: bool) -> str | None:
-    """The match on where the packet was sent; None when the forward has nothing here."""
-    if fwd.address is not None:
-        return None if _fam(fwd.address) != fam else f"{fam} daddr {fwd.address}"
+def _listen(fam: str, output: bool) -> str:
+    """Where a forward without `address` listens: local addresses but our gateways."""
     return f"fib daddr type local {fam} daddr != @{SKIP_SETS[(fam, output)]}"
 
 
@@ -84,33 +88,47 @@ def sets_for(rules: list[str], gateways: Iterable[IPAddress]) -> list[str]:
     return out
 
 
-def _dnat(fwd: Forward, to: IPAddress) -> str:
-    if fwd.to_port is None:
-        return f"dnat {_fam(to)} to {to}"
-    host = str(to) if to.version == 4 else f"[{to}]"
-    return f"dnat {_fam(to)} to {host}:{fwd.to_port}"
+_L4 = "meta l4proto { tcp, udp }"
+_KEY = "meta l4proto . th dport"
+_TYPES = {"ip": "ipv4_addr", "ip6": "ipv6_addr"}
 
 
-def forward_rules(net: Network, tag: str, quote_br: str) -> ForwardRules:
-    """Rules of one network's forwards, each ending in `comment TAG`."""
+def _value(fwd: Forward, to: IPAddress) -> str:
+    return str(to) if fwd.to_port is None else f"{to} . {fwd.to_port}"
+
+
+def forward_rules(net: Network, tag: str, quote_br: str, prefix: str) -> ForwardRules:
+    """Maps (named `prefix`_...) and rules of one network's forwards; rules end in `comment
+    TAG`."""
     r = ForwardRules()
     if net.mode not in FORWARD_MODES or not net.port_forwards:
         return r
-    families: set[str] = set()
+    # (family, by address, guest port given) -> map elements
+    elements: dict[tuple[str, bool, bool], list[str]] = {}
     for fwd in net.port_forwards:
-        ports = fwd.ports
         for to in targets(fwd, net):
             fam = _fam(to)
-            families.add(fam)
-            for chain, output in ((r.prerouting, False), (r.output, True)):
-                listen = _listen(fwd, fam, output)
-                if listen is not None:
-                    chain.append(f"{listen} {fwd.proto} dport {ports} {_dnat(fwd, to)}"
-                                 f" comment {tag}")
+            if fwd.address is not None and _fam(fwd.address) != fam:
+                continue
+            key = f"{fwd.proto} . {fwd.ports}"
+            if fwd.address is not None:
+                key = f"{fwd.address} . {key}"
+            kind = (fam, fwd.address is not None, fwd.to_port is not None)
+            elements.setdefault(kind, []).append(f"{key} : {_value(fwd, to)}")
+    for (fam, by_address, mapped), elems in sorted(elements.items()):
+        name = f"{prefix}_{fam}{'_addr' if by_address else ''}{'_port' if mapped else ''}"
+        ktype = f"{_TYPES[fam]} . " if by_address else ""
+        vtype = f"{_TYPES[fam]} . inet_service" if mapped else _TYPES[fam]
+        r.maps.append(f"map {name} {{ type {ktype}inet_proto . inet_service : {vtype}; "
+                      f"flags interval; elements = {{ {', '.join(elems)} }} }}")
+        for chain, output in ((r.prerouting, False), (r.output, True)):
+            where = f"{fam} daddr . {_KEY}" if by_address else _KEY
+            listen = "" if by_address else f"{_listen(fam, output)} "
+            chain.append(f"{listen}{_L4} dnat {fam} to {where} map @{name} comment {tag}")
     prefixes = {fam: pfx for fam, pfx in (
         ("ip", net.ipv4.network if net.ipv4 else None),
         ("ip6", net.ipv6.network if net.ipv6 else None)) if pfx is not None}
-    for fam in sorted(families):
+    for fam in sorted({fam for fam, _, _ in elements}):
         pfx = prefixes.get(fam)
         if pfx is not None:
             r.postrouting.append(f"{fam} saddr {pfx} {fam} daddr {pfx} ct status dnat "

@@ -64,6 +64,7 @@ class _Rules:
         self.input: list[str] = []
         self.prerouting: list[str] = []
         self.output: list[str] = []
+        self.maps: list[str] = []  # port forwards' DNAT maps
 
     def add(self, chain: list[str], rule: str) -> None:
         chain.append(f"{rule} comment {self.tag}")
@@ -136,7 +137,7 @@ def _nat_rules(r: _Rules) -> None:
     r.add(r.postrouting, f"ip saddr {prefix} ip daddr != {prefix}{out} masquerade")
 
 
-def _rules_for(net: Network) -> _Rules:
+def _rules_for(net: Network, index: int) -> _Rules:
     r = _Rules(net)
     if net.mode is Mode.NAT:
         _nat_rules(r)
@@ -151,26 +152,28 @@ def _rules_for(net: Network) -> _Rules:
         r.add(r.forward, f"oifname {r.br} iifname != {r.br} drop")
         _service_rules(r, open_host=net.host_access)
     # bridged: the host only switches; no rules.
-    fwd = forward_rules(net, r.tag, r.br)
+    fwd = forward_rules(net, r.tag, r.br, f"forward{index}")
     # Hairpin masquerade and the accept of DNAT-ed flows go before the network's own
     # returns and drops.
     r.postrouting[:0] = fwd.postrouting
     r.forward[:0] = fwd.forward
-    r.prerouting, r.output = fwd.prerouting, fwd.output
+    r.prerouting, r.output, r.maps = fwd.prerouting, fwd.output, fwd.maps
     return r
 
 
 def _body(networks: list[Network]) -> list[str]:
     chains: dict[str, list[str]] = {name: [] for name, _ in _CHAINS}
-    for net in sorted(networks, key=lambda n: n.name):
-        r = _rules_for(net)
+    maps: list[str] = []
+    for index, net in enumerate(sorted(networks, key=lambda n: n.name)):
+        r = _rules_for(net, index)
+        maps += r.maps
         chains["postrouting"] += r.postrouting
         chains["forward"] += r.forward
         chains["input"] += r.input
         chains["prerouting"] += r.prerouting
         chains["output"] += r.output
-    lines = [f"\t{decl}" for decl in sets_for(chains["prerouting"] + chains["output"],
-                                              gateways_of(networks))]
+    decls = sets_for(chains["prerouting"] + chains["output"], gateways_of(networks)) + maps
+    lines = [f"\t{decl}" for decl in decls]
     for name, header in _CHAINS:
         if not chains[name]:
             continue

@@ -139,7 +139,8 @@ def test_forward_by_host_name_follows_the_host_after_reload(box: Sandbox) -> Non
     serve(box, moved, "moved")
     reload(box, config(web=MOVED))
     assert reached(box.upstream, HOST_UPLINK_IP, f"moved {UPSTREAM_IP}")
-    assert "dnat ip to 10.70.0.5" not in box.nft()
+    assert wait_until(lambda: ": 10.70.0.7 . 80" in box.nft())
+    assert ": 10.70.0.5 . 80" not in box.nft()
 
 
 @pytest.mark.parametrize("damage", [

@@ -33,34 +33,58 @@ def chain(text: str, name: str) -> list[str]:
     return [line.strip() for line in lines[start + 2:end]]
 
 
+def declarations(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()
+            if line.startswith(("\tset ", "\tmap "))]
+
+
 def test_dnat_from_outside_and_from_the_host_itself() -> None:
     text = render_ruleset([LAB, OTHER])
     tag = 'comment "net:lab"'
-    pre = chain(text, "prerouting")
+    l4 = "meta l4proto { tcp, udp }"
     # Every local address but our gateways (of every network), in each family the
     # target has; no SNAT, so the guest sees who connected.
-    assert pre == [
-        f"fib daddr type local ip daddr != @forward_skip4 tcp dport 8080 "
-        f"dnat ip to 10.77.1.5:80 {tag}",
-        f"fib daddr type local ip6 daddr != @forward_skip6 tcp dport 8080 "
-        f"dnat ip6 to [fd00:77:1::5]:80 {tag}",
-        f"fib daddr type local ip daddr != @forward_skip4 udp dport 5000-5010 "
-        f"dnat ip to 10.77.1.6 {tag}",
-        f"ip daddr 198.51.100.2 tcp dport 2222 dnat ip to 10.77.1.7:22 {tag}",
+    assert chain(text, "prerouting") == [
+        f"fib daddr type local ip daddr != @forward_skip4 {l4} "
+        f"dnat ip to meta l4proto . th dport map @forward0_ip {tag}",
+        f"fib daddr type local ip daddr != @forward_skip4 {l4} "
+        f"dnat ip to meta l4proto . th dport map @forward0_ip_port {tag}",
+        f"{l4} dnat ip to ip daddr . meta l4proto . th dport map @forward0_ip_addr_port {tag}",
+        f"fib daddr type local ip6 daddr != @forward_skip6 {l4} "
+        f"dnat ip6 to meta l4proto . th dport map @forward0_ip6_port {tag}",
     ]
+    # From the host itself: the same maps, loopback skipped too.
     out = chain(text, "output")
-    assert out[0].startswith("fib daddr type local ip daddr != @forward_skip4_out tcp dport 8080")
-    assert out[1].startswith("fib daddr type local ip6 daddr != @forward_skip6_out tcp")
+    assert out[0].startswith("fib daddr type local ip daddr != @forward_skip4_out ")
+    assert out[3].startswith("fib daddr type local ip6 daddr != @forward_skip6_out ")
     assert len(out) == 4
-    sets = [line.strip() for line in text.splitlines() if line.startswith("\tset ")]
-    assert sets == [
+    assert declarations(text) == [
         "set forward_skip4 { type ipv4_addr; elements = { 10.77.1.1, 10.77.2.1 } }",
         "set forward_skip4_out { type ipv4_addr; flags interval; "
         "elements = { 10.77.1.1, 10.77.2.1, 127.0.0.0/8 } }",
         "set forward_skip6 { type ipv6_addr; elements = { fd00:77:1::1 } }",
         "set forward_skip6_out { type ipv6_addr; flags interval; "
         "elements = { fd00:77:1::1, ::1/128 } }",
+        # Ranges keep their ports: a map to the address alone.
+        "map forward0_ip { type inet_proto . inet_service : ipv4_addr; flags interval; "
+        "elements = { udp . 5000-5010 : 10.77.1.6 } }",
+        "map forward0_ip_port { type inet_proto . inet_service : ipv4_addr . inet_service; "
+        "flags interval; elements = { tcp . 8080 : 10.77.1.5 . 80 } }",
+        "map forward0_ip_addr_port { type ipv4_addr . inet_proto . inet_service : "
+        "ipv4_addr . inet_service; flags interval; "
+        "elements = { 198.51.100.2 . tcp . 2222 : 10.77.1.7 . 22 } }",
+        "map forward0_ip6_port { type inet_proto . inet_service : ipv6_addr . inet_service; "
+        "flags interval; elements = { tcp . 8080 : fd00:77:1::5 . 80 } }",
     ]
+
+
+def test_a_thousand_forwards_are_map_elements_not_rules() -> None:
+    many = replace(LAB, port_forwards=tuple(
+        Forward("tcp", 10000 + i, 10000 + i, f"10.77.1.{i % 250 + 2}", 80)
+        for i in range(1000)))
+    text = render_ruleset([many])
+    assert len(chain(text, "prerouting")) == 1 and len(chain(text, "output")) == 1
+    assert text.count(" : 10.77.1.") == 1000
 
 
 def test_hairpin_is_masqueraded_and_dnat_flows_pass_before_the_drops() -> None:
@@ -83,28 +107,28 @@ def test_a_forward_by_host_name_follows_the_hosts_address() -> None:
         DhcpHost(mac="52:54:00:00:00:05", ip=ipaddress.IPv4Address("10.77.1.50"), name="web"),)))
     assert [str(a) for a in targets(LAB.port_forwards[0], moved)] == ["10.77.1.50",
                                                                      "fd00:77:1::5"]
-    assert "dnat ip to 10.77.1.50:80" in render_ruleset([moved])
+    assert "tcp . 8080 : 10.77.1.50 . 80" in render_ruleset([moved])
     assert fingerprint([moved]) != fingerprint([LAB])
 
 
 def test_an_address_target_has_one_family() -> None:
     only = replace(LAB, port_forwards=(Forward("tcp", 80, 80, "fd00:77:1::9"),))
     text = render_ruleset([only])
-    assert "dnat ip6 to fd00:77:1::9" in text
+    assert "tcp . 80 : fd00:77:1::9 }" in text and "dnat ip6 to" in text
     assert "dnat ip " not in text
     assert "ip saddr 10.77.1.0/24 ip daddr 10.77.1.0/24 ct status dnat" not in text
 
 
 def test_routed_networks_render_forwards_too() -> None:
     routed = replace(LAB, mode=Mode.ROUTED)
-    assert "dnat ip to 10.77.1.5:80" in render_ruleset([routed])
+    assert "tcp . 8080 : 10.77.1.5 . 80" in render_ruleset([routed])
 
 
 def test_no_forwards_no_new_chains() -> None:
     for nets in CASES.values():
         text = render_ruleset(nets)
         assert "chain prerouting" not in text and "chain output" not in text
-        assert "ct status dnat" not in text and "\tset " not in text
+        assert "ct status dnat" not in text and not declarations(text)
 
 
 def test_forwards_of_a_network_are_removed_with_it() -> None:
