@@ -265,3 +265,28 @@ def test_udp_port_range_keeps_its_ports(box: Sandbox) -> None:
     assert wait_until(lambda: ask(5001) == f"5001 {UPSTREAM_IP}", timeout=10)
     assert ask(5000) == f"5000 {UPSTREAM_IP}" and ask(5002) == f"5002 {UPSTREAM_IP}"
     assert ask(5003) is None
+
+
+OVERLAP = '[[network.fw.forward]]\nproto = "tcp"\nport = "8000-8090"\nto = "10.70.0.6"\n'
+DNS_PORT = '[[network.fw.forward]]\nproto = "udp"\nport = 67\nto = "10.70.0.6"\n'
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (OVERLAP, "tcp 8000-8090 -> 10.70.0.6 overlaps tcp 8080 -> web:80 of network fw"),
+    (DNS_PORT, "udp port 67 is kvmnetd's DHCP (dnsmasq)"),
+])
+def test_bad_forwards_in_a_reload_are_refused_with_file_line(box: Sandbox, extra: str,
+                                                             message: str) -> None:
+    setup(box)
+    assert reached(box.upstream, HOST_UPLINK_IP, f"web {UPSTREAM_IP}")
+    before = box.nft()
+    text = config() + extra
+    box.write_config(text)
+    port_line = len(text.splitlines()) - 1  # the added table ends in port, to
+    r = box.ctl("reload", check=False)
+    assert r.returncode == 1
+    assert f"{box.config}:{port_line}: network.fw.forward[1].port: {message}" in r.stderr, \
+        r.stderr
+    # Nothing changed: the running forwards stay.
+    assert box.nft() == before
+    assert connect(box.upstream, HOST_UPLINK_IP) == f"web {UPSTREAM_IP}"
