@@ -19,6 +19,7 @@ from kvmnetd.config.forwards import (
     check_proto,
     forward_problems,
     overlap_problem,
+    overlapping,
     parse_target,
     reserved_problem,
 )
@@ -83,22 +84,30 @@ class ForwardsMixin:
         return dict(out)
 
     def _merge(self, nets: dict[str, Network]) -> dict[str, Network]:
-        out = dict(nets)
-        for name, extra in self.runtime_forwards.items():
-            net = out.get(name)
-            if net is None or not extra:
-                continue
-            taken = [(n.name, f) for n in out.values() for f in n.port_forwards]
-            keep = []
+        everything = list(nets.values())
+        fine: list[tuple[str, Forward]] = []
+        for name, extra in sorted(self.runtime_forwards.items()):
+            net = nets.get(name)
+            if net is None:
+                continue  # kept: the network may be defined again
             for fwd in extra:
-                problem = _problem(fwd, net, list(out.values()), taken)
-                if problem is None:
-                    keep.append(fwd)
-                    taken.append((name, fwd))
+                if problem := _problem(fwd, net, everything, []):
+                    _skipped(name, fwd, problem)
                 else:
-                    log.warning("forward.runtime_skipped", network=name,
-                                forward=fwd.describe(), reason=problem)
-            out[name] = replace(net, port_forwards=(*net.port_forwards, *keep))
+                    fine.append((name, fwd))
+        # Against the config's forwards (first, so they win) and each other: one sweep.
+        items = [(n.name, f) for n in everything for f in n.port_forwards] + fine
+        clashes = overlapping(items)
+        first = len(items) - len(fine)
+        keep: dict[str, list[Forward]] = {}
+        for k, (name, fwd) in enumerate(fine):
+            if (other := clashes.get(first + k)) is not None:
+                _skipped(name, fwd, f"overlaps {other[1].describe()} of network {other[0]}")
+            else:
+                keep.setdefault(name, []).append(fwd)
+        out = dict(nets)
+        for name, fwds in keep.items():
+            out[name] = replace(out[name], port_forwards=(*out[name].port_forwards, *fwds))
         return out
 
     def list_forwards(self, network: str = "") -> list[ForwardRow]:
@@ -178,6 +187,11 @@ class ForwardsMixin:
         new = replace(net, port_forwards=forwards)
         atomic_write(path, render_network_toml(new), durable=True, make_dir=True)
         self.config = replace(self.config, networks={**self.config.networks, network: new})
+
+
+def _skipped(network: str, fwd: Forward, reason: str) -> None:
+    log.warning("forward.runtime_skipped", network=network, forward=fwd.describe(),
+                reason=reason)
 
 
 def check_or_invalid(proto: str) -> str:
