@@ -340,7 +340,8 @@ FORWARD_COLS = ["network", "proto", "port", "to", "to_port"]
 def do_forward_list(c: Client, o: argparse.Namespace) -> None:
     rows = [{"network": r[0], "proto": r[1], "port": r[2], "to": r[3], "to_port": r[4] or None,
              "runtime": r[5]} for r in c.call("ListForwards", o.network or "")]
-    emit(o, rows, lambda: table(rows, [*FORWARD_COLS, "runtime"]))
+    shown = [{**r, "from": "runtime" if r["runtime"] else "config"} for r in rows]
+    emit(o, rows, lambda: table(shown, [*FORWARD_COLS, "from"]))
 
 
 def do_forward_add(c: Client, o: argparse.Namespace) -> None:

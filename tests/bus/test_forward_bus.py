@@ -33,8 +33,9 @@ async def test_add_list_remove(served: Served, socket: bool) -> None:
     assert json.loads(out) == [{"network": "default", "proto": "tcp", "port": "8080",
                                 "to": "192.0.2.50", "to_port": 80, "runtime": True}], err
     rc, out, err = await ctl(served, "forward", "list", socket=socket)
-    assert out.splitlines()[1].split() == ["default", "tcp", "8080", "192.0.2.50", "80",
-                                           "True"]
+    assert [line.split() for line in out.splitlines()] == [
+        ["NETWORK", "PROTO", "PORT", "TO", "TO_PORT", "FROM"],
+        ["default", "tcp", "8080", "192.0.2.50", "80", "runtime"]]
     rc, _, err = await ctl(served, "forward", "add", "default", "udp", "53", "192.0.2.50",
                            socket=socket)
     assert rc == 1 and "kvmnetd's DNS (dnsmasq)" in err, err
