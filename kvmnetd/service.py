@@ -99,6 +99,7 @@ class Service:
         self.rec.restore_ports()
         self.netlink.on_link_added = self.rec.link_added
         # Listen first, then observe: no ruleset change falls between.
+        self.nftmon.table = s.firewall_table
         await self.nftmon.start(self.rec.firewall_changed)
         # Foreign chains then change only with an event: the timer reads just our table.
         self.rec.foreign_events = self.nftmon.listening

@@ -1,8 +1,10 @@
 """Pure: a network's port forwards -> nftables maps and rules for our `inet` table.
 
-The forwards of a network go into DNAT maps, one per address family and kind (any host
-address or one given `address`; a guest port given, or the host's ports kept), keyed
-by protocol and port (interval: ranges are one element). A few rules look them up:
+The single-port forwards of a network go into DNAT maps, one per address family and kind
+(any host address or one given `address`; a guest port given, or the host's port kept),
+keyed by protocol and port; a few rules look them up. A port range is a rule of its own
+(ranges are few; as map elements they would need an interval map, whose elements nft
+monitor does not report, so their loss could not be healed at once). The hooks:
 
 - prerouting: DNAT of connections from outside (and from guests: hairpin) to the
   host's addresses; no SNAT, so the guest sees the real client address;
@@ -12,8 +14,8 @@ by protocol and port (interval: ranges are one element). A few rules look them u
   that guest never spoke to;
 - forward: accept what our DNAT sends into the bridge, before the network's drops.
 
-A thousand forwards are then a thousand map elements, not two thousand rules: one
-lookup per new connection, and `nft -f` of the table stays fast.
+A thousand single-port forwards are then a thousand map elements, not two thousand
+rules: one lookup per new connection, and `nft -f` of the table stays fast.
 
 Without `address`, a forward listens on every local address of the host except the
 gateway addresses of our own networks (`fib daddr type local`, minus a named set).
@@ -93,6 +95,15 @@ _KEY = "meta l4proto . th dport"
 _TYPES = {"ip": "ipv4_addr", "ip6": "ipv6_addr"}
 
 
+def _range_rules(r: ForwardRules, fwd: Forward, to: IPAddress, tag: str) -> None:
+    """A port range: a rule of its own per hook (ranges keep their ports, so no to_port)."""
+    fam = _fam(to)
+    for chain, output in ((r.prerouting, False), (r.output, True)):
+        listen = f"{fam} daddr {fwd.address}" if fwd.address is not None \
+            else _listen(fam, output)
+        chain.append(f"{listen} {fwd.proto} dport {fwd.ports} dnat {fam} to {to} comment {tag}")
+
+
 def _value(fwd: Forward, to: IPAddress) -> str:
     return str(to) if fwd.to_port is None else f"{to} . {fwd.to_port}"
 
@@ -103,14 +114,19 @@ def forward_rules(net: Network, tag: str, quote_br: str, prefix: str) -> Forward
     r = ForwardRules()
     if net.mode not in FORWARD_MODES or not net.port_forwards:
         return r
-    # (family, by address, guest port given) -> map elements
+    # (family, by address, guest port given) -> map elements of single ports
     elements: dict[tuple[str, bool, bool], list[str]] = {}
+    families: set[str] = set()
     for fwd in net.port_forwards:
         for to in targets(fwd, net):
             fam = _fam(to)
             if fwd.address is not None and _fam(fwd.address) != fam:
                 continue
-            key = f"{fwd.proto} . {fwd.ports}"
+            families.add(fam)
+            if fwd.port != fwd.port_end:
+                _range_rules(r, fwd, to, tag)
+                continue
+            key = f"{fwd.proto} . {fwd.port}"
             if fwd.address is not None:
                 key = f"{fwd.address} . {key}"
             kind = (fam, fwd.address is not None, fwd.to_port is not None)
@@ -119,8 +135,10 @@ def forward_rules(net: Network, tag: str, quote_br: str, prefix: str) -> Forward
         name = f"{prefix}_{fam}{'_addr' if by_address else ''}{'_port' if mapped else ''}"
         ktype = f"{_TYPES[fam]} . " if by_address else ""
         vtype = f"{_TYPES[fam]} . inet_service" if mapped else _TYPES[fam]
+        # No interval flag: nft monitor does not report elements of concatenated interval
+        # maps, and a deleted element must be seen to be healed.
         r.maps.append(f"map {name} {{ type {ktype}inet_proto . inet_service : {vtype}; "
-                      f"flags interval; elements = {{ {', '.join(elems)} }} }}")
+                      f"elements = {{ {', '.join(elems)} }} }}")
         for chain, output in ((r.prerouting, False), (r.output, True)):
             where = f"{fam} daddr . {_KEY}" if by_address else _KEY
             listen = "" if by_address else f"{_listen(fam, output)} "
@@ -128,7 +146,7 @@ def forward_rules(net: Network, tag: str, quote_br: str, prefix: str) -> Forward
     prefixes = {fam: pfx for fam, pfx in (
         ("ip", net.ipv4.network if net.ipv4 else None),
         ("ip6", net.ipv6.network if net.ipv6 else None)) if pfx is not None}
-    for fam in sorted({fam for fam, _, _ in elements}):
+    for fam in sorted(families):
         pfx = prefixes.get(fam)
         if pfx is not None:
             r.postrouting.append(f"{fam} saddr {pfx} {fam} daddr {pfx} ct status dnat "

@@ -147,6 +147,7 @@ def test_forward_by_host_name_follows_the_host_after_reload(box: Sandbox) -> Non
     ["flush", "table", "inet", "kvmnetd"],
     ["flush", "chain", "inet", "kvmnetd", "prerouting"],
     ["delete", "chain", "inet", "kvmnetd", "output"],
+    ["delete", "element", "inet", "kvmnetd", "forward0_ip_port", "{ tcp . 8080 }"],
 ])
 def test_healed_when_rules_are_flushed_or_deleted(box: Sandbox, damage: list[str]) -> None:
     setup(box)

@@ -211,5 +211,10 @@ def test_monitor_ignores_set_elements_and_comments() -> None:
     assert is_change("add rule inet kvmnetd forward accept\n")
     assert is_change("delete table inet kvmnetd")
     assert not is_change("add element inet f2b addr { 192.0.2.7 }")
+    assert not is_change("add element inet f2b addr { 192.0.2.7 }", "kvmnetd")
+    # Our own table's elements (port forwards' maps) are ours to heal.
+    assert is_change("delete element inet kvmnetd forward0_ip_port { tcp . 80 : 10.0.0.5 . 80 }",
+                     "kvmnetd")
     assert not is_change("# new generation 5 by process 1 (nft)")
     assert not is_change("\n")
+

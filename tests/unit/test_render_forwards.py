@@ -45,17 +45,18 @@ def test_dnat_from_outside_and_from_the_host_itself() -> None:
     # Every local address but our gateways (of every network), in each family the
     # target has; no SNAT, so the guest sees who connected.
     assert chain(text, "prerouting") == [
-        f"fib daddr type local ip daddr != @forward_skip4 {l4} "
-        f"dnat ip to meta l4proto . th dport map @forward0_ip {tag}",
+        # A range: a rule of its own, keeping its ports.
+        f"fib daddr type local ip daddr != @forward_skip4 udp dport 5000-5010 "
+        f"dnat ip to 10.77.1.6 {tag}",
         f"fib daddr type local ip daddr != @forward_skip4 {l4} "
         f"dnat ip to meta l4proto . th dport map @forward0_ip_port {tag}",
         f"{l4} dnat ip to ip daddr . meta l4proto . th dport map @forward0_ip_addr_port {tag}",
         f"fib daddr type local ip6 daddr != @forward_skip6 {l4} "
         f"dnat ip6 to meta l4proto . th dport map @forward0_ip6_port {tag}",
     ]
-    # From the host itself: the same maps, loopback skipped too.
+    # From the host itself: the same, loopback skipped too.
     out = chain(text, "output")
-    assert out[0].startswith("fib daddr type local ip daddr != @forward_skip4_out ")
+    assert out[0].startswith("fib daddr type local ip daddr != @forward_skip4_out udp ")
     assert out[3].startswith("fib daddr type local ip6 daddr != @forward_skip6_out ")
     assert len(out) == 4
     assert declarations(text) == [
@@ -65,16 +66,12 @@ def test_dnat_from_outside_and_from_the_host_itself() -> None:
         "set forward_skip6 { type ipv6_addr; elements = { fd00:77:1::1 } }",
         "set forward_skip6_out { type ipv6_addr; flags interval; "
         "elements = { fd00:77:1::1, ::1/128 } }",
-        # Ranges keep their ports: a map to the address alone.
-        "map forward0_ip { type inet_proto . inet_service : ipv4_addr; flags interval; "
-        "elements = { udp . 5000-5010 : 10.77.1.6 } }",
         "map forward0_ip_port { type inet_proto . inet_service : ipv4_addr . inet_service; "
-        "flags interval; elements = { tcp . 8080 : 10.77.1.5 . 80 } }",
+        "elements = { tcp . 8080 : 10.77.1.5 . 80 } }",
         "map forward0_ip_addr_port { type ipv4_addr . inet_proto . inet_service : "
-        "ipv4_addr . inet_service; flags interval; "
-        "elements = { 198.51.100.2 . tcp . 2222 : 10.77.1.7 . 22 } }",
+        "ipv4_addr . inet_service; elements = { 198.51.100.2 . tcp . 2222 : 10.77.1.7 . 22 } }",
         "map forward0_ip6_port { type inet_proto . inet_service : ipv6_addr . inet_service; "
-        "flags interval; elements = { tcp . 8080 : fd00:77:1::5 . 80 } }",
+        "elements = { tcp . 8080 : fd00:77:1::5 . 80 } }",
     ]
 
 
