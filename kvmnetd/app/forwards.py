@@ -220,6 +220,7 @@ def _parse(proto: str, port: str, target: str) -> Forward:
 
 def _problem(fwd: Forward, net: Network, nets: list[Network],
              taken: list[tuple[str, Forward]]) -> str | None:
-    for _key, msg in forward_problems(fwd, net):
-        return msg
+    problems = forward_problems(fwd, net)
+    if problems:
+        return problems[0][1]
     return reserved_problem(fwd, nets) or overlap_problem(fwd, net.name, taken)
