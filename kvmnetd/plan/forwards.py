@@ -99,8 +99,8 @@ def _range_rules(r: ForwardRules, fwd: Forward, to: IPAddress, tag: str) -> None
     """A port range: a rule of its own per hook (ranges keep their ports, so no to_port)."""
     fam = _fam(to)
     for chain, output in ((r.prerouting, False), (r.output, True)):
-        listen = f"{fam} daddr {fwd.address}" if fwd.address is not None \
-            else _listen(fam, output)
+        listen = _listen(fam, output) if fwd.address is None \
+            else f"fib daddr type local {fam} daddr {fwd.address}"
         chain.append(f"{listen} {fwd.proto} dport {fwd.ports} dnat {fam} to {to} comment {tag}")
 
 
@@ -141,7 +141,8 @@ def forward_rules(net: Network, tag: str, quote_br: str, prefix: str) -> Forward
                       f"elements = {{ {', '.join(elems)} }} }}")
         for chain, output in ((r.prerouting, False), (r.output, True)):
             where = f"{fam} daddr . {_KEY}" if by_address else _KEY
-            listen = "" if by_address else f"{_listen(fam, output)} "
+            # With an address too: only while it is the host's, never traffic routed through.
+            listen = "fib daddr type local " if by_address else f"{_listen(fam, output)} "
             chain.append(f"{listen}{_L4} dnat {fam} to {where} map @{name} comment {tag}")
     prefixes = {fam: pfx for fam, pfx in (
         ("ip", net.ipv4.network if net.ipv4 else None),

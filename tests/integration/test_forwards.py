@@ -291,3 +291,15 @@ def test_bad_forwards_in_a_reload_are_refused_with_file_line(box: Sandbox, extra
     # Nothing changed: the running forwards stay.
     assert box.nft() == before
     assert connect(box.upstream, HOST_UPLINK_IP) == f"web {UPSTREAM_IP}"
+
+
+def test_a_forward_with_address_listens_there_only(box: Sandbox) -> None:
+    setup(box)
+    sh("ip", "addr", "add", "198.51.100.9/24", "dev", "uplink0", ns=box.host)
+    reload(box, config() + '[[network.fw.forward]]\nproto = "tcp"\nport = 8081\n'
+                           f'address = "{HOST_UPLINK_IP}"\nto = "web"\nto_port = 80\n')
+    assert wait_until(lambda: connect(box.upstream, HOST_UPLINK_IP, 8081)
+                      == f"web {UPSTREAM_IP}", timeout=10)
+    assert connect(box.upstream, "198.51.100.9", 8081) is None
+    # Without address: every host address.
+    assert connect(box.upstream, "198.51.100.9") == f"web {UPSTREAM_IP}"

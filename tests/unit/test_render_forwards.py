@@ -50,7 +50,8 @@ def test_dnat_from_outside_and_from_the_host_itself() -> None:
         f"dnat ip to 10.77.1.6 {tag}",
         f"fib daddr type local ip daddr != @forward_skip4 {l4} "
         f"dnat ip to meta l4proto . th dport map @forward0_ip_port {tag}",
-        f"{l4} dnat ip to ip daddr . meta l4proto . th dport map @forward0_ip_addr_port {tag}",
+        f"fib daddr type local {l4} "
+        f"dnat ip to ip daddr . meta l4proto . th dport map @forward0_ip_addr_port {tag}",
         f"fib daddr type local ip6 daddr != @forward_skip6 {l4} "
         f"dnat ip6 to meta l4proto . th dport map @forward0_ip6_port {tag}",
     ]
