@@ -344,6 +344,52 @@ def do_port_stats(c: Client, o: argparse.Namespace) -> None:
     emit(o, rows, lambda: table(rows, STATS_COLS))
 
 
+# -- port forwards --------------------------------------------------------------
+
+FORWARD_COLS = ["network", "proto", "port", "to", "to_port"]
+
+
+def do_forward_list(c: Client, o: argparse.Namespace) -> None:
+    rows = [{"network": r[0], "proto": r[1], "port": r[2], "to": r[3], "to_port": r[4] or None,
+             "runtime": r[5]} for r in c.call("ListForwards", o.network or "")]
+    shown = [{**r, "from": "runtime" if r["runtime"] else "config"} for r in rows]
+    emit(o, rows, lambda: table(shown, [*FORWARD_COLS, "from"]))
+
+
+def do_forward_add(c: Client, o: argparse.Namespace) -> None:
+    c.call("AddForward", o.network, o.proto, o.port, o.to, o.persist)
+    done(o, {"network": o.network, "proto": o.proto, "port": o.port, "to": o.to,
+             "action": "added", "persistent": o.persist},
+         f"{o.network}: {o.proto} {o.port} -> {o.to} ({_persistence(o.persist)})")
+
+
+def do_forward_remove(c: Client, o: argparse.Namespace) -> None:
+    c.call("RemoveForward", o.network, o.proto, o.port)
+    done(o, {"network": o.network, "proto": o.proto, "port": o.port, "action": "removed"},
+         f"{o.network}: {o.proto} {o.port} removed")
+
+
+def add_forward_verbs(verbs: Any, verb: Any) -> None:
+    fwd = verbs.add_parser("forward", help="port forwards from the host to guests").add_subparsers(
+        dest="sub", required=True, metavar="ACTION")
+    a = verb(fwd, "add", do_forward_add, "forward a host port (or range) to a guest",
+             change=True)
+    a.add_argument("network")
+    a.add_argument("proto", choices=["tcp", "udp"])
+    a.add_argument("port", help='a port or a range such as "8000-8010"')
+    a.add_argument("to", metavar="TO[:TO_PORT]",
+                   help="guest address or static DHCP host name, optional guest port "
+                        "([IPV6]:PORT for IPv6)")
+    a.add_argument("--persist", action="store_true",
+                   help="write it into the network's file (default: kept until removed)")
+    r = verb(fwd, "remove", do_forward_remove, "remove a port forward", change=True)
+    r.add_argument("network")
+    r.add_argument("proto", choices=["tcp", "udp"])
+    r.add_argument("port", help="its (first) host port")
+    verb(fwd, "list", do_forward_list, "list port forwards", True).add_argument(
+        "network", nargs="?", help="one network (default: all)")
+
+
 def do_version(c: Client, o: argparse.Namespace) -> None:
     print(c.call("Version"))
 
@@ -413,6 +459,7 @@ def parser() -> argparse.ArgumentParser:
     verb(port, "stats", do_port_stats,
          "traffic counters per port, from the guest's side (tx: sent by the guest)",
          True).add_argument("ifname", nargs="?", help="one port (default: all)")
+    add_forward_verbs(verbs, verb)
     verb(verbs, "leases", do_leases, "DHCP leases of a network", True).add_argument("network")
     verb(verbs, "doctor", do_doctor, "explain why a guest may have no network", True)
     verb(verbs, "reload", simple("Reload"), "re-read the configuration")

@@ -15,6 +15,7 @@ from kvmnetd.adapters.coexist import ForeignForwardAdapter
 from kvmnetd.adapters.default_subnet import DefaultSubnetFile
 from kvmnetd.adapters.dirs import check_writable_dirs
 from kvmnetd.adapters.files import atomic_write
+from kvmnetd.adapters.forward_store import ForwardFile
 from kvmnetd.adapters.inotify import wait_for_path
 from kvmnetd.adapters.nftables import NftablesAdapter
 from kvmnetd.adapters.nftmonitor import NftMonitor
@@ -95,7 +96,8 @@ class Service:
                               table=s.firewall_table,
                               coexist=ForeignForwardAdapter(s.firewall_table),
                               coexist_mode=s.coexist, rate=TcRates())
-        self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets)
+        self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets,
+                         forward_store=ForwardFile())
         self._wired = True
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
@@ -104,6 +106,7 @@ class Service:
         self.tcmon.start(self.rec.rates_changed)
         self.netlink.on_link_added = self.rec.link_added
         # Listen first, then observe: no ruleset change falls between.
+        self.nftmon.table = s.firewall_table
         await self.nftmon.start(self.rec.firewall_changed)
         # Foreign chains then change only with an event: the timer reads just our table.
         self.rec.foreign_events = self.nftmon.listening

@@ -1,7 +1,8 @@
 """Follows `nft monitor ruleset`: every changed table, chain, set or rule is a trigger.
 
-The reconciler coalesces triggers, so no filtering beyond set elements (which
-other daemons, e.g. fail2ban, may churn and which never concern us) is needed.
+The reconciler coalesces triggers, so no filtering beyond set elements of other
+tables (which other daemons, e.g. fail2ban, may churn) is needed; elements of our own
+table (the port forwards' maps) are ours to heal.
 Our own applies are reported too; the pass they cause finds nothing to do.
 nft runs in the daemon's network namespace (it inherits it). If it dies it is
 started again with a growing delay; a restart also triggers, since changes made
@@ -27,14 +28,18 @@ STABLE_AFTER = 10.0
 _IGNORED = ("add element ", "delete element ", "destroy element ")
 
 
-def is_change(line: str) -> bool:
+def is_change(line: str, table: str | None = None) -> bool:
+    """Does this monitor line change the ruleset in a way we may care about?"""
     line = line.strip()
-    return bool(line) and not line.startswith("#") and not line.startswith(_IGNORED)
+    if line.startswith(_IGNORED):
+        return table is not None and line.split()[2:4] == ["inet", table]
+    return bool(line) and not line.startswith("#")
 
 
 class NftMonitor:
     def __init__(self, nft: str = NFT) -> None:
         self.nft = nft
+        self.table: str | None = None  # our table: its set elements count as changes
         self.events = 0
         self.restarts = 0
         self._task: asyncio.Task[None] | None = None
@@ -85,7 +90,7 @@ class NftMonitor:
                       on_change: Callable[[], None]) -> None:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
-            if is_change(line.decode(errors="replace")):
+            if is_change(line.decode(errors="replace"), self.table):
                 self.events += 1
                 on_change()
 

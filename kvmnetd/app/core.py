@@ -15,8 +15,10 @@ import structlog
 from kvmnetd import __version__, logsetup
 from kvmnetd.adapters.counters import GuestCounters, read_port_counters
 from kvmnetd.adapters.files import atomic_write
+from kvmnetd.adapters.forward_store import ForwardFile
 from kvmnetd.adapters.port_limits import load_port_limits, save_port_limits
 from kvmnetd.app.access import Authority, authorize
+from kvmnetd.app.forwards import ForwardsMixin
 from kvmnetd.config import load as cfg
 from kvmnetd.config.host_routes import DefaultSubnetStore, load_config
 from kvmnetd.config.write import render_network_toml
@@ -51,12 +53,13 @@ class DhcpView(Protocol):
     def leases(self, network: str) -> list[Lease]: ...
 
 
-class Core:
+class Core(ForwardsMixin):
     version = __version__
 
     def __init__(self, reconciler: Reconciler, config: cfg.Config,
                  dhcp: DhcpView | None = None, overrides: dict[str, str] | None = None,
-                 default_subnets: DefaultSubnetStore | None = None) -> None:
+                 default_subnets: DefaultSubnetStore | None = None,
+                 forward_store: ForwardFile | None = None) -> None:
         self.rec = reconciler
         self.default_subnets = default_subnets
         self.config = config
@@ -84,11 +87,12 @@ class Core:
         self.port_limits = load_port_limits(config.settings.state_dir)
         reconciler.on_state(self._state_changed)
         reconciler.on_ports(self._emit_port_changes)
+        self._init_forwards(forward_store)  # runtime port forwards (app/forwards.py)
 
     # ---- desired state -------------------------------------------------------------------
 
     def networks(self) -> dict[str, Network]:
-        return {**self.config.networks, **self.runtime}
+        return self.with_runtime_forwards({**self.config.networks, **self.runtime})
 
     def build_desired(self, ports: dict[str, str] | None = None) -> DesiredState:
         nets = self.networks()
@@ -273,6 +277,8 @@ class Core:
             self.config = replace(self.config, networks=nets)
         else:
             raise InvalidArgument(f"network {name} is defined on disk; undefine it with persist")
+        if name in self.runtime_forwards:  # they went with the network
+            self._set_runtime(name, ())
         ports = {i: n for i, n in self.rec.desired.ports.items() if n != name}
         self.started.discard(name)
         self.stopped.discard(name)

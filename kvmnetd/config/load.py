@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvmnetd.config import schema as val
+from kvmnetd.config.forwards import overlapping, reserved_problem
 from kvmnetd.config.locate import FileCtx, Table, has_control, suggest
 from kvmnetd.model.desired import AttachRule, Dhcp, DhcpRange, Dns, Mode, Network, Settings, Source
 from kvmnetd.model.errors import ConfigError, ConfigIssue
@@ -256,6 +257,26 @@ def _cross(decls: list[tuple[Network, FileCtx | None]]) -> None:
                               f"{other.name!r}{_where(other)}")
 
 
+def _cross_forwards(decls: list[tuple[Network, FileCtx | None]]) -> None:
+    """Forwards against other networks: the same port twice (reported on the later of the
+    two), or one that another network's dnsmasq serves."""
+    items = [(net.name, f) for net, _ in decls for f in net.port_forwards]
+    owner = [(net, ctx) for net, ctx in decls for _ in net.port_forwards]
+    for k, (name, other) in overlapping(items).items():
+        net, ctx = owner[k]
+        if ctx is not None and name != net.name:  # within one network: read_forwards'
+            fwd = items[k][1]
+            ctx.error(("network", net.name, "forward", fwd.index or 0, "port"),
+                      f"{fwd.describe()} overlaps {other.describe()} of network {name}")
+    for i, (net, ctx) in enumerate(decls):
+        if ctx is None or not net.port_forwards:
+            continue
+        others = [n for j, (n, _) in enumerate(decls) if j != i]
+        for fwd in net.port_forwards:
+            if problem := reserved_problem(fwd, others):
+                ctx.error(("network", net.name, "forward", fwd.index or 0, "port"), problem)
+
+
 def _routes(host_routes: Iterable[IPNetwork]) -> list[IPNetwork]:
     # Default routes would overlap everything; they say nothing about local subnets.
     return [r for r in host_routes if r.prefixlen > 0]
@@ -311,6 +332,7 @@ def load(config_file: str | None, networks_dir: str | None,
         networks[net.name] = net
         decls.append((net, nctx))
     _cross(decls)
+    _cross_forwards(decls)
     rules: list[AttachRule] = []
     for rule, rctx, idx in found.rules:
         if rule.network not in networks:
@@ -356,6 +378,7 @@ def parse_network_text(text: str, filename: str, existing: Config) -> Network:
     others: list[tuple[Network, FileCtx | None]] = [
         (n, None) for n in existing.networks.values() if n.name != name]
     _cross([*others, (net, ctx)])
+    _cross_forwards([*others, (net, ctx)])
     if issues:
         raise ConfigError(_ordered(issues, [filename]))
     return net

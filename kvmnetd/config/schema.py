@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from kvmnetd.config.addresses import (
@@ -20,6 +21,7 @@ from kvmnetd.config.addresses import (
     parse_range,
 )
 from kvmnetd.config.dnsmasq_options import check_option
+from kvmnetd.config.forwards import read_forwards
 from kvmnetd.config.locate import FileCtx, Table, suggest
 from kvmnetd.model.desired import (
     AttachRule,
@@ -193,7 +195,7 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 NETWORK_KEYS = ("mode", "bridge", "ipv4", "ipv6", "uplink", "stp", "forward_delay", "mtu",
                 "autostart", "host_access", "isolate_ports", "port_rate", "allow_users",
-                "allow_groups", "dhcp", "dns", "dnsmasq")
+                "allow_groups", "dhcp", "dns", "dnsmasq", "forward")
 DHCP_KEYS = ("ranges", "ranges6", "lease_time", "router", "ping_check", "tftp_root",
              "boot_file", "next_server", "ra", "dhcpv6", "host", "host6", "boot")
 BOOT_KEYS = ("bios", "efi_x86_64", "efi_arm64", "ipxe")
@@ -460,7 +462,7 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
         t.error("uplink", f"the uplink {uplink!r} is the network's own bridge")
     if mtu and v6 is not None and mtu < 1280:
         t.error("mtu", f"IPv6 needs an MTU of at least 1280, not {mtu}")
-    return Network(
+    net = Network(
         name=name, mode=mode, bridge=bridge, ipv4=v4, ipv6=v6, uplink=uplink, stp=stp,
         forward_delay=delay, mtu=mtu or None, autostart=t.flag("autostart", True),
         host_access=host_access, isolate_ports=t.flag("isolate_ports", False),
@@ -470,6 +472,9 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
         allow_groups=t.texts("allow_groups", check_user),
         source=ctx.source(t.path),
     )
+    if t.has("forward"):
+        net = replace(net, port_forwards=read_forwards(t, net))
+    return net
 
 
 def read_attach(ctx: FileCtx, index: int, data: dict[str, Any]) -> AttachRule | None:

@@ -10,6 +10,7 @@ from typing import Any
 import tomli_w
 
 from kvmnetd.model.desired import DhcpRange, Network
+from kvmnetd.model.forward import Forward
 from kvmnetd.model.rate import format_rate
 
 
@@ -28,6 +29,13 @@ def _table(items: list[tuple[str, object]]) -> dict[str, Any]:
 
 def _ranges(rs: tuple[DhcpRange, ...]) -> list[str]:
     return [f"{r.start}-{r.end}" for r in rs]
+
+
+def forward_table(f: Forward) -> dict[str, Any]:
+    """One [[network.NAME.forward]]: a single port as a number, a range as its text."""
+    port: int | str = f.port if f.port == f.port_end else f.ports
+    return _table([("proto", f.proto), ("port", port), ("address", f.address),
+                   ("to", f.to), ("to_port", f.to_port)])
 
 
 def render_network_toml(net: Network) -> str:
@@ -63,4 +71,6 @@ def render_network_toml(net: Network) -> str:
                                for h in net.dns.hosts]
     if net.dnsmasq_options:
         body["dnsmasq"] = _table([("options", net.dnsmasq_options)])
+    if net.port_forwards:
+        body["forward"] = [forward_table(f) for f in net.port_forwards]
     return tomli_w.dumps({"network": {net.name: body}})

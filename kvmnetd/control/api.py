@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from kvmnetd.app.forwards import ForwardRow
 from kvmnetd.model.records import (
     Caller,
     CoreEvent,
@@ -56,5 +57,14 @@ class CoreAPI(Protocol):
     async def reload(self, caller: Caller) -> None: ...  # ConfigError: nothing changed
 
     async def set_log_level(self, caller: Caller, level: str) -> None: ...
+
+    # Port forwards (app/forwards.py): NoSuchNetwork, InvalidArgument, Conflict.
+    def list_forwards(self, network: str = "") -> list[ForwardRow]: ...
+
+    async def add_forward(self, caller: Caller, network: str, proto: str, port: str,
+                          target: str, persist: bool) -> None: ...
+
+    async def remove_forward(self, caller: Caller, network: str, proto: str,
+                             port: str) -> None: ...
 
     def subscribe(self, listener: Callable[[CoreEvent], None]) -> None: ...

@@ -144,6 +144,23 @@ async def _set_log_level(core: CoreAPI, c: Caller | None, a: list[Any]) -> Any:
     await core.set_log_level(_caller(c), a[0])
 
 
+# ---- port forwards ----------------------------------------------------------------------
+
+
+async def _list_forwards(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
+    # to_port 0: the same port(s) as on the host.
+    return [[r.network, r.proto, r.port, r.to, r.to_port or 0, r.runtime]
+            for r in core.list_forwards(a[0])]
+
+
+async def _add_forward(core: CoreAPI, c: Caller | None, a: list[Any]) -> Any:
+    await core.add_forward(_caller(c), a[0], a[1], a[2], a[3], a[4])
+
+
+async def _remove_forward(core: CoreAPI, c: Caller | None, a: list[Any]) -> Any:
+    await core.remove_forward(_caller(c), a[0], a[1], a[2])
+
+
 async def _network(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
     return network_properties(core.network(a[0]))
 
@@ -182,6 +199,12 @@ METHODS: tuple[Method, ...] = (
     Method("LimitPort", (("ifname", _S), ("rate", _S)), "", ADMIN, _limit),
     Method("Reload", (), "", ADMIN, _reload, "all"),
     Method("SetLogLevel", (("level", _S),), "", ADMIN, _set_log_level),
+    # Port forwards: network "" lists every network's; target is TO[:TO_PORT].
+    Method("ListForwards", (("network", _S),), "a(ssssqb)", READ, _list_forwards),
+    Method("AddForward", (("network", _S), ("proto", _S), ("port", _S), ("target", _S),
+                          ("persist", _B)), "", ADMIN, _add_forward),
+    Method("RemoveForward", (("network", _S), ("proto", _S), ("port", _S)), "", ADMIN,
+           _remove_forward),
     # The bus reaches these through the network object and the Version property.
     Method("Network", (("name", _S),), "a{sv}", READ, _network, on_bus=False),
     Method("Leases", (("name", _S),), "a(sssst)", READ, _leases, on_bus=False),

@@ -7,6 +7,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from kvmnetd.model.forward import Forward
 from kvmnetd.model.policy import AttachPolicy
 
 IPv4Interface = ipaddress.IPv4Interface
@@ -135,6 +136,8 @@ class Network:
     # Extra dnsmasq options ("name" or "name=value"), each on the config's allow list;
     # written after kvmnetd's own.
     dnsmasq_options: tuple[str, ...] = ()
+    # Port forwards ([[network.NAME.forward]] and runtime ones), in declaration order.
+    port_forwards: tuple[Forward, ...] = ()
     source: Source | None = field(default=None, compare=False)
 
     @property

@@ -141,6 +141,9 @@ def _rules_for(net: Network, target: _Target) -> list[str]:
             replies_only = net.mode is Mode.NAT and fam == "ip" and not target.chain.iptables
             ct = " ct state established,related" if replies_only else ""
             rules.append(f"oifname {br} {fam} daddr {prefix}{ct} accept {tag}")
+            if replies_only and net.port_forwards:
+                # New connections our port forwards DNAT into the network.
+                rules.append(f"oifname {br} {fam} daddr {prefix} ct status dnat accept {tag}")
     return rules
 
 

@@ -23,6 +23,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from kvmnetd.model.desired import Mode, Network, is_nft_name
+from kvmnetd.plan.forwards import forward_rules, gateways_of, sets_for
 
 # Multicast control and limited broadcast are never masqueraded (as libvirt does).
 _NO_MASQUERADE = ("224.0.0.0/24", "255.255.255.255")
@@ -31,6 +32,10 @@ _CHAINS = (
     ("postrouting", "type nat hook postrouting priority srcnat; policy accept;"),
     ("forward", "type filter hook forward priority filter; policy accept;"),
     ("input", "type filter hook input priority filter; policy accept;"),
+    # Port forwards only (plan/forwards.py): DNAT before routing, and for the host's own
+    # connections. -100 is dstnat; nft 1.0.6 knows that name for prerouting only.
+    ("prerouting", "type nat hook prerouting priority dstnat; policy accept;"),
+    ("output", "type nat hook output priority -100; policy accept;"),
 )
 
 
@@ -57,6 +62,9 @@ class _Rules:
         self.postrouting: list[str] = []
         self.forward: list[str] = []
         self.input: list[str] = []
+        self.prerouting: list[str] = []
+        self.output: list[str] = []
+        self.maps: list[str] = []  # port forwards' DNAT maps
 
     def add(self, chain: list[str], rule: str) -> None:
         chain.append(f"{rule} comment {self.tag}")
@@ -129,7 +137,7 @@ def _nat_rules(r: _Rules) -> None:
     r.add(r.postrouting, f"ip saddr {prefix} ip daddr != {prefix}{out} masquerade")
 
 
-def _rules_for(net: Network) -> _Rules:
+def _rules_for(net: Network, index: int) -> _Rules:
     r = _Rules(net)
     if net.mode is Mode.NAT:
         _nat_rules(r)
@@ -144,17 +152,28 @@ def _rules_for(net: Network) -> _Rules:
         r.add(r.forward, f"oifname {r.br} iifname != {r.br} drop")
         _service_rules(r, open_host=net.host_access)
     # bridged: the host only switches; no rules.
+    fwd = forward_rules(net, r.tag, r.br, f"forward{index}")
+    # Hairpin masquerade and the accept of DNAT-ed flows go before the network's own
+    # returns and drops.
+    r.postrouting[:0] = fwd.postrouting
+    r.forward[:0] = fwd.forward
+    r.prerouting, r.output, r.maps = fwd.prerouting, fwd.output, fwd.maps
     return r
 
 
 def _body(networks: list[Network]) -> list[str]:
     chains: dict[str, list[str]] = {name: [] for name, _ in _CHAINS}
-    for net in sorted(networks, key=lambda n: n.name):
-        r = _rules_for(net)
+    maps: list[str] = []
+    for index, net in enumerate(sorted(networks, key=lambda n: n.name)):
+        r = _rules_for(net, index)
+        maps += r.maps
         chains["postrouting"] += r.postrouting
         chains["forward"] += r.forward
         chains["input"] += r.input
-    lines: list[str] = []
+        chains["prerouting"] += r.prerouting
+        chains["output"] += r.output
+    decls = sets_for(chains["prerouting"] + chains["output"], gateways_of(networks)) + maps
+    lines = [f"\t{decl}" for decl in decls]
     for name, header in _CHAINS:
         if not chains[name]:
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from kvmnetd.adapters.coexist import transaction
 from kvmnetd.adapters.nftmonitor import is_change
 from kvmnetd.model.desired import Mode, Network
+from kvmnetd.model.forward import Forward
 from kvmnetd.plan.coexist import (
     ChainRef,
     CoexistRule,
@@ -92,6 +94,15 @@ def test_foreign_nft_table_with_mode_all_keeps_the_ct_restriction() -> None:
            'comment "kvmnetd:nat"' in fw
     assert 'iifname "kvnat0" ip6 saddr fd00:50::/64 accept comment "kvmnetd:nat"' in fw
     assert p.reports == ()
+
+
+def test_port_forwards_let_dnat_flows_through_a_foreign_nft_drop() -> None:
+    with_fwd = replace(NAT, port_forwards=(Forward("tcp", 80, 80, "10.50.0.5"),))
+    accept = 'oifname "kvnat0" ip daddr 10.50.0.0/24 ct status dnat accept comment "kvmnetd:nat"'
+    assert accept in texts(coexist_rules([with_fwd], ForeignForward(drops=(FW,)),
+                                         mode="all").rules, FW)
+    assert accept not in texts(coexist_rules([NAT], ForeignForward(drops=(FW,)),
+                                             mode="all").rules, FW)
 
 
 def test_off_inserts_nothing_and_says_why() -> None:
@@ -200,5 +211,10 @@ def test_monitor_ignores_set_elements_and_comments() -> None:
     assert is_change("add rule inet kvmnetd forward accept\n")
     assert is_change("delete table inet kvmnetd")
     assert not is_change("add element inet f2b addr { 192.0.2.7 }")
+    assert not is_change("add element inet f2b addr { 192.0.2.7 }", "kvmnetd")
+    # Our own table's elements (port forwards' maps) are ours to heal.
+    assert is_change("delete element inet kvmnetd forward0_ip_port { tcp . 80 : 10.0.0.5 . 80 }",
+                     "kvmnetd")
     assert not is_change("# new generation 5 by process 1 (nft)")
     assert not is_change("\n")
+
