@@ -10,6 +10,7 @@ import asyncio
 import json
 from typing import Any
 
+from kvmnetd.adapters.command import run_command
 from kvmnetd.model.errors import KvmnetError
 
 NFT = "nft"
@@ -27,22 +28,7 @@ async def run_nft(*args: str, stdin: str | None = None, nft: str = NFT,
     A refusal is the caller's to judge from the status; only a missing binary or a
     timeout raises `error` here.
     """
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            nft, *args,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    except OSError as e:
-        raise error(f"cannot run {nft}: {e}") from e
-    data = stdin.encode() if stdin is not None else None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(data), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise error(f"{nft} did not answer within {timeout:g}s") from None
-    rc = proc.returncode if proc.returncode is not None else -1
-    return rc, out.decode(errors="replace"), err.decode(errors="replace")
+    return await run_command(nft, *args, stdin=stdin, timeout=timeout, error=error)
 
 
 async def nft_json(*args: str, nft: str = NFT, timeout: float | None = None,

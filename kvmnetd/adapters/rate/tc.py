@@ -10,12 +10,12 @@ Both are shapers: a policer (nft `limit rate over ... drop`) let TCP through at 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
+from kvmnetd.adapters.command import run_command
 from kvmnetd.model.errors import KvmnetError
 from kvmnetd.model.rate import SetPortRate
 
@@ -95,16 +95,7 @@ class TcRates:
         self.writes = 0
 
     async def _run(self, cmd: str, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                cmd, *args,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        except OSError as e:
-            raise TcError(f"cannot run {cmd}: {e}") from e
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-        rc = proc.returncode if proc.returncode is not None else -1
-        return rc, out.decode(errors="replace"), err.decode(errors="replace")
+        return await run_command(cmd, *args, stdin=stdin, error=TcError)
 
     async def _batch(self, cmd: str, lines: list[str]) -> dict[int, str]:
         """Run lines through `CMD -force -batch -`: index of each line that failed -> why."""
