@@ -16,6 +16,7 @@ from typing import Any
 
 from kvmnetd.config import schema as val
 from kvmnetd.config.locate import FileCtx, Table, has_control, suggest
+from kvmnetd.config.overlay import check_overlays, read_host_overlay
 from kvmnetd.model.desired import AttachRule, Dhcp, DhcpRange, Dns, Mode, Network, Settings, Source
 from kvmnetd.model.errors import ConfigError, ConfigIssue
 
@@ -173,8 +174,11 @@ def _read_doc(doc: dict[str, Any], ctx: FileCtx, found: _Found, main_file: str |
 
 
 def read_daemon(ctx: FileCtx, data: dict[str, Any], base: Settings) -> Settings:
-    t = Table(ctx, ("daemon",), data, DAEMON_KEYS)
+    t = Table(ctx, ("daemon",), data, (*DAEMON_KEYS, "overlay"))
     values: dict[str, Any] = {}
+    overlay = t.table("overlay")
+    if overlay is not None:
+        values["overlay"] = read_host_overlay(ctx, overlay)
     for key, conv in DAEMON_CONV.items():
         if t.has(key):
             v = t.text(key, conv, None)
@@ -311,6 +315,7 @@ def load(config_file: str | None, networks_dir: str | None,
         networks[net.name] = net
         decls.append((net, nctx))
     _cross(decls)
+    networks.update(check_overlays(decls, settings))
     rules: list[AttachRule] = []
     for rule, rctx, idx in found.rules:
         if rule.network not in networks:
@@ -356,9 +361,10 @@ def parse_network_text(text: str, filename: str, existing: Config) -> Network:
     others: list[tuple[Network, FileCtx | None]] = [
         (n, None) for n in existing.networks.values() if n.name != name]
     _cross([*others, (net, ctx)])
+    filled = check_overlays([*others, (net, ctx)], existing.settings)
     if issues:
         raise ConfigError(_ordered(issues, [filename]))
-    return net
+    return filled.get(name, net)
 
 
 def choose_default_subnet(host_routes: Iterable[IPNetwork] = ()) -> ipaddress.IPv4Network:

@@ -7,6 +7,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from kvmnetd.model.overlay import HostOverlay, NetworkOverlay
 from kvmnetd.model.policy import AttachPolicy
 
 IPv4Interface = ipaddress.IPv4Interface
@@ -133,6 +134,8 @@ class Network:
     # Extra dnsmasq options ("name" or "name=value"), each on the config's allow list;
     # written after kvmnetd's own.
     dnsmasq_options: tuple[str, ...] = ()
+    # One L2 segment across hosts (VXLAN); None: this host only.
+    overlay: NetworkOverlay | None = None
     source: Source | None = field(default=None, compare=False)
 
     @property
@@ -214,6 +217,8 @@ class Settings:
     # Per-port counters in the Prometheus text format, for node exporter's textfile
     # collector; None: not written (and nothing runs for it).
     metrics_file: str | None = None
+    # [daemon.overlay]: this host in a fabric of hosts sharing overlay networks.
+    overlay: HostOverlay | None = None
 
 
 @dataclass(frozen=True)
