@@ -177,7 +177,18 @@ def do_status(c: Client, o: argparse.Namespace) -> None:
         if nets:
             table(nets, ["name", "mode", "bridge", "state", "reason"])
         _libvirt_status_lines(state.get("libvirt") or {})
+        _frr_status_lines(state.get("frr") or {})
     emit(o, state, human)
+
+
+def _frr_status_lines(frr: dict[str, Any]) -> None:
+    if frr.get("state", "off") == "off":
+        return
+    where = f" (pathspace {frr['pathspace']})" if frr.get("pathspace") else ""
+    reason = f": {frr['reason']}" if frr.get("reason") else ""
+    print(f"frr{where}: {frr['state']}{reason}, as {frr.get('asn')}")
+    for peer, st in sorted((frr.get("peers") or {}).items()):
+        print(f"  bgp neighbour {peer}: {st}")
 
 
 def _libvirt_status_lines(lv: dict[str, Any]) -> None:

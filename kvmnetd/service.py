@@ -84,14 +84,16 @@ class Service:
                        s.log_level)
         check_writable_dirs(s, self.config_file, self.overrides)
         self.dhcp = self._make_dhcp(conf)
+        self.frr = self._make_frr(conf)
         nft = NftablesAdapter(s.firewall_table,
                               state_path=os.path.join(s.run_dir, "firewall.listing"))
         self.rec = Reconciler(self.netlink, nft, SysctlAdapter(),
                               self.dhcp, os.path.join(s.run_dir, "owned.json"),
                               table=s.firewall_table,
                               coexist=ForeignForwardAdapter(s.firewall_table),
-                              coexist_mode=s.coexist)
+                              coexist_mode=s.coexist, frr=self.frr)
         self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets)
+        self.core.frr = self.frr
         self._wired = True
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
@@ -121,6 +123,17 @@ class Service:
         from kvmnetd.adapters.dnsmasq.supervisor import DnsmasqSupervisor
 
         return DnsmasqSupervisor(conf.settings, self._on_dhcp_event)
+
+    def _make_frr(self, conf: cfg.Config) -> Any:
+        """FRR's agent: it runs nothing until a network uses evpn. Its pathspace is read
+        at start (a change of frr_pathspace needs a restart)."""
+        from kvmnetd.adapters.frr.agent import FrrAgent
+        from kvmnetd.adapters.frr.vtysh import Vtysh
+
+        s = conf.settings
+        pathspace = s.overlay.frr_pathspace if s.overlay is not None else ""
+        return FrrAgent(Vtysh(pathspace), os.path.join(s.state_dir, "frr-part.json"),
+                        s.run_dir)
 
     async def _serve_control(self) -> Any:
         try:
@@ -351,4 +364,5 @@ class Service:
             await self.libvirt.close()
         if self.dhcp is not None:
             await self.dhcp.close(stop_children=teardown)
+        await self.frr.close()
         await self.netlink.close()

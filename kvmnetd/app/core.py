@@ -48,6 +48,11 @@ class DhcpView(Protocol):
     def leases(self, network: str) -> list[Lease]: ...
 
 
+class FrrView(Protocol):
+    @property
+    def status(self) -> Any: ...
+
+
 class Core:
     version = __version__
 
@@ -70,6 +75,7 @@ class Core:
         self.port_domains: dict[str, str] = {}
         self.libvirt_managed: set[str] = set()
         self.libvirt: Any = None  # the libvirt watcher, when there is one
+        self.frr: FrrView | None = None  # FRR's agent (evpn overlays)
         self._policy = AttachPolicy(config.rules)
         self._rows: dict[str, PortStatus] | None = None  # see _port_rows
         self._by_net: dict[str, set[str]] = {}
@@ -91,7 +97,8 @@ class Core:
         active = (active - self.stopped) & set(nets)
         return DesiredState(networks=nets, active=frozenset(active),
                             ports=dict(self.rec.desired.ports if ports is None else ports),
-                            rules=self.config.rules, policy=self.policy)
+                            rules=self.config.rules, policy=self.policy,
+                            overlay=self.config.settings.overlay)
 
     @property
     def policy(self) -> AttachPolicy:
@@ -204,7 +211,15 @@ class Core:
             "ports": [p.to_json() for p in self.list_ports()],
             "owned": self.rec.owned.to_json(),
             "libvirt": self.libvirt_status(),
+            "frr": self.frr_status(),
         }
+
+    def frr_status(self) -> dict[str, Any]:
+        """kvmnetd's part in FRR: applied or not and why, and the BGP peers' states."""
+        if self.frr is None:
+            return {"state": "off"}
+        out: dict[str, Any] = self.frr.status.to_json()
+        return out
 
     def libvirt_status(self) -> dict[str, Any]:
         """Whether libvirt is followed, and foreign libvirt networks named like ours."""
@@ -227,6 +242,9 @@ class Core:
         from kvmnetd.app.doctor_libvirt import libvirt_clash_findings
 
         findings = [*findings, *libvirt_clash_findings(self.libvirt_status()["clashes"])]
+        from kvmnetd.app.doctor_frr import frr_findings
+
+        findings = [*findings, *frr_findings(self.frr_status())]
         return [f.to_json() for f in findings]
 
     # ---- writes --------------------------------------------------------------------------

@@ -10,7 +10,14 @@ from dataclasses import dataclass, replace
 import structlog
 
 from kvmnetd.adapters.owned_file import load_owned, save_owned
-from kvmnetd.engine.interfaces import CoexistPort, DhcpPort, FirewallPort, NetlinkPort, SysctlPort
+from kvmnetd.engine.interfaces import (
+    CoexistPort,
+    DhcpPort,
+    FirewallPort,
+    FrrPort,
+    NetlinkPort,
+    SysctlPort,
+)
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import DesiredState
 from kvmnetd.model.errors import KvmnetError, NoSuchPort
@@ -18,6 +25,7 @@ from kvmnetd.model.observed import Link, ObservedState
 from kvmnetd.model.owned import Owned
 from kvmnetd.model.policy import PORT_KINDS
 from kvmnetd.plan.coexist import ForeignForward
+from kvmnetd.plan.frr import frr_part
 from kvmnetd.plan.planner import Plan, attach_for, plan
 
 log = structlog.get_logger("kvmnetd.reconcile")
@@ -40,7 +48,7 @@ class Reconciler:
     def __init__(self, netlink: NetlinkPort, firewall: FirewallPort, sysctl: SysctlPort,
                  dhcp: DhcpPort | None, owned_path: str, table: str = "kvmnetd",
                  verify_interval: float = SWEEP_INTERVAL, coexist: CoexistPort | None = None,
-                 coexist_mode: str = "auto") -> None:
+                 coexist_mode: str = "auto", frr: FrrPort | None = None) -> None:
         self.netlink = netlink
         self.firewall = firewall
         self.sysctl = sysctl
@@ -64,6 +72,7 @@ class Reconciler:
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[str, NetState], None]] = []
         self.coexist = coexist
+        self.frr = frr
         self.coexist_mode = coexist_mode
         self._foreign: ForeignForward | None = None
         self.coexist_reports: tuple[str, ...] = ()
@@ -377,6 +386,9 @@ class Reconciler:
                 if net.name in p.dhcp_restart:
                     await self.dhcp.restart(net.name)
             await self.dhcp.sync(ok)
+        if self.frr is not None:
+            # Desired state like dnsmasq's: every pass says what FRR should hold.
+            await self.frr.sync(frr_part(self.desired.overlay, self.desired.active_networks()))
         self.last_plan = p  # before listeners run: they read ports from it
         self._settle_all(p, observed)
         self.completed += 1

@@ -113,7 +113,7 @@ def group(lines: Iterable[Line]) -> dict[str, list[str]]:
 def render_block(asn: int, sections: dict[str, list[str]]) -> str:
     out = [f"router bgp {asn}", *(f" {t}" for t in sections.get("", []))]
     for section, texts in sections.items():
-        if section:
+        if section and texts:  # FRR prints no empty address-family
             out += [" !", f" {section}", *(f"  {t}" for t in texts), " exit-address-family"]
     out.append("exit")
     return "\n".join(out) + "\n"
@@ -229,7 +229,7 @@ def part_applied(running: str, part: FrrPart | None, previous: FrrPart | None) -
 def delta_outside(delta: str, asns: Iterable[int]) -> list[str]:
     """Lines of frr-reload.py's --test output whose context is not our instance: a merged
     file must never change anything else."""
-    headers = {f"router bgp {a}" for a in asns}
+    headers = {f"{no}router bgp {a}" for a in asns for no in ("", "no ")}
     bad: list[str] = []
     for line in delta.splitlines():
         if not line or line[0].isspace() or line.startswith(("Lines To", "=")):

@@ -77,6 +77,9 @@ class FrrAgent:
 
     async def sync(self, part: FrrPart | None) -> None:
         """The part FRR should hold (None: none of ours). Returns at once."""
+        if part is None and self.applied is None and self._task is None:
+            self._synced = True  # no overlay here and never was: nothing runs for FRR
+            return
         if self._synced and part == self.wanted and (
                 self._verified or self.status.state in ("down", "failed", "applying")):
             return
