@@ -117,6 +117,10 @@ class Fabric:
         self.hosts.append(host)
         return host
 
+    def pathspace(self, host: FabricHost) -> str:
+        """The host's FRR pathspace: unique per test run (-N names dirs under /var/run/frr)."""
+        return f"{host.name}k{os.getpid() % 100000}"
+
     def host(self, name: str) -> FabricHost:
         return next(h for h in self.hosts if h.name == name)
 
@@ -129,7 +133,7 @@ class Fabric:
         if self.mode == "static":
             keys["peers"] = others
         else:
-            keys.update(asn=ASN, neighbors=others, frr_pathspace=host.name)
+            keys.update(asn=ASN, neighbors=others, frr_pathspace=self.pathspace(host))
         return "[daemon.overlay]\n" + "".join(
             f"{k} = {_toml(v)}\n" for k, v in keys.items()) + "\n"
 

@@ -30,7 +30,14 @@ import structlog
 from kvmnetd.adapters.files import atomic_write
 from kvmnetd.adapters.frr.vtysh import NOT_INSTALLED, Vtysh
 from kvmnetd.adapters.inotify import DirWatch
-from kvmnetd.plan.frr import FrrPart, delta_outside, is_config, merged_config, part_problem
+from kvmnetd.plan.frr import (
+    FrrPart,
+    config_lines,
+    delta_outside,
+    is_config,
+    merged_config,
+    part_problem,
+)
 
 log = structlog.get_logger("kvmnetd.frr")
 
@@ -187,7 +194,7 @@ class FrrAgent:
             return None
         running_file = os.path.join(self.work_dir, "frr-running.conf")
         merged_file = os.path.join(self.work_dir, "frr-merged.conf")
-        atomic_write(running_file, read.out, 0o600, make_dir=True)
+        atomic_write(running_file, "\n".join(config_lines(read.out)) + "\n", 0o600, make_dir=True)
         atomic_write(merged_file, merged, 0o600, make_dir=True)
         syntax = await self.vtysh.check_syntax(merged_file)
         if syntax.rc != 0:
