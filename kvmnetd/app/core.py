@@ -91,7 +91,8 @@ class Core:
         active = (active - self.stopped) & set(nets)
         return DesiredState(networks=nets, active=frozenset(active),
                             ports=dict(self.rec.desired.ports if ports is None else ports),
-                            rules=self.config.rules, policy=self.policy)
+                            rules=self.config.rules, policy=self.policy,
+                            overlay=self.config.settings.overlay)
 
     @property
     def policy(self) -> AttachPolicy:
