@@ -124,7 +124,8 @@ def _gateway_mac(s: str) -> str:
 def check_overlays(decls: Sequence[tuple[Network, FileCtx | None]],
                    settings: Settings) -> dict[str, Network]:
     """Checks between networks' overlays and the host's; returns the overlay networks with
-    their MTU filled in from the underlay where the file left it unset."""
+    what follows from the host filled in: the MTU from the underlay where the file left it
+    unset, and this host's share of the DHCP ranges."""
     host = settings.overlay
     vnis: dict[int, Network] = {}
     filled: dict[str, Network] = {}
@@ -164,7 +165,8 @@ def check_overlays(decls: Sequence[tuple[Network, FileCtx | None]],
                       f"MTU {net.mtu} does not fit the underlay: VXLAN adds "
                       f"{VXLAN_OVERHEAD} bytes and underlay_mtu is {host.underlay_mtu}; use at "
                       f"most {host.guest_mtu} or raise underlay_mtu")
-        if net.mtu is None:
-            filled[net.name] = replace(net, mtu=host.guest_mtu)
+        share = host.position(ov.mode) if ov.dhcp_split == "auto" else (0, 1)
+        filled[net.name] = replace(net, mtu=net.mtu or host.guest_mtu,
+                                   overlay=replace(ov, share=share))
     return filled
 

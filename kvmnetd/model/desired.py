@@ -229,7 +229,7 @@ class DesiredState:
     # Explicit port requests: ifname -> network name.
     ports: dict[str, str] = field(default_factory=dict)
     rules: tuple[AttachRule, ...] = ()
-    # [daemon.overlay]: this host's place in the fabric (None: no overlay).
+    # This host's place among the hosts sharing overlay networks ([daemon.overlay]).
     overlay: HostOverlay | None = None
     # Built once per config load and carried through replace(): it keeps its match memo.
     policy: AttachPolicy = field(default=None, compare=False, repr=False)  # type: ignore[assignment]

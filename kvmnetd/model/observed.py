@@ -11,6 +11,16 @@ RTPROT_RA = 9  # a route the kernel (or a daemon) learned from a router advertis
 
 
 @dataclass(frozen=True)
+class Vxlan:
+    """A VXLAN device's identity: what cannot change without making it anew."""
+
+    vni: int
+    local: str | None  # the source (VTEP) address
+    port: int
+    learning: bool
+
+
+@dataclass(frozen=True)
 class Link:
     index: int
     name: str
@@ -24,6 +34,10 @@ class Link:
     tun_owner: int | None = None  # taps only: uid allowed to use it (-1/None: any)
     tun_group: int | None = None
     isolated: bool | None = None  # bridge ports only: bridge port isolation
+    neigh_suppress: bool | None = None  # bridge ports only: ARP/ND answered by the bridge
+    vxlan: Vxlan | None = None  # vxlan devices only
+    arp_accept: bool | None = None  # bridges only: gratuitous ARP creates neighbours
+    addrgenmode: int | None = None  # bridges only: IPv6 link-local generation (1: none)
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,12 @@ class ObservedState:
     accept_ra: dict[str, int] = field(default_factory=dict)
     # Fingerprint of our nftables table as found (None: absent or not observed).
     firewall: str | None = None
+    # vxlan ifindex -> its fdb entries as (MAC, remote VTEP or None): the flood list
+    # (all-zero MAC) and the MACs learned or installed behind it, own and the bridge's.
+    fdb: dict[int, set[tuple[str, str | None]]] = field(default_factory=dict)
+    # bridge ifindex -> IPv4 address -> MAC, from the bridge's ARP entries: who holds
+    # which address on an overlay network (fed to DHCP as known hosts).
+    neighbours: dict[int, dict[str, str]] = field(default_factory=dict)
     # name -> index, kept by whoever fills `links` (the netlink mirror); empty: scan.
     by_name: dict[str, int] = field(default_factory=dict)
 
@@ -74,6 +94,14 @@ class ObservedState:
         return sorted({name for r in self.routes
                        if r.dst.version == 6 and r.dst.prefixlen == 0 and r.proto == RTPROT_RA
                        and (name := self.name_of(r.oif)) is not None})
+
+    def fdb_of(self, name: str) -> set[tuple[str, str | None]]:
+        link = self.link(name)
+        return set(self.fdb.get(link.index, set())) if link else set()
+
+    def neighbours_of(self, name: str) -> dict[str, str]:
+        link = self.link(name)
+        return dict(self.neighbours.get(link.index, {})) if link else {}
 
     def routes_via(self, name: str) -> set[Route]:
         link = self.link(name)

@@ -58,6 +58,9 @@ class NetworkOverlay:
     # This host's share of the DHCP ranges: "auto" splits them by the host's position
     # in the sorted fabric, "all" keeps them whole (the ranges are then this host's own).
     dhcp_split: Literal["auto", "all"] = "auto"
+    # (this host's index, number of hosts) for the split, filled in from [daemon.overlay]
+    # when the config is read; (0, 1): the ranges whole.
+    share: tuple[int, int] = (0, 1)
 
     @property
     def vxlan(self) -> str:

@@ -28,6 +28,7 @@ class Owned:
     forwarding: dict[int, bool] = field(default_factory=dict)  # family -> value before us
     uplinks: dict[str, UplinkMove] = field(default_factory=dict)
     firewall: bool = False
+    vxlans: dict[str, str] = field(default_factory=dict)  # VXLAN device -> network
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +40,7 @@ class Owned:
             "forwarding": {str(k): v for k, v in self.forwarding.items()},
             "uplinks": {k: dict(vars(v)) for k, v in self.uplinks.items()},
             "firewall": self.firewall,
+            "vxlans": dict(self.vxlans),
         }
 
     @classmethod
@@ -51,6 +53,7 @@ class Owned:
             forwarding={int(k): bool(v) for k, v in d.get("forwarding", {}).items()},
             uplinks={k: UplinkMove(**v) for k, v in d.get("uplinks", {}).items()},
             firewall=bool(d.get("firewall", False)),
+            vxlans=dict(d.get("vxlans", {})),
         )
 
     def record(self, action: A.Action, observed: ObservedState) -> None:
@@ -87,6 +90,10 @@ class Owned:
                     del self.forwarding[fam]  # restored to what it was before us
                 elif fam not in self.forwarding:
                     self.forwarding[fam] = observed.forwarding.get(fam, False)
+            case A.CreateVxlan(network=net, ifname=dev):
+                self.vxlans[dev] = net or ""
+            case A.DeleteVxlan(ifname=dev):
+                self.vxlans.pop(dev, None)
             case A.ApplyFirewall():
                 self.firewall = True
             case A.RemoveFirewall():

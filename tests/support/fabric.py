@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +77,6 @@ class FabricGuest:
 
 @dataclass
 class Fabric:
-    tmp: Path
     count: int = 3
     mode: str = "static"  # the overlay mode written into each host's config
     underlay_mtu: int = 1500
@@ -84,8 +85,14 @@ class Fabric:
     hosts: list[FabricHost] = field(default_factory=list)
     guests: list[FabricGuest] = field(default_factory=list)
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    tmp: Path = field(default=Path("/nonexistent"))  # made on entry
 
     def __enter__(self) -> Fabric:
+        # Not below pytest's tmp_path (a 0700 directory): dnsmasq reads its hosts file
+        # as its own user, which needs every directory on the way.
+        self.tmp = Path(tempfile.mkdtemp(prefix="kvmnetd-fabric-"))
+        self.tmp.chmod(0o755)
+        self.stack.callback(shutil.rmtree, self.tmp, True)
         try:
             self.fabric_ns = self.stack.enter_context(netns("f"))
             sh("ip", "link", "add", UNDERLAY_BRIDGE, "mtu", str(self.underlay_mtu), "type",
@@ -180,7 +187,7 @@ class Fabric:
         g.log = self.tmp / f"{g.ns}.dhcp"
         g.client = subprocess.Popen(
             ["ip", "netns", "exec", g.ns, "busybox", "udhcpc", "-i", "eth0", "-f", "-t", "20",
-             "-T", "1", "-s", str(script)],
+             "-T", "1", "-O", "mtu", "-s", str(script)],
             env={**os.environ, "KT_LOG": str(g.log)}, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, text=True)
         self.stack.callback(_stop, g.client)
@@ -230,8 +237,9 @@ def _stop(p: subprocess.Popen[str]) -> None:
 
 
 @contextlib.contextmanager
-def fabric(tmp: Path, count: int = 3, mode: str = "static",
+def fabric(count: int = 3, mode: str = "static",
            before_start: Callable[[FabricHost], None] | None = None,
            underlay_mtu: int = 1500) -> Iterator[Fabric]:
-    with Fabric(tmp, count, mode, underlay_mtu, before_start) as f:
+    """A fabric in its own directory (removed afterwards), torn down also on failure."""
+    with Fabric(count, mode, underlay_mtu, before_start) as f:
         yield f
