@@ -7,16 +7,16 @@ zebra and bgpd (pathspace -N), started here and killed afterwards, also on failu
 from __future__ import annotations
 
 import signal
-import time
+import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.fabric import ASN, Fabric, FabricHost, fabric
 from tests.support.frr import FrrDaemons, frr_installed
-from tests.support.rig import wait_until
+from tests.support.netns import ping, sh
+from tests.support.rig import PY, wait_until
 
 pytestmark = pytest.mark.skipif(not frr_installed(),
                                 reason="FRR not installed (apt-get install frr frr-pythontools)")
@@ -46,9 +46,9 @@ class EvpnFabric:
 
 
 @pytest.fixture
-def evpn(tmp_path: Path) -> Iterator[EvpnFabric]:
+def evpn() -> Iterator[EvpnFabric]:
     holder: list[EvpnFabric] = []
-    with fabric(tmp_path, 3, "evpn", before_start=lambda h: holder[0].start_frr(h)) as f:
+    with fabric(3, "evpn", before_start=lambda h: holder[0].start_frr(h)) as f:
         holder.append(EvpnFabric(f))
         yield holder[0]
 
@@ -135,4 +135,92 @@ def test_status_lists_frr_and_neighbours(evpn: EvpnFabric) -> None:
     out = h1.box.ctl_out("status")
     assert f"frr (pathspace {fab.pathspace(h1)}): applied" in out
     assert "bgp neighbour 192.0.2.12: Established" in out
-    assert time.monotonic() > 0
+
+
+TCP_SINK = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7001)); s.listen(1); s.settimeout(20)
+c, _ = s.accept(); c.settimeout(20)
+n = 0
+while (b := c.recv(65536)):
+    n += len(b)
+c.sendall(str(n).encode()); c.close()
+"""
+TCP_SEND = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 7001), timeout=20)
+for _ in range(200):
+    c.sendall(b"x" * 1400)
+c.shutdown(socket.SHUT_WR)
+print(c.recv(64).decode())
+"""
+
+
+def tcp_transfer(src_ns: str, dst_ns: str, dst_ip: str) -> str:
+    """200 writes of 1,400 bytes (full-size segments at the guests' MTU) across hosts."""
+    sink = subprocess.Popen(["ip", "netns", "exec", dst_ns, PY, "-c", TCP_SINK],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: "7001" in sh("ss", "-ltn", ns=dst_ns).stdout, 5)
+        return sh(PY, "-c", TCP_SEND, dst_ip, ns=src_ns, check=False, timeout=40).stdout.strip()
+    finally:
+        sink.kill()
+        sink.wait(5)
+
+
+def started(evpn: EvpnFabric) -> Fabric:
+    fab = evpn.fab
+    fab.start()
+    for h in fab.hosts:
+        assert evpn.wait_peers(h, others(fab, h)), evpn.status(h)
+    return fab
+
+
+def test_guests_on_different_hosts(evpn: EvpnFabric) -> None:
+    fab = started(evpn)
+    guests = [fab.guest(h) for h in fab.hosts]
+    ips = [fab.lease(g) for g in guests]
+    assert all(ips) and len(set(ips)) == 3, ips
+    g1, g2, g3 = guests
+    # Each lease came with the overlay's MTU: the underlay's less VXLAN's 50 bytes.
+    assert any("mtu=1450" in e for e in g1.events()), g1.events()
+    assert wait_until(lambda: ping(g1.ns, str(ips[1])), 15)
+    assert ping(g1.ns, str(ips[2]), count=2) and ping(g3.ns, str(ips[1]), count=2)
+    assert ping(g2.ns, "10.60.0.1", count=2)  # the anycast gateway, on its own host
+    for g in guests:
+        # Out through its own host's NAT: each host has its own upstream.
+        assert g.host.box.source_seen_by_upstream(g.ns) is not None
+    assert tcp_transfer(g1.ns, g3.ns, str(ips[2])) == str(200 * 1400)
+    # The remote guests are known to each host's zebra from type-2 routes.
+    macs = evpn.frr["h1"].vtysh("show evpn mac vni all")
+    assert g2.mac in macs and g3.mac in macs
+    # ... and become known hosts of its dnsmasq: their addresses are never handed out here.
+    hosts = fab.hosts[0].box.run_dir / "ov.hosts"
+    assert wait_until(lambda: hosts.exists() and all(
+        f"{g.mac},{ip}" in hosts.read_text() for g, ip in ((g2, ips[1]), (g3, ips[2]))), 15), (
+        hosts.read_text() if hosts.exists() else "no hosts file",
+        sh("ip", "neigh", "show", "nud", "all", ns=fab.hosts[0].ns).stdout)
+
+
+def test_guest_moves_keeps_address_and_is_reached_again(evpn: EvpnFabric) -> None:
+    fab = started(evpn)
+    h1, h2, h3 = fab.hosts
+    g = fab.guest(h1)
+    other = fab.guest(h3)
+    ip, oip = fab.lease(g), fab.lease(other)
+    assert ip and oip
+    assert wait_until(lambda: ping(other.ns, ip), 15)
+    fab.move(g, h2)
+    assert wait_until(lambda: ping(other.ns, ip), 15)
+    event = fab.renew(g)
+    assert event is not None and event.startswith("renew ") and f"ip={ip}" in event, g.events()
+
+
+def test_thirty_guests_hold_thirty_addresses(evpn: EvpnFabric) -> None:
+    fab = started(evpn)
+    guests = [fab.guest(fab.hosts[i % 3]) for i in range(30)]
+    ips = [fab.lease(g) for g in guests]
+    assert all(ips), ips
+    assert len(set(ips)) == 30

@@ -57,6 +57,7 @@ IFLA_BRPORT_NEIGH_SUPPRESS = 32  # u8, like IFLA_BRPORT_ISOLATED
 IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 1, 4, 7, 15
 NDA_DST, NDA_LLADDR = 1, 2
 NTF_SELF = 0x02
+NTF_EXT_LEARNED = 0x10
 NUD_INCOMPLETE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x20, 0x40, 0x80
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 IFLA_BRPORT_ISOLATED = 33  # u8, in IFLA_PROTINFO (AF_BRIDGE) and a port's slave data
@@ -176,14 +177,18 @@ def decode(kind: int, flags: int, buf: Buffer, start: int, end: int) -> Record |
 def decode_fdb(new: bool, buf: Buffer, start: int, end: int) -> FdbRec | NeighRec | None:
     if end - start < NDMSG.size or buf[start] not in (socket.AF_BRIDGE, socket.AF_INET):
         return None  # IPv6 neighbours are not followed
-    family, index, state, _, _ = NDMSG.unpack_from(buf, start)
+    family, index, state, nflags, _ = NDMSG.unpack_from(buf, start)
     at = attrs(buf, start + NDMSG.size, end)
     mac = at.get(NDA_LLADDR)
     if mac is None or mac[1] - mac[0] != 6:
         return None
     if family == socket.AF_INET:
         dst = at.get(NDA_DST)
-        if dst is None or dst[1] - dst[0] != 4 or state & (NUD_INCOMPLETE | NUD_NOARP):
+        if dst is None or dst[1] - dst[0] != 4 or state & NUD_INCOMPLETE:
+            return None
+        # NOARP entries are static, except the ones zebra installs for guests on other
+        # hosts (EVPN type-2 routes, "extern_learn"): those say who holds an address too.
+        if state & NUD_NOARP and not nflags & NTF_EXT_LEARNED:
             return None
         # A failed entry no longer says who holds the address.
         return NeighRec(new and not state & NUD_FAILED, index,
