@@ -26,9 +26,10 @@ class EvpnFabric:
     def __init__(self, fab: Fabric) -> None:
         self.fab = fab
         self.frr: dict[str, FrrDaemons] = {}
+        self.bfd = False
 
     def start_frr(self, host: FabricHost) -> None:
-        d = FrrDaemons(host.ns, self.fab.pathspace(host))
+        d = FrrDaemons(host.ns, self.fab.pathspace(host), bfd=self.bfd)
         self.fab.stack.callback(d.cleanup)  # before the host's namespace goes
         d.start()
         self.frr[host.name] = d
@@ -224,3 +225,20 @@ def test_thirty_guests_hold_thirty_addresses(evpn: EvpnFabric) -> None:
     ips = [fab.lease(g) for g in guests]
     assert all(ips), ips
     assert len(set(ips)) == 30
+
+
+def test_bfd_on_the_neighbours(evpn: EvpnFabric) -> None:
+    fab = evpn.fab
+    evpn.bfd = True  # the test starts bfdd too: bgpd asks it for the sessions
+    fab.start()
+    h1 = fab.host("h1")
+    assert evpn.wait_peers(h1, others(fab, h1))
+    for h in fab.hosts:
+        conf = fab.config(h).replace("[daemon.overlay]\n", "[daemon.overlay]\nbfd = true\n")
+        h.box.write_config(conf)
+        h.box.daemon.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    d = evpn.frr["h1"]
+    assert wait_until(lambda: " neighbor 192.0.2.12 bfd" in d.running_config(), 20)
+    assert wait_until(lambda: d.vtysh("show bfd peers brief").count(" up ") == 2, 30, 0.2), (
+        d.vtysh("show bfd peers brief"))
+    assert evpn.wait_peers(h1, others(fab, h1))
