@@ -370,7 +370,8 @@ class Core:
         # Paths stay as started; behaviour settings follow the file.
         self.config = replace(new, settings=replace(
             s, teardown_on_stop=new.settings.teardown_on_stop,
-            log_level=new.settings.log_level, metrics_file=new.settings.metrics_file))
+            log_level=new.settings.log_level, metrics_file=new.settings.metrics_file,
+            overlay=new.settings.overlay))
         logsetup.set_level(new.settings.log_level)
         await self.apply()
         log.info("config.reloaded", networks=len(self.networks()))
