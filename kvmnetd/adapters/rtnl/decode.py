@@ -117,7 +117,8 @@ class FdbRec(NamedTuple):
 
 
 class NeighRec(NamedTuple):
-    """An IPv4 neighbour (ARP) entry with a MAC: which guest holds which address."""
+    """An IPv4 neighbour (ARP) entry: which MAC holds the address (new), or that none is
+    known any more (not new; mac "")."""
 
     new: bool
     ifindex: int
@@ -179,16 +180,18 @@ def decode_fdb(new: bool, buf: Buffer, start: int, end: int) -> FdbRec | NeighRe
     family, index, state, _, _ = NDMSG.unpack_from(buf, start)
     at = attrs(buf, start + NDMSG.size, end)
     mac = at.get(NDA_LLADDR)
-    if mac is None or mac[1] - mac[0] != 6:
-        return None
     if family == socket.AF_INET:
         dst = at.get(NDA_DST)
-        if dst is None or dst[1] - dst[0] != 4 or state & (NUD_INCOMPLETE | NUD_NOARP):
+        if dst is None or dst[1] - dst[0] != 4 or state & NUD_NOARP:
             return None
-        # A failed entry no longer says who holds the address.
-        return NeighRec(new and not state & NUD_FAILED, index,
-                        socket.inet_ntop(socket.AF_INET, bytes(buf[dst[0]:dst[1]])),
-                        bytes(buf[mac[0]:mac[1]]).hex(":"))
+        ip = socket.inet_ntop(socket.AF_INET, bytes(buf[dst[0]:dst[1]]))
+        if not new or mac is None or mac[1] - mac[0] != 6 \
+                or state & (NUD_INCOMPLETE | NUD_FAILED):
+            # Gone, or not (or no longer) resolved: nobody is known to hold the address.
+            return NeighRec(False, index, ip, "")
+        return NeighRec(True, index, ip, bytes(buf[mac[0]:mac[1]]).hex(":"))
+    if mac is None or mac[1] - mac[0] != 6:
+        return None
     dst = at.get(NDA_DST)
     where = None
     if dst is not None and dst[1] - dst[0] in (4, 16):
