@@ -207,7 +207,7 @@ class Core:
     def describe(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "networks": [n.to_json() for n in self.list_networks()],
+            "networks": [self._with_overlay(n.to_json()) for n in self.list_networks()],
             "ports": [p.to_json() for p in self.list_ports()],
             "owned": self.rec.owned.to_json(),
             "libvirt": self.libvirt_status(),
@@ -220,6 +220,15 @@ class Core:
             return {"state": "off"}
         out: dict[str, Any] = self.frr.status.to_json()
         return out
+
+    def _with_overlay(self, row: dict[str, Any]) -> dict[str, Any]:
+        from kvmnetd.app.overlay import overlay_status
+
+        net = self.networks().get(row["name"])
+        if net is not None and net.overlay is not None:
+            row["overlay"] = overlay_status(net, self.config.settings.overlay,
+                                            self.rec.netlink.observed)
+        return row
 
     def libvirt_status(self) -> dict[str, Any]:
         """Whether libvirt is followed, and foreign libvirt networks named like ours."""
@@ -240,8 +249,11 @@ class Core:
             [self.network(n.name) for n in nets],
             table=self.config.settings.firewall_table, settings=self.config.settings)
         from kvmnetd.app.doctor_libvirt import libvirt_clash_findings
+        from kvmnetd.app.overlay import overlay_findings
 
-        findings = [*findings, *libvirt_clash_findings(self.libvirt_status()["clashes"])]
+        findings = [*findings, *libvirt_clash_findings(self.libvirt_status()["clashes"]),
+                    *overlay_findings(nets, self.config.settings.overlay,
+                                      self.rec.netlink.observed)]
         from kvmnetd.app.doctor_frr import frr_findings
 
         findings = [*findings, *frr_findings(self.frr_status())]

@@ -65,8 +65,9 @@ class ObservedState:
     # vxlan ifindex -> its fdb entries as (MAC, remote VTEP or None): the flood list
     # (all-zero MAC) and the MACs learned or installed behind it, own and the bridge's.
     fdb: dict[int, set[tuple[str, str | None]]] = field(default_factory=dict)
-    # bridge ifindex -> IPv4 address -> MAC, from the bridge's ARP entries: who holds
-    # which address on an overlay network (fed to DHCP as known hosts).
+    # ifindex -> IPv4 address -> MAC, from ARP entries that resolved: on a bridge, who
+    # holds which address (fed to DHCP as known hosts on an overlay network); on the
+    # underlay, which peers answer.
     neighbours: dict[int, dict[str, str]] = field(default_factory=dict)
     # name -> index, kept by whoever fills `links` (the netlink mirror); empty: scan.
     by_name: dict[str, int] = field(default_factory=dict)

@@ -284,3 +284,58 @@ def test_removing_the_overlay_network_removes_its_vxlan_device(fab: Fabric) -> N
     reload(h1, fab.config(h1, networks='[network.ov]\nbridge = "kvov"\nipv4 = "10.60.0.1/24"\n\n'))
     assert wait_until(lambda: not vxlan_details(h1), 10)
     assert "table bridge" not in h1.box.nft()
+
+
+def test_status_and_show_list_overlay_peers_and_remote_macs(fab: Fabric) -> None:
+    fab.start()
+    h1, h2, _ = fab.hosts
+    a, b = fab.guest(h1), fab.guest(h2)
+    assert fab.lease(a) and fab.lease(b)
+    assert b.ip is not None and ping(a.ns, b.ip, count=2)
+
+    def overlay() -> dict[str, object]:
+        nets = h1.box.jctl("status")["networks"]
+        return next(n["overlay"] for n in nets if n["name"] == "ov")
+
+    assert wait_until(lambda: b.mac in overlay()["remote_macs"], 10)  # type: ignore[operator]
+    ov = overlay()
+    assert (ov["vni"], ov["mode"], ov["device"], ov["device_state"]) == (100, "static",
+                                                                         VXLAN, "up")
+    assert (ov["local"], ov["underlay"], ov["underlay_mtu"], ov["mtu"]) == (
+        h1.underlay_ip, "ul0", 1500, 1450)
+    assert ov["peers"] == [{"address": h.underlay_ip, "state": "answering"}
+                           for h in fab.hosts[1:]]
+    assert a.mac not in ov["remote_macs"]  # type: ignore[operator]
+    assert ov["problems"] == []
+    shown = h1.box.jctl("network", "show", "ov")
+    assert shown["overlay"]["peers"] == ov["peers"]
+    text = h1.box.ctl_out("status")
+    assert f"peer {h1.underlay_ip}" not in text and f"peer {h2.underlay_ip}: answering" in text
+    assert "remote MACs:" in text
+
+
+def test_doctor_explains_a_silent_peer_and_an_mtu_mismatch(fab: Fabric) -> None:
+    fab.start()
+    h1, _, h3 = fab.hosts
+    assert wait_until(lambda: not [f for f in h1.box.jctl("doctor")
+                                   if f["check"].startswith("overlay")], 10)
+    # The underlay shrinks below what the guests were told: a silent loss to come.
+    sh("ip", "link", "set", "ul0", "mtu", "1400", ns=h1.ns)
+    # A peer goes away: its address no longer answers on the underlay.
+    sh("ip", "link", "set", "ul0", "down", ns=h3.ns)
+    a = fab.guest(h1)
+    assert fab.lease(a)
+    sh("ip", "neigh", "flush", "dev", "ul0", ns=h1.ns)
+    # Broadcasts go to every peer: ARP for the silent one fails.
+    ping(a.ns, "10.60.0.250", count=3)
+
+    def checks() -> dict[str, dict[str, str]]:
+        found = h1.box.ctl("doctor", "--json", check=False)
+        return {f["check"]: f for f in json.loads(found.stdout)}
+
+    assert wait_until(lambda: "overlay-peer-silent" in checks(), 15), checks()
+    found = checks()
+    assert found["overlay-peer-silent"]["subject"] == h3.underlay_ip
+    assert "1400" in found["overlay-mtu"]["message"] and "1500" in found["overlay-mtu"]["fix"]
+    text = h1.box.ctl("doctor", check=False).stdout
+    assert "overlay-mtu" in text and "does not answer ARP" in text

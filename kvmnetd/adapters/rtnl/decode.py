@@ -58,7 +58,7 @@ IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 1, 4, 7,
 NDA_DST, NDA_LLADDR = 1, 2
 NTF_SELF = 0x02
 NTF_EXT_LEARNED = 0x10
-NUD_INCOMPLETE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x20, 0x40, 0x80
+NUD_INCOMPLETE, NUD_REACHABLE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x02, 0x20, 0x40, 0x80
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 IFLA_BRPORT_ISOLATED = 33  # u8, in IFLA_PROTINFO (AF_BRIDGE) and a port's slave data
 IFLA_BR_FORWARD_DELAY, IFLA_BR_STP_STATE = 1, 5
@@ -118,7 +118,8 @@ class FdbRec(NamedTuple):
 
 
 class NeighRec(NamedTuple):
-    """An IPv4 neighbour (ARP) entry with a MAC: which guest holds which address."""
+    """An IPv4 neighbour (ARP) entry: which MAC holds the address (new), or that none is
+    known any more (not new; mac "")."""
 
     new: bool
     ifindex: int
@@ -180,20 +181,22 @@ def decode_fdb(new: bool, buf: Buffer, start: int, end: int) -> FdbRec | NeighRe
     family, index, state, nflags, _ = NDMSG.unpack_from(buf, start)
     at = attrs(buf, start + NDMSG.size, end)
     mac = at.get(NDA_LLADDR)
-    if mac is None or mac[1] - mac[0] != 6:
-        return None
     if family == socket.AF_INET:
         dst = at.get(NDA_DST)
-        if dst is None or dst[1] - dst[0] != 4 or state & NUD_INCOMPLETE:
+        if dst is None or dst[1] - dst[0] != 4:
             return None
         # NOARP entries are static, except the ones zebra installs for guests on other
         # hosts (EVPN type-2 routes, "extern_learn"): those say who holds an address too.
         if state & NUD_NOARP and not nflags & NTF_EXT_LEARNED:
             return None
-        # A failed entry no longer says who holds the address.
-        return NeighRec(new and not state & NUD_FAILED, index,
-                        socket.inet_ntop(socket.AF_INET, bytes(buf[dst[0]:dst[1]])),
-                        bytes(buf[mac[0]:mac[1]]).hex(":"))
+        ip = socket.inet_ntop(socket.AF_INET, bytes(buf[dst[0]:dst[1]]))
+        if not new or mac is None or mac[1] - mac[0] != 6 \
+                or state & (NUD_INCOMPLETE | NUD_FAILED):
+            # Gone, or not (or no longer) resolved: nobody is known to hold the address.
+            return NeighRec(False, index, ip, "")
+        return NeighRec(True, index, ip, bytes(buf[mac[0]:mac[1]]).hex(":"))
+    if mac is None or mac[1] - mac[0] != 6:
+        return None
     dst = at.get(NDA_DST)
     where = None
     if dst is not None and dst[1] - dst[0] in (4, 16):

@@ -92,20 +92,21 @@ class Mirror:
         return True
 
     def set_neighbour(self, index: int, ip: str, mac: str, present: bool) -> bool:
-        """Bridges' entries only; a change of state alone (reachable, stale) is no change."""
+        """Kept for every link (doctor reads the underlay's); True only for a change on a
+        bridge, whose entries feed DHCP. A change of state alone (reachable, stale) is none."""
         link = self.state.links.get(index)
-        if link is None or link.kind != "bridge":
+        if link is None:
             return False
         table = self.state.neighbours.setdefault(index, {})
         if present:
             if table.get(ip) == mac:
                 return False
             table[ip] = mac
-            return True
-        if table.get(ip) != mac:
-            return False
-        del table[ip]
-        return True
+        else:
+            if ip not in table or (mac and table[ip] != mac):
+                return False
+            del table[ip]
+        return link.kind == "bridge"
 
     def apply_deleted(self, index: int) -> bool:
         return self._drop_link(index)
