@@ -124,9 +124,12 @@ class Service:
 
         return DnsmasqSupervisor(conf.settings, self._on_dhcp_event)
 
+    def _frr_pathspace_check(self) -> None:
+        overlay = self.core.config.settings.overlay
+        self.frr.use_pathspace(overlay.frr_pathspace if overlay is not None else "")
+
     def _make_frr(self, conf: cfg.Config) -> Any:
-        """FRR's agent: it runs nothing until a network uses evpn. Its pathspace is read
-        at start (a change of frr_pathspace needs a restart)."""
+        """FRR's agent: it runs nothing until a network uses evpn."""
         from kvmnetd.adapters.frr.agent import FrrAgent
         from kvmnetd.adapters.frr.vtysh import Vtysh
 
@@ -228,6 +231,7 @@ class Service:
         self.rec.on_state(lambda *_: self.refresh_status())
         self.core.subscribe(self._on_core_event)
         self.core.on_reload.append(self._metrics_check)  # metrics_file follows the file
+        self.core.on_reload.append(self._frr_pathspace_check)
         self._metrics_check()
         # What start-up brought up happened before these listeners: one look now.
         self.refresh_status()

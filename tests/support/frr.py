@@ -47,8 +47,10 @@ class FrrDaemons:
         if not conf.exists():
             conf.write_text("service integrated-vtysh-config\n")
         for name in only or self.daemons():
+            # A killed daemon left its socket and pid file: the new one replaces them.
             sh(str(FRR_BIN / name), "-N", self.pathspace, "-d", ns=self.ns)
-            assert wait_until(lambda n=name: (self.run_dir / f"{n}.vty").exists(), 10), name
+            assert wait_until(lambda n=name: self.pid(n) is not None
+                              and (self.run_dir / f"{n}.vty").exists(), 10), name
 
     def pid(self, name: str) -> int | None:
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
@@ -72,12 +74,6 @@ class FrrDaemons:
             if self.pid(name) is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            if sig == signal.SIGKILL:
-                # A killed daemon leaves its socket and pid file: as after a crash,
-                # FRR's next start replaces them.
-                for f in (f"{name}.vty", f"{name}.pid"):
-                    with contextlib.suppress(FileNotFoundError):
-                        (self.run_dir / f).unlink()
 
     def cleanup(self) -> None:
         self.stop()

@@ -96,17 +96,35 @@ class FrrAgent:
         self._start()
         self._kick.set()
 
+    def use_pathspace(self, pathspace: str) -> None:
+        """[daemon.overlay] frr_pathspace changed (a reload): talk to that FRR from now on.
+        The part stays in the FRR left behind; kvmnetd no longer owns anything there."""
+        if pathspace == self.vtysh.pathspace:
+            return
+        log.info("frr.pathspace", was=self.vtysh.pathspace, now=pathspace)
+        self.vtysh = Vtysh(pathspace, reload=self.vtysh.reload_tool, vtysh=self.vtysh.vtysh)
+        self.status.pathspace = pathspace
+        self.status.peers = {}
+        self._stop_watch()
+        self._verified = False
+        if self._task is not None:
+            self._start_watch()
+            self._kick.set()
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._watch.fd)
+            self._watch.close()
+            self._watch = None
+
     async def close(self) -> None:
         for task in (self._task, self._peers_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._watch is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._watch.fd)
-            self._watch.close()
-            self._watch = None
+        self._stop_watch()
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -267,7 +285,10 @@ class FrrAgent:
             try:
                 data = await self.vtysh.show_json("show bgp l2vpn evpn summary json")
             except OSError as e:
+                # A daemon killed leaves its socket file: no event, but no answer either.
                 log.debug("frr.peers_unread", error=str(e))
+                self._verified = False
+                self._kick.set()
                 continue
             self._peers_seen(data)
 

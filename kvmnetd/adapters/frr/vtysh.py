@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,9 +47,18 @@ class Vtysh:
         return shutil.which(self.vtysh) is not None and os.path.exists(self.reload_tool)
 
     def daemons_up(self) -> tuple[bool, bool]:
-        """(zebra, bgpd) have their vty socket: FRR removes it when a daemon stops."""
-        return (os.path.exists(os.path.join(self.run_dir, "zebra.vty")),
-                os.path.exists(os.path.join(self.run_dir, "bgpd.vty")))
+        """(zebra, bgpd) answer on their vty socket. A daemon that stops removes it; one
+        killed leaves it behind, and then nobody accepts a connection on it."""
+        return (self._answers("zebra.vty"), self._answers("bgpd.vty"))
+
+    def _answers(self, name: str) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(os.path.join(self.run_dir, name))
+            except OSError:
+                return False
+        return True
 
     async def _run(self, *argv: str) -> Result:
         proc = await asyncio.create_subprocess_exec(
