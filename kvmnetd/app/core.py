@@ -226,8 +226,14 @@ class Core:
 
         net = self.networks().get(row["name"])
         if net is not None and net.overlay is not None:
-            row["overlay"] = overlay_status(net, self.config.settings.overlay,
-                                            self.rec.netlink.observed)
+            ov = overlay_status(net, self.config.settings.overlay, self.rec.netlink.observed)
+            if ov is not None and net.overlay.mode == "evpn":
+                # evpn's peers are FRR's BGP neighbours, in the states bgpd gives them.
+                frr = self.frr_status()
+                ov["peers"] = [{"address": ip, "state": f"bgp {st}"}
+                               for ip, st in sorted((frr.get("peers") or {}).items())]
+                ov["frr"] = frr.get("state", "off")
+            row["overlay"] = ov
         return row
 
     def libvirt_status(self) -> dict[str, Any]:

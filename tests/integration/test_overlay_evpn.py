@@ -136,6 +136,8 @@ def test_status_lists_frr_and_neighbours(evpn: EvpnFabric) -> None:
     out = h1.box.ctl_out("status")
     assert f"frr (pathspace {fab.pathspace(h1)}): applied" in out
     assert "bgp neighbour 192.0.2.12: Established" in out
+    # network show lists the overlay's peers: for evpn, the BGP neighbours.
+    assert "peer 192.0.2.13: bgp Established" in h1.box.ctl_out("network", "show", "ov")
 
 
 TCP_SINK = """
