@@ -502,6 +502,8 @@ class Reconciler:
         for bridge, network in p.adopt:
             self.owned.adopt(bridge, network)
             log.info("bridge.adopted", network=network, bridge=bridge)
+        for vxlan, network in p.adopt_vxlans:
+            self.owned.vxlans[vxlan] = network
         for ifname in p.forget_ports:
             self.owned.ports.pop(ifname, None)
         if p.forget_requests:

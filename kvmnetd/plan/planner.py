@@ -35,6 +35,8 @@ class Plan:
     # Bookkeeping the loop records before it applies the actions:
     # (bridge, network) found ready-made and empty enough to take over
     adopt: list[tuple[str, str]] = field(default_factory=list)
+    # (VXLAN device, network) found made but not recorded (a kill right after creating it)
+    adopt_vxlans: list[tuple[str, str]] = field(default_factory=list)
     # port bindings whose tap or bridge is gone (qemu reuses names like vnet0)
     forget_ports: list[str] = field(default_factory=list)
     # explicit port requests whose tap is gone: the request ends with the tap
@@ -208,6 +210,8 @@ def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan,
         vx_acts, problem = overlay.vxlan_actions(net, desired.overlay, observed)
         if problem is not None:
             p.problems[net.name] = problem
+        elif net.overlay.vxlan not in owned.vxlans and observed.link(net.overlay.vxlan):
+            p.adopt_vxlans.append((net.overlay.vxlan, net.name))
         acts += vx_acts
 
 

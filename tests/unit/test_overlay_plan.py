@@ -217,3 +217,11 @@ def test_arp_entries_on_bridges_change_the_plan_and_others_only_the_mirror() -> 
     assert obs.neighbours[2] == {}
     assert m.apply(neigh(5, "10.60.0.150", guest, NUD_REACHABLE, new=False))
     assert obs.neighbours_of("kvov") == {}
+
+
+def test_an_unrecorded_vxlan_device_of_ours_is_taken_into_the_record() -> None:
+    p = plan(desired(), converged(), Owned(bridges={"kvov": "ov"}, created={"kvov"}))
+    assert p.adopt_vxlans == [("kvx100", "ov")]
+    p = plan(desired(), converged(), Owned(bridges={"kvov": "ov"}, created={"kvov"},
+                                           vxlans={"kvx100": "ov"}))
+    assert p.adopt_vxlans == []
