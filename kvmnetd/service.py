@@ -356,6 +356,7 @@ class Service:
         if teardown:
             self.rec.desired = self.rec.desired.__class__()
             await self.rec.converge()
+            await self.frr.settle(10.0)  # our part out of FRR too
         for task in list(self._tasks):
             task.cancel()
         if self.control is not None:

@@ -244,3 +244,20 @@ def test_bfd_on_the_neighbours(evpn: EvpnFabric) -> None:
     assert wait_until(lambda: d.vtysh("show bfd peers brief").count(" up ") == 2, 30, 0.2), (
         d.vtysh("show bfd peers brief"))
     assert evpn.wait_peers(h1, others(fab, h1))
+
+
+def test_teardown_on_stop_takes_the_part_out_and_keeps_hand_lines(evpn: EvpnFabric) -> None:
+    fab = evpn.fab
+    fab.start()
+    h1 = fab.host("h1")
+    assert evpn.wait_peers(h1, others(fab, h1))
+    d = evpn.frr["h1"]
+    d.configure("ip prefix-list HAND seq 5 permit 10.0.0.0/8")
+    h1.box.stop_daemon()
+    h1.box.write_config(fab.config(h1).replace("[daemon]\n", "[daemon]\nteardown_on_stop = true\n"))
+    h1.box.start_daemon("--no-bus")
+    assert wait_until(lambda: evpn.status(h1)["state"] == "applied", 20)
+    h1.box.stop_daemon()
+    conf = d.running_config()
+    assert f"router bgp {ASN}" not in conf
+    assert "ip prefix-list HAND seq 5 permit 10.0.0.0/8" in conf

@@ -96,6 +96,18 @@ class FrrAgent:
         self._start()
         self._kick.set()
 
+    async def settle(self, timeout: float) -> None:
+        """Wait until the part last handed over is applied, refused, or FRR is down (the
+        daemon stopping with teardown_on_stop takes its part out before it goes)."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._kick.is_set() or self.status.state == "applying" or (
+                        self.wanted != self.applied
+                        and self.status.state not in ("down", "failed")):
+                    await asyncio.sleep(0.05)
+
     def use_pathspace(self, pathspace: str) -> None:
         """[daemon.overlay] frr_pathspace changed (a reload): talk to that FRR from now on.
         The part stays in the FRR left behind; kvmnetd no longer owns anything there."""
