@@ -165,6 +165,9 @@ def check_overlays(decls: Sequence[tuple[Network, FileCtx | None]],
                       f"MTU {net.mtu} does not fit the underlay: VXLAN adds "
                       f"{VXLAN_OVERHEAD} bytes and underlay_mtu is {host.underlay_mtu}; use at "
                       f"most {host.guest_mtu} or raise underlay_mtu")
+        if net.mtu is None and net.ipv6 is not None and host.guest_mtu < 1280:
+            err(None, f"IPv6 needs an MTU of at least 1280; underlay_mtu {host.underlay_mtu} "
+                      f"leaves the guests {host.guest_mtu} after VXLAN's {VXLAN_OVERHEAD} bytes")
         share = host.position(ov.mode) if ov.dhcp_split == "auto" else (0, 1)
         filled[net.name] = replace(net, mtu=net.mtu or host.guest_mtu,
                                    overlay=replace(ov, share=share))

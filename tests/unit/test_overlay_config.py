@@ -104,6 +104,9 @@ def test_round_trip_through_the_writer(tmp_path: Path) -> None:
      "network.nat.overlay.gateway_mac", "multicast"),
     (HOST + NET.replace('[network.nat.overlay]', 'mtu = 1500\n[network.nat.overlay]')
      + 'mode = "static"\n', 8, "network.nat.mtu", "use at most 1450"),
+    (HOST + 'underlay_mtu = 1300\n' + NET.replace('[network.nat.overlay]',
+                                                  'ipv6 = "fd00::1/64"\n[network.nat.overlay]')
+     + 'mode = "static"\n', 10, "network.nat.overlay", "IPv6 needs an MTU of at least 1280"),
     (HOST + '[network.lan]\nmode = "bridged"\nuplink = "eth0"\n[network.lan.overlay]\n'
      'vni = 5\nmode = "static"\n', 9, "network.lan.overlay", "bridged network"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from pathlib import Path
 
 from kvmnetd.adapters.rtnl.decode import (
     IFINFOMSG,
@@ -41,6 +42,7 @@ from kvmnetd.model.owned import Owned
 from kvmnetd.plan.nft import render_ruleset
 from kvmnetd.plan.overlay import with_known_hosts
 from kvmnetd.plan.planner import plan
+from tests.support.core import make_core
 
 IP = ipaddress.IPv4Address
 HOST = HostOverlay(local=IP("192.0.2.11"), peers=(IP("192.0.2.12"), IP("192.0.2.13")))
@@ -225,3 +227,29 @@ def test_an_unrecorded_vxlan_device_of_ours_is_taken_into_the_record() -> None:
     p = plan(desired(), converged(), Owned(bridges={"kvov": "ov"}, created={"kvov"},
                                            vxlans={"kvx100": "ov"}))
     assert p.adopt_vxlans == []
+
+
+# ---- through the core and the loop, over the fakes -----------------------------------
+
+CORE_CONFIG = ('[daemon.overlay]\nlocal = "192.0.2.11"\npeers = ["192.0.2.12", "192.0.2.13"]\n'
+               '[network.ov]\nbridge = "kvov"\nipv4 = "10.60.0.1/24"\n[network.ov.dhcp]\n'
+               '[network.ov.overlay]\nvni = 100\nmode = "static"\n')
+
+
+async def test_core_builds_the_overlay_and_a_second_pass_writes_nothing(tmp_path: Path) -> None:
+    rig = await make_core(tmp_path, CORE_CONFIG)
+    obs = rig.netlink.observed
+    assert obs.fdb_of("kvx100") == {(ZERO, "192.0.2.12"), (ZERO, "192.0.2.13")}
+    assert rig.core.rec.owned.vxlans == {"kvx100": "ov"}
+    ov = rig.core.describe()["networks"][0]["overlay"]
+    assert ov["device"] == "kvx100" and ov["dhcp_share"] == [0, 3]
+    assert [p["state"] for p in ov["peers"]] == ["no route", "no route"]
+    writes = rig.netlink.writes
+    await rig.core.apply({})
+    assert rig.netlink.writes == writes
+    # A peer dropped from the file loses its flood entry on reload.
+    rig.write_config(CORE_CONFIG.replace(', "192.0.2.13"', ""))
+    from kvmnetd.model.records import ROOT
+
+    await rig.core.reload(ROOT)
+    assert obs.fdb_of("kvx100") == {(ZERO, "192.0.2.12")}
