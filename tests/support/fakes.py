@@ -196,3 +196,13 @@ class FakeAuthority:
     async def check(self, caller: Caller, action: str) -> bool | None:
         self.asked.append((caller, action))
         return self.answer
+
+
+class FakeFrr:
+    """The reconciler's FrrPort: the parts it was handed, in order."""
+
+    def __init__(self) -> None:
+        self.parts: list[object] = []
+
+    async def sync(self, part: object) -> None:
+        self.parts.append(part)
