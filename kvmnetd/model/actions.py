@@ -106,6 +106,14 @@ class CreateVxlan(Action):
 
 
 @dataclass(frozen=True)
+class SetLinkLocalOff(Action):
+    """No IPv6 link-local address on the VXLAN device: what its own stack would send (DAD,
+    MLD) goes to every peer and into every host's bridge."""
+
+    ifname: str
+
+
+@dataclass(frozen=True)
 class AttachVxlan(Action):
     """The VXLAN device joins the network's bridge (not a guest port: never released)."""
 

@@ -37,7 +37,7 @@ class Link:
     neigh_suppress: bool | None = None  # bridge ports only: ARP/ND answered by the bridge
     vxlan: Vxlan | None = None  # vxlan devices only
     arp_accept: bool | None = None  # bridges only: gratuitous ARP creates neighbours
-    addrgenmode: int | None = None  # bridges only: IPv6 link-local generation (1: none)
+    addrgenmode: int | None = None  # bridges, vxlan: IPv6 link-local generation (1: none)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ def vxlan_actions(net: Network, host: HostOverlay, observed: ObservedState
         vx = None
     if vx is None:
         acts += [A.CreateVxlan(net.name, name, ov.vni, str(host.local), host.dstport, net.mtu),
+                 A.SetLinkLocalOff(net.name, name),
                  A.AttachVxlan(net.name, name, net.bridge),
                  A.SetNeighSuppress(net.name, name, True),
                  A.SetUp(net.name, name)]
@@ -61,6 +62,8 @@ def vxlan_actions(net: Network, host: HostOverlay, observed: ObservedState
             acts.append(A.AttachVxlan(net.name, name, net.bridge))
         if vx.neigh_suppress is not True or br is None or vx.master != br.index:
             acts.append(A.SetNeighSuppress(net.name, name, True))
+        if vx.addrgenmode != ADDRGENMODE_NONE:
+            acts.append(A.SetLinkLocalOff(net.name, name))
         if not vx.up:
             acts.append(A.SetUp(net.name, name))
         flood = {dst for mac, dst in observed.fdb.get(vx.index, set())

@@ -116,6 +116,7 @@ def test_vxlan_device_flood_list_and_anycast_gateway(fab: Fabric) -> None:
         assert (info["id"], info["local"], info["port"]) == (100, host.underlay_ip, 4789)
         assert info["learning"] is False
         assert vx["master"] == BRIDGE and vx["mtu"] == 1450
+        assert vx["inet6_addr_gen_mode"] == "none"
         assert vx["linkinfo"]["info_slave_data"]["neigh_suppress"] is True  # type: ignore[index]
         assert flood_list(host) == {h.underlay_ip for h in fab.hosts if h is not host}
         br = json.loads(sh("ip", "-d", "-j", "link", "show", BRIDGE, ns=host.ns).stdout)[0]

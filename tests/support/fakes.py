@@ -79,6 +79,8 @@ class FakeNetlink:
                 master = obs.link(br)
                 assert master
                 self._set(dev, master=master.index)
+            case A.SetLinkLocalOff(ifname=dev):
+                self._set(dev, addrgenmode=1)
             case A.SetNeighSuppress(ifname=dev, on=on):
                 self._set(dev, neigh_suppress=on)
             case A.AddFlood(ifname=dev, dst=dst) | A.RemoveFlood(ifname=dev, dst=dst):

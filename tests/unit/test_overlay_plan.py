@@ -66,7 +66,7 @@ def converged(flood: tuple[str, ...] = ("192.0.2.12", "192.0.2.13")) -> Observed
     br = Link(index=5, name="kvov", kind="bridge", up=True, mtu=1450, mac=MAC, stp=False,
               forward_delay=0, arp_accept=True, addrgenmode=1)
     vx = Link(index=6, name="kvx100", kind="vxlan", master=5, up=True, mtu=1450,
-              mac="aa:00:00:00:00:01", neigh_suppress=True,
+              mac="aa:00:00:00:00:01", neigh_suppress=True, addrgenmode=1,
               vxlan=Vxlan(100, "192.0.2.11", 4789, False))
     obs = ObservedState(links={5: br, 6: vx},
                         addresses={5: {ipaddress.IPv4Interface("10.60.0.1/24")}},
@@ -90,6 +90,7 @@ def test_a_new_overlay_network_in_order() -> None:
         "AddAddress(ifname=kvov, address=10.60.0.1/24)",
         "SetUp(ifname=kvov)",
         "CreateVxlan(ifname=kvx100, vni=100, local=192.0.2.11, port=4789, mtu=1450)",
+        "SetLinkLocalOff(ifname=kvx100)",
         "AttachVxlan(ifname=kvx100, bridge=kvov)",
         "SetNeighSuppress(ifname=kvx100, on=True)",
         "SetUp(ifname=kvx100)",

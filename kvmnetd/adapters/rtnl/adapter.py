@@ -303,6 +303,9 @@ class NetlinkAdapter:
             case act.SetBridgeNeighbours(bridge=name):
                 await self._cfg.bridge_neighbours(name)
                 mirror.update_link(name, arp_accept=True, addrgenmode=1)
+            case act.SetLinkLocalOff(ifname=name):
+                await self._cfg.link_local_off(name)
+                mirror.update_link(name, addrgenmode=1)
             case act.SetMac(ifname=name, mac=mac):
                 await self._cfg.mac(name, mac)
                 mirror.update_link(name, mac=mac)

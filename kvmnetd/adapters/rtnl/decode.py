@@ -270,7 +270,7 @@ def decode_link(buf: Buffer, start: int, end: int) -> Link | None:
             group = _u32(buf, opts.get(IFLA_TUN_GROUP))
     arp_accept = addrgenmode = None
     spec = at.get(IFLA_AF_SPEC)
-    if spec is not None and kind == "bridge":
+    if spec is not None and kind in ("bridge", "vxlan"):
         arp_accept, addrgenmode = _af_spec(buf, attrs(buf, *spec))
     mac = at.get(IFLA_ADDRESS)
     return Link(

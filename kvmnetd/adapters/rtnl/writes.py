@@ -135,6 +135,11 @@ class ConfigWriter:
         spec = attr(socket.AF_INET, inet) + attr(socket.AF_INET6, inet6)
         await self._write(what, RTM_NEWLINK, 0, set_link(name, attr(IFLA_AF_SPEC, spec)))
 
+    async def link_local_off(self, name: str) -> None:
+        inet6 = attr(IFLA_INET6_ADDR_GEN_MODE, b"\x01")
+        await self._write(f"set addrgenmode none on {name}", RTM_NEWLINK, 0,
+                          set_link(name, attr(IFLA_AF_SPEC, attr(socket.AF_INET6, inet6))))
+
     async def mac(self, name: str, mac: str) -> None:
         await self._write(f"set MAC {mac} on {name}", RTM_NEWLINK, 0,
                           set_link(name, attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))))
