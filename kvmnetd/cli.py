@@ -176,8 +176,38 @@ def do_status(c: Client, o: argparse.Namespace) -> None:
         print(f"networks: {len(nets)}  ports: {len(state.get('ports', []))}")
         if nets:
             table(nets, ["name", "mode", "bridge", "state", "reason"])
+        for net in nets:
+            if net.get("overlay"):
+                print(f"overlay {net['name']}:")
+                _overlay_lines(net["overlay"])
         _libvirt_status_lines(state.get("libvirt") or {})
+        _frr_status_lines(state.get("frr") or {})
     emit(o, state, human)
+
+
+def _frr_status_lines(frr: dict[str, Any]) -> None:
+    if frr.get("state", "off") == "off":
+        return
+    where = f" (pathspace {frr['pathspace']})" if frr.get("pathspace") else ""
+    reason = f": {frr['reason']}" if frr.get("reason") else ""
+    print(f"frr{where}: {frr['state']}{reason}, as {frr.get('asn')}")
+    for peer, st in sorted((frr.get("peers") or {}).items()):
+        print(f"  bgp neighbour {peer}: {st}")
+
+
+def _overlay_lines(ov: dict[str, Any], indent: str = "  ") -> None:
+    under = ov.get("underlay") or "none"
+    print(f"{indent}vni {ov.get('vni')} ({ov.get('mode')}), device {ov.get('device')} "
+          f"{ov.get('device_state')}, local {ov.get('local')} on {under} "
+          f"(MTU {ov.get('underlay_mtu')}), guest MTU {ov.get('mtu')}")
+    for peer in ov.get("peers", []):
+        print(f"{indent}peer {peer['address']}: {peer['state']}")
+    macs = ov.get("remote_macs", [])
+    print(f"{indent}remote MACs: {len(macs)}" + (f" ({', '.join(macs[:8])}"
+                                                 f"{', ...' if len(macs) > 8 else ''})"
+                                                 if macs else ""))
+    for problem in ov.get("problems", []):
+        print(f"{indent}problem: {problem}")
 
 
 def _libvirt_status_lines(lv: dict[str, Any]) -> None:
@@ -212,10 +242,19 @@ def do_network_list(c: Client, o: argparse.Namespace) -> None:
 def do_network_show(c: Client, o: argparse.Namespace) -> None:
     props = c.call("Network", o.name)
     data = {PROPERTY_KEYS.get(k, k): v for k, v in props.items()}
+    if str(data.get("mode")) in ("nat", "routed", "isolated"):
+        # The overlay part is no bus property: it comes with Describe.
+        rows = json.loads(c.call("Describe")).get("networks", [])
+        ov = next((r.get("overlay") for r in rows if r.get("name") == o.name), None)
+        if ov:
+            data["overlay"] = ov
 
     def human() -> None:
         for key in PROPERTY_KEYS.values():
             print(f"{key + ':':12} {_cell(data.get(key))}")
+        if data.get("overlay"):
+            print("overlay:")
+            _overlay_lines(data["overlay"])
     emit(o, data, human)
 
 

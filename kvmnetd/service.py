@@ -89,15 +89,17 @@ class Service:
                        s.log_level)
         check_writable_dirs(s, self.config_file, self.overrides)
         self.dhcp = self._make_dhcp(conf)
+        self.frr = self._make_frr(conf)
         nft = NftablesAdapter(s.firewall_table,
                               state_path=os.path.join(s.run_dir, "firewall.listing"))
         self.rec = Reconciler(self.netlink, nft, SysctlAdapter(),
                               self.dhcp, os.path.join(s.run_dir, "owned.json"),
                               table=s.firewall_table,
                               coexist=ForeignForwardAdapter(s.firewall_table),
-                              coexist_mode=s.coexist, rate=TcRates())
+                              coexist_mode=s.coexist, rate=TcRates(), frr=self.frr)
         self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets,
                          forward_store=ForwardFile())
+        self.core.frr = self.frr
         self._wired = True
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()
@@ -131,6 +133,20 @@ class Service:
         from kvmnetd.adapters.dnsmasq.supervisor import DnsmasqSupervisor
 
         return DnsmasqSupervisor(conf.settings, self._on_dhcp_event)
+
+    def _frr_pathspace_check(self) -> None:
+        overlay = self.core.config.settings.overlay
+        self.frr.use_pathspace(overlay.frr_pathspace if overlay is not None else "")
+
+    def _make_frr(self, conf: cfg.Config) -> Any:
+        """FRR's agent: it runs nothing until a network uses evpn."""
+        from kvmnetd.adapters.frr.agent import FrrAgent
+        from kvmnetd.adapters.frr.vtysh import Vtysh
+
+        s = conf.settings
+        pathspace = s.overlay.frr_pathspace if s.overlay is not None else ""
+        return FrrAgent(Vtysh(pathspace), os.path.join(s.state_dir, "frr-part.json"),
+                        s.run_dir)
 
     async def _serve_control(self) -> Any:
         try:
@@ -224,6 +240,7 @@ class Service:
         self.rec.on_state(lambda *_: self.refresh_status())
         self.core.subscribe(self._on_core_event)
         self.core.on_reload.append(self._metrics_check)  # metrics_file follows the file
+        self.core.on_reload.append(self._frr_pathspace_check)
         self._metrics_check()
         # What start-up brought up happened before these listeners: one look now.
         self.refresh_status()
@@ -348,6 +365,7 @@ class Service:
         if teardown:
             self.rec.desired = self.rec.desired.__class__()
             await self.rec.converge()
+            await self.frr.settle(10.0)  # our part out of FRR too
         for task in list(self._tasks):
             task.cancel()
         if self.control is not None:
@@ -361,4 +379,5 @@ class Service:
             await self.libvirt.close()
         if self.dhcp is not None:
             await self.dhcp.close(stop_children=teardown)
+        await self.frr.close()
         await self.netlink.close()

@@ -9,6 +9,7 @@ import re
 from kvmnetd.adapters.files import atomic_write
 from kvmnetd.adapters.nft_run import NFT, NftablesError, run_nft
 from kvmnetd.model.desired import is_nft_name
+from kvmnetd.plan.nft import overlay_table
 
 __all__ = ["TAMPERED", "NftablesAdapter", "NftablesError"]
 
@@ -92,7 +93,9 @@ class NftablesAdapter:
         if await self._list() is None:
             return
         # add+delete: no error if someone removed it in between.
-        script = f"add table inet {self.table}\ndelete table inet {self.table}\n"
+        ov = overlay_table(self.table)
+        script = (f"add table inet {self.table}\ndelete table inet {self.table}\n"
+                  f"add table bridge {ov}\ndelete table bridge {ov}\n")
         rc, _, err = await self._run("-f", "-", stdin=script)
         if rc != 0:
             raise NftablesError(f"nft could not delete table inet {self.table}: {err.strip()}")

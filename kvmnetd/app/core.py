@@ -53,6 +53,11 @@ class DhcpView(Protocol):
     def leases(self, network: str) -> list[Lease]: ...
 
 
+class FrrView(Protocol):
+    @property
+    def status(self) -> Any: ...
+
+
 class Core(ForwardsMixin):
     version = __version__
 
@@ -76,6 +81,7 @@ class Core(ForwardsMixin):
         self.port_domains: dict[str, str] = {}
         self.libvirt_managed: set[str] = set()
         self.libvirt: Any = None  # the libvirt watcher, when there is one
+        self.frr: FrrView | None = None  # FRR's agent (evpn overlays)
         self._policy = AttachPolicy(config.rules)
         self._rows: dict[str, PortStatus] | None = None  # see _port_rows
         self._by_net: dict[str, set[str]] = {}
@@ -101,7 +107,8 @@ class Core(ForwardsMixin):
         return DesiredState(networks=nets, active=frozenset(active),
                             ports=dict(self.rec.desired.ports if ports is None else ports),
                             rules=self.config.rules, policy=self.policy,
-                            rates=dict(self.port_limits))
+                            rates=dict(self.port_limits),
+                            overlay=self.config.settings.overlay)
 
     @property
     def policy(self) -> AttachPolicy:
@@ -212,11 +219,34 @@ class Core(ForwardsMixin):
     def describe(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "networks": [n.to_json() for n in self.list_networks()],
+            "networks": [self._with_overlay(n.to_json()) for n in self.list_networks()],
             "ports": [p.to_json() for p in self.list_ports()],
             "owned": self.rec.owned.to_json(),
             "libvirt": self.libvirt_status(),
+            "frr": self.frr_status(),
         }
+
+    def frr_status(self) -> dict[str, Any]:
+        """kvmnetd's part in FRR: applied or not and why, and the BGP peers' states."""
+        if self.frr is None:
+            return {"state": "off"}
+        out: dict[str, Any] = self.frr.status.to_json()
+        return out
+
+    def _with_overlay(self, row: dict[str, Any]) -> dict[str, Any]:
+        from kvmnetd.app.overlay import overlay_status
+
+        net = self.networks().get(row["name"])
+        if net is not None and net.overlay is not None:
+            ov = overlay_status(net, self.config.settings.overlay, self.rec.netlink.observed)
+            if ov is not None and net.overlay.mode == "evpn":
+                # evpn's peers are FRR's BGP neighbours, in the states bgpd gives them.
+                frr = self.frr_status()
+                ov["peers"] = [{"address": ip, "state": f"bgp {st}"}
+                               for ip, st in sorted((frr.get("peers") or {}).items())]
+                ov["frr"] = frr.get("state", "off")
+            row["overlay"] = ov
+        return row
 
     def libvirt_status(self) -> dict[str, Any]:
         """Whether libvirt is followed, and foreign libvirt networks named like ours."""
@@ -237,8 +267,14 @@ class Core(ForwardsMixin):
             [self.network(n.name) for n in nets],
             table=self.config.settings.firewall_table, settings=self.config.settings)
         from kvmnetd.app.doctor_libvirt import libvirt_clash_findings
+        from kvmnetd.app.overlay import overlay_findings
 
-        findings = [*findings, *libvirt_clash_findings(self.libvirt_status()["clashes"])]
+        findings = [*findings, *libvirt_clash_findings(self.libvirt_status()["clashes"]),
+                    *overlay_findings(nets, self.config.settings.overlay,
+                                      self.rec.netlink.observed)]
+        from kvmnetd.app.doctor_frr import frr_findings
+
+        findings = [*findings, *frr_findings(self.frr_status())]
         return [f.to_json() for f in findings]
 
     # ---- writes --------------------------------------------------------------------------
@@ -423,7 +459,8 @@ class Core(ForwardsMixin):
         # Paths stay as started; behaviour settings follow the file.
         self.config = replace(new, settings=replace(
             s, teardown_on_stop=new.settings.teardown_on_stop,
-            log_level=new.settings.log_level, metrics_file=new.settings.metrics_file))
+            log_level=new.settings.log_level, metrics_file=new.settings.metrics_file,
+            overlay=new.settings.overlay))
         logsetup.set_level(new.settings.log_level)
         await self.apply()
         log.info("config.reloaded", networks=len(self.networks()))

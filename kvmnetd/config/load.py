@@ -17,6 +17,7 @@ from typing import Any
 from kvmnetd.config import schema as val
 from kvmnetd.config.forwards import overlapping, reserved_problem
 from kvmnetd.config.locate import FileCtx, Table, has_control, suggest
+from kvmnetd.config.overlay import check_overlays, read_host_overlay
 from kvmnetd.model.desired import AttachRule, Dhcp, DhcpRange, Dns, Mode, Network, Settings, Source
 from kvmnetd.model.errors import ConfigError, ConfigIssue
 
@@ -174,8 +175,11 @@ def _read_doc(doc: dict[str, Any], ctx: FileCtx, found: _Found, main_file: str |
 
 
 def read_daemon(ctx: FileCtx, data: dict[str, Any], base: Settings) -> Settings:
-    t = Table(ctx, ("daemon",), data, DAEMON_KEYS)
+    t = Table(ctx, ("daemon",), data, (*DAEMON_KEYS, "overlay"))
     values: dict[str, Any] = {}
+    overlay = t.table("overlay")
+    if overlay is not None:
+        values["overlay"] = read_host_overlay(ctx, overlay)
     for key, conv in DAEMON_CONV.items():
         if t.has(key):
             v = t.text(key, conv, None)
@@ -333,6 +337,7 @@ def load(config_file: str | None, networks_dir: str | None,
         decls.append((net, nctx))
     _cross(decls)
     _cross_forwards(decls)
+    networks.update(check_overlays(decls, settings))
     rules: list[AttachRule] = []
     for rule, rctx, idx in found.rules:
         if rule.network not in networks:
@@ -379,9 +384,10 @@ def parse_network_text(text: str, filename: str, existing: Config) -> Network:
         (n, None) for n in existing.networks.values() if n.name != name]
     _cross([*others, (net, ctx)])
     _cross_forwards([*others, (net, ctx)])
+    filled = check_overlays([*others, (net, ctx)], existing.settings)
     if issues:
         raise ConfigError(_ordered(issues, [filename]))
-    return net
+    return filled.get(name, net)
 
 
 def choose_default_subnet(host_routes: Iterable[IPNetwork] = ()) -> ipaddress.IPv4Network:

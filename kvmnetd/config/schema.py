@@ -23,6 +23,7 @@ from kvmnetd.config.addresses import (
 from kvmnetd.config.dnsmasq_options import check_option
 from kvmnetd.config.forwards import read_forwards
 from kvmnetd.config.locate import FileCtx, Table, suggest
+from kvmnetd.config.overlay import read_network_overlay
 from kvmnetd.model.desired import (
     AttachRule,
     BootFiles,
@@ -195,7 +196,7 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 NETWORK_KEYS = ("mode", "bridge", "ipv4", "ipv6", "uplink", "stp", "forward_delay", "mtu",
                 "autostart", "host_access", "isolate_ports", "port_rate", "allow_users",
-                "allow_groups", "dhcp", "dns", "dnsmasq", "forward")
+                "allow_groups", "dhcp", "dns", "dnsmasq", "forward", "overlay")
 DHCP_KEYS = ("ranges", "ranges6", "lease_time", "router", "ping_check", "tftp_root",
              "boot_file", "next_server", "ra", "dhcpv6", "host", "host6", "boot")
 BOOT_KEYS = ("bios", "efi_x86_64", "efi_arm64", "ipxe")
@@ -436,6 +437,7 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
     sub = t.table("dns")
     dns = _dns(Table(ctx, (*t.path, "dns"), sub, DNS_KEYS)) if sub is not None else Dns()
     options = _dnsmasq_options(t)
+    overlay = read_network_overlay(t)
 
     if "mode" not in t.bad:
         if mode != Mode.BRIDGED and not (t.has("ipv4") or t.has("ipv6")):
@@ -467,7 +469,7 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
         forward_delay=delay, mtu=mtu or None, autostart=t.flag("autostart", True),
         host_access=host_access, isolate_ports=t.flag("isolate_ports", False),
         port_rate=t.text("port_rate", parse_port_rate, None), dhcp=dhcp,
-        dns=dns, dnsmasq_options=options,
+        dns=dns, dnsmasq_options=options, overlay=overlay,
         allow_users=t.texts("allow_users", check_allowed_user),
         allow_groups=t.texts("allow_groups", check_user),
         source=ctx.source(t.path),

@@ -69,6 +69,10 @@ def render_network_toml(net: Network) -> str:
     if net.dns.hosts:
         body["dns"]["host"] = [_table([("ip", h.ip), ("names", h.names)])
                                for h in net.dns.hosts]
+    if net.overlay is not None:
+        ov = net.overlay
+        body["overlay"] = _table([("vni", ov.vni), ("mode", ov.mode),
+                                  ("gateway_mac", ov.gateway_mac), ("dhcp_split", ov.dhcp_split)])
     if net.dnsmasq_options:
         body["dnsmasq"] = _table([("options", net.dnsmasq_options)])
     if net.port_forwards:

@@ -10,6 +10,7 @@ from kvmnetd.model.desired import Network
 from kvmnetd.model.observed import ObservedState
 from kvmnetd.model.rate import SetPortRate
 from kvmnetd.plan.coexist import CoexistChanges, CoexistRule, ForeignForward
+from kvmnetd.plan.frr import FrrPart
 
 
 class NetlinkPort(Protocol):
@@ -81,4 +82,11 @@ class DhcpPort(Protocol):
 
     async def restart(self, network: str) -> None:
         """Its bridge was made anew: a running dnsmasq bound to the old one starts again."""
+        ...
+
+
+class FrrPort(Protocol):
+    async def sync(self, part: FrrPart | None) -> None:
+        """The part of FRR's configuration kvmnetd wants (None: none). Applied in the
+        background: FRR's own tools take a second, the loop does not wait for them."""
         ...

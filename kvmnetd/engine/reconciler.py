@@ -14,6 +14,7 @@ from kvmnetd.engine.interfaces import (
     CoexistPort,
     DhcpPort,
     FirewallPort,
+    FrrPort,
     NetlinkPort,
     RatePort,
     SysctlPort,
@@ -27,6 +28,7 @@ from kvmnetd.model.policy import PORT_KINDS
 from kvmnetd.model.rate import SetPortRate
 from kvmnetd.plan.adopt import adopt_ports
 from kvmnetd.plan.coexist import ForeignForward
+from kvmnetd.plan.frr import frr_part
 from kvmnetd.plan.planner import Plan, attach_for, plan
 from kvmnetd.plan.rate import port_rates
 
@@ -52,7 +54,8 @@ class Reconciler:
     def __init__(self, netlink: NetlinkPort, firewall: FirewallPort, sysctl: SysctlPort,
                  dhcp: DhcpPort | None, owned_path: str, table: str = "kvmnetd",
                  verify_interval: float = SWEEP_INTERVAL, coexist: CoexistPort | None = None,
-                 coexist_mode: str = "auto", rate: RatePort | None = None) -> None:
+                 coexist_mode: str = "auto", rate: RatePort | None = None,
+                 frr: FrrPort | None = None) -> None:
         self.netlink = netlink
         self.firewall = firewall
         self.sysctl = sysctl
@@ -76,6 +79,7 @@ class Reconciler:
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[str, NetState], None]] = []
         self.coexist = coexist
+        self.frr = frr
         self.coexist_mode = coexist_mode
         self.rate = rate  # None: no tc here; a limit asked for fails on its port
         self._rates_known = False
@@ -525,6 +529,9 @@ class Reconciler:
                 if net.name in p.dhcp_restart:
                     await self.dhcp.restart(net.name)
             await self.dhcp.sync(ok)
+        if self.frr is not None:
+            # Desired state like dnsmasq's: every pass says what FRR should hold.
+            await self.frr.sync(frr_part(self.desired.overlay, self.desired.active_networks()))
         self.last_plan = p  # before listeners run: they read ports from it
         self._settle_all(p, observed)
         self.completed += 1
@@ -656,6 +663,8 @@ class Reconciler:
         for bridge, network in p.adopt:
             self.owned.adopt(bridge, network)
             log.info("bridge.adopted", network=network, bridge=bridge)
+        for vxlan, network in p.adopt_vxlans:
+            self.owned.vxlans[vxlan] = network
         for ifname in p.forget_ports:
             self.owned.ports.pop(ifname, None)
         for ifname in p.forget_limits:

@@ -83,6 +83,72 @@ class SetIsolated(Action):
 
 
 @dataclass(frozen=True)
+class SetMac(Action):
+    ifname: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class SetBridgeNeighbours(Action):
+    """An overlay network's bridge: gratuitous ARP makes neighbour entries (arp_accept),
+    and no IPv6 link-local address (the same MAC on every host would make them collide)."""
+
+    bridge: str
+
+
+@dataclass(frozen=True)
+class CreateVxlan(Action):
+    ifname: str
+    vni: int
+    local: str
+    port: int
+    mtu: int | None = None
+
+
+@dataclass(frozen=True)
+class SetLinkLocalOff(Action):
+    """No IPv6 link-local address on the VXLAN device: what its own stack would send (DAD,
+    MLD) goes to every peer and into every host's bridge."""
+
+    ifname: str
+
+
+@dataclass(frozen=True)
+class AttachVxlan(Action):
+    """The VXLAN device joins the network's bridge (not a guest port: never released)."""
+
+    ifname: str
+    bridge: str
+
+
+@dataclass(frozen=True)
+class SetNeighSuppress(Action):
+    """ARP/ND suppression on the VXLAN port: the bridge answers from what it knows."""
+
+    ifname: str
+    on: bool
+
+
+@dataclass(frozen=True)
+class AddFlood(Action):
+    """A flood entry (all-zero MAC): broadcast and unknown frames go to this peer too."""
+
+    ifname: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class RemoveFlood(Action):
+    ifname: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class DeleteVxlan(Action):
+    ifname: str
+
+
+@dataclass(frozen=True)
 class Release(Action):
     ifname: str
 

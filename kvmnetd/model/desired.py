@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 from kvmnetd.model.forward import Forward
+from kvmnetd.model.overlay import HostOverlay, NetworkOverlay
 from kvmnetd.model.policy import AttachPolicy
 
 IPv4Interface = ipaddress.IPv4Interface
@@ -138,6 +139,8 @@ class Network:
     dnsmasq_options: tuple[str, ...] = ()
     # Port forwards ([[network.NAME.forward]] and runtime ones), in declaration order.
     port_forwards: tuple[Forward, ...] = ()
+    # One L2 segment across hosts (VXLAN); None: this host only.
+    overlay: NetworkOverlay | None = None
     source: Source | None = field(default=None, compare=False)
 
     @property
@@ -219,6 +222,8 @@ class Settings:
     # Per-port counters in the Prometheus text format, for node exporter's textfile
     # collector; None: not written (and nothing runs for it).
     metrics_file: str | None = None
+    # [daemon.overlay]: this host in a fabric of hosts sharing overlay networks.
+    overlay: HostOverlay | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,8 @@ class DesiredState:
     # Per-port rate overrides: ifname -> bytes/s, 0 for no limit (the network's default
     # applies to ports not named here).
     rates: dict[str, int] = field(default_factory=dict)
+    # This host's place among the hosts sharing overlay networks ([daemon.overlay]).
+    overlay: HostOverlay | None = None
     # Built once per config load and carried through replace(): it keeps its match memo.
     policy: AttachPolicy = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 

@@ -11,6 +11,16 @@ RTPROT_RA = 9  # a route the kernel (or a daemon) learned from a router advertis
 
 
 @dataclass(frozen=True)
+class Vxlan:
+    """A VXLAN device's identity: what cannot change without making it anew."""
+
+    vni: int
+    local: str | None  # the source (VTEP) address
+    port: int
+    learning: bool
+
+
+@dataclass(frozen=True)
 class Link:
     index: int
     name: str
@@ -24,6 +34,10 @@ class Link:
     tun_owner: int | None = None  # taps only: uid allowed to use it (-1/None: any)
     tun_group: int | None = None
     isolated: bool | None = None  # bridge ports only: bridge port isolation
+    neigh_suppress: bool | None = None  # bridge ports only: ARP/ND answered by the bridge
+    vxlan: Vxlan | None = None  # vxlan devices only
+    arp_accept: bool | None = None  # bridges only: gratuitous ARP creates neighbours
+    addrgenmode: int | None = None  # bridges, vxlan: IPv6 link-local generation (1: none)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,13 @@ class ObservedState:
     firewall: str | None = None
     # port ifname -> its rate limit as found (only ports with a tbf or an ingress qdisc)
     port_rates: dict[str, RateSeen] = field(default_factory=dict)
+    # vxlan ifindex -> its fdb entries as (MAC, remote VTEP or None): the flood list
+    # (all-zero MAC) and the MACs learned or installed behind it, own and the bridge's.
+    fdb: dict[int, set[tuple[str, str | None]]] = field(default_factory=dict)
+    # ifindex -> IPv4 address -> MAC, from ARP entries that resolved: on a bridge, who
+    # holds which address (fed to DHCP as known hosts on an overlay network); on the
+    # underlay, which peers answer.
+    neighbours: dict[int, dict[str, str]] = field(default_factory=dict)
     # name -> index, kept by whoever fills `links` (the netlink mirror); empty: scan.
     by_name: dict[str, int] = field(default_factory=dict)
 
@@ -88,6 +109,14 @@ class ObservedState:
         return sorted({name for r in self.routes
                        if r.dst.version == 6 and r.dst.prefixlen == 0 and r.proto == RTPROT_RA
                        and (name := self.name_of(r.oif)) is not None})
+
+    def fdb_of(self, name: str) -> set[tuple[str, str | None]]:
+        link = self.link(name)
+        return set(self.fdb.get(link.index, set())) if link else set()
+
+    def neighbours_of(self, name: str) -> dict[str, str]:
+        link = self.link(name)
+        return dict(self.neighbours.get(link.index, {})) if link else {}
 
     def routes_via(self, name: str) -> set[Route]:
         link = self.link(name)

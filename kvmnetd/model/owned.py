@@ -31,6 +31,7 @@ class Owned:
     firewall: bool = False
     # port ifname -> the ifb we made for its rate limit (model/rate.py)
     limits: dict[str, str] = field(default_factory=dict)
+    vxlans: dict[str, str] = field(default_factory=dict)  # VXLAN device -> network
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class Owned:
             "uplinks": {k: dict(vars(v)) for k, v in self.uplinks.items()},
             "firewall": self.firewall,
             "limits": dict(self.limits),
+            "vxlans": dict(self.vxlans),
         }
 
     @classmethod
@@ -56,6 +58,7 @@ class Owned:
             uplinks={k: UplinkMove(**v) for k, v in d.get("uplinks", {}).items()},
             firewall=bool(d.get("firewall", False)),
             limits=dict(d.get("limits", {})),
+            vxlans=dict(d.get("vxlans", {})),
         )
 
     def record(self, action: A.Action, observed: ObservedState) -> None:
@@ -92,6 +95,10 @@ class Owned:
                     del self.forwarding[fam]  # restored to what it was before us
                 elif fam not in self.forwarding:
                     self.forwarding[fam] = observed.forwarding.get(fam, False)
+            case A.CreateVxlan(network=net, ifname=dev):
+                self.vxlans[dev] = net or ""
+            case A.DeleteVxlan(ifname=dev):
+                self.vxlans.pop(dev, None)
             case A.ApplyFirewall():
                 self.firewall = True
             case A.RemoveFirewall():

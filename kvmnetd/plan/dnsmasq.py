@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from kvmnetd.config.dnsmasq_options import check_option
 from kvmnetd.model.desired import BootFiles, Dhcp, Mode, Network, Settings, ifname_problem
 from kvmnetd.model.errors import InvalidArgument
+from kvmnetd.model.overlay import split_range
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9])?")
@@ -155,9 +156,15 @@ def _dhcp4_lines(net: Network, dhcp: Dhcp, paths: DnsmasqPaths) -> list[str]:
     lease = _lease(dhcp.lease_time)
     if net.ipv4 is not None:
         mask = net.ipv4.network.netmask
+        share = net.overlay.share if net.overlay is not None else (0, 1)
         for r in dhcp.ranges:
-            if r.start.version == 4:
-                out.append(f"dhcp-range={r.start},{r.end},{mask},{lease}")
+            if r.start.version != 4:
+                continue
+            # An overlay network: only this host's slice, so no address goes out twice.
+            part = split_range(int(r.start), int(r.end), *share)
+            if part is not None:
+                first, last = (ipaddress.IPv4Address(a) for a in part)
+                out.append(f"dhcp-range={first},{last},{mask},{lease}")
         if not out:
             # Static hosts only: DHCP on, nothing handed out dynamically.
             out.append(f"dhcp-range={net.ipv4.network.network_address},static,{mask},{lease}")
@@ -169,6 +176,9 @@ def _dhcp4_lines(net: Network, dhcp: Dhcp, paths: DnsmasqPaths) -> list[str]:
     ]
     if _router_off(net, dhcp):
         out.append("dhcp-option=3")
+    if net.overlay is not None and net.mtu is not None:
+        # The guests' MTU leaves room for VXLAN's headers on the underlay.
+        out.append(f"dhcp-option=option:mtu,{int(net.mtu)}")
     if not net.dns.enabled:
         out.append("dhcp-option=6")
     if not dhcp.ping_check:
@@ -226,6 +236,8 @@ def _ipv6_lines(net: Network, dhcp: Dhcp) -> list[str]:
     bridge = net.bridge
     lease = _lease(dhcp.lease_time)
     out: list[str] = ["enable-ra"] if dhcp.ra else []
+    if dhcp.ra and net.overlay is not None and net.mtu is not None:
+        out.append(f"ra-param={bridge},mtu:{int(net.mtu)},600")
     if dhcp.dhcpv6 == "stateful":
         plen = net.ipv6.network.prefixlen
         ranges = [r for r in dhcp.ranges6 if r.start.version == 6]

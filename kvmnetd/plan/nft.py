@@ -5,6 +5,9 @@ The text replaces our table atomically and touches nothing else:
     add table inet T       (so the delete cannot fail when the table is absent)
     delete table inet T
     table inet T { comment "kvmnetd <fingerprint>" ... }
+    add table bridge T_ov  (the same for the overlay networks' VXLAN ports)
+    delete table bridge T_ov
+    table bridge T_ov { ... }   (only with overlay networks)
 
 Only chains that carry rules are emitted, so an empty network list (or bridged
 networks only) gives an empty table. The caller may instead remove the table
@@ -184,6 +187,38 @@ def _body(networks: list[Network]) -> list[str]:
     return lines
 
 
+# What must not cross a VXLAN port: DHCP (each host's dnsmasq answers its own guests
+# only) and router solicitations/advertisements (each host is the router of its own).
+_LOCAL_ONLY = ("udp dport 67-68", "udp dport 546-547",
+               "icmpv6 type { nd-router-solicit, nd-router-advert }")
+_BRIDGE_CHAINS = (
+    ("forward", "type filter hook forward priority filter; policy accept;", ("iif", "oif")),
+    ("input", "type filter hook input priority filter; policy accept;", ("iif",)),
+    ("output", "type filter hook output priority filter; policy accept;", ("oif",)),
+)
+
+
+def overlay_table(table: str) -> str:
+    """The bridge-family table for overlay networks' VXLAN ports, beside our inet table."""
+    suffix = "_ov"
+    return table[:32 - len(suffix)] + suffix
+
+
+def _overlay_body(networks: list[Network]) -> list[str]:
+    ports = sorted(n.overlay.vxlan for n in networks if n.overlay is not None)
+    if not ports:
+        return []
+    lines: list[str] = []
+    for name, header, sides in _BRIDGE_CHAINS:
+        lines += [f"\tchain {name} {{", f"\t\t{header}"]
+        for port in ports:
+            for side in sides:
+                for match in _LOCAL_ONLY:
+                    lines.append(f"\t\t{side}name {quote(port)} {match} drop")
+        lines.append("\t}")
+    return lines
+
+
 def _digest(table: str, body: list[str]) -> str:
     text = f"{table}\n" + "\n".join(body)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -197,19 +232,25 @@ def fingerprint(networks: list[Network], table: str = "kvmnetd") -> str:
 @functools.lru_cache(maxsize=16)
 def _fingerprint(networks: tuple[Network, ...], table: str) -> str:
     # Called on every pass with the same frozen networks: render once per change.
-    return _digest(_check_table(table), _body(list(networks)))
+    return _digest(_check_table(table), _body(list(networks)) + _overlay_body(list(networks)))
 
 
 def render_ruleset(networks: list[Network], table: str = "kvmnetd") -> str:
     """The whole transaction for `nft -f -`."""
     _check_table(table)
     body = _body(networks)
+    overlay = _overlay_body(networks)
     lines = [
         f"add table inet {table}",
         f"delete table inet {table}",
         f"table inet {table} {{",
-        f'\tcomment "kvmnetd {_digest(table, body)}"',
+        f'\tcomment "kvmnetd {_digest(table, body + overlay)}"',
         *body,
         "}",
     ]
+    # Made anew with the inet table, or removed once no overlay network is left.
+    ov = overlay_table(table)
+    lines += [f"add table bridge {ov}", f"delete table bridge {ov}"]
+    if overlay:
+        lines += [f"table bridge {ov} {{", *overlay, "}"]
     return "\n".join(lines) + "\n"

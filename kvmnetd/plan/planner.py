@@ -15,6 +15,7 @@ from kvmnetd.model.desired import DesiredState, Mode, Network
 from kvmnetd.model.observed import IPInterface, IPNetwork, Link, ObservedState, Route
 from kvmnetd.model.owned import Owned
 from kvmnetd.model.policy import PORT_KINDS, rule_matches
+from kvmnetd.plan import overlay
 from kvmnetd.plan.coexist import CoexistPlan, ForeignForward, coexist_rules
 from kvmnetd.plan.nft import fingerprint, render_ruleset
 from kvmnetd.plan.rate import port_rate_actions, released_limits
@@ -35,6 +36,8 @@ class Plan:
     # Bookkeeping the loop records before it applies the actions:
     # (bridge, network) found ready-made and empty enough to take over
     adopt: list[tuple[str, str]] = field(default_factory=list)
+    # (VXLAN device, network) found made but not recorded (a kill right after creating it)
+    adopt_vxlans: list[tuple[str, str]] = field(default_factory=list)
     # port bindings whose tap or bridge is gone (qemu reuses names like vnet0)
     forget_ports: list[str] = field(default_factory=list)
     # explicit port requests whose tap is gone: the request ends with the tap
@@ -60,7 +63,7 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
     for net in active:
         if _blocked_by_route(net, observed, owned, routes, p, net.bridge in adopted):
             continue
-        _plan_network(net, observed, owned, p)
+        _plan_network(net, observed, owned, p, desired)
     _plan_ra_guard(active, observed, p)
     _plan_firewall(active, observed, table, p)
     _plan_forwarding(active, observed, owned, p)
@@ -68,8 +71,10 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
     p.ports = {i: n for i, n in wanted_ports(desired, observed).items() if i not in gone}
     _plan_ports(desired, observed, owned, p)
     _plan_teardown(desired, observed, owned, p)
+    p.actions += overlay.teardown(overlay.wanted_vxlans(
+        [n for n in active if n.name not in p.problems]), owned.vxlans, observed)
     running = [n for n in active if n.name not in p.problems]
-    p.dhcp = [n for n in running if n.needs_dnsmasq]
+    p.dhcp = [overlay.with_known_hosts(n, observed) for n in running if n.needs_dnsmasq]
     p.dhcp_restart = {a.network for a in p.actions
                       if isinstance(a, A.CreateBridge) and a.network is not None}
     if foreign is not None:
@@ -153,9 +158,14 @@ def _blocked_by_route(net: Network, observed: ObservedState, owned: Owned,
     return True
 
 
-def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan) -> None:
+def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan,
+                  desired: DesiredState) -> None:
     br = observed.link(net.bridge)
     acts = p.actions
+    problem = overlay.overlay_problem(net, desired.overlay)
+    if problem is not None:
+        p.problems[net.name] = problem
+        return
     if br is not None and br.kind != "bridge":
         p.problems[net.name] = (
             f"{net.bridge} exists and is a {br.kind or 'physical'} device, not a bridge; "
@@ -173,8 +183,8 @@ def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan) 
     if net.mode is Mode.BRIDGED and uplink is None:
         p.problems[net.name] = f"uplink {net.uplink} not found"
     if br is None:
-        acts.append(A.CreateBridge(net.name, net.bridge, mtu=net.mtu,
-                                   mac=uplink.mac if uplink else None))
+        mac = uplink.mac if uplink else net.overlay.mac if net.overlay else None
+        acts.append(A.CreateBridge(net.name, net.bridge, mtu=net.mtu, mac=mac))
         if net.mtu is not None:
             # Set again after creation: only then does the kernel keep it when ports join.
             acts.append(A.SetMtu(net.name, net.bridge, net.mtu))
@@ -185,6 +195,7 @@ def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan) 
             acts.append(A.SetBridgeOptions(net.name, net.bridge, net.stp, net.forward_delay))
         if net.mtu is not None and br.mtu != net.mtu:
             acts.append(A.SetMtu(net.name, net.bridge, net.mtu))
+    acts += overlay.bridge_actions(net, br)
     have = observed.addresses_of(net.bridge)
     for addr in _gateway_addresses(net):
         if addr not in have:
@@ -198,6 +209,13 @@ def _plan_network(net: Network, observed: ObservedState, owned: Owned, p: Plan) 
         acts.append(A.SetUp(net.name, net.bridge))
     if uplink is not None:
         _plan_uplink(net, uplink, br, observed, acts)
+    if net.overlay is not None and desired.overlay is not None:
+        vx_acts, problem = overlay.vxlan_actions(net, desired.overlay, observed)
+        if problem is not None:
+            p.problems[net.name] = problem
+        elif net.overlay.vxlan not in owned.vxlans and observed.link(net.overlay.vxlan):
+            p.adopt_vxlans.append((net.overlay.vxlan, net.name))
+        acts += vx_acts
 
 
 def foreign_bridge(net: Network, observed: ObservedState, owned: Owned) -> str | None:

@@ -2,6 +2,7 @@
 
 netns      throwaway network namespaces, veths, `sh` inside them
 rig        Sandbox: a host namespace running the real daemon, an upstream router, guests
+fabric     several Sandboxes on one VXLAN underlay: overlay networks across hosts, live moves
 guest      real guests (QEMU) for the slow tests
 libvirtd   a private libvirtd and domain XML
 container  the Debian root and systemd-nspawn boot of tests/system

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import Network
 from kvmnetd.model.errors import Conflict
-from kvmnetd.model.observed import Link, ObservedState
+from kvmnetd.model.observed import Link, ObservedState, Vxlan
 from kvmnetd.model.rate import SetPortRate
 from kvmnetd.model.records import Caller, DhcpStatus, Lease
 
@@ -67,9 +67,42 @@ class FakeNetlink:
         self.writes += 1
         obs = self.observed
         match action:
-            case A.CreateBridge(bridge=br):
+            case A.CreateBridge(bridge=br, mac=mac, mtu=mtu):
                 i = next(self._index)
-                obs.links[i] = Link(index=i, name=br, kind="bridge", stp=False, forward_delay=0)
+                obs.links[i] = Link(index=i, name=br, kind="bridge", stp=False, forward_delay=0,
+                                    mac=mac or "", mtu=mtu or 1500)
+            case A.SetMtu(ifname=dev, mtu=mtu):
+                self._set(dev, mtu=mtu)
+            case A.SetMac(ifname=dev, mac=mac):
+                self._set(dev, mac=mac)
+            case A.SetBridgeNeighbours(bridge=br):
+                self._set(br, arp_accept=True, addrgenmode=1)
+            case A.CreateVxlan(ifname=dev, vni=vni, local=local, port=port, mtu=mtu):
+                i = next(self._index)
+                obs.links[i] = Link(index=i, name=dev, kind="vxlan", mtu=mtu or 1500,
+                                    mac="aa:00:00:00:00:01",
+                                    vxlan=Vxlan(vni, local, port, False))
+            case A.AttachVxlan(ifname=dev, bridge=br):
+                master = obs.link(br)
+                assert master
+                self._set(dev, master=master.index)
+            case A.SetLinkLocalOff(ifname=dev):
+                self._set(dev, addrgenmode=1)
+            case A.SetNeighSuppress(ifname=dev, on=on):
+                self._set(dev, neigh_suppress=on)
+            case A.AddFlood(ifname=dev, dst=dst) | A.RemoveFlood(ifname=dev, dst=dst):
+                link = obs.link(dev)
+                assert link
+                entries = obs.fdb.setdefault(link.index, set())
+                if isinstance(action, A.AddFlood):
+                    entries.add(("00:00:00:00:00:00", dst))
+                else:
+                    entries.discard(("00:00:00:00:00:00", dst))
+            case A.DeleteVxlan(ifname=dev):
+                link = obs.link(dev)
+                if link is not None:
+                    del obs.links[link.index]
+                    obs.fdb.pop(link.index, None)
             case A.SetBridgeOptions(bridge=br, stp=stp, forward_delay=fd):
                 self._set(br, stp=stp, forward_delay=fd)
             case A.SetUp(ifname=dev):
@@ -213,3 +246,13 @@ class FakeAuthority:
     async def check(self, caller: Caller, action: str) -> bool | None:
         self.asked.append((caller, action))
         return self.answer
+
+
+class FakeFrr:
+    """The reconciler's FrrPort: the parts it was handed, in order."""
+
+    def __init__(self) -> None:
+        self.parts: list[object] = []
+
+    async def sync(self, part: object) -> None:
+        self.parts.append(part)

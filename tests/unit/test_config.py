@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmnetd.config import load as cfg
+from kvmnetd.config import overlay
 from kvmnetd.config import schema as v
 from kvmnetd.config.forwards import FORWARD_KEYS
 from kvmnetd.config.locate import Locator, format_path
@@ -613,16 +614,17 @@ def test_docs_name_every_key() -> None:
     documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", doc, re.M))
     accepted = {*v.NETWORK_KEYS, *v.DHCP_KEYS, *v.HOST_KEYS, *v.HOST6_KEYS, *v.DNS_KEYS,
                 *v.DNS_HOST_KEYS, *v.ATTACH_KEYS, *v.BOOT_KEYS, *v.DNSMASQ_KEYS,
-                *cfg.DAEMON_KEYS, *FORWARD_KEYS} - {
+                *cfg.DAEMON_KEYS, *FORWARD_KEYS, *overlay.HOST_KEYS, *overlay.NETWORK_KEYS} - {
         # tables, with their own sections
-        "dhcp", "dns", "host", "host6", "boot", "dnsmasq", "forward"}
+        "dhcp", "dns", "host", "host6", "boot", "dnsmasq", "forward", "overlay"}
     assert accepted - documented == set()
     assert documented - accepted == set()
     for section in ("[daemon]", "[network.NAME]", "[network.NAME.dhcp]",
                     "[[network.NAME.dhcp.host]]", "[network.NAME.dhcp.boot]",
                     "[[network.NAME.dhcp.host6]]", "[[network.NAME.dns.host]]",
                     "[network.NAME.dns]", "[network.NAME.dnsmasq]", "[[attach]]",
-                    "[[network.NAME.forward]]"):
+                    "[[network.NAME.forward]]", "[daemon.overlay]",
+                    "[network.NAME.overlay]"):
         assert f"`{section}`" in doc
 
 

@@ -198,3 +198,20 @@ def test_mirror_takes_isolation_of_known_ports_only() -> None:
     assert mirror.apply(nlp.PortRec(9, False)) is False  # nothing new
     assert mirror.apply(nlp.PortRec(8, True)) is False  # not a port
     assert mirror.apply(nlp.PortRec(99, True)) is False
+
+
+def _neigh(state: int, flags: int) -> bytes:
+    body = nlp.NDMSG.pack(2, 7, state, flags, 1)  # AF_INET, ifindex 7
+    body += attr(nlp.NDA_DST, bytes([10, 60, 0, 120]))
+    body += attr(nlp.NDA_LLADDR, bytes.fromhex("5254006b0001"))
+    return body
+
+
+def test_evpn_neighbour_of_a_remote_guest_is_followed() -> None:
+    # zebra installs a remote guest's MAC/IP (type-2 route) as NOARP + extern_learn.
+    buf = _neigh(nlp.NUD_NOARP, nlp.NTF_EXT_LEARNED)
+    rec = nlp.decode_fdb(True, buf, 0, len(buf))
+    assert rec == nlp.NeighRec(True, 7, "10.60.0.120", "52:54:00:6b:00:01")
+    # A static NOARP entry made by hand says nothing about a guest.
+    buf = _neigh(nlp.NUD_NOARP, 0)
+    assert nlp.decode_fdb(True, buf, 0, len(buf)) is None

@@ -367,3 +367,22 @@ async def test_a_port_pass_sends_while_the_last_ones_acks_are_pending(tmp_path: 
     await asyncio.gather(first, second, full)
     assert rec.owned.ports == {"vnet0": "kvbr0", "vnet1": "kvbr0"}
     assert rec.passes == passes + 1
+
+
+async def test_every_pass_hands_frr_its_part(tmp_path: Path) -> None:
+    from kvmnetd.model.overlay import HostOverlay, NetworkOverlay
+    from kvmnetd.plan.frr import FrrPart
+    from tests.support.fakes import FakeFrr
+
+    nl, fw, sc, frr = FakeNetlink(), FakeFirewall(), FakeSysctl(), FakeFrr()
+    rec = Reconciler(nl, fw, sc, FakeDhcp(), str(tmp_path / "owned.json"), frr=frr)
+    host = HostOverlay(local=ipaddress.IPv4Address("192.0.2.11"), asn=65000,
+                       neighbors=(ipaddress.IPv4Address("192.0.2.12"),))
+    ov = replace(nets()["nat"], overlay=NetworkOverlay(vni=100, mode="evpn"), mtu=1450)
+    await rec.set_desired(DesiredState(networks={"nat": ov}, active=frozenset({"nat"}),
+                                       overlay=host))
+    part = frr.parts[-1]
+    assert isinstance(part, FrrPart) and part.asn == 65000 and part.neighbors == ("192.0.2.12",)
+    # The evpn network stopped: FRR is told kvmnetd wants nothing there any more.
+    await rec.set_desired(DesiredState(networks={"nat": ov}, active=frozenset(), overlay=host))
+    assert frr.parts[-1] is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import socket
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -15,10 +16,12 @@ from kvmnetd.adapters.rtnl.decode import (
     IFLA_EXT_MASK,
     IFLA_MASTER,
     IFLA_MTU,
+    NDMSG,
     NLM_F_ACK,
     NLM_F_DUMP,
     RTM_GETADDR,
     RTM_GETLINK,
+    RTM_GETNEIGH,
     RTM_GETROUTE,
     RTM_NEWLINK,
     RTMSG,
@@ -142,6 +145,11 @@ class NetlinkAdapter:
                                                    IFADDRMSG.pack(0, 0, 0, 0, 0))
                 records += await self.chan.request(RTM_GETROUTE, NLM_F_DUMP,
                                                    RTMSG.pack(0, 0, 0, 0, 0, 0, 0, 0, 0))
+                # Bridge-family fdb: the mirror keeps the VXLAN devices' entries; IPv4
+                # neighbours: the bridges' ones.
+                for family in (socket.AF_BRIDGE, socket.AF_INET):
+                    records += await self.chan.request(RTM_GETNEIGH, NLM_F_DUMP,
+                                                       NDMSG.pack(family, 0, 0, 0, 0))
                 self._mirror.load(records)
             finally:
                 # Replayed even when the dump failed: the old state plus every event stays right.
@@ -332,6 +340,44 @@ class NetlinkAdapter:
             case act.DeleteBridge(bridge=name):
                 index = await self._delete_bridge(name)
                 mirror.apply_deleted(index)
+            case act.CreateVxlan():
+                await self._create_vxlan(action)
+            case act.AttachVxlan(ifname=name, bridge=bridge):
+                master = await self._index(bridge, f"attach {name} to bridge {bridge}")
+                await self._set_link(f"attach {name} to bridge {bridge}", name,
+                                     attr_u32(IFLA_MASTER, master))
+                mirror.update_link(name, master=master)
+            case act.SetNeighSuppress(ifname=name, on=on):
+                await self._cfg.neigh_suppress(name, on)
+                mirror.update_link(name, neigh_suppress=on)
+            case act.SetBridgeNeighbours(bridge=name):
+                await self._cfg.bridge_neighbours(name)
+                mirror.update_link(name, arp_accept=True, addrgenmode=1)
+            case act.SetLinkLocalOff(ifname=name):
+                await self._cfg.link_local_off(name)
+                mirror.update_link(name, addrgenmode=1)
+            case act.SetMac(ifname=name, mac=mac):
+                await self._cfg.mac(name, mac)
+                mirror.update_link(name, mac=mac)
+            case act.AddFlood(ifname=name, dst=dst) | act.RemoveFlood(ifname=name, dst=dst):
+                adding = isinstance(action, act.AddFlood)
+                what = f"{'add' if adding else 'remove'} flood entry to {dst} on {name}"
+                index = await self._index(name, what)
+                try:
+                    await self._cfg.flood(what, index, dst, adding)
+                except KvmnetError as exc:
+                    # Already so: the goal holds.
+                    if getattr(exc.__cause__, "code", None) not in (errno.EEXIST, errno.ENOENT):
+                        raise
+                mirror.set_fdb(index, "00:00:00:00:00:00", dst, adding)
+            case act.DeleteVxlan(ifname=name):
+                link = self._mirror.link(name) or await self._get(name)
+                if link is not None:
+                    what = f"delete VXLAN device {name}"
+                    if link.kind != "vxlan":
+                        raise Conflict(f"{what}: refusing, {name} is {kind_of(link)}")
+                    await self._cfg.delete_link(what, link.index)
+                    mirror.apply_deleted(link.index)
             case _:
                 name = type(action).__name__
                 raise InvalidArgument(f"the netlink adapter does not handle {name}")
@@ -404,6 +450,14 @@ class NetlinkAdapter:
                 raise exists_error(what, existing) from None
             raise
         await self._get(a.bridge)  # its index, for the ports that follow
+
+    async def _create_vxlan(self, a: act.CreateVxlan) -> None:
+        what = f"create VXLAN device {a.ifname} (VNI {a.vni})"
+        existing = self._mirror.link(a.ifname)
+        if existing is not None:
+            raise Conflict(f"{what}: {a.ifname} already exists and is {kind_of(existing)}")
+        await self._cfg.create_vxlan(what, a.ifname, a.vni, a.local, a.port, a.mtu)
+        await self._get(a.ifname)
 
     async def _address(self, a: act.AddAddress | act.RemoveAddress) -> int | None:
         """The link's index once the kernel holds the goal."""

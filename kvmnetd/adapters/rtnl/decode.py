@@ -26,15 +26,16 @@ from kvmnetd.model.errors import (
     NotSupported,
     PermissionDenied,
 )
-from kvmnetd.model.observed import IPInterface, IPNetwork, Link, Route
+from kvmnetd.model.observed import IPInterface, IPNetwork, Link, Route, Vxlan
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
-NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400  # on new requests
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x200, 0x400, 0x800
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200  # on NLMSG_ERROR
 NLMSGERR_ATTR_MSG = 1
 IFF_UP = 0x1
@@ -47,7 +48,17 @@ USER_HZ = 100  # IFLA_BR_FORWARD_DELAY is in clock_t units
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = (
     1, 3, 4, 10, 12, 18)
+IFLA_AF_SPEC = 26
 IFLA_EXT_MASK = 29
+IFLA_INET_CONF = 1  # in IFLA_AF_SPEC / AF_INET: u32 per IPV4_DEVCONF_*, from 1
+IPV4_DEVCONF_ARP_ACCEPT = 21
+IFLA_INET6_ADDR_GEN_MODE = 8  # in IFLA_AF_SPEC / AF_INET6
+IFLA_BRPORT_NEIGH_SUPPRESS = 32  # u8, like IFLA_BRPORT_ISOLATED
+IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 1, 4, 7, 15
+NDA_DST, NDA_LLADDR = 1, 2
+NTF_SELF = 0x02
+NTF_EXT_LEARNED = 0x10
+NUD_INCOMPLETE, NUD_REACHABLE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x02, 0x20, 0x40, 0x80
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 IFLA_BRPORT_ISOLATED = 33  # u8, in IFLA_PROTINFO (AF_BRIDGE) and a port's slave data
 IFLA_BR_FORWARD_DELAY, IFLA_BR_STP_STATE = 1, 5
@@ -62,6 +73,7 @@ IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 RTMSG = struct.Struct("=BBBBBBBBI")
 NLMSGERR = struct.Struct("=i")
 RTA = struct.Struct("=HH")  # rtattr: len, type
+NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 _U32 = struct.Struct("=I")
 _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
@@ -88,14 +100,34 @@ class RouteRec(NamedTuple):
 
 
 class PortRec(NamedTuple):
-    """A bridge port's own view (an AF_BRIDGE RTM_NEWLINK): only its isolated flag is read.
-    `bridge link set ... isolated` announces itself only this way."""
+    """A bridge port's own view (an AF_BRIDGE RTM_NEWLINK): its isolated and neigh_suppress
+    flags. `bridge link set ... isolated` announces itself only this way."""
 
     ifindex: int
     isolated: bool
+    neigh_suppress: bool | None = None
 
 
-Record = LinkRec | AddrRec | RouteRec | PortRec
+class FdbRec(NamedTuple):
+    """A bridge-family fdb entry (AF_BRIDGE RTM_NEWNEIGH/DELNEIGH): MAC and remote VTEP."""
+
+    new: bool
+    ifindex: int
+    mac: str
+    dst: str | None
+
+
+class NeighRec(NamedTuple):
+    """An IPv4 neighbour (ARP) entry: which MAC holds the address (new), or that none is
+    known any more (not new; mac "")."""
+
+    new: bool
+    ifindex: int
+    ip: str
+    mac: str
+
+
+Record = LinkRec | AddrRec | RouteRec | PortRec | FdbRec | NeighRec
 
 
 def messages(buf: Buffer, size: int) -> Iterator[tuple[int, int, int, int, int]]:
@@ -138,7 +170,39 @@ def decode(kind: int, flags: int, buf: Buffer, start: int, end: int) -> Record |
         if route is None:
             return None
         return RouteRec(kind == RTM_NEWROUTE, bool(flags & NLM_F_REPLACE), route)
+    if kind == RTM_NEWNEIGH or kind == RTM_DELNEIGH:
+        return decode_fdb(kind == RTM_NEWNEIGH, buf, start, end)
     return None
+
+
+def decode_fdb(new: bool, buf: Buffer, start: int, end: int) -> FdbRec | NeighRec | None:
+    if end - start < NDMSG.size or buf[start] not in (socket.AF_BRIDGE, socket.AF_INET):
+        return None  # IPv6 neighbours are not followed
+    family, index, state, nflags, _ = NDMSG.unpack_from(buf, start)
+    at = attrs(buf, start + NDMSG.size, end)
+    mac = at.get(NDA_LLADDR)
+    if family == socket.AF_INET:
+        dst = at.get(NDA_DST)
+        if dst is None or dst[1] - dst[0] != 4:
+            return None
+        # NOARP entries are static, except the ones zebra installs for guests on other
+        # hosts (EVPN type-2 routes, "extern_learn"): those say who holds an address too.
+        if state & NUD_NOARP and not nflags & NTF_EXT_LEARNED:
+            return None
+        ip = socket.inet_ntop(socket.AF_INET, bytes(buf[dst[0]:dst[1]]))
+        if not new or mac is None or mac[1] - mac[0] != 6 \
+                or state & (NUD_INCOMPLETE | NUD_FAILED):
+            # Gone, or not (or no longer) resolved: nobody is known to hold the address.
+            return NeighRec(False, index, ip, "")
+        return NeighRec(True, index, ip, bytes(buf[mac[0]:mac[1]]).hex(":"))
+    if mac is None or mac[1] - mac[0] != 6:
+        return None
+    dst = at.get(NDA_DST)
+    where = None
+    if dst is not None and dst[1] - dst[0] in (4, 16):
+        raw = bytes(buf[dst[0]:dst[1]])
+        where = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    return FdbRec(new, index, bytes(buf[mac[0]:mac[1]]).hex(":"), where)
 
 
 def decode_all(buf: Buffer, size: int) -> list[Record]:
@@ -176,15 +240,18 @@ def decode_link(buf: Buffer, start: int, end: int) -> Link | None:
         return None
     kind = None
     stp = delay = owner = group = None
-    isolated = None
+    isolated = suppress = vxlan = None
     info = at.get(IFLA_LINKINFO)
     if info is not None:
         sub = attrs(buf, *info)
         slave = sub.get(IFLA_INFO_SLAVE_DATA)
         if slave is not None and sub.get(IFLA_INFO_SLAVE_KIND) is not None \
                 and _str(buf, sub[IFLA_INFO_SLAVE_KIND]) == "bridge":
-            flag = _u8(buf, attrs(buf, *slave).get(IFLA_BRPORT_ISOLATED))
+            port = attrs(buf, *slave)
+            flag = _u8(buf, port.get(IFLA_BRPORT_ISOLATED))
             isolated = bool(flag) if flag is not None else None
+            flag = _u8(buf, port.get(IFLA_BRPORT_NEIGH_SUPPRESS))
+            suppress = bool(flag) if flag is not None else None
         if IFLA_INFO_KIND in sub:
             kind = _str(buf, sub[IFLA_INFO_KIND])
         data = sub.get(IFLA_INFO_DATA)
@@ -195,10 +262,16 @@ def decode_link(buf: Buffer, start: int, end: int) -> Link | None:
             cs = _u32(buf, opts.get(IFLA_BR_FORWARD_DELAY))
             # Jiffies to clock_t can lose one tick (15 s reads as 1499).
             delay = round(cs / USER_HZ) if cs is not None else None
+        elif data is not None and kind == "vxlan":
+            vxlan = _vxlan(buf, attrs(buf, *data))
         elif data is not None and kind == "tun":
             opts = attrs(buf, *data)
             owner = _u32(buf, opts.get(IFLA_TUN_OWNER))
             group = _u32(buf, opts.get(IFLA_TUN_GROUP))
+    arp_accept = addrgenmode = None
+    spec = at.get(IFLA_AF_SPEC)
+    if spec is not None and kind in ("bridge", "vxlan"):
+        arp_accept, addrgenmode = _af_spec(buf, attrs(buf, *spec))
     mac = at.get(IFLA_ADDRESS)
     return Link(
         index=index,
@@ -213,7 +286,38 @@ def decode_link(buf: Buffer, start: int, end: int) -> Link | None:
         tun_owner=owner,
         tun_group=group,
         isolated=isolated,
+        neigh_suppress=suppress,
+        vxlan=vxlan,
+        arp_accept=arp_accept,
+        addrgenmode=addrgenmode,
     )
+
+
+def _vxlan(buf: Buffer, opts: dict[int, tuple[int, int]]) -> Vxlan:
+    local = opts.get(IFLA_VXLAN_LOCAL)
+    port = opts.get(IFLA_VXLAN_PORT)
+    return Vxlan(
+        vni=_u32(buf, opts.get(IFLA_VXLAN_ID)) or 0,
+        local=socket.inet_ntop(socket.AF_INET, bytes(buf[local[0]:local[1]]))
+        if local is not None and local[1] - local[0] == 4 else None,
+        port=int.from_bytes(buf[port[0]:port[0] + 2], "big") if port is not None else 0,
+        learning=bool(_u8(buf, opts.get(IFLA_VXLAN_LEARNING))),
+    )
+
+
+def _af_spec(buf: Buffer, spec: dict[int, tuple[int, int]]) -> tuple[bool | None, int | None]:
+    """(arp_accept, IPv6 addr_gen_mode) of a link, as far as the kernel told them."""
+    arp_accept = addrgenmode = None
+    inet = spec.get(socket.AF_INET)
+    if inet is not None:
+        conf = attrs(buf, *inet).get(IFLA_INET_CONF)
+        at = conf[0] + 4 * (IPV4_DEVCONF_ARP_ACCEPT - 1) if conf is not None else None
+        if conf is not None and at is not None and at + 4 <= conf[1]:
+            arp_accept = _U32.unpack_from(buf, at)[0] != 0
+    inet6 = spec.get(socket.AF_INET6)
+    if inet6 is not None:
+        addrgenmode = _u8(buf, attrs(buf, *inet6).get(IFLA_INET6_ADDR_GEN_MODE))
+    return arp_accept, addrgenmode
 
 
 def decode_port(buf: Buffer, start: int, end: int) -> PortRec | None:
@@ -222,8 +326,12 @@ def decode_port(buf: Buffer, start: int, end: int) -> PortRec | None:
     info = at.get(IFLA_PROTINFO)
     if info is None:
         return None
-    flag = _u8(buf, attrs(buf, *info).get(IFLA_BRPORT_ISOLATED))
-    return PortRec(index, bool(flag)) if flag is not None else None
+    port = attrs(buf, *info)
+    flag = _u8(buf, port.get(IFLA_BRPORT_ISOLATED))
+    suppress = _u8(buf, port.get(IFLA_BRPORT_NEIGH_SUPPRESS))
+    if flag is None:
+        return None
+    return PortRec(index, bool(flag), bool(suppress) if suppress is not None else None)
 
 
 def decode_addr(buf: Buffer, start: int, end: int) -> tuple[int, IPInterface] | None:

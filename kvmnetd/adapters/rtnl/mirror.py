@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from kvmnetd.adapters.rtnl.decode import AddrRec, LinkRec, PortRec, Record
+from kvmnetd.adapters.rtnl.decode import AddrRec, FdbRec, LinkRec, NeighRec, PortRec, Record
 from kvmnetd.model.observed import IPInterface, Link, ObservedState, Route
 
 RouteKey = tuple[Any, int, int | None]
@@ -30,6 +30,8 @@ class Mirror:
         self.state.links = {}
         self.state.addresses = {}
         self.state.routes = set()
+        self.state.fdb = {}
+        self.state.neighbours = {}
         self.by_name = {}
         self.state.by_name = self.by_name  # shared: ObservedState.link() is O(1)
         self._by_key = {}
@@ -49,9 +51,17 @@ class Mirror:
             return self.set_address(rec.ifindex, rec.iface, rec.new)
         if isinstance(rec, PortRec):
             port = self.state.links.get(rec.ifindex)
-            if port is None or port.master is None or port.isolated == rec.isolated:
+            if port is None or port.master is None:
                 return False
-            return self._put_link(dataclasses.replace(port, isolated=rec.isolated))
+            suppress = port.neigh_suppress if rec.neigh_suppress is None else rec.neigh_suppress
+            if (port.isolated, port.neigh_suppress) == (rec.isolated, suppress):
+                return False
+            return self._put_link(dataclasses.replace(port, isolated=rec.isolated,
+                                                      neigh_suppress=suppress))
+        if isinstance(rec, FdbRec):
+            return self.set_fdb(rec.ifindex, rec.mac, rec.dst, rec.new)
+        if isinstance(rec, NeighRec):
+            return self.set_neighbour(rec.ifindex, rec.ip, rec.mac, rec.new)
         route = rec.route
         if not rec.new:
             return self._drop_route(route)
@@ -65,6 +75,38 @@ class Mirror:
         """What an acknowledged write did to a known link, without reading it back."""
         old = self.link(name)
         return old is not None and self._put_link(dataclasses.replace(old, **changes))
+
+    def set_fdb(self, index: int, mac: str, dst: str | None, present: bool) -> bool:
+        """Only VXLAN devices' entries are kept: the flood list and what lies behind it."""
+        link = self.state.links.get(index)
+        if link is None or link.kind != "vxlan":
+            return False
+        entries = self.state.fdb.setdefault(index, set())
+        key = (mac, dst)
+        if present == (key in entries):
+            return False
+        if present:
+            entries.add(key)
+        else:
+            entries.discard(key)
+        return True
+
+    def set_neighbour(self, index: int, ip: str, mac: str, present: bool) -> bool:
+        """Kept for every link (doctor reads the underlay's); True only for a change on a
+        bridge, whose entries feed DHCP. A change of state alone (reachable, stale) is none."""
+        link = self.state.links.get(index)
+        if link is None:
+            return False
+        table = self.state.neighbours.setdefault(index, {})
+        if present:
+            if table.get(ip) == mac:
+                return False
+            table[ip] = mac
+        else:
+            if ip not in table or (mac and table[ip] != mac):
+                return False
+            del table[ip]
+        return link.kind == "bridge"
 
     def apply_deleted(self, index: int) -> bool:
         return self._drop_link(index)
@@ -110,6 +152,8 @@ class Mirror:
         if self.by_name.get(old.name) == index:
             del self.by_name[old.name]
         self.state.addresses.pop(index, None)
+        self.state.fdb.pop(index, None)
+        self.state.neighbours.pop(index, None)
         # Not every route of a deleted link is announced as deleted.
         for route in tuple(self._by_oif.get(index, ())):
             self._drop_route(route)

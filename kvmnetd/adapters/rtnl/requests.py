@@ -29,7 +29,9 @@ from kvmnetd.adapters.rtnl.decode import (
     NLMSGHDR,
     RTA,
     RTM_DELLINK,
+    RTM_DELNEIGH,
     RTM_GETLINK,
+    RTM_NEWNEIGH,
     Record,
     decode,
     decode_error,
@@ -37,11 +39,12 @@ from kvmnetd.adapters.rtnl.decode import (
 )
 
 RTMGRP_LINK = 0x1
+RTMGRP_NEIGH = 0x4  # only fdb and IPv4 entries pass the filter below
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_IFADDR = 0x100
 RTMGRP_IPV6_ROUTE = 0x400
-GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+GROUPS = (RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
           | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
 
 SOL_NETLINK = 270
@@ -98,14 +101,22 @@ def _be16(value: int) -> int:
 # release or deletion, which says nothing the device's own event does not. Dropping them in
 # the kernel saves a wake-up and a read for each. The AF_BRIDGE RTM_NEWLINK copies are kept:
 # `bridge link set ... isolated` is announced only that way, and port isolation is healed.
+# Of the neighbour messages only the bridge family's (fdb entries) and IPv4's (which
+# guest holds which address) pass: the host's IPv6 neighbour churn never wakes the daemon.
 _DROP_BRIDGE_COPIES = (
-    (0x28, 0, 0, 4),  # ldh [4]: nlmsg_type
-    (0x15, 1, 0, _be16(RTM_DELLINK)),  # jeq -> family check
-    (0x06, 0, 0, 0xFFFFFFFF),  # ret: accept
-    (0x30, 0, 0, 16),  # ldb [16]: ifi_family
-    (0x15, 0, 1, socket.AF_BRIDGE),  # jeq -> drop
-    (0x06, 0, 0, 0),  # ret: drop
-    (0x06, 0, 0, 0xFFFFFFFF),  # ret: accept
+    (0x28, 0, 0, 4),  # 0: ldh [4]: nlmsg_type
+    (0x15, 3, 0, _be16(RTM_DELLINK)),  # 1: jeq -> 5
+    (0x15, 5, 0, _be16(RTM_NEWNEIGH)),  # 2: jeq -> 8
+    (0x15, 4, 0, _be16(RTM_DELNEIGH)),  # 3: jeq -> 8
+    (0x06, 0, 0, 0xFFFFFFFF),  # 4: ret: accept
+    (0x30, 0, 0, 16),  # 5: ldb [16]: ifi_family
+    (0x15, 0, 4, socket.AF_BRIDGE),  # 6: jeq -> 7 (drop), else -> 11 (accept)
+    (0x06, 0, 0, 0),  # 7: ret: drop
+    (0x30, 0, 0, 16),  # 8: ldb [16]: ndm_family
+    (0x15, 1, 0, socket.AF_BRIDGE),  # 9: jeq -> 11 (accept)
+    (0x15, 0, 1, socket.AF_INET),  # 10: jeq -> 11 (accept), else -> 12 (drop)
+    (0x06, 0, 0, 0xFFFFFFFF),  # 11: ret: accept
+    (0x06, 0, 0, 0),  # 12: ret: drop
 )
 SO_ATTACH_FILTER = 26
 

@@ -17,20 +17,35 @@ from kvmnetd.adapters.rtnl.decode import (
     IFA_LOCAL,
     IFADDRMSG,
     IFLA_ADDRESS,
+    IFLA_AF_SPEC,
     IFLA_BR_FORWARD_DELAY,
     IFLA_BR_STP_STATE,
     IFLA_BRPORT_ISOLATED,
+    IFLA_BRPORT_NEIGH_SUPPRESS,
     IFLA_IFNAME,
+    IFLA_INET6_ADDR_GEN_MODE,
+    IFLA_INET_CONF,
     IFLA_INFO_DATA,
     IFLA_INFO_KIND,
     IFLA_INFO_SLAVE_DATA,
     IFLA_INFO_SLAVE_KIND,
     IFLA_LINKINFO,
     IFLA_MTU,
+    IFLA_VXLAN_ID,
+    IFLA_VXLAN_LEARNING,
+    IFLA_VXLAN_LOCAL,
+    IFLA_VXLAN_PORT,
+    IPV4_DEVCONF_ARP_ACCEPT,
     MAIN_TABLE,
+    NDA_DST,
+    NDA_LLADDR,
+    NDMSG,
+    NLM_F_APPEND,
     NLM_F_CREATE,
     NLM_F_EXCL,
     NLM_F_REPLACE,
+    NTF_SELF,
+    NUD_PERMANENT,
     RTA_DST,
     RTA_GATEWAY,
     RTA_OIF,
@@ -38,9 +53,11 @@ from kvmnetd.adapters.rtnl.decode import (
     RTA_TABLE,
     RTM_DELADDR,
     RTM_DELLINK,
+    RTM_DELNEIGH,
     RTM_DELROUTE,
     RTM_NEWADDR,
     RTM_NEWLINK,
+    RTM_NEWNEIGH,
     RTM_NEWROUTE,
     RTMSG,
     RTN_UNICAST,
@@ -90,6 +107,51 @@ class ConfigWriter:
     async def bridge_options(self, what: str, name: str, stp: int | None = None,
                              delay: int | None = None) -> None:
         await self._write(what, RTM_NEWLINK, 0, set_link(name, _bridge_info(stp, delay)))
+
+    async def create_vxlan(self, what: str, name: str, vni: int, local: str, port: int,
+                           mtu: int | None) -> None:
+        # Learning off: in static mode the flood list names the peers and the bridge learns
+        # remote MACs on this port; with EVPN, FRR installs them.
+        data = (attr_u32(IFLA_VXLAN_ID, vni) + attr(IFLA_VXLAN_LOCAL, _ip(local))
+                + attr(IFLA_VXLAN_LEARNING, b"\0") + attr(IFLA_VXLAN_PORT, port.to_bytes(2, "big")))
+        body = ifinfo() + attr_str(IFLA_IFNAME, name)
+        if mtu is not None:
+            body += attr_u32(IFLA_MTU, mtu)
+        body += attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, "vxlan") + attr(IFLA_INFO_DATA, data))
+        await self._write(what, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+
+    async def neigh_suppress(self, name: str, on: bool) -> None:
+        what = f"set neigh_suppress {'on' if on else 'off'} on {name}"
+        data = attr(IFLA_BRPORT_NEIGH_SUPPRESS, bytes([int(on)]))
+        info = attr(IFLA_LINKINFO, attr_str(IFLA_INFO_SLAVE_KIND, "bridge")
+                    + attr(IFLA_INFO_SLAVE_DATA, data))
+        await self._write(what, RTM_NEWLINK, 0, set_link(name, info))
+
+    async def bridge_neighbours(self, name: str) -> None:
+        """arp_accept on, and no IPv6 link-local address generation (addrgenmode none)."""
+        what = f"set arp_accept and addrgenmode none on {name}"
+        inet = attr(IFLA_INET_CONF, attr_u32(IPV4_DEVCONF_ARP_ACCEPT, 1))
+        inet6 = attr(IFLA_INET6_ADDR_GEN_MODE, b"\x01")
+        spec = attr(socket.AF_INET, inet) + attr(socket.AF_INET6, inet6)
+        await self._write(what, RTM_NEWLINK, 0, set_link(name, attr(IFLA_AF_SPEC, spec)))
+
+    async def link_local_off(self, name: str) -> None:
+        inet6 = attr(IFLA_INET6_ADDR_GEN_MODE, b"\x01")
+        await self._write(f"set addrgenmode none on {name}", RTM_NEWLINK, 0,
+                          set_link(name, attr(IFLA_AF_SPEC, attr(socket.AF_INET6, inet6))))
+
+    async def mac(self, name: str, mac: str) -> None:
+        await self._write(f"set MAC {mac} on {name}", RTM_NEWLINK, 0,
+                          set_link(name, attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))))
+
+    async def flood(self, what: str, index: int, dst: str, adding: bool) -> None:
+        """The all-zero fdb entry towards `dst` on a VXLAN device (`bridge fdb append`)."""
+        body = NDMSG.pack(socket.AF_BRIDGE, index, NUD_PERMANENT, NTF_SELF, 0)
+        body += attr(NDA_LLADDR, bytes(6)) + attr(NDA_DST, _ip(dst))
+        if adding:
+            await self._write(what, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND, body)
+        else:
+            await self._write(what, RTM_DELNEIGH, 0, body)
 
     async def port_isolated(self, name: str, isolated: bool) -> None:
         # As `ip link set NAME type bridge_slave isolated on|off`: by name, and unlike the

@@ -1,0 +1,1 @@
+"""FRR: kvmnetd's part of its configuration applied the safe way, and FRR watched."""
