@@ -18,6 +18,7 @@ from kvmnetd.adapters.files import atomic_write
 from kvmnetd.adapters.nftables import NftablesAdapter
 from kvmnetd.adapters.nftmonitor import NftMonitor
 from kvmnetd.adapters.notify import Notifier
+from kvmnetd.adapters.port_guard import PortGuardAdapter
 from kvmnetd.adapters.rtnl.adapter import NetlinkAdapter
 from kvmnetd.adapters.sysctl import SysctlAdapter
 from kvmnetd.app.core import Core
@@ -90,7 +91,8 @@ class Service:
                               self.dhcp, os.path.join(s.run_dir, "owned.json"),
                               table=s.firewall_table,
                               coexist=ForeignForwardAdapter(s.firewall_table),
-                              coexist_mode=s.coexist)
+                              coexist_mode=s.coexist,
+                              guard=PortGuardAdapter(s.firewall_table))
         self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets)
         self._wired = True
         self.rec.desired = self.core.build_desired({})
@@ -201,6 +203,8 @@ class Service:
     def _on_dhcp_event(self, event: CoreEvent) -> None:
         # Leases, and a dnsmasq going degraded or serving again: pushed as they happen.
         if self._wired:
+            if event.kind in ("lease-added", "lease-removed"):
+                self.core.lease_changed(event)  # anti-spoofing follows the leases
             self.core.emit(event)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

@@ -14,8 +14,11 @@ import structlog
 
 from kvmnetd import __version__, logsetup
 from kvmnetd.adapters.counters import GuestCounters, read_port_counters
+from kvmnetd.adapters.fdb import port_of_mac
 from kvmnetd.adapters.files import atomic_write
+from kvmnetd.adapters.port_guard import read_spoof_drops
 from kvmnetd.app.access import Authority, authorize
+from kvmnetd.app.port_identity import PortIdentities
 from kvmnetd.config import load as cfg
 from kvmnetd.config.host_routes import DefaultSubnetStore, load_config
 from kvmnetd.config.write import render_network_toml
@@ -28,6 +31,7 @@ from kvmnetd.model.errors import (
     NoSuchPort,
     PermissionDenied,
 )
+from kvmnetd.model.guard import PortIdentity
 from kvmnetd.model.policy import AttachPolicy
 from kvmnetd.model.records import (
     Caller,
@@ -76,6 +80,11 @@ class Core:
         self._port_list: list[PortStatus] | None = None
         # The kernel's counters of a port, from the guest's side (replaceable in tests).
         self.read_counters: Callable[[str], GuestCounters | None] = read_port_counters
+        # Anti-spoofing: the guest behind each port, and the drops counted per port.
+        self.identities = PortIdentities(port_of_mac)
+        table = config.settings.firewall_table
+        self.read_spoof_drops: Callable[[], dict[str, int]] = lambda: read_spoof_drops(table)
+        self._tasks: set[asyncio.Task[None]] = set()
         self.on_reload: list[Callable[[], None]] = []  # called after a reload took effect
         reconciler.on_state(self._state_changed)
         reconciler.on_ports(self._emit_port_changes)
@@ -89,9 +98,44 @@ class Core:
         nets = self.networks()
         active = {n.name for n in nets.values() if n.autostart} | self.started
         active = (active - self.stopped) & set(nets)
-        return DesiredState(networks=nets, active=frozenset(active),
-                            ports=dict(self.rec.desired.ports if ports is None else ports),
-                            rules=self.config.rules, policy=self.policy)
+        ports = dict(self.rec.desired.ports if ports is None else ports)
+        return DesiredState(networks=nets, active=frozenset(active), ports=ports,
+                            rules=self.config.rules, policy=self.policy,
+                            identities=self._identities(nets, ports))
+
+    def _identities(self, nets: dict[str, Network], ports: dict[str, str]
+                    ) -> dict[str, PortIdentity]:
+        """The guests behind the ports of networks with anti_spoofing (none: nothing)."""
+        if not any(n.anti_spoofing for n in nets.values()):
+            return {}
+        self.identities.prune(self.rec.netlink.observed)
+        planned = {**self.rec.last_plan.ports, **{i: n for i, n in ports.items() if n}}
+        return self.identities.build(nets.values(), planned, self.leases_of)
+
+    def leases_of(self, network: str) -> list[Lease]:
+        return self.dhcp.leases(network) if self.dhcp else []
+
+    def _refresh_identities(self) -> None:
+        """The loop's desired state with what is known now of each port's guest."""
+        ids = self._identities(self.networks(), self.rec.desired.ports)
+        if ids != self.rec.desired.identities:
+            self.rec.desired = replace(self.rec.desired, identities=ids)
+
+    def lease_changed(self, event: CoreEvent) -> None:
+        """A lease came or went: on a network with anti_spoofing its port may send from
+        that address now (or no more), and a first lease names the port's MAC."""
+        net = self.networks().get(event.network)
+        if net is None or not net.anti_spoofing or event.lease is None:
+            return
+        if event.kind == "lease-added":
+            port = self.identities.learn_from_lease(net, event.lease, self.rec.last_plan.ports,
+                                                    self.rec.netlink.observed)
+            if port is not None:
+                log.info("port.mac_learned", network=net.name, ifname=port,
+                         mac=event.lease.mac)
+        task = asyncio.ensure_future(self.apply())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @property
     def policy(self) -> AttachPolicy:
@@ -116,7 +160,8 @@ class Core:
         ports = tuple(sorted(self._by_net.get(name, ())))
         return NetworkStatus(name=name, mode=str(net.mode), bridge=net.bridge, addresses=addrs,
                              state=state, reason=reason, ports=ports, dhcp=dhcp,
-                             autostart=net.autostart)
+                             autostart=net.autostart, isolate_ports=net.isolate_ports,
+                             anti_spoofing=net.anti_spoofing)
 
     def _state_of(self, net: Network) -> tuple[str, str, DhcpStatus]:
         st = self.rec.states.get(net.name, NetState("inactive"))
@@ -185,10 +230,13 @@ class Core:
             if not ports:
                 raise NoSuchPort(f"{ifname} is not a port of any network")
         out = []
+        guarded = {n.name for n in self.networks().values() if n.anti_spoofing}
+        spoofed = self.read_spoof_drops() if any(p.network in guarded for p in ports) else {}
         for p in ports:
             counters = self.read_counters(p.ifname)
             if counters is not None:
-                out.append(PortCounters(p.ifname, p.network, *counters))
+                out.append(PortCounters(p.ifname, p.network, *counters,
+                                        spoof_drops=spoofed.get(p.ifname, 0)))
             elif ifname:
                 raise NoSuchPort(f"{ifname}: no such device")
         return out
@@ -295,6 +343,8 @@ class Core:
         if not network:
             network = self.network_by_policy(ifname)
         net = self._check_port_request(caller, ifname, network, force)
+        if net.anti_spoofing:
+            self._refresh_identities()
         # This port alone, through the loop's queue: no pass over every port.
         await self.rec.request_port(ifname, net.name)
         self._check_attached(ifname, net)

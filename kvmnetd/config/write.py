@@ -36,6 +36,7 @@ def render_network_toml(net: Network) -> str:
         ("ipv6", net.ipv6), ("uplink", net.uplink), ("stp", net.stp),
         ("forward_delay", net.forward_delay), ("mtu", net.mtu), ("autostart", net.autostart),
         ("host_access", net.host_access), ("isolate_ports", net.isolate_ports),
+        ("anti_spoofing", net.anti_spoofing),
         ("allow_users", net.allow_users or None), ("allow_groups", net.allow_groups or None),
     ])
     d = net.dhcp

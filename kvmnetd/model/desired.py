@@ -7,6 +7,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from kvmnetd.model.guard import PortIdentity
 from kvmnetd.model.policy import AttachPolicy
 
 IPv4Interface = ipaddress.IPv4Interface
@@ -126,6 +127,8 @@ class Network:
     host_access: bool = False
     # guests' ports are isolated from each other (bridge port isolation)
     isolate_ports: bool = False
+    # each guest port may send only from its own MAC and addresses (bridge-family nftables)
+    anti_spoofing: bool = False
     dhcp: Dhcp | None = None
     dns: Dns = field(default_factory=Dns)
     allow_users: tuple[str, ...] = ()
@@ -224,6 +227,8 @@ class DesiredState:
     # Explicit port requests: ifname -> network name.
     ports: dict[str, str] = field(default_factory=dict)
     rules: tuple[AttachRule, ...] = ()
+    # What is known of the guest behind each port (anti-spoofing): ifname -> identity.
+    identities: dict[str, PortIdentity] = field(default_factory=dict)
     # Built once per config load and carried through replace(): it keeps its match memo.
     policy: AttachPolicy = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 

@@ -17,6 +17,7 @@ from kvmnetd.model.owned import Owned
 from kvmnetd.model.policy import PORT_KINDS, rule_matches
 from kvmnetd.plan.coexist import CoexistPlan, ForeignForward, coexist_rules
 from kvmnetd.plan.nft import fingerprint, render_ruleset
+from kvmnetd.plan.port_guard import guard_actions, port_guard_actions
 
 __all__ = ["PORT_KINDS", "Plan", "attach_for", "plan", "port_network", "rule_matches"]
 
@@ -44,6 +45,8 @@ class Plan:
     dhcp_restart: set[str] = field(default_factory=set)
     # accepts in foreign firewalls for our networks (None: foreign chains not observed)
     coexist: CoexistPlan | None = None
+    # a port waits for the anti-spoofing table, which only a full pass applies
+    guard_pending: bool = False
 
 
 def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
@@ -63,6 +66,9 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
     _plan_forwarding(active, observed, owned, p)
     gone = set(p.forget_requests)
     p.ports = {i: n for i, n in wanted_ports(desired, observed).items() if i not in gone}
+    # Before the ports join: a port on a network with anti_spoofing never joins unguarded.
+    p.actions += guard_actions(desired, observed, [n for n in active if n.name not in p.problems],
+                               p.ports, set(p.problems), table)
     _plan_ports(desired, observed, owned, p)
     _plan_teardown(desired, observed, owned, p)
     running = [n for n in active if n.name not in p.problems]
@@ -340,7 +346,7 @@ def _by_policy(desired: DesiredState, observed: ObservedState, link: Link,
 
 
 def attach_for(desired: DesiredState, observed: ObservedState, owned: Owned,
-               ifname: str) -> Plan:
+               ifname: str, table: str = "kvmnetd") -> Plan:
     """The plan for one port (a new tap, an API call): what a full pass would do for it,
     in O(1). A port whose bridge is not there yet waits for the pass that makes it."""
     p = Plan()
@@ -350,15 +356,21 @@ def attach_for(desired: DesiredState, observed: ObservedState, owned: Owned,
             p.forget_ports.append(ifname)
         if ifname in desired.ports:
             p.forget_requests.append(ifname)
+        p.actions += port_guard_actions(desired, observed, ifname, None, table) or []
         return p
     net = port_network(desired, observed, ifname)
-    if net is not None:
+    network = desired.networks[net] if net is not None else None
+    guard = port_guard_actions(desired, observed, ifname, network, table)
+    if net is not None and network is not None:
         p.ports[ifname] = net
-        network = desired.networks[net]
-        if observed.link(network.bridge) is not None:
-            p.actions += _port_actions(ifname, network, observed)
-    elif ifname in owned.ports:
-        p.actions += _release(ifname, owned, observed)
+        if guard is None:
+            p.guard_pending = True  # the table is not there: a full pass brings it first
+        elif observed.link(network.bridge) is not None:
+            p.actions += [*guard, *_port_actions(ifname, network, observed)]
+    else:
+        p.actions += guard or []
+        if ifname in owned.ports:
+            p.actions += _release(ifname, owned, observed)
     return p
 
 

@@ -1,0 +1,114 @@
+"""Who is behind each port, for anti-spoofing: the guest's MAC, learned once per tap, and
+the addresses dnsmasq leased to it.
+
+A port's MAC comes from its libvirt domain XML, or else from its first DHCP exchange: the
+lease names a MAC and the bridge's forwarding database names the port it came in on. It
+stays until the tap goes away (a tap of the same name later is another guest): a guest
+that takes another MAC is cut off, however often it asks for a lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from kvmnetd.model.desired import Network
+from kvmnetd.model.guard import PortIdentity
+from kvmnetd.model.observed import ObservedState
+from kvmnetd.model.records import Lease
+
+# (bridge, mac) -> the bridge port that MAC was last seen on, or None
+FdbLookup = Callable[[str, str], str | None]
+
+
+def duid_mac(duid: str) -> str | None:
+    """The MAC inside a DUID-LLT or DUID-LL of Ethernet (hex octets with ':'), if any."""
+    octets = duid.lower().replace("-", ":").split(":")
+    if len(octets) == 14 and octets[:4] == ["00", "01", "00", "01"]:
+        return ":".join(octets[8:])
+    if len(octets) == 10 and octets[:4] == ["00", "03", "00", "01"]:
+        return ":".join(octets[4:])
+    return None
+
+
+class PortIdentities:
+    def __init__(self, fdb_lookup: FdbLookup) -> None:
+        self.fdb_lookup = fdb_lookup
+        # ifname -> (the tap's link index when it was learned, None: not seen yet; MAC)
+        self._macs: dict[str, tuple[int | None, str]] = {}
+
+    def mac_of(self, ifname: str) -> str | None:
+        entry = self._macs.get(ifname)
+        return entry[1] if entry else None
+
+    def learn(self, ifname: str, mac: str, observed: ObservedState,
+              replace: bool = False) -> bool:
+        """Bind `mac` to the port, unless it has one already; True if something changed."""
+        link = observed.link(ifname)
+        index = link.index if link is not None else None
+        old = self._macs.get(ifname)
+        if old is not None and not replace and (old[0] is None or old[0] == index):
+            return False
+        mac = mac.lower()
+        if old == (index, mac):
+            return False
+        self._macs[ifname] = (index, mac)
+        return True
+
+    def learn_from_lease(self, net: Network, lease: Lease, ports: Mapping[str, str],
+                         observed: ObservedState) -> str | None:
+        """A new lease on a network with anti_spoofing: bind its MAC to the port it came
+        from, if that port has none yet. The port's name if one was bound."""
+        if not lease.mac:
+            return None
+        port = self.fdb_lookup(net.bridge, lease.mac)
+        if port is None or ports.get(port) != net.name:
+            return None
+        return port if self.learn(port, lease.mac, observed) else None
+
+    def forget(self, ifname: str) -> bool:
+        return self._macs.pop(ifname, None) is not None
+
+    def prune(self, observed: ObservedState) -> None:
+        """Drop ports whose tap is gone or was made anew under the same name."""
+        for ifname, (index, mac) in list(self._macs.items()):
+            link = observed.link(ifname)
+            if link is None and index is not None:
+                del self._macs[ifname]
+            elif link is not None and index is None:
+                self._macs[ifname] = (link.index, mac)
+            elif link is not None and link.index != index:
+                del self._macs[ifname]
+
+    def build(self, networks: Iterable[Network], ports: Mapping[str, str],
+              leases: Callable[[str], list[Lease]]) -> dict[str, PortIdentity]:
+        """ifname -> identity, for the ports of networks with anti_spoofing."""
+        guarded = {n.name for n in networks if n.anti_spoofing}
+        by_net: dict[str, tuple[dict[str, set[str]], dict[str, set[str]]]] = {}
+        out: dict[str, PortIdentity] = {}
+        for ifname, netname in ports.items():
+            if netname not in guarded:
+                continue
+            mac = self.mac_of(ifname)
+            if mac is None:
+                out[ifname] = PortIdentity()
+                continue
+            if netname not in by_net:
+                by_net[netname] = _leased(leases(netname))
+            v4, v6 = by_net[netname]
+            out[ifname] = PortIdentity(mac, frozenset(v4.get(mac, ())),
+                                       frozenset(v6.get(mac, ())))
+        return out
+
+
+def _leased(leases: list[Lease]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """MAC -> IPv4 addresses, and MAC -> IPv6 addresses (by the MAC in the DUID)."""
+    v4: dict[str, set[str]] = {}
+    v6: dict[str, set[str]] = {}
+    for lease in leases:
+        if ":" in lease.ip:
+            mac = duid_mac(lease.client_id)
+            if mac is not None:
+                v6.setdefault(mac, set()).add(lease.ip)
+        elif lease.mac:
+            v4.setdefault(lease.mac.lower(), set()).add(lease.ip)
+    return v4, v6
