@@ -49,8 +49,10 @@ _CHAINS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "udp sport { 67, 547 } goto spoofed",
         "icmpv6 type { nd-router-advert, nd-redirect } goto spoofed",
         "iifname . ether saddr @macs goto own_mac",
-        # MAC not known yet: it is learned from the guest's first DHCP exchange.
+        # MAC not known yet: it is learned from the guest's first DHCP exchange. What the
+        # guest sends before (router solicitations, DAD) is not counted as spoofing.
         f"iifname != @bound ether type ip {_DHCP_DISCOVERY} accept",
+        "iifname != @bound drop",
         "goto spoofed",
     )),
     ("own_mac", (
