@@ -14,6 +14,7 @@ from kvmnetd import logsetup
 from kvmnetd.adapters.coexist import ForeignForwardAdapter
 from kvmnetd.adapters.default_subnet import DefaultSubnetFile
 from kvmnetd.adapters.dirs import check_writable_dirs
+from kvmnetd.adapters.fdb import port_of_mac
 from kvmnetd.adapters.files import atomic_write
 from kvmnetd.adapters.nftables import NftablesAdapter
 from kvmnetd.adapters.nftmonitor import NftMonitor
@@ -22,6 +23,7 @@ from kvmnetd.adapters.port_guard import PortGuardAdapter
 from kvmnetd.adapters.rtnl.adapter import NetlinkAdapter
 from kvmnetd.adapters.sysctl import SysctlAdapter
 from kvmnetd.app.core import Core
+from kvmnetd.app.port_identity import PortIdentities
 from kvmnetd.config import load as cfg
 from kvmnetd.config.host_routes import load_config
 from kvmnetd.engine.reconciler import Reconciler
@@ -92,8 +94,12 @@ class Service:
                               table=s.firewall_table,
                               coexist=ForeignForwardAdapter(s.firewall_table),
                               coexist_mode=s.coexist,
-                              guard=PortGuardAdapter(s.firewall_table))
-        self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets)
+                              guard=PortGuardAdapter(
+                                  s.firewall_table,
+                                  state_path=os.path.join(s.run_dir, "port-guard.json")))
+        identities = PortIdentities(port_of_mac, os.path.join(s.run_dir, "port-macs.json"))
+        self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets,
+                         identities=identities)
         self._wired = True
         self.rec.desired = self.core.build_desired({})
         self.rec.restore_ports()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 
+from kvmnetd.adapters.files import atomic_write
 from kvmnetd.adapters.nft_run import NFT, NftablesError, run_nft
 from kvmnetd.model.desired import is_nft_name
 from kvmnetd.model.guard import GuardElement
@@ -24,7 +26,8 @@ class PortGuardAdapter:
     without counter values, which change by themselves) and a listing that differs is
     "tampered". While it is as written, the elements are the ones last applied."""
 
-    def __init__(self, table: str = "kvmnetd", nft: str = NFT) -> None:
+    def __init__(self, table: str = "kvmnetd", nft: str = NFT,
+                 state_path: str | None = None) -> None:
         if not is_nft_name(table):
             raise ValueError(f"invalid nftables table name: {table!r}")
         self.table = table
@@ -32,6 +35,27 @@ class PortGuardAdapter:
         self.writes = 0
         self._listing: str | None = None
         self._elements: frozenset[GuardElement] = frozenset()
+        # The listing and elements after our last write, also kept in `state_path` (under
+        # /run): a restart over a table as we left it writes nothing, and its drop
+        # counters keep counting.
+        self.state_path = state_path
+        if state_path is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                with open(state_path) as f:
+                    data = json.load(f)
+                self._listing = str(data["listing"])
+                self._elements = frozenset((str(a), str(b)) for a, b in data["elements"])
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        if self._listing is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.state_path)
+            return
+        atomic_write(self.state_path, json.dumps(
+            {"listing": self._listing, "elements": sorted(self._elements)}), 0o600,
+            make_dir=True)
 
     async def _list(self) -> str | None:
         rc, out, err = await run_nft("-s", "list", "table", "bridge", self.table, nft=self.nft)
@@ -49,8 +73,8 @@ class PortGuardAdapter:
             return None, frozenset()
         m = _COMMENT_RE.search(listing)
         if m is None or listing != self._listing:
-            # Also after a restart: the elements cannot be vouched for, so it is rewritten
-            # once (its drop counters start again from zero).
+            # Also without a record of our last write: the elements cannot be vouched
+            # for, so it is rewritten once (its drop counters start again from zero).
             return TAMPERED, frozenset()
         return m.group(1), self._elements
 
@@ -66,6 +90,7 @@ class PortGuardAdapter:
         await self._run_script(ruleset, "the anti-spoofing table")
         self._elements = elements
         self._listing = await self._list()
+        self._save()
 
     async def update(self, add: frozenset[GuardElement],
                      delete: frozenset[GuardElement]) -> frozenset[GuardElement]:
@@ -75,10 +100,12 @@ class PortGuardAdapter:
             await self._run_script(script, "an anti-spoofing update")
         self._elements = (self._elements - delete) | add
         self._listing = await self._list()
+        self._save()
         return self._elements
 
     async def remove(self) -> None:
         self._listing, self._elements = None, frozenset()
+        self._save()
         if await self._list() is None:
             return
         await self._run_script(f"add table bridge {self.table}\n"

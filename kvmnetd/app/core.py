@@ -57,7 +57,8 @@ class Core:
 
     def __init__(self, reconciler: Reconciler, config: cfg.Config,
                  dhcp: DhcpView | None = None, overrides: dict[str, str] | None = None,
-                 default_subnets: DefaultSubnetStore | None = None) -> None:
+                 default_subnets: DefaultSubnetStore | None = None,
+                 identities: PortIdentities | None = None) -> None:
         self.rec = reconciler
         self.default_subnets = default_subnets
         self.config = config
@@ -81,7 +82,7 @@ class Core:
         # The kernel's counters of a port, from the guest's side (replaceable in tests).
         self.read_counters: Callable[[str], GuestCounters | None] = read_port_counters
         # Anti-spoofing: the guest behind each port, and the drops counted per port.
-        self.identities = PortIdentities(port_of_mac)
+        self.identities = identities or PortIdentities(port_of_mac)
         table = config.settings.firewall_table
         self.read_spoof_drops: Callable[[], dict[str, int]] = lambda: read_spoof_drops(table)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -101,23 +102,21 @@ class Core:
         ports = dict(self.rec.desired.ports if ports is None else ports)
         return DesiredState(networks=nets, active=frozenset(active), ports=ports,
                             rules=self.config.rules, policy=self.policy,
-                            identities=self._identities(nets, ports))
+                            identities=self._identities(nets))
 
-    def _identities(self, nets: dict[str, Network], ports: dict[str, str]
-                    ) -> dict[str, PortIdentity]:
+    def _identities(self, nets: dict[str, Network]) -> dict[str, PortIdentity]:
         """The guests behind the ports of networks with anti_spoofing (none: nothing)."""
         if not any(n.anti_spoofing for n in nets.values()):
             return {}
         self.identities.prune(self.rec.netlink.observed)
-        planned = {**self.rec.last_plan.ports, **{i: n for i, n in ports.items() if n}}
-        return self.identities.build(nets.values(), planned, self.leases_of)
+        return self.identities.build(nets.values(), self.leases_of)
 
     def leases_of(self, network: str) -> list[Lease]:
         return self.dhcp.leases(network) if self.dhcp else []
 
     def _refresh_identities(self) -> None:
         """The loop's desired state with what is known now of each port's guest."""
-        ids = self._identities(self.networks(), self.rec.desired.ports)
+        ids = self._identities(self.networks())
         if ids != self.rec.desired.identities:
             self.rec.desired = replace(self.rec.desired, identities=ids)
 

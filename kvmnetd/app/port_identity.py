@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+from kvmnetd.adapters.port_macs_file import load_port_macs, save_port_macs
 from kvmnetd.model.desired import Network
 from kvmnetd.model.guard import PortIdentity
 from kvmnetd.model.observed import ObservedState
@@ -31,10 +32,18 @@ def duid_mac(duid: str) -> str | None:
 
 
 class PortIdentities:
-    def __init__(self, fdb_lookup: FdbLookup) -> None:
+    """path: where the learned MACs are kept across restarts (None: in memory only). A
+    restart must not cut off guests that learned by DHCP until their leases run out."""
+
+    def __init__(self, fdb_lookup: FdbLookup, path: str | None = None) -> None:
         self.fdb_lookup = fdb_lookup
+        self.path = path
         # ifname -> (the tap's link index when it was learned, None: not seen yet; MAC)
-        self._macs: dict[str, tuple[int | None, str]] = {}
+        self._macs: dict[str, tuple[int | None, str]] = load_port_macs(path) if path else {}
+
+    def _save(self) -> None:
+        if self.path is not None:
+            save_port_macs(self.path, self._macs)
 
     def mac_of(self, ifname: str) -> str | None:
         entry = self._macs.get(ifname)
@@ -52,6 +61,7 @@ class PortIdentities:
         if old == (index, mac):
             return False
         self._macs[ifname] = (index, mac)
+        self._save()
         return True
 
     def learn_from_lease(self, net: Network, lease: Lease, ports: Mapping[str, str],
@@ -63,14 +73,20 @@ class PortIdentities:
         port = self.fdb_lookup(net.bridge, lease.mac)
         if port is None or ports.get(port) != net.name:
             return None
+        if any(m == lease.mac.lower() and i != port for i, (_, m) in self._macs.items()):
+            return None  # another port's guest already: a copy of its MAC is not a guest
         return port if self.learn(port, lease.mac, observed) else None
 
     def forget(self, ifname: str) -> bool:
-        return self._macs.pop(ifname, None) is not None
+        if self._macs.pop(ifname, None) is None:
+            return False
+        self._save()
+        return True
 
     def prune(self, observed: ObservedState) -> None:
         """Drop ports whose tap is gone or was made anew under the same name."""
-        for ifname, (index, mac) in list(self._macs.items()):
+        before = dict(self._macs)
+        for ifname, (index, mac) in before.items():
             link = observed.link(ifname)
             if link is None and index is not None:
                 del self._macs[ifname]
@@ -78,26 +94,25 @@ class PortIdentities:
                 self._macs[ifname] = (link.index, mac)
             elif link is not None and link.index != index:
                 del self._macs[ifname]
+        if self._macs != before:
+            self._save()
 
-    def build(self, networks: Iterable[Network], ports: Mapping[str, str],
+    def build(self, networks: Iterable[Network],
               leases: Callable[[str], list[Lease]]) -> dict[str, PortIdentity]:
-        """ifname -> identity, for the ports of networks with anti_spoofing."""
-        guarded = {n.name for n in networks if n.anti_spoofing}
-        by_net: dict[str, tuple[dict[str, set[str]], dict[str, set[str]]]] = {}
-        out: dict[str, PortIdentity] = {}
-        for ifname, netname in ports.items():
-            if netname not in guarded:
-                continue
-            mac = self.mac_of(ifname)
-            if mac is None:
-                out[ifname] = PortIdentity()
-                continue
-            if netname not in by_net:
-                by_net[netname] = _leased(leases(netname))
-            v4, v6 = by_net[netname]
-            out[ifname] = PortIdentity(mac, frozenset(v4.get(mac, ())),
-                                       frozenset(v6.get(mac, ())))
-        return out
+        """ifname -> identity, for every port whose MAC is known, with the addresses the
+        networks with anti_spoofing leased to that MAC (the planner keeps those of the
+        port's own network)."""
+        v4: dict[str, set[str]] = {}
+        v6: dict[str, set[str]] = {}
+        for net in networks:
+            if net.anti_spoofing:
+                four, six = _leased(leases(net.name))
+                for mac, ips in four.items():
+                    v4.setdefault(mac, set()).update(ips)
+                for mac, ips in six.items():
+                    v6.setdefault(mac, set()).update(ips)
+        return {ifname: PortIdentity(mac, frozenset(v4.get(mac, ())), frozenset(v6.get(mac, ())))
+                for ifname, (_, mac) in self._macs.items()}
 
 
 def _leased(leases: list[Lease]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:

@@ -113,10 +113,13 @@ def port_addresses(net: Network, ident: PortIdentity
     """What the guest behind a port may send from: its leases, its static DHCP host,
     and in IPv6 its link-local and SLAAC addresses derived from its MAC."""
     mac = ident.mac
-    v4 = {ipaddress.IPv4Address(a) for a in ident.ipv4}
-    v6 = {ipaddress.IPv6Address(a) for a in ident.ipv6}
     if mac is None:
         return [], []
+    # Leases of this network only: a guest moved here keeps no address from another.
+    v4 = {a for a in map(ipaddress.IPv4Address, ident.ipv4)
+          if net.ipv4 is not None and a in net.ipv4.network}
+    v6 = {a for a in map(ipaddress.IPv6Address, ident.ipv6)
+          if net.ipv6 is not None and a in net.ipv6.network}
     if net.dhcp is not None:
         v4 |= {h.ip for h in net.dhcp.hosts if h.mac == mac and h.ip is not None}
     v6.add(eui64(mac, _LINK_LOCAL))

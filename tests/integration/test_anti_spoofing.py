@@ -243,3 +243,19 @@ def test_with_the_option_off_nothing_is_filtered(box: Sandbox) -> None:
     assert rogue_ra_reaches(box, a, b)
     assert spoof_drops(box, "sga") == 0
     assert box.jctl("network", "show", "grd")["anti_spoofing"] is False
+
+
+def test_a_restart_keeps_learned_macs_and_counters_and_writes_nothing(box: Sandbox) -> None:
+    a, _ = guarded_box(box)
+    ip_a = lease(box, a, "sga", MAC_A)
+    readdress(a, "10.70.0.80")
+    assert not ping(a, GATEWAY, count=2)
+    drops = spoof_drops(box, "sga")
+    readdress(a, ip_a)
+    assert wait_until(lambda: ping(a, GATEWAY), timeout=10)
+    assert box.stop_daemon() == 0
+    mark = len(box.log.read_text())
+    box.start_daemon("--no-bus")
+    assert ping(a, GATEWAY)  # its MAC was learned by DHCP, before the restart
+    assert spoof_drops(box, "sga") >= drops
+    assert "PortGuard" not in box.log.read_text()[mark:]

@@ -49,7 +49,9 @@ def test_eui64_is_the_address_slaac_derives() -> None:
 
 
 def test_a_port_may_send_from_its_lease_static_host_link_local_and_slaac() -> None:
-    ident = PortIdentity(MAC, frozenset({"10.0.0.20"}), frozenset({"fd00:1::99"}))
+    # A lease from another network's subnet (the guest moved) does not count here.
+    ident = PortIdentity(MAC, frozenset({"10.0.0.20", "10.9.9.9"}),
+                         frozenset({"fd00:1::99", "fd00:9::9"}))
     v4, v6 = port_addresses(guarded(), ident)
     assert [str(a) for a in v4] == ["10.0.0.7", "10.0.0.20"]
     assert [str(a) for a in v6] == ["fd00:1::99", "fd00:1::5054:ff:fe12:3456",
@@ -202,8 +204,8 @@ def test_the_first_dhcp_exchange_binds_the_mac_and_a_later_one_does_not() -> Non
     assert ids.learn_from_lease(net, Lease("52:54:00:00:00:01", "10.0.0.20"), ports, o)
     assert ids.learn_from_lease(net, Lease("52:54:00:00:00:02", "10.0.0.21"), ports, o) is None
     assert ids.mac_of("vnet0") == "52:54:00:00:00:01"
-    built = ids.build([net], ports, lambda _n: [Lease("52:54:00:00:00:01", "10.0.0.20"),
-                                                Lease("52:54:00:00:00:02", "10.0.0.21")])
+    built = ids.build([net], lambda _n: [Lease("52:54:00:00:00:01", "10.0.0.20"),
+                                         Lease("52:54:00:00:00:02", "10.0.0.21")])
     assert built["vnet0"] == PortIdentity("52:54:00:00:00:01", frozenset({"10.0.0.20"}))
     # The tap made anew under the same name: another guest.
     o.links[5] = replace(TAP, index=6)
@@ -218,7 +220,10 @@ def test_libvirt_xml_replaces_and_other_networks_are_not_learned() -> None:
     assert ids.learn("vnet0", "52:54:00:AA:00:01", o, replace=True)
     assert ids.mac_of("vnet0") == "52:54:00:aa:00:01"
     plain = replace(guarded(), anti_spoofing=False)
-    assert ids.build([plain], {"vnet0": "lab"}, lambda _n: []) == {}
+    leases = [Lease("52:54:00:aa:00:01", "10.0.0.9")]
+    assert ids.build([plain], lambda _n: leases) == {
+        "vnet0": PortIdentity("52:54:00:aa:00:01")}
+    assert ids.build([guarded()], lambda _n: leases)["vnet0"].ipv4 == {"10.0.0.9"}
 
 
 def test_duid_carries_the_mac() -> None:
