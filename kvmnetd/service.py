@@ -14,7 +14,7 @@ from kvmnetd import logsetup
 from kvmnetd.adapters.coexist import ForeignForwardAdapter
 from kvmnetd.adapters.default_subnet import DefaultSubnetFile
 from kvmnetd.adapters.dirs import check_writable_dirs
-from kvmnetd.adapters.fdb import port_of_mac
+from kvmnetd.adapters.fdb import bridge_fdb
 from kvmnetd.adapters.files import atomic_write
 from kvmnetd.adapters.nftables import NftablesAdapter
 from kvmnetd.adapters.nftmonitor import NftMonitor
@@ -97,7 +97,7 @@ class Service:
                               guard=PortGuardAdapter(
                                   s.firewall_table,
                                   state_path=os.path.join(s.run_dir, "port-guard.json")))
-        identities = PortIdentities(port_of_mac, os.path.join(s.run_dir, "port-macs.json"))
+        identities = PortIdentities(bridge_fdb, os.path.join(s.run_dir, "port-macs.json"))
         self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets,
                          identities=identities)
         self._wired = True

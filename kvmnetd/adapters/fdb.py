@@ -11,36 +11,28 @@ SYS_NET = "/sys/class/net"
 _ENTRY = struct.Struct("=6sBBIBBH")
 
 
-def port_of_mac(bridge: str, mac: str, root: str = SYS_NET) -> str | None:
-    """The port of `bridge` where `mac` was last seen; None if unknown or local."""
+def bridge_fdb(bridge: str, root: str = SYS_NET) -> dict[str, str]:
+    """MAC -> the port of `bridge` where it was last seen (local entries left out)."""
     if not bridge or "/" in bridge or bridge in (".", ".."):
-        return None
+        return {}
+    base = os.path.join(root, bridge)
     try:
-        want = bytes(int(x, 16) for x in mac.split(":"))
-    except ValueError:
-        return None
-    try:
-        with open(os.path.join(root, bridge, "brforward"), "rb") as f:
+        with open(os.path.join(base, "brforward"), "rb") as f:
             data = f.read()
+        names = os.listdir(os.path.join(base, "brif"))
     except OSError:
-        return None
-    port_no = None
-    for off in range(0, len(data) - _ENTRY.size + 1, _ENTRY.size):
-        addr, lo, local, _age, hi, _pad, _unused = _ENTRY.unpack_from(data, off)
-        if addr == want and not local:
-            port_no = lo | (hi << 8)
-            break
-    if port_no is None:
-        return None
-    try:
-        names = os.listdir(os.path.join(root, bridge, "brif"))
-    except OSError:
-        return None
+        return {}
+    ports: dict[int, str] = {}
     for name in names:
         try:
-            with open(os.path.join(root, bridge, "brif", name, "port_no")) as f:
-                if int(f.read().strip(), 0) == port_no:
-                    return name
+            with open(os.path.join(base, "brif", name, "port_no")) as f:
+                ports[int(f.read().strip(), 0)] = name
         except (OSError, ValueError):
             continue
-    return None
+    out: dict[str, str] = {}
+    for off in range(0, len(data) - _ENTRY.size + 1, _ENTRY.size):
+        addr, lo, local, _age, hi, _pad, _unused = _ENTRY.unpack_from(data, off)
+        port = ports.get(lo | (hi << 8))
+        if not local and port is not None:
+            out[addr.hex(":")] = port
+    return out

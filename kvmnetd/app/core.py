@@ -14,7 +14,7 @@ import structlog
 
 from kvmnetd import __version__, logsetup
 from kvmnetd.adapters.counters import GuestCounters, read_port_counters
-from kvmnetd.adapters.fdb import port_of_mac
+from kvmnetd.adapters.fdb import bridge_fdb
 from kvmnetd.adapters.files import atomic_write
 from kvmnetd.adapters.port_guard import read_spoof_drops
 from kvmnetd.app.access import Authority, authorize
@@ -82,7 +82,7 @@ class Core:
         # The kernel's counters of a port, from the guest's side (replaceable in tests).
         self.read_counters: Callable[[str], GuestCounters | None] = read_port_counters
         # Anti-spoofing: the guest behind each port, and the drops counted per port.
-        self.identities = identities or PortIdentities(port_of_mac)
+        self.identities = identities or PortIdentities(bridge_fdb)
         table = config.settings.firewall_table
         self.read_spoof_drops: Callable[[], dict[str, int]] = lambda: read_spoof_drops(table)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,7 +108,14 @@ class Core:
         """The guests behind the ports of networks with anti_spoofing (none: nothing)."""
         if not any(n.anti_spoofing for n in nets.values()):
             return {}
-        self.identities.prune(self.rec.netlink.observed)
+        observed = self.rec.netlink.observed
+        self.identities.prune(observed)
+        for net in nets.values():
+            if net.anti_spoofing:
+                for port in self.identities.learn_from_leases(
+                        net, self.leases_of(net.name), self.rec.last_plan.ports, observed):
+                    log.info("port.mac_learned", network=net.name, ifname=port,
+                             mac=self.identities.mac_of(port), source="lease")
         return self.identities.build(nets.values(), self.leases_of)
 
     def leases_of(self, network: str) -> list[Lease]:

@@ -17,8 +17,8 @@ from kvmnetd.model.guard import PortIdentity
 from kvmnetd.model.observed import ObservedState
 from kvmnetd.model.records import Lease
 
-# (bridge, mac) -> the bridge port that MAC was last seen on, or None
-FdbLookup = Callable[[str, str], str | None]
+# bridge -> {MAC: the bridge port it was last seen on}
+FdbLookup = Callable[[str], dict[str, str]]
 
 
 def duid_mac(duid: str) -> str | None:
@@ -70,12 +70,29 @@ class PortIdentities:
         from, if that port has none yet. The port's name if one was bound."""
         if not lease.mac:
             return None
-        port = self.fdb_lookup(net.bridge, lease.mac)
+        return self._learn_seen(net, lease.mac.lower(), self.fdb_lookup(net.bridge), ports,
+                                observed)
+
+    def learn_from_leases(self, net: Network, leases: Iterable[Lease],
+                          ports: Mapping[str, str], observed: ObservedState) -> list[str]:
+        """Leases already there (anti_spoofing just turned on, or a port that joined with
+        its lease): bound like a first exchange, so running guests are not cut off."""
+        bound = {m for _, m in self._macs.values()}
+        macs = {le.mac.lower() for le in leases if le.mac and le.mac.lower() not in bound}
+        if not macs or all(i in self._macs for i, n in ports.items() if n == net.name):
+            return []
+        fdb = self.fdb_lookup(net.bridge)
+        return [port for mac in sorted(macs)
+                if (port := self._learn_seen(net, mac, fdb, ports, observed)) is not None]
+
+    def _learn_seen(self, net: Network, mac: str, fdb: Mapping[str, str],
+                    ports: Mapping[str, str], observed: ObservedState) -> str | None:
+        port = fdb.get(mac)
         if port is None or ports.get(port) != net.name:
             return None
-        if any(m == lease.mac.lower() and i != port for i, (_, m) in self._macs.items()):
+        if any(m == mac and i != port for i, (_, m) in self._macs.items()):
             return None  # another port's guest already: a copy of its MAC is not a guest
-        return port if self.learn(port, lease.mac, observed) else None
+        return port if self.learn(port, mac, observed) else None
 
     def forget(self, ifname: str) -> bool:
         if self._macs.pop(ifname, None) is None:

@@ -231,9 +231,11 @@ def test_healed_after_delete_or_flush_and_removed_with_its_network(box: Sandbox)
     assert "table inet kvmnetd" in box.nft()
 
 
-def test_with_the_option_off_nothing_is_filtered(box: Sandbox) -> None:
+def test_with_the_option_off_nothing_is_filtered_and_turning_it_on_keeps_guests(
+        box: Sandbox) -> None:
     a, b = guarded_box(box, on=False)
-    assert box.dhcp(a).get("ip") and box.dhcp(b).get("ip")
+    ip_a, ip_b = box.dhcp(a).get("ip", ""), box.dhcp(b).get("ip", "")
+    assert ip_a and ip_b
     give_link_local(a, MAC_A)
     give_link_local(b, MAC_B)
     assert not has_table(box)
@@ -243,6 +245,18 @@ def test_with_the_option_off_nothing_is_filtered(box: Sandbox) -> None:
     assert rogue_ra_reaches(box, a, b)
     assert spoof_drops(box, "sga") == 0
     assert box.jctl("network", "show", "grd")["anti_spoofing"] is False
+    # Turned on with guests running: their MACs come from their leases, and the bridge
+    # saw them on their ports, so they stay on the network; a spoofed address does not.
+    readdress(a, ip_a)
+    assert ping(a, GATEWAY)
+    box.write_config(config(on=True))
+    assert box.daemon is not None
+    box.daemon.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: bound_mac(box, "sga") == MAC_A and bound_mac(box, "sgb") == MAC_B,
+                      timeout=10)
+    assert ping(a, GATEWAY) and ping(b, GATEWAY)
+    readdress(b, "10.70.0.78")
+    assert not ping(b, GATEWAY, count=2)
 
 
 def test_a_restart_keeps_learned_macs_and_counters_and_writes_nothing(box: Sandbox) -> None:

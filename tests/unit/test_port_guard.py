@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import struct
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from kvmnetd.adapters.fdb import bridge_fdb
 from kvmnetd.app.port_identity import PortIdentities, duid_mac
 from kvmnetd.config.load import Config, parse_network_text
 from kvmnetd.engine.reconciler import Reconciler
@@ -197,7 +199,7 @@ async def test_a_port_attached_alone_is_guarded_before_it_joins(tmp_path: Path) 
 
 def test_the_first_dhcp_exchange_binds_the_mac_and_a_later_one_does_not() -> None:
     seen = {"52:54:00:00:00:01": "vnet0", "52:54:00:00:00:02": "vnet0"}
-    ids = PortIdentities(lambda _br, mac: seen.get(mac))
+    ids = PortIdentities(lambda _br: seen)
     o = obs()
     net = guarded()
     ports = {"vnet0": "lab"}
@@ -215,7 +217,7 @@ def test_the_first_dhcp_exchange_binds_the_mac_and_a_later_one_does_not() -> Non
 
 
 def test_libvirt_xml_replaces_and_other_networks_are_not_learned() -> None:
-    ids = PortIdentities(lambda _br, _mac: "vnet0")
+    ids = PortIdentities(lambda _br: {"52:54:00:aa:00:01": "vnet0"})
     o = obs()
     assert ids.learn("vnet0", "52:54:00:AA:00:01", o, replace=True)
     assert ids.mac_of("vnet0") == "52:54:00:aa:00:01"
@@ -230,3 +232,30 @@ def test_duid_carries_the_mac() -> None:
     assert duid_mac("00:01:00:01:2c:aa:bb:cc:52:54:00:12:34:56") == MAC
     assert duid_mac("00:03:00:01:52:54:00:12:34:56") == MAC
     assert duid_mac("00:02:00:00:ab:11:22") is None
+
+
+def test_turned_on_over_running_guests_their_leases_bind_their_ports() -> None:
+    fdb = {"52:54:00:00:00:01": "vnet0", "52:54:00:00:00:09": "vnet9"}
+    ids = PortIdentities(lambda _br: fdb)
+    leases = [Lease("52:54:00:00:00:01", "10.0.0.20"), Lease("52:54:00:00:00:09", "10.0.0.29")]
+    # vnet9 is not a port of this network: its lease binds nothing.
+    assert ids.learn_from_leases(guarded(), leases, {"vnet0": "lab"}, obs()) == ["vnet0"]
+    assert ids.mac_of("vnet0") == "52:54:00:00:00:01" and ids.mac_of("vnet9") is None
+    # Every port bound: the forwarding database is not even read.
+    ids.fdb_lookup = lambda _br: pytest.fail("read the fdb")  # type: ignore[assignment,return-value]
+    assert ids.learn_from_leases(guarded(), leases, {"vnet0": "lab"}, obs()) == []
+
+
+def test_bridge_fdb_reads_the_kernels_table(tmp_path: Path) -> None:
+    br = tmp_path / "kvbr0"
+    for name, no in (("vnet0", 1), ("vnet1", 0x102)):
+        (br / "brif" / name).mkdir(parents=True)
+        (br / "brif" / name / "port_no").write_text(f"{no:#x}\n")
+    entry = struct.Struct("=6sBBIBBH")
+    (br / "brforward").write_bytes(
+        entry.pack(bytes.fromhex("525400000001"), 1, 0, 0, 0, 0, 0)
+        + entry.pack(bytes.fromhex("525400000002"), 0x02, 0, 0, 0x01, 0, 0)
+        + entry.pack(bytes.fromhex("fe5400000003"), 1, 1, 0, 0, 0, 0))  # local: left out
+    assert bridge_fdb("kvbr0", str(tmp_path)) == {"52:54:00:00:00:01": "vnet0",
+                                                  "52:54:00:00:00:02": "vnet1"}
+    assert bridge_fdb("absent", str(tmp_path)) == {}
