@@ -42,14 +42,14 @@ for _ in range(int(sys.argv[1])):
 """
 
 
-def config(on: bool = True) -> str:
+def config(on: bool = True, **extra: str) -> str:
     return (network_toml("grd", "nat", "kvgrd0", f"{GATEWAY}/24", dns=False,
-                         dhcp_range=f"{RANGE[0]}-{RANGE[1]}", anti_spoofing=on)
+                         dhcp_range=f"{RANGE[0]}-{RANGE[1]}", anti_spoofing=on, **extra)
             + attach_toml("grd", ifname="sg*"))
 
 
-def guarded_box(box: Sandbox, on: bool = True) -> tuple[str, str]:
-    box.write_config(config(on))
+def guarded_box(box: Sandbox, on: bool = True, **extra: str) -> tuple[str, str]:
+    box.write_config(config(on, **extra))
     a = box.guest("sga", mac=MAC_A)
     b = box.guest("sgb", mac=MAC_B)
     box.start_daemon("--no-bus")
@@ -273,3 +273,45 @@ def test_a_restart_keeps_learned_macs_and_counters_and_writes_nothing(box: Sandb
     assert ping(a, GATEWAY)  # its MAC was learned by DHCP, before the restart
     assert spoof_drops(box, "sga") >= drops
     assert "PortGuard" not in box.log.read_text()[mark:]
+
+
+def test_ipv6_only_from_link_local_and_the_slaac_address_of_its_mac(box: Sandbox) -> None:
+    a, b = guarded_box(box, ipv6="fd00:70::1/64")
+    lease(box, a, "sga", MAC_A)
+    lease(box, b, "sgb", MAC_B)
+    give_link_local(a, MAC_A)
+    give_link_local(b, MAC_B)
+    # What SLAAC makes of the network's prefix and its MAC (set by hand: the DHCP client's
+    # script may have flushed what the router advertisement had made).
+    slaac = eui64(MAC_A, ipaddress.IPv6Network("fd00:70::/64"))
+    sh("ip", "-6", "addr", "replace", f"{slaac}/64", "dev", "eth0", "nodad", ns=a)
+    assert wait_until(lambda: ping6(a, "fd00:70::1"), timeout=10)
+    sh("ip", "-6", "addr", "del", f"{slaac}/64", "dev", "eth0", ns=a)
+    sh("ip", "-6", "addr", "add", "fd00:70::bad/64", "dev", "eth0", "nodad", ns=a)
+    assert not ping6(a, "fd00:70::1")
+    # A neighbour advertisement for an address that is not its own is dropped too: b's
+    # SLAAC address, claimed by a with an overriding advertisement, stays b's in the
+    # gateway's neighbour table.
+    victim = eui64(MAC_B, ipaddress.IPv6Network("fd00:70::/64"))
+    sh("ip", "-6", "addr", "replace", f"{victim}/64", "dev", "eth0", "nodad", ns=b)
+    assert wait_until(lambda: ping6(b, "fd00:70::1"), timeout=10)
+    assert MAC_B in sh("ip", "-6", "neigh", "show", str(victim), ns=box.host).stdout.lower()
+    sh(PY, "-c", UNSOLICITED_NA, str(victim), ns=a)
+    neigh = sh("ip", "-6", "neigh", "show", str(victim), ns=box.host).stdout.lower()
+    assert MAC_B in neigh and MAC_A not in neigh
+
+
+# An unsolicited, overriding neighbour advertisement for argv[1], with our MAC as its
+# target link-layer address, to all nodes.
+UNSOLICITED_NA = """
+import socket, struct, sys
+ifindex = socket.if_nametoindex("eth0")
+mac = open("/sys/class/net/eth0/address").read().strip()
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+na = struct.pack("!BBHI16s", 136, 0, 0, 0x20000000, socket.inet_pton(socket.AF_INET6, sys.argv[1]))
+na += struct.pack("!BB6s", 2, 1, bytes.fromhex(mac.replace(":", "")))
+for _ in range(3):
+    s.sendto(na, ("ff02::1", 0, 0, ifindex))
+"""
