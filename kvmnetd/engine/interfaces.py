@@ -46,7 +46,8 @@ class PortGuardPort(Protocol):
     writes: int
 
     async def observe(self) -> tuple[str | None, frozenset[GuardElement]]: ...
-    async def apply(self, ruleset: str, elements: frozenset[GuardElement]) -> None: ...
+    async def apply(self, ruleset: str, fingerprint: str,
+                    elements: frozenset[GuardElement]) -> None: ...
 
     async def update(self, add: frozenset[GuardElement],
                      delete: frozenset[GuardElement]) -> frozenset[GuardElement]:

@@ -590,7 +590,7 @@ class Reconciler:
     async def _apply_guard(self, action: A.Action, observed: ObservedState) -> None:
         match action:
             case A.ApplyPortGuard(ruleset=text, fingerprint=fp, elements=elements):
-                await self._guard().apply(text, elements)
+                await self._guard().apply(text, fp, elements)
                 self._guard_seen = (fp, elements)
             case A.UpdatePortGuard(add=add, delete=delete):
                 self._guard_seen = (self._guard_seen[0], await self._guard().update(add, delete))

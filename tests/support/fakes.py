@@ -128,9 +128,11 @@ class FakePortGuard:
     async def observe(self) -> tuple[str | None, frozenset[GuardElement]]:
         return self.fingerprint, self.elements
 
-    async def apply(self, ruleset: str, elements: frozenset[GuardElement]) -> None:
+    async def apply(self, ruleset: str, fingerprint: str,
+                    elements: frozenset[GuardElement]) -> None:
         self.writes += 1
-        self.fingerprint = ruleset.split('comment "kvmnetd ', 1)[1].split('"', 1)[0]
+        assert f'comment "kvmnetd {fingerprint}"' in ruleset
+        self.fingerprint = fingerprint
         self.elements = elements
 
     async def update(self, add: frozenset[GuardElement],
