@@ -86,6 +86,7 @@ class Core:
         table = config.settings.firewall_table
         self.read_spoof_drops: Callable[[], dict[str, int]] = lambda: read_spoof_drops(table)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._identities_due = False
         self.on_reload: list[Callable[[], None]] = []  # called after a reload took effect
         reconciler.on_state(self._state_changed)
         reconciler.on_ports(self._emit_port_changes)
@@ -139,9 +140,20 @@ class Core:
             if port is not None:
                 log.info("port.mac_learned", network=net.name, ifname=port,
                          mac=event.lease.mac)
-        task = asyncio.ensure_future(self.apply())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if not self._identities_due:
+            # One apply for a burst of lease events: it reads them all when it runs.
+            self._identities_due = True
+            task = asyncio.ensure_future(self._apply_identities())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _apply_identities(self) -> None:
+        await asyncio.sleep(0)
+        self._identities_due = False
+        try:
+            await self.apply()
+        except Exception:  # the lease watcher's callback has no caller to tell
+            log.exception("port.identities_apply_failed")
 
     @property
     def policy(self) -> AttachPolicy:

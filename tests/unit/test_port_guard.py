@@ -3,6 +3,7 @@ actions and the loop's order (a port never joins before its guard), and MAC lear
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import struct
@@ -12,16 +13,20 @@ from pathlib import Path
 import pytest
 
 from kvmnetd.adapters.fdb import bridge_fdb
+from kvmnetd.app.core import Core
+from kvmnetd.app.domains import domain_changed
 from kvmnetd.app.port_identity import PortIdentities, duid_mac
+from kvmnetd.config import load as cfg
 from kvmnetd.config.load import Config, parse_network_text
 from kvmnetd.engine.reconciler import Reconciler
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import DesiredState, Dhcp, DhcpHost, Mode, Network, Settings
+from kvmnetd.model.domxml import DomainNic
 from kvmnetd.model.errors import ConfigError
 from kvmnetd.model.guard import PortIdentity
 from kvmnetd.model.observed import Link, ObservedState
 from kvmnetd.model.owned import Owned
-from kvmnetd.model.records import Lease
+from kvmnetd.model.records import ROOT, CoreEvent, Lease
 from kvmnetd.plan.nft_bridge import (
     eui64,
     fingerprint,
@@ -31,7 +36,9 @@ from kvmnetd.plan.nft_bridge import (
     render_update,
 )
 from kvmnetd.plan.planner import attach_for, plan
+from tests.support.core import tap
 from tests.support.fakes import FakeDhcp, FakeFirewall, FakeNetlink, FakePortGuard, FakeSysctl
+from tests.support.toml import daemon_toml, network_toml
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "port_guard.nft"
 MAC = "52:54:00:12:34:56"
@@ -259,3 +266,41 @@ def test_bridge_fdb_reads_the_kernels_table(tmp_path: Path) -> None:
     assert bridge_fdb("kvbr0", str(tmp_path)) == {"52:54:00:00:00:01": "vnet0",
                                                   "52:54:00:00:00:02": "vnet1"}
     assert bridge_fdb("absent", str(tmp_path)) == {}
+
+
+# ---- the core: libvirt's XML, leases, counters ---------------------------------------------
+
+async def test_core_learns_from_libvirt_and_leases_and_counts_drops(tmp_path: Path) -> None:
+    conf = tmp_path / "kvmnetd.toml"
+    conf.write_text(daemon_toml(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "st"),
+                                networks_dir=str(tmp_path / "nd"))
+                    + network_toml("lab", "nat", "kvbr0", "10.0.0.254/24", dns=False,
+                                   dhcp_range="10.0.0.100-10.0.0.150", anti_spoofing=True))
+    (tmp_path / "nd").mkdir()
+    nl, dhcp, guard = FakeNetlink(tap("vnet0"), tap("vnet1")), FakeDhcp(), FakePortGuard()
+    rec = Reconciler(nl, FakeFirewall(), FakeSysctl(), dhcp, str(tmp_path / "o.json"),
+                     guard=guard)
+    core = Core(rec, cfg.load(str(conf), None), dhcp)
+    await core.apply({})
+    assert core.network("lab").anti_spoofing and not core.network("lab").isolate_ports
+    # A libvirt domain's NIC: its MAC from the XML, before any lease.
+    nic = DomainNic(tap="vnet0", mac=MAC, kind="ethernet", bridge=None, network="lab")
+    await domain_changed(core, "g0", "uuid-0", True, [nic])
+    assert ("macs", f'"vnet0" . {MAC}') in guard.elements
+    # Another guest's first lease: the bridge saw its MAC on vnet1.
+    await core.attach_port(ROOT, "vnet1", "lab")
+    assert ("ports", '"vnet1"') in guard.elements
+    other = "52:54:00:00:00:77"
+    core.identities.fdb_lookup = lambda _br: {other: "vnet1"}
+    dhcp.lease_table["lab"] = [Lease(other, "10.0.0.120"), Lease(MAC, "10.0.0.121")]
+    core.lease_changed(CoreEvent("lease-added", "lab", lease=Lease(other, "10.0.0.120")))
+    core.lease_changed(CoreEvent("lease-added", "lab", lease=Lease(MAC, "10.0.0.121")))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert {("addr4", '"vnet1" . 10.0.0.120'), ("addr4", '"vnet0" . 10.0.0.121')} \
+        <= guard.elements
+    # Counters: the kernel's per port, and the table's drops.
+    core.read_counters = lambda _i: (1, 2, 3, 4, 5)
+    core.read_spoof_drops = lambda: {"vnet0": 7}
+    stats = {s.ifname: s.spoof_drops for s in core.port_stats()}
+    assert stats == {"vnet0": 7, "vnet1": 0}
