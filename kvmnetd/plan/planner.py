@@ -67,8 +67,8 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
     gone = set(p.forget_requests)
     p.ports = {i: n for i, n in wanted_ports(desired, observed).items() if i not in gone}
     # Before the ports join: a port on a network with anti_spoofing never joins unguarded.
-    p.actions += guard_actions(desired, observed, [n for n in active if n.name not in p.problems],
-                               p.ports, set(p.problems), table)
+    # Also on a network with a problem: its ports may still be on its bridge.
+    p.actions += guard_actions(desired, observed, active, p.ports, table)
     _plan_ports(desired, observed, owned, p)
     _plan_teardown(desired, observed, owned, p)
     running = [n for n in active if n.name not in p.problems]

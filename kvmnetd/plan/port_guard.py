@@ -12,24 +12,23 @@ from kvmnetd.model.observed import ObservedState
 from kvmnetd.plan.nft_bridge import fingerprint, port_elements, port_of, render_table
 
 
-def wanted_elements(desired: DesiredState, ports: Mapping[str, str],
-                    skip: set[str]) -> set[GuardElement]:
-    """Elements for every port of a running network with anti_spoofing on."""
+def wanted_elements(desired: DesiredState, ports: Mapping[str, str]) -> set[GuardElement]:
+    """Elements for every port of an active network with anti_spoofing on."""
     out: set[GuardElement] = set()
     for ifname, netname in ports.items():
         net = desired.networks.get(netname)
-        if net is not None and net.anti_spoofing and netname not in skip:
+        if net is not None and net.anti_spoofing:
             out |= port_elements(ifname, net, desired.identities.get(ifname))
     return out
 
 
-def guard_actions(desired: DesiredState, observed: ObservedState, running: list[Network],
-                  ports: Mapping[str, str], skip: set[str], table: str) -> list[A.Action]:
-    """The full pass: the table while any running network wants it, with exactly the
+def guard_actions(desired: DesiredState, observed: ObservedState, active: list[Network],
+                  ports: Mapping[str, str], table: str) -> list[A.Action]:
+    """The full pass: the table while any active network wants it, with exactly the
     elements of the ports planned now; removed with the last such network."""
-    if not any(n.anti_spoofing for n in running):
+    if not any(n.anti_spoofing for n in active):
         return [A.RemovePortGuard(None)] if observed.guard is not None else []
-    want = frozenset(wanted_elements(desired, ports, skip))
+    want = frozenset(wanted_elements(desired, ports))
     fp = fingerprint(table)
     if observed.guard != fp:
         return [A.ApplyPortGuard(None, render_table(want, table), fp, want)]

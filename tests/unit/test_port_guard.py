@@ -24,7 +24,7 @@ from kvmnetd.model.desired import DesiredState, Dhcp, DhcpHost, Mode, Network, S
 from kvmnetd.model.domxml import DomainNic
 from kvmnetd.model.errors import ConfigError
 from kvmnetd.model.guard import PortIdentity
-from kvmnetd.model.observed import Link, ObservedState
+from kvmnetd.model.observed import RTPROT_RA, Link, ObservedState, Route
 from kvmnetd.model.owned import Owned
 from kvmnetd.model.records import ROOT, CoreEvent, Lease
 from kvmnetd.plan.nft_bridge import (
@@ -304,3 +304,20 @@ async def test_core_learns_from_libvirt_and_leases_and_counts_drops(tmp_path: Pa
     core.read_spoof_drops = lambda: {"vnet0": 7}
     stats = {s.ifname: s.spoof_drops for s in core.port_stats()}
     assert stats == {"vnet0": 7, "vnet1": 0}
+
+
+def test_a_network_with_a_problem_keeps_its_ports_guarded() -> None:
+    # IPv6 forwarding is refused (the host takes its default route from RAs): the network
+    # has a problem, but its ports may still be on its bridge.
+    eth0 = Link(index=9, name="eth0", kind=None, up=True)
+    o = obs(fingerprint(), master=2)
+    o.links[9] = eth0
+    o.forwarding[6] = False
+    o.accept_ra["eth0"] = 1
+    o.routes.add(Route(dst=ipaddress.ip_network("::/0"), oif=9, gateway="fe80::1",
+                       proto=RTPROT_RA))
+    p = plan(state(guarded()), o, Owned())
+    assert "lab" in p.problems
+    update = next(a for a in p.actions if isinstance(a, A.UpdatePortGuard))
+    assert ("ports", '"vnet0"') in update.add
+    assert not any(isinstance(a, A.RemovePortGuard) for a in p.actions)
