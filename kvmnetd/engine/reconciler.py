@@ -249,7 +249,7 @@ class Reconciler:
             p.actions += one.actions
             p.ports.update(one.ports)
         failed: dict[str, str] = {}
-        p.actions = await self._guard_ports(p.actions, observed)
+        p.actions, unguard = await self._guard_ports(p.actions, observed)
         if p.actions:
             for action, err in zip(p.actions, await self._apply_batch(p.actions, observed,
                                                                       failed), strict=True):
@@ -259,6 +259,8 @@ class Reconciler:
                     # A full pass looks at it again, with everything else. A port that
                     # vanished needs none: its deletion event brings its own plan.
                     self.trigger()
+        if unguard:
+            await self._guard_update(frozenset(), unguard, observed)  # after they left
         for ifname in queue:
             net = p.ports.get(ifname)
             if net is None:
@@ -285,29 +287,37 @@ class Reconciler:
                 if not done.done():
                     done.set_result(None)
 
-    async def _guard_ports(self, actions: list[A.Action],
-                           observed: ObservedState) -> list[A.Action]:
-        """The single-port work's anti-spoofing changes, as one update before the ports
-        join. If it fails, the ports of networks with anti_spoofing wait for a full pass."""
+    async def _guard_ports(self, actions: list[A.Action], observed: ObservedState
+                           ) -> tuple[list[A.Action], frozenset[GuardElement]]:
+        """The single-port work's anti-spoofing changes: what guards, as one update before
+        the ports join; what stops guarding is returned, for after they have left. If the
+        update fails, the ports of networks with anti_spoofing wait for a full pass."""
         updates = [a for a in actions if isinstance(a, A.UpdatePortGuard)]
         rest = [a for a in actions if not isinstance(a, A.UpdatePortGuard)]
         if not updates or self.guard is None:
-            return rest
+            return rest, frozenset()
         add = frozenset().union(*(a.add for a in updates))
         delete = frozenset().union(*(a.delete for a in updates))
+        if add and not await self._guard_update(add, frozenset(), observed):
+            guarded = {n.name for n in self.desired.networks.values() if n.anti_spoofing}
+            return [a for a in rest if a.network not in guarded], frozenset()
+        return rest, delete
+
+    async def _guard_update(self, add: frozenset[GuardElement],
+                            delete: frozenset[GuardElement], observed: ObservedState) -> bool:
+        assert self.guard is not None
         try:
             elements = await self.guard.update(add, delete)
         except (KvmnetError, OSError) as e:
             log.warning("guard.update_failed", error=str(e))
             self._firewall_known = False
             self.trigger()
-            guarded = {n.name for n in self.desired.networks.values() if n.anti_spoofing}
-            return [a for a in rest if a.network not in guarded]
+            return False
         self._guard_seen = (self._guard_seen[0], elements)
         observed.guard_elements = elements
         log.info("reconcile.applied", network=None, ifname=None,
                  action=f"UpdatePortGuard(add={len(add)}, delete={len(delete)})")
-        return rest
+        return True
 
     def _settle_all(self, p: Plan, observed: ObservedState) -> None:
         """After a full pass: its ports where it put them, and our bridges as they are, so

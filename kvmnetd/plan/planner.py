@@ -66,11 +66,13 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
     _plan_forwarding(active, observed, owned, p)
     gone = set(p.forget_requests)
     p.ports = {i: n for i, n in wanted_ports(desired, observed).items() if i not in gone}
-    # Before the ports join: a port on a network with anti_spoofing never joins unguarded.
-    # Also on a network with a problem: its ports may still be on its bridge.
-    p.actions += guard_actions(desired, observed, active, p.ports, table)
+    # A port on a network with anti_spoofing never joins unguarded, nor is unguarded
+    # before it leaves. Also on a network with a problem: its ports may still be on it.
+    guard_before, guard_after = guard_actions(desired, observed, active, p.ports, table)
+    p.actions += guard_before
     _plan_ports(desired, observed, owned, p)
     _plan_teardown(desired, observed, owned, p)
+    p.actions += guard_after
     running = [n for n in active if n.name not in p.problems]
     p.dhcp = [n for n in running if n.needs_dnsmasq]
     p.dhcp_restart = {a.network for a in p.actions
@@ -368,9 +370,9 @@ def attach_for(desired: DesiredState, observed: ObservedState, owned: Owned,
         elif observed.link(network.bridge) is not None:
             p.actions += [*guard, *_port_actions(ifname, network, observed)]
     else:
-        p.actions += guard or []
         if ifname in owned.ports:
             p.actions += _release(ifname, owned, observed)
+        p.actions += guard or []  # after it left: never unguarded on the bridge
     return p
 
 

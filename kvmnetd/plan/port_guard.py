@@ -23,19 +23,22 @@ def wanted_elements(desired: DesiredState, ports: Mapping[str, str]) -> set[Guar
 
 
 def guard_actions(desired: DesiredState, observed: ObservedState, active: list[Network],
-                  ports: Mapping[str, str], table: str) -> list[A.Action]:
+                  ports: Mapping[str, str], table: str
+                  ) -> tuple[list[A.Action], list[A.Action]]:
     """The full pass: the table while any active network wants it, with exactly the
-    elements of the ports planned now; removed with the last such network."""
+    elements of the ports planned now; removed with the last such network. As (before
+    the ports are planned, after them): what guards comes before a port joins, what
+    stops guarding after it has left."""
     if not any(n.anti_spoofing for n in active):
-        return [A.RemovePortGuard(None)] if observed.guard is not None else []
+        return [], ([A.RemovePortGuard(None)] if observed.guard is not None else [])
     want = frozenset(wanted_elements(desired, ports))
     fp = fingerprint(table)
     if observed.guard != fp:
-        return [A.ApplyPortGuard(None, render_table(want, table), fp, want)]
+        return [A.ApplyPortGuard(None, render_table(want, table), fp, want)], []
     have = observed.guard_elements
-    if want == have:
-        return []
-    return [A.UpdatePortGuard(None, want - have, have - want)]
+    add, delete = want - have, have - want
+    return ([A.UpdatePortGuard(None, add, frozenset())] if add else [],
+            [A.UpdatePortGuard(None, frozenset(), delete)] if delete else [])
 
 
 def port_guard_actions(desired: DesiredState, observed: ObservedState, ifname: str,

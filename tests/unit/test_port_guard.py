@@ -32,6 +32,7 @@ from kvmnetd.plan.nft_bridge import (
     fingerprint,
     port_addresses,
     port_elements,
+    port_of,
     render_table,
     render_update,
 )
@@ -159,11 +160,12 @@ def test_single_port_work_guards_the_port_first_or_waits_for_the_table() -> None
     assert isinstance(p.actions[1], A.Enslave)
     waiting = attach_for(state(net), obs(None), Owned(), "vnet0")
     assert waiting.guard_pending and waiting.actions == []
-    # A port that leaves the network leaves the sets.
+    # A port that leaves the network leaves the sets, once it has left the bridge.
     have = frozenset(port_elements("vnet0", net, None))
     gone = attach_for(replace(state(net), ports={"vnet0": ""}), obs(fingerprint(), have, 2),
                       Owned(ports={"vnet0": "kvbr0"}), "vnet0")
-    update = gone.actions[0]
+    release, update = gone.actions
+    assert isinstance(release, A.Release)
     assert isinstance(update, A.UpdatePortGuard) and update.delete == have
 
 
@@ -321,3 +323,28 @@ def test_a_network_with_a_problem_keeps_its_ports_guarded() -> None:
     update = next(a for a in p.actions if isinstance(a, A.UpdatePortGuard))
     assert ("ports", '"vnet0"') in update.add
     assert not any(isinstance(a, A.RemovePortGuard) for a in p.actions)
+
+
+async def test_a_port_detached_alone_is_unguarded_only_after_it_left(tmp_path: Path) -> None:
+    order: list[str] = []
+    nl, guard = FakeNetlink(), FakePortGuard()
+    rec = Reconciler(nl, FakeFirewall(), FakeSysctl(), FakeDhcp(), str(tmp_path / "o.json"),
+                     guard=guard)
+    nl.observed.links[5] = TAP
+    await rec.set_desired(state(guarded()))
+    assert ("ports", '"vnet0"') in guard.elements
+    netlink_apply, guard_update = nl.apply, guard.update
+
+    async def noted_apply(action: A.Action) -> None:
+        order.append(type(action).__name__)
+        await netlink_apply(action)
+
+    async def noted_update(add: frozenset[tuple[str, str]], delete: frozenset[tuple[str, str]]
+                           ) -> frozenset[tuple[str, str]]:
+        order.append("guard")
+        return await guard_update(add, delete)
+
+    nl.apply, guard.update = noted_apply, noted_update  # type: ignore[method-assign]
+    await rec.request_port("vnet0", "")
+    assert order == ["Release", "guard"]
+    assert not any(port_of(e) == "vnet0" for e in guard.elements)
