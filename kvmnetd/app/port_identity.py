@@ -9,6 +9,7 @@ that takes another MAC is cut off, however often it asks for a lease.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 from kvmnetd.adapters.port_macs_file import load_port_macs, save_port_macs
@@ -16,6 +17,8 @@ from kvmnetd.model.desired import Network
 from kvmnetd.model.guard import PortIdentity
 from kvmnetd.model.observed import ObservedState
 from kvmnetd.model.records import Lease
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 # bridge -> {MAC: the bridge port it was last seen on}
 FdbLookup = Callable[[str], dict[str, str]]
@@ -52,6 +55,8 @@ class PortIdentities:
     def learn(self, ifname: str, mac: str, observed: ObservedState,
               replace: bool = False) -> bool:
         """Bind `mac` to the port, unless it has one already; True if something changed."""
+        if _MAC.fullmatch(mac.lower()) is None:
+            return False  # not a MAC nft could take (an XML without one, say)
         link = observed.link(ifname)
         index = link.index if link is not None else None
         old = self._macs.get(ifname)

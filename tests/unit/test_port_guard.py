@@ -228,6 +228,8 @@ def test_the_first_dhcp_exchange_binds_the_mac_and_a_later_one_does_not() -> Non
 def test_libvirt_xml_replaces_and_other_networks_are_not_learned() -> None:
     ids = PortIdentities(lambda _br: {"52:54:00:aa:00:01": "vnet0"})
     o = obs()
+    assert not ids.learn("vnet0", "", o, replace=True)
+    assert not ids.learn("vnet0", "52:54:00:aa:00:01 ; flush ruleset", o, replace=True)
     assert ids.learn("vnet0", "52:54:00:AA:00:01", o, replace=True)
     assert ids.mac_of("vnet0") == "52:54:00:aa:00:01"
     plain = replace(guarded(), anti_spoofing=False)
