@@ -9,6 +9,7 @@ that takes another MAC is cut off, however often it asks for a lease.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 
@@ -142,6 +143,10 @@ def _leased(leases: list[Lease]) -> tuple[dict[str, set[str]], dict[str, set[str
     v4: dict[str, set[str]] = {}
     v6: dict[str, set[str]] = {}
     for lease in leases:
+        try:
+            ipaddress.ip_address(lease.ip)
+        except ValueError:
+            continue  # a line of the lease file we cannot read must not stop the planner
         if ":" in lease.ip:
             mac = duid_mac(lease.client_id)
             if mac is not None:

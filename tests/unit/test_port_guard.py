@@ -233,7 +233,7 @@ def test_libvirt_xml_replaces_and_other_networks_are_not_learned() -> None:
     assert ids.learn("vnet0", "52:54:00:AA:00:01", o, replace=True)
     assert ids.mac_of("vnet0") == "52:54:00:aa:00:01"
     plain = replace(guarded(), anti_spoofing=False)
-    leases = [Lease("52:54:00:aa:00:01", "10.0.0.9")]
+    leases = [Lease("52:54:00:aa:00:01", "10.0.0.9"), Lease("52:54:00:aa:00:01", "10.0.0.x")]
     assert ids.build([plain], lambda _n: leases) == {
         "vnet0": PortIdentity("52:54:00:aa:00:01")}
     assert ids.build([guarded()], lambda _n: leases)["vnet0"].ipv4 == {"10.0.0.9"}
