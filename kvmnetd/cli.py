@@ -21,7 +21,7 @@ SOCKET_TIMEOUT = 300.0
 PROPERTY_KEYS = {
     "Name": "name", "Mode": "mode", "Bridge": "bridge", "Addresses": "addresses",
     "State": "state", "StateReason": "reason", "Ports": "ports", "DhcpState": "dhcp_state",
-    "Autostart": "autostart",
+    "Autostart": "autostart", "IsolatePorts": "isolate_ports", "AntiSpoofing": "anti_spoofing",
 }
 
 

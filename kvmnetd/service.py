@@ -14,17 +14,20 @@ from kvmnetd import logsetup
 from kvmnetd.adapters.coexist import ForeignForwardAdapter
 from kvmnetd.adapters.default_subnet import DefaultSubnetFile
 from kvmnetd.adapters.dirs import check_writable_dirs
+from kvmnetd.adapters.fdb import bridge_fdb
 from kvmnetd.adapters.files import atomic_write
 from kvmnetd.adapters.forward_store import ForwardFile
 from kvmnetd.adapters.inotify import wait_for_path
 from kvmnetd.adapters.nftables import NftablesAdapter
 from kvmnetd.adapters.nftmonitor import NftMonitor
 from kvmnetd.adapters.notify import Notifier
+from kvmnetd.adapters.port_guard import PortGuardAdapter
 from kvmnetd.adapters.rate.monitor import TcMonitor
 from kvmnetd.adapters.rate.tc import TcRates
 from kvmnetd.adapters.rtnl.adapter import NetlinkAdapter
 from kvmnetd.adapters.sysctl import SysctlAdapter
 from kvmnetd.app.core import Core
+from kvmnetd.app.port_identity import PortIdentities
 from kvmnetd.config import load as cfg
 from kvmnetd.config.host_routes import load_config
 from kvmnetd.engine.reconciler import Reconciler
@@ -96,9 +99,13 @@ class Service:
                               self.dhcp, os.path.join(s.run_dir, "owned.json"),
                               table=s.firewall_table,
                               coexist=ForeignForwardAdapter(s.firewall_table),
-                              coexist_mode=s.coexist, rate=TcRates(), frr=self.frr)
+                              coexist_mode=s.coexist, rate=TcRates(), frr=self.frr,
+                              guard=PortGuardAdapter(
+                                  s.firewall_table,
+                                  state_path=os.path.join(s.run_dir, "port-guard.json")))
+        identities = PortIdentities(bridge_fdb, os.path.join(s.run_dir, "port-macs.json"))
         self.core = Core(self.rec, conf, self.dhcp, self.overrides, default_subnets=subnets,
-                         forward_store=ForwardFile())
+                         forward_store=ForwardFile(), identities=identities)
         self.core.frr = self.frr
         self._wired = True
         self.rec.desired = self.core.build_desired({})
@@ -226,6 +233,8 @@ class Service:
     def _on_dhcp_event(self, event: CoreEvent) -> None:
         # Leases, and a dnsmasq going degraded or serving again: pushed as they happen.
         if self._wired:
+            if event.kind in ("lease-added", "lease-removed"):
+                self.core.lease_changed(event)  # anti-spoofing follows the leases
             self.core.emit(event)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

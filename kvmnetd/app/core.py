@@ -14,11 +14,14 @@ import structlog
 
 from kvmnetd import __version__, logsetup
 from kvmnetd.adapters.counters import GuestCounters, read_port_counters
+from kvmnetd.adapters.fdb import bridge_fdb
 from kvmnetd.adapters.files import atomic_write
 from kvmnetd.adapters.forward_store import ForwardFile
+from kvmnetd.adapters.port_guard import read_spoof_drops
 from kvmnetd.adapters.port_limits import load_port_limits, save_port_limits
 from kvmnetd.app.access import Authority, authorize
 from kvmnetd.app.forwards import ForwardsMixin
+from kvmnetd.app.port_identity import PortIdentities
 from kvmnetd.config import load as cfg
 from kvmnetd.config.host_routes import DefaultSubnetStore, load_config
 from kvmnetd.config.write import render_network_toml
@@ -31,6 +34,7 @@ from kvmnetd.model.errors import (
     NoSuchPort,
     PermissionDenied,
 )
+from kvmnetd.model.guard import PortIdentity
 from kvmnetd.model.policy import AttachPolicy
 from kvmnetd.model.rate import DEFAULT, NO_LIMIT, format_rate, parse_rate
 from kvmnetd.model.records import (
@@ -64,7 +68,8 @@ class Core(ForwardsMixin):
     def __init__(self, reconciler: Reconciler, config: cfg.Config,
                  dhcp: DhcpView | None = None, overrides: dict[str, str] | None = None,
                  default_subnets: DefaultSubnetStore | None = None,
-                 forward_store: ForwardFile | None = None) -> None:
+                 forward_store: ForwardFile | None = None,
+                 identities: PortIdentities | None = None) -> None:
         self.rec = reconciler
         self.default_subnets = default_subnets
         self.config = config
@@ -88,6 +93,12 @@ class Core(ForwardsMixin):
         self._port_list: list[PortStatus] | None = None
         # The kernel's counters of a port, from the guest's side (replaceable in tests).
         self.read_counters: Callable[[str], GuestCounters | None] = read_port_counters
+        # Anti-spoofing: the guest behind each port, and the drops counted per port.
+        self.identities = identities or PortIdentities(bridge_fdb)
+        table = config.settings.firewall_table
+        self.read_spoof_drops: Callable[[], dict[str, int]] = lambda: read_spoof_drops(table)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._identities_due = False
         self.on_reload: list[Callable[[], None]] = []  # called after a reload took effect
         # Per-port rate overrides (ifname -> bytes/s, 0: none), kept in state_dir.
         self.port_limits = load_port_limits(config.settings.state_dir)
@@ -104,11 +115,62 @@ class Core(ForwardsMixin):
         nets = self.networks()
         active = {n.name for n in nets.values() if n.autostart} | self.started
         active = (active - self.stopped) & set(nets)
-        return DesiredState(networks=nets, active=frozenset(active),
-                            ports=dict(self.rec.desired.ports if ports is None else ports),
+        ports = dict(self.rec.desired.ports if ports is None else ports)
+        return DesiredState(networks=nets, active=frozenset(active), ports=ports,
                             rules=self.config.rules, policy=self.policy,
                             rates=dict(self.port_limits),
-                            overlay=self.config.settings.overlay)
+                            overlay=self.config.settings.overlay,
+                            identities=self._identities(nets))
+
+    def _identities(self, nets: dict[str, Network]) -> dict[str, PortIdentity]:
+        """The guests behind the ports of networks with anti_spoofing (none: nothing)."""
+        if not any(n.anti_spoofing for n in nets.values()):
+            return {}
+        observed = self.rec.netlink.observed
+        self.identities.prune(observed)
+        for net in nets.values():
+            if net.anti_spoofing:
+                for port in self.identities.learn_from_leases(
+                        net, self.leases_of(net.name), self.rec.last_plan.ports, observed):
+                    log.info("port.mac_learned", network=net.name, ifname=port,
+                             mac=self.identities.mac_of(port), source="lease")
+        return self.identities.build(nets.values(), self.leases_of)
+
+    def leases_of(self, network: str) -> list[Lease]:
+        return self.dhcp.leases(network) if self.dhcp else []
+
+    def _refresh_identities(self) -> None:
+        """The loop's desired state with what is known now of each port's guest."""
+        ids = self._identities(self.networks())
+        if ids != self.rec.desired.identities:
+            self.rec.desired = replace(self.rec.desired, identities=ids)
+
+    def lease_changed(self, event: CoreEvent) -> None:
+        """A lease came or went: on a network with anti_spoofing its port may send from
+        that address now (or no more), and a first lease names the port's MAC."""
+        net = self.networks().get(event.network)
+        if net is None or not net.anti_spoofing or event.lease is None:
+            return
+        if event.kind == "lease-added":
+            port = self.identities.learn_from_lease(net, event.lease, self.rec.last_plan.ports,
+                                                    self.rec.netlink.observed)
+            if port is not None:
+                log.info("port.mac_learned", network=net.name, ifname=port,
+                         mac=event.lease.mac)
+        if not self._identities_due:
+            # One apply for a burst of lease events: it reads them all when it runs.
+            self._identities_due = True
+            task = asyncio.ensure_future(self._apply_identities())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _apply_identities(self) -> None:
+        await asyncio.sleep(0)
+        self._identities_due = False
+        try:
+            await self.apply()
+        except Exception:  # the lease watcher's callback has no caller to tell
+            log.exception("port.identities_apply_failed")
 
     @property
     def policy(self) -> AttachPolicy:
@@ -133,7 +195,8 @@ class Core(ForwardsMixin):
         ports = tuple(sorted(self._by_net.get(name, ())))
         return NetworkStatus(name=name, mode=str(net.mode), bridge=net.bridge, addresses=addrs,
                              state=state, reason=reason, ports=ports, dhcp=dhcp,
-                             autostart=net.autostart)
+                             autostart=net.autostart, isolate_ports=net.isolate_ports,
+                             anti_spoofing=net.anti_spoofing)
 
     def _state_of(self, net: Network) -> tuple[str, str, DhcpStatus]:
         st = self.rec.states.get(net.name, NetState("inactive"))
@@ -204,10 +267,13 @@ class Core(ForwardsMixin):
             if not ports:
                 raise NoSuchPort(f"{ifname} is not a port of any network")
         out = []
+        guarded = {n.name for n in self.networks().values() if n.anti_spoofing}
+        spoofed = self.read_spoof_drops() if any(p.network in guarded for p in ports) else {}
         for p in ports:
             counters = self.read_counters(p.ifname)
             if counters is not None:
-                out.append(PortCounters(p.ifname, p.network, *counters))
+                out.append(PortCounters(p.ifname, p.network, *counters,
+                                        spoof_drops=spoofed.get(p.ifname, 0)))
             elif ifname:
                 raise NoSuchPort(f"{ifname}: no such device")
         return out
@@ -345,6 +411,8 @@ class Core(ForwardsMixin):
         if not network:
             network = self.network_by_policy(ifname)
         net = self._check_port_request(caller, ifname, network, force)
+        if net.anti_spoofing:
+            self._refresh_identities()
         # This port alone, through the loop's queue: no pass over every port.
         await self.rec.request_port(ifname, net.name)
         self._check_attached(ifname, net)

@@ -71,6 +71,8 @@ async def domain_changed(core: Core, name: str, uuid: str, started: bool,
         try:
             if started:
                 core.port_domains[nic.tap] = name
+                # The domain's XML names the guest's MAC: anti-spoofing needs no lease for it.
+                core.identities.learn(nic.tap, nic.mac, core.rec.netlink.observed, replace=True)
                 await core.attach_port(ROOT, nic.tap, net)
                 log.info("domain.port_attached", domain=name, ifname=nic.tap, network=net)
             elif nic.tap in {p.ifname for p in core.list_ports()}:
@@ -86,6 +88,7 @@ async def _libvirt_nic(core: Core, domain: str, started: bool, nic: DomainNic) -
     net = libvirt_plugged(nic, core.networks())
     try:
         if started and net is not None:
+            core.identities.learn(nic.tap, nic.mac, core.rec.netlink.observed, replace=True)
             await core.adopt_libvirt_port(nic.tap, net, domain)
             log.info("domain.port_adopted", domain=domain, ifname=nic.tap, network=net)
         elif not started and (nic.tap in core.libvirt_managed

@@ -195,8 +195,8 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 
 NETWORK_KEYS = ("mode", "bridge", "ipv4", "ipv6", "uplink", "stp", "forward_delay", "mtu",
-                "autostart", "host_access", "isolate_ports", "port_rate", "allow_users",
-                "allow_groups", "dhcp", "dns", "dnsmasq", "forward", "overlay")
+                "autostart", "host_access", "isolate_ports", "port_rate", "anti_spoofing",
+                "allow_users", "allow_groups", "dhcp", "dns", "dnsmasq", "forward", "overlay")
 DHCP_KEYS = ("ranges", "ranges6", "lease_time", "router", "ping_check", "tftp_root",
              "boot_file", "next_server", "ra", "dhcpv6", "host", "host6", "boot")
 BOOT_KEYS = ("bios", "efi_x86_64", "efi_arm64", "ipxe")
@@ -431,6 +431,7 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
         delay = t.number("forward_delay", 0, 0, 30)
     mtu = t.number("mtu", 0, 68, 65535) if t.has("mtu") else 0
     host_access = t.flag("host_access", False)
+    anti_spoofing = t.flag("anti_spoofing", False)
     sub = t.table("dhcp")
     dhcp = _dhcp(Table(ctx, (*t.path, "dhcp"), sub, DHCP_KEYS), t, v4, v6) if sub is not None \
         else None
@@ -451,6 +452,10 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
         if mode == Mode.ISOLATED and t.has("uplink"):
             t.error("uplink", "an isolated network has no uplink; remove it or use "
                               "mode = nat or routed")
+        if mode == Mode.BRIDGED and anti_spoofing:
+            t.error("anti_spoofing", "a bridged network's guests get their addresses from the "
+                                     "LAN, which kvmnetd does not see; anti_spoofing needs "
+                                     "mode = nat, routed or isolated")
         if mode != Mode.ISOLATED and host_access:
             t.error("host_access", "host_access only applies to isolated networks")
         # The same rule as Network.needs_dnsmasq: options for a dnsmasq that never runs.
@@ -468,8 +473,8 @@ def read_network(ctx: FileCtx, name: str, data: dict[str, Any]) -> Network:
         name=name, mode=mode, bridge=bridge, ipv4=v4, ipv6=v6, uplink=uplink, stp=stp,
         forward_delay=delay, mtu=mtu or None, autostart=t.flag("autostart", True),
         host_access=host_access, isolate_ports=t.flag("isolate_ports", False),
-        port_rate=t.text("port_rate", parse_port_rate, None), dhcp=dhcp,
-        dns=dns, dnsmasq_options=options, overlay=overlay,
+        port_rate=t.text("port_rate", parse_port_rate, None), anti_spoofing=anti_spoofing,
+        dhcp=dhcp, dns=dns, dnsmasq_options=options, overlay=overlay,
         allow_users=t.texts("allow_users", check_allowed_user),
         allow_groups=t.texts("allow_groups", check_user),
         source=ctx.source(t.path),

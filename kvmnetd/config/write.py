@@ -46,6 +46,7 @@ def render_network_toml(net: Network) -> str:
         ("forward_delay", net.forward_delay), ("mtu", net.mtu), ("autostart", net.autostart),
         ("host_access", net.host_access), ("isolate_ports", net.isolate_ports),
         ("port_rate", format_rate(net.port_rate) if net.port_rate else None),
+        ("anti_spoofing", net.anti_spoofing),
         ("allow_users", net.allow_users or None), ("allow_groups", net.allow_groups or None),
     ])
     d = net.dhcp

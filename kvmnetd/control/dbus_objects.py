@@ -112,6 +112,14 @@ class NetworkObject(ServiceInterface):
     def Autostart(self) -> DBusBool:
         return bool(self.props["Autostart"])
 
+    @dbus_property(access=PropertyAccess.READ)
+    def IsolatePorts(self) -> DBusBool:
+        return bool(self.props["IsolatePorts"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def AntiSpoofing(self) -> DBusBool:
+        return bool(self.props["AntiSpoofing"])
+
     @dbus_method()
     @_mapped
     def Leases(self) -> LeaseRows:

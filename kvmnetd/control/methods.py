@@ -64,6 +64,8 @@ def network_properties(st: NetworkStatus) -> dict[str, Any]:
         "Ports": list(st.ports),
         "DhcpState": st.dhcp.state,
         "Autostart": st.autostart,
+        "IsolatePorts": st.isolate_ports,
+        "AntiSpoofing": st.anti_spoofing,
     }
 
 

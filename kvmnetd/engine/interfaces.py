@@ -7,6 +7,7 @@ from typing import Protocol
 
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import Network
+from kvmnetd.model.guard import GuardElement
 from kvmnetd.model.observed import ObservedState
 from kvmnetd.model.rate import SetPortRate
 from kvmnetd.plan.coexist import CoexistChanges, CoexistRule, ForeignForward
@@ -44,6 +45,23 @@ class FirewallPort(Protocol):
 
     async def observe(self) -> str | None: ...
     async def apply(self, ruleset: str) -> None: ...
+    async def remove(self) -> None: ...
+
+
+class PortGuardPort(Protocol):
+    """The anti-spoofing bridge table."""
+
+    writes: int
+
+    async def observe(self) -> tuple[str | None, frozenset[GuardElement]]: ...
+    async def apply(self, ruleset: str, fingerprint: str,
+                    elements: frozenset[GuardElement]) -> None: ...
+
+    async def update(self, add: frozenset[GuardElement],
+                     delete: frozenset[GuardElement]) -> frozenset[GuardElement]:
+        """Apply element changes; the elements now in the table."""
+        ...
+
     async def remove(self) -> None: ...
 
 

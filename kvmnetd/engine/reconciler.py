@@ -16,12 +16,14 @@ from kvmnetd.engine.interfaces import (
     FirewallPort,
     FrrPort,
     NetlinkPort,
+    PortGuardPort,
     RatePort,
     SysctlPort,
 )
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import DesiredState
 from kvmnetd.model.errors import KvmnetError, NoSuchPort
+from kvmnetd.model.guard import GuardElement
 from kvmnetd.model.observed import Link, ObservedState, RateSeen
 from kvmnetd.model.owned import Owned
 from kvmnetd.model.policy import PORT_KINDS
@@ -55,8 +57,11 @@ class Reconciler:
                  dhcp: DhcpPort | None, owned_path: str, table: str = "kvmnetd",
                  verify_interval: float = SWEEP_INTERVAL, coexist: CoexistPort | None = None,
                  coexist_mode: str = "auto", rate: RatePort | None = None,
-                 frr: FrrPort | None = None) -> None:
+                 frr: FrrPort | None = None, guard: PortGuardPort | None = None) -> None:
         self.netlink = netlink
+        self.guard = guard
+        # The anti-spoofing table as last observed or written: (fingerprint, elements).
+        self._guard_seen: tuple[str | None, frozenset[GuardElement]] = (None, frozenset())
         self.firewall = firewall
         self.sysctl = sysctl
         self.dhcp = dhcp
@@ -347,7 +352,9 @@ class Reconciler:
         absent = {ifname for ifname in queue if observed.link(ifname) is None}
         p = Plan()
         for ifname in queue:
-            one = attach_for(self.desired, observed, self.owned, ifname)
+            one = attach_for(self.desired, observed, self.owned, ifname, self.table)
+            if one.guard_pending:
+                self._other_trigger = True  # the anti-spoofing table first, by a full pass
             if one.forget_ports or one.forget_requests or one.forget_limits:
                 self._record(one)
                 self.owned_dirty = True
@@ -358,6 +365,7 @@ class Reconciler:
             p.actions += one.actions
             p.ports.update(one.ports)
         failed: dict[str, str] = {}
+        p.actions, unguard = await self._guard_ports(p.actions, observed)
         if p.actions:
             for name in queue:
                 self._inflight[name] = self._inflight.get(name, 0) + 1
@@ -380,6 +388,8 @@ class Reconciler:
                     # A full pass looks at it again, with everything else. A port that
                     # vanished needs none: its deletion event brings its own plan.
                     self.trigger()
+        if unguard:
+            await self._guard_update(frozenset(), unguard, observed)  # after they left
         for ifname in queue:
             net = p.ports.get(ifname)
             if net is None:
@@ -411,6 +421,38 @@ class Reconciler:
             for done in waiters:
                 if not done.done():
                     done.set_result(None)
+
+    async def _guard_ports(self, actions: list[A.Action], observed: ObservedState
+                           ) -> tuple[list[A.Action], frozenset[GuardElement]]:
+        """The single-port work's anti-spoofing changes: what guards, as one update before
+        the ports join; what stops guarding is returned, for after they have left. If the
+        update fails, the ports of networks with anti_spoofing wait for a full pass."""
+        updates = [a for a in actions if isinstance(a, A.UpdatePortGuard)]
+        rest = [a for a in actions if not isinstance(a, A.UpdatePortGuard)]
+        if not updates or self.guard is None:
+            return rest, frozenset()
+        add = frozenset().union(*(a.add for a in updates))
+        delete = frozenset().union(*(a.delete for a in updates))
+        if add and not await self._guard_update(add, frozenset(), observed):
+            guarded = {n.name for n in self.desired.networks.values() if n.anti_spoofing}
+            return [a for a in rest if a.network not in guarded], frozenset()
+        return rest, delete
+
+    async def _guard_update(self, add: frozenset[GuardElement],
+                            delete: frozenset[GuardElement], observed: ObservedState) -> bool:
+        assert self.guard is not None
+        try:
+            elements = await self.guard.update(add, delete)
+        except (KvmnetError, OSError) as e:
+            log.warning("guard.update_failed", error=str(e))
+            self._firewall_known = False
+            self.trigger()
+            return False
+        self._guard_seen = (self._guard_seen[0], elements)
+        observed.guard_elements = elements
+        log.info("reconcile.applied", network=None, ifname=None,
+                 action=f"UpdatePortGuard(add={len(add)}, delete={len(delete)})")
+        return True
 
     def _settle_all(self, p: Plan, observed: ObservedState) -> None:
         """After a full pass: its ports where it put them, and our bridges as they are, so
@@ -468,6 +510,7 @@ class Reconciler:
         for name in set(obs.accept_ra) - set(ra_devices):
             del obs.accept_ra[name]
         obs.firewall = self._firewall_seen
+        obs.guard, obs.guard_elements = self._guard_seen
         return obs
 
     async def _pass(self) -> tuple[Plan, int]:
@@ -485,6 +528,8 @@ class Reconciler:
             self._firewall_known = True  # a change reported while reading clears it again
             try:
                 self._firewall_seen = await self.firewall.observe()
+                if self.guard is not None:
+                    self._guard_seen = await self.guard.observe()
             except BaseException:
                 self._firewall_known = False
                 raise
@@ -628,6 +673,12 @@ class Reconciler:
                     action=type(action).__name__, error=str(err))
         if action.network is not None:
             failed[action.network] = str(err)
+        if isinstance(action, A.ApplyPortGuard | A.UpdatePortGuard):
+            # No port of these networks may join unguarded: their later actions wait.
+            self._firewall_known = False
+            for net in self.desired.active_networks():
+                if net.anti_spoofing:
+                    failed[net.name] = f"anti-spoofing: {err}"
         return 0
 
     def _port_of(self, action: A.Action, p: Plan) -> str | None:
@@ -690,6 +741,8 @@ class Reconciler:
             case A.RemoveFirewall():
                 self._firewall_known = False
                 await self.firewall.remove()
+            case A.ApplyPortGuard() | A.UpdatePortGuard() | A.RemovePortGuard():
+                await self._apply_guard(action, observed)
             case A.SetForwarding(family=fam, enabled=on):
                 self._sysctl_known = False
                 self.sysctl.set_forwarding(fam, on)
@@ -710,6 +763,24 @@ class Reconciler:
             observed.port_rates.pop(action.ifname, None)
         else:
             observed.port_rates[action.ifname] = RateSeen(action.rate, action.rate)
+
+    async def _apply_guard(self, action: A.Action, observed: ObservedState) -> None:
+        match action:
+            case A.ApplyPortGuard(ruleset=text, fingerprint=fp, elements=elements):
+                await self._guard().apply(text, fp, elements)
+                self._guard_seen = (fp, elements)
+            case A.UpdatePortGuard(add=add, delete=delete):
+                self._guard_seen = (self._guard_seen[0], await self._guard().update(add, delete))
+            case A.RemovePortGuard():
+                await self._guard().remove()
+                self._guard_seen = (None, frozenset())
+        # The mirror at once: single-port work that follows plans against it.
+        observed.guard, observed.guard_elements = self._guard_seen
+
+    def _guard(self) -> PortGuardPort:
+        if self.guard is None:
+            raise KvmnetError("anti-spoofing is not available: no bridge table adapter")
+        return self.guard
 
     def _update_states(self, p: Plan, failed: dict[str, str]) -> None:
         new: dict[str, NetState] = {}
@@ -742,6 +813,7 @@ class Reconciler:
     def writes(self) -> int:
         extra = self.coexist.writes if self.coexist is not None else 0
         extra += self.rate.writes if self.rate is not None else 0
+        extra += self.guard.writes if self.guard is not None else 0
         return self.netlink.writes + self.firewall.writes + self.sysctl.writes + extra
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmnetd.model.guard import GuardElement
 from kvmnetd.model.observed import IPInterface, Route
 
 
@@ -175,6 +176,28 @@ class RemoveFirewall(Action):
     pass
 
 
+@dataclass(frozen=True)
+class ApplyPortGuard(Action):
+    """The anti-spoofing bridge table, whole, with its elements (one transaction)."""
+
+    ruleset: str
+    fingerprint: str
+    elements: frozenset[GuardElement]
+
+
+@dataclass(frozen=True)
+class UpdatePortGuard(Action):
+    """Element changes in the anti-spoofing table: ports joining, leaving, addresses."""
+
+    add: frozenset[GuardElement]
+    delete: frozenset[GuardElement]
+
+
+@dataclass(frozen=True)
+class RemovePortGuard(Action):
+    pass
+
+
 def device(action: Action) -> str | None:
     """The device an action changes, for logs."""
     dev = getattr(action, "ifname", None) or getattr(action, "bridge", None)
@@ -183,5 +206,10 @@ def device(action: Action) -> str | None:
 
 def describe(action: Action) -> str:
     """One line for logs: the action and its fields (not the whole ruleset)."""
-    fields = {k: v for k, v in vars(action).items() if k not in ("network", "ruleset")}
+    skip = ("network", "ruleset", "elements", "add", "delete")
+    fields = {k: v for k, v in vars(action).items() if k not in skip}
+    if isinstance(action, ApplyPortGuard | UpdatePortGuard):
+        counts = {"elements": getattr(action, "elements", None),
+                  "add": getattr(action, "add", None), "delete": getattr(action, "delete", None)}
+        fields.update({k: len(v) for k, v in counts.items() if v is not None})
     return f"{type(action).__name__}({', '.join(f'{k}={v}' for k, v in fields.items())})"

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 from kvmnetd.model.forward import Forward
+from kvmnetd.model.guard import PortIdentity
 from kvmnetd.model.overlay import HostOverlay, NetworkOverlay
 from kvmnetd.model.policy import AttachPolicy
 
@@ -130,6 +131,8 @@ class Network:
     isolate_ports: bool = False
     # every guest port's limit in each direction, bytes/s (model/rate.py); None: none
     port_rate: int | None = None
+    # each guest port may send only from its own MAC and addresses (bridge-family nftables)
+    anti_spoofing: bool = False
     dhcp: Dhcp | None = None
     dns: Dns = field(default_factory=Dns)
     allow_users: tuple[str, ...] = ()
@@ -239,6 +242,8 @@ class DesiredState:
     rates: dict[str, int] = field(default_factory=dict)
     # This host's place among the hosts sharing overlay networks ([daemon.overlay]).
     overlay: HostOverlay | None = None
+    # What is known of the guest behind each port (anti-spoofing): ifname -> identity.
+    identities: dict[str, PortIdentity] = field(default_factory=dict)
     # Built once per config load and carried through replace(): it keeps its match memo.
     policy: AttachPolicy = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from kvmnetd.model.guard import GuardElement
+
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 RTPROT_RA = 9  # a route the kernel (or a daemon) learned from a router advertisement
@@ -83,6 +85,10 @@ class ObservedState:
     # holds which address (fed to DHCP as known hosts on an overlay network); on the
     # underlay, which peers answer.
     neighbours: dict[int, dict[str, str]] = field(default_factory=dict)
+    # Our anti-spoofing bridge table: its fingerprint as found ("tampered", None: absent
+    # or not observed) and the set elements it holds, as last applied.
+    guard: str | None = None
+    guard_elements: frozenset[GuardElement] = frozenset()
     # name -> index, kept by whoever fills `links` (the netlink mirror); empty: scan.
     by_name: dict[str, int] = field(default_factory=dict)
 

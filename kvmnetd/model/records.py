@@ -56,6 +56,8 @@ class NetworkStatus:
     ports: tuple[str, ...] = ()
     dhcp: DhcpStatus = field(default_factory=DhcpStatus)
     autostart: bool = True
+    isolate_ports: bool = False
+    anti_spoofing: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,7 +90,7 @@ class PortCounters:
     rx_packets: int = 0
     tx_packets: int = 0
     drops: int = 0
-    spoof_drops: int = 0  # anti-spoofing does not exist yet: always 0
+    spoof_drops: int = 0  # frames the port's anti-spoofing dropped
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,6 +18,7 @@ from kvmnetd.model.policy import PORT_KINDS, rule_matches
 from kvmnetd.plan import overlay
 from kvmnetd.plan.coexist import CoexistPlan, ForeignForward, coexist_rules
 from kvmnetd.plan.nft import fingerprint, render_ruleset
+from kvmnetd.plan.port_guard import guard_actions, port_guard_actions
 from kvmnetd.plan.rate import port_rate_actions, released_limits
 
 __all__ = ["PORT_KINDS", "Plan", "attach_for", "plan", "port_network", "rule_matches"]
@@ -50,6 +51,8 @@ class Plan:
     coexist: CoexistPlan | None = None
     # rate limits of ours whose port and ifb are both gone: only the record is left
     forget_limits: list[str] = field(default_factory=list)
+    # a port waits for the anti-spoofing table, which only a full pass applies
+    guard_pending: bool = False
 
 
 def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
@@ -69,10 +72,15 @@ def plan(desired: DesiredState, observed: ObservedState, owned: Owned,
     _plan_forwarding(active, observed, owned, p)
     gone = set(p.forget_requests)
     p.ports = {i: n for i, n in wanted_ports(desired, observed).items() if i not in gone}
+    # A port on a network with anti_spoofing never joins unguarded, nor is unguarded
+    # before it leaves. Also on a network with a problem: its ports may still be on it.
+    guard_before, guard_after = guard_actions(desired, observed, active, p.ports, table)
+    p.actions += guard_before
     _plan_ports(desired, observed, owned, p)
     _plan_teardown(desired, observed, owned, p)
     p.actions += overlay.teardown(overlay.wanted_vxlans(
         [n for n in active if n.name not in p.problems]), owned.vxlans, observed)
+    p.actions += guard_after
     running = [n for n in active if n.name not in p.problems]
     p.dhcp = [overlay.with_known_hosts(n, observed) for n in running if n.needs_dnsmasq]
     p.dhcp_restart = {a.network for a in p.actions
@@ -361,7 +369,7 @@ def _by_policy(desired: DesiredState, observed: ObservedState, link: Link,
 
 
 def attach_for(desired: DesiredState, observed: ObservedState, owned: Owned,
-               ifname: str) -> Plan:
+               ifname: str, table: str = "kvmnetd") -> Plan:
     """The plan for one port (a new tap, an API call): what a full pass would do for it,
     in O(1). A port whose bridge is not there yet waits for the pass that makes it."""
     p = Plan()
@@ -372,16 +380,22 @@ def attach_for(desired: DesiredState, observed: ObservedState, owned: Owned,
         if ifname in desired.ports:
             p.forget_requests.append(ifname)
         _release_limits(owned, observed, p, [ifname])
+        p.actions += port_guard_actions(desired, observed, ifname, None, table) or []
         return p
     net = port_network(desired, observed, ifname)
-    if net is not None:
+    network = desired.networks[net] if net is not None else None
+    guard = port_guard_actions(desired, observed, ifname, network, table)
+    if net is not None and network is not None:
         p.ports[ifname] = net
-        network = desired.networks[net]
-        if observed.link(network.bridge) is not None:
-            p.actions += _port_actions(ifname, network, observed)
+        if guard is None:
+            p.guard_pending = True  # the table is not there: a full pass brings it first
+        elif observed.link(network.bridge) is not None:
+            p.actions += [*guard, *_port_actions(ifname, network, observed)]
             p.actions += port_rate_actions(desired, network, ifname, observed, owned)
-    elif ifname in owned.ports:
-        p.actions += _release(ifname, owned, observed)
+    else:
+        if ifname in owned.ports:
+            p.actions += _release(ifname, owned, observed)
+        p.actions += guard or []  # after it left: never unguarded on the bridge
     _release_limits(owned, observed, p, [ifname])
     return p
 

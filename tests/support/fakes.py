@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import Network
 from kvmnetd.model.errors import Conflict
+from kvmnetd.model.guard import GuardElement
 from kvmnetd.model.observed import Link, ObservedState, Vxlan
 from kvmnetd.model.rate import SetPortRate
 from kvmnetd.model.records import Caller, DhcpStatus, Lease
@@ -194,6 +195,37 @@ class FakeFirewall:
     async def remove(self) -> None:
         self.writes += 1
         self.ruleset = None
+
+
+class FakePortGuard:
+    """The anti-spoofing bridge table, in memory."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.fingerprint: str | None = None
+        self.elements: frozenset[GuardElement] = frozenset()
+        self.updates: list[tuple[frozenset[GuardElement], frozenset[GuardElement]]] = []
+
+    async def observe(self) -> tuple[str | None, frozenset[GuardElement]]:
+        return self.fingerprint, self.elements
+
+    async def apply(self, ruleset: str, fingerprint: str,
+                    elements: frozenset[GuardElement]) -> None:
+        self.writes += 1
+        assert f'comment "kvmnetd {fingerprint}"' in ruleset
+        self.fingerprint = fingerprint
+        self.elements = elements
+
+    async def update(self, add: frozenset[GuardElement],
+                     delete: frozenset[GuardElement]) -> frozenset[GuardElement]:
+        self.writes += 1
+        self.updates.append((add, delete))
+        self.elements = (self.elements - delete) | add
+        return self.elements
+
+    async def remove(self) -> None:
+        self.writes += 1
+        self.fingerprint, self.elements = None, frozenset()
 
 
 class FakeSysctl:
