@@ -22,6 +22,7 @@ PROPERTY_KEYS = {
     "Name": "name", "Mode": "mode", "Bridge": "bridge", "Addresses": "addresses",
     "State": "state", "StateReason": "reason", "Ports": "ports", "DhcpState": "dhcp_state",
     "Autostart": "autostart", "IsolatePorts": "isolate_ports", "AntiSpoofing": "anti_spoofing",
+    "PortRate": "port_rate",
 }
 
 

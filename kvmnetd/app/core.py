@@ -196,7 +196,8 @@ class Core(ForwardsMixin):
         return NetworkStatus(name=name, mode=str(net.mode), bridge=net.bridge, addresses=addrs,
                              state=state, reason=reason, ports=ports, dhcp=dhcp,
                              autostart=net.autostart, isolate_ports=net.isolate_ports,
-                             anti_spoofing=net.anti_spoofing)
+                             anti_spoofing=net.anti_spoofing,
+                             port_rate=format_rate(net.port_rate) if net.port_rate else "none")
 
     def _state_of(self, net: Network) -> tuple[str, str, DhcpStatus]:
         st = self.rec.states.get(net.name, NetState("inactive"))

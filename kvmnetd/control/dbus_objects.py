@@ -120,6 +120,10 @@ class NetworkObject(ServiceInterface):
     def AntiSpoofing(self) -> DBusBool:
         return bool(self.props["AntiSpoofing"])
 
+    @dbus_property(access=PropertyAccess.READ)
+    def PortRate(self) -> DBusStr:
+        return str(self.props["PortRate"])
+
     @dbus_method()
     @_mapped
     def Leases(self) -> LeaseRows:

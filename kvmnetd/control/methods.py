@@ -66,6 +66,7 @@ def network_properties(st: NetworkStatus) -> dict[str, Any]:
         "Autostart": st.autostart,
         "IsolatePorts": st.isolate_ports,
         "AntiSpoofing": st.anti_spoofing,
+        "PortRate": st.port_rate,
     }
 
 

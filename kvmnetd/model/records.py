@@ -58,6 +58,7 @@ class NetworkStatus:
     autostart: bool = True
     isolate_ports: bool = False
     anti_spoofing: bool = False
+    port_rate: str = "none"  # each guest port's limit by default, as in the config
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -41,7 +41,8 @@ async def test_every_verb(served: Served, tmp_path: Path) -> None:
     assert show == {"name": "default", "mode": "nat", "bridge": "virbr-kt",
                     "addresses": ["192.0.2.1/24"], "state": "active", "reason": "",
                     "ports": [], "dhcp_state": "running", "autostart": True,
-                    "isolate_ports": False, "anti_spoofing": False}
+                    "isolate_ports": False, "anti_spoofing": False,
+                    "port_rate": "none"}
     assert await ok_json(s, "leases", "default") == [
         {"mac": "52:54:00:00:00:01", "ip": "192.0.2.10", "hostname": "guest1",
          "client_id": "", "expires": 1700000000}]
