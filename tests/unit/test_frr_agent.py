@@ -15,6 +15,7 @@ from typing import Any
 
 from kvmnetd.adapters.frr.agent import PEER_FOLLOW, PEER_SWEEP, FrrAgent
 from kvmnetd.adapters.frr.vtysh import Result, Vtysh
+from kvmnetd.engine.reconciler import SWEEP_INTERVAL
 from kvmnetd.model.desired import Mode, Network
 from kvmnetd.model.overlay import HostOverlay, NetworkOverlay
 from kvmnetd.plan.frr import FrrPart, frr_part
@@ -155,6 +156,8 @@ def run_simulated(main: Coroutine[Any, Any, None]) -> None:
 def test_at_rest_peers_are_read_no_faster_than_the_sweep(tmp_path: Path) -> None:
     """After an apply the agent reads a few times while the sessions come up, then once
     per sweep; FRR's configuration is not read again at rest."""
+    assert PEER_SWEEP == SWEEP_INTERVAL  # the daemon's safety sweep, at most once a minute
+
     async def go() -> None:
         loop = asyncio.get_running_loop()
         frr = FakeFrr(peer_state="Active")  # never comes up: the follow-up runs out

@@ -45,8 +45,8 @@ from kvmnetd.plan.frr import (
 
 log = structlog.get_logger("kvmnetd.frr")
 
-# The BGP peers' states are read this often at rest: the reconciler's safety sweep
-# (engine/reconciler.py SWEEP_INTERVAL), so a lost peer is reported within a minute.
+# The BGP peers' states are read this often at rest, so a lost peer is reported within
+# a minute; the daemon passes the reconciler's SWEEP_INTERVAL.
 PEER_SWEEP = 60.0
 # After an apply or FRR's return the sessions take a few seconds to come up: read again
 # after these delays, until every peer is Established, then only on the sweep.
@@ -74,8 +74,10 @@ class FrrStatus:
 
 class FrrAgent:
     def __init__(self, vtysh: Vtysh, record_path: str, work_dir: str,
-                 on_change: Callable[[FrrStatus], None] | None = None) -> None:
+                 on_change: Callable[[FrrStatus], None] | None = None,
+                 sweep: float = PEER_SWEEP) -> None:
         self.vtysh = vtysh
+        self.sweep = sweep
         self.record_path = record_path
         self.work_dir = work_dir
         self.status = FrrStatus(pathspace=vtysh.pathspace)
@@ -221,7 +223,7 @@ class FrrAgent:
             if self.status.state == "failed":
                 timeout = RETRY_BACKOFF[min(self._failures, len(RETRY_BACKOFF)) - 1]
             elif self._watch is None and (self._dir_wait is None or self._dir_wait.done()):
-                timeout = PEER_SWEEP  # no inotify here: look again on the sweep
+                timeout = self.sweep  # no inotify here: look again on the sweep
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._kick.wait()
@@ -356,7 +358,7 @@ class FrrAgent:
     async def _watch_peers(self) -> None:
         """Reads after an apply until the sessions are up, then one per sweep."""
         while True:
-            delay = PEER_SWEEP if self._follow is None else PEER_FOLLOW[self._follow]
+            delay = self.sweep if self._follow is None else PEER_FOLLOW[self._follow]
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._peers_due.wait()
