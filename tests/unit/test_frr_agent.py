@@ -78,7 +78,7 @@ def part() -> FrrPart:
 
 
 async def settle(agent: FrrAgent, want: str) -> None:
-    for _ in range(200):
+    for _ in range(1000):  # up to 10 s: a bound on a busy machine, not a figure
         if agent.status.state == want:
             return
         await asyncio.sleep(0.01)
@@ -232,7 +232,7 @@ def _fake_daemon(name: str) -> subprocess.Popen[bytes]:
 
 
 async def wait_for(check: Any) -> None:
-    for _ in range(500):
+    for _ in range(1000):
         if check():
             return
         await asyncio.sleep(0.01)
