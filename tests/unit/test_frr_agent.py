@@ -36,6 +36,7 @@ class FakeFrr(Vtysh):
         self.peer_state = peer_state
         self.peer_reads: list[float] = []  # the loop's clock at each read of the peers
         self.read_time = 0.0  # how long a read of the peers takes
+        self.peers_fail = False  # bgpd killed: vtysh gets no answer
 
     def installed(self) -> bool:
         return True
@@ -47,6 +48,8 @@ class FakeFrr(Vtysh):
         assert command == "show bgp l2vpn evpn summary json"
         self.peer_reads.append(asyncio.get_running_loop().time())
         await asyncio.sleep(self.read_time)
+        if self.peers_fail:
+            raise OSError("vtysh: bgpd is not running")
         return {"as": 65000, "peers": {"192.0.2.12": {"state": self.peer_state}}}
 
     async def running_config(self) -> Result:
@@ -260,6 +263,9 @@ def test_a_daemon_exiting_is_seen_through_its_pidfd_and_rewatched(tmp_path: Path
         procs[1].wait()
         await settle(agent, "down")
         assert len(frr.peer_reads) == reads  # seen without a read
+        assert agent.status.reason == f"bgpd exited (pid {procs[1].pid})"
+        await asyncio.sleep(0.3)  # the loop's own look agrees, and keeps the reason
+        assert agent.status.reason == f"bgpd exited (pid {procs[1].pid})"
         assert agent.status.peers == {}
         procs.append(_fake_daemon("bgpd"))
         frr.up = (True, True)
@@ -275,6 +281,24 @@ def test_a_daemon_exiting_is_seen_through_its_pidfd_and_rewatched(tmp_path: Path
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_without_pidfds_a_read_finds_a_dead_daemon(tmp_path: Path) -> None:
+    """Where pidfd_open fails, a killed bgpd is found by the next read: the sweep's, or
+    the one a caller asks for."""
+    async def go() -> None:
+        frr = FakeFrr()
+        agent = FrrAgent(frr, str(tmp_path / "rec.json"), str(tmp_path))
+        agent._daemons.unavailable = "Function not implemented"
+        await agent.sync(part())
+        await settle(agent, "applied")
+        frr.up = (True, False)
+        frr.peers_fail = True
+        await agent.refresh()
+        assert agent.status.state == "down", agent.status
+        assert "bgpd not running" in agent.status.reason
+        await agent.close()
+    asyncio.run(go())
 
 
 def test_a_stale_pid_file_is_not_watched(tmp_path: Path) -> None:

@@ -92,6 +92,7 @@ class FrrAgent:
         self._watch: DirWatch | None = None
         self._dir_wait: asyncio.Task[None] | None = None  # FRR's run directory not there yet
         self._daemons = DaemonWatch(self._daemon_exited)
+        self._exits: dict[str, int] = {}  # daemons whose pidfd said they exited, and pids
         self._failures = 0
         self._peers_due = asyncio.Event()  # read the peers now: an apply was verified
         self._follow: int | None = None  # reads since that apply, while sessions come up
@@ -214,7 +215,8 @@ class FrrAgent:
             return
         self._verified = False
         self.status.peers = {}
-        self._set("down", f"{name} exited (pid {pid})")
+        self._exits[name] = pid
+        self._set("down", " and ".join(f"{n} exited (pid {p})" for n, p in self._exits.items()))
         self._kick.set()
 
     async def _run(self) -> None:
@@ -266,13 +268,19 @@ class FrrAgent:
         """Both daemons answer on their vty sockets; if not, FRR is reported down."""
         zebra, bgpd = self.vtysh.daemons_up()
         if zebra and bgpd:
+            self._exits.clear()
             return True
         if self._watch is not None and not os.path.isdir(self.vtysh.run_dir):
             self._stop_watch()  # its directory went: wait for it anew
             self._start_watch()
-        gone = " and ".join(n for n, up in (("zebra", zebra), ("bgpd", bgpd)) if not up)
+        gone = [n for n, up in (("zebra", zebra), ("bgpd", bgpd)) if not up]
         self.status.peers = {}
-        self._set("down", f"{gone} not running (no vty socket in {self.vtysh.run_dir})")
+        if set(gone) <= set(self._exits):  # keep the reason its pidfd gave
+            reason = " and ".join(f"{n} exited (pid {self._exits[n]})" for n in gone)
+        else:
+            reason = (f"{' and '.join(gone)} not running (no answer on the vty socket in "
+                      f"{self.vtysh.run_dir})")
+        self._set("down", reason)
         return False
 
     async def _apply(self, part: FrrPart | None, previous: FrrPart | None) -> str | None:
