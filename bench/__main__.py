@@ -17,7 +17,7 @@ from typing import Any
 from bench.common import log, machine
 
 ORDER = ("tap_attach", "hook", "first_lease", "restart", "scale", "control", "heal", "idle",
-         "api_burst", "rate_cost", "forwards", "overlay", "evpn", "spoof_cost")
+         "api_burst", "rate_cost", "forwards", "overlay", "evpn", "spoof_cost", "frr_rest")
 TAKES_PORTS = ("hook",)  # benchmarks with a --ports parameter
 
 

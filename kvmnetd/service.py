@@ -30,7 +30,7 @@ from kvmnetd.app.core import Core
 from kvmnetd.app.port_identity import PortIdentities
 from kvmnetd.config import load as cfg
 from kvmnetd.config.host_routes import load_config
-from kvmnetd.engine.reconciler import Reconciler
+from kvmnetd.engine.reconciler import SWEEP_INTERVAL, Reconciler
 from kvmnetd.model.errors import ConfigError
 from kvmnetd.model.records import ROOT, CoreEvent
 from kvmnetd.plan.metrics import render_metrics
@@ -153,7 +153,7 @@ class Service:
         s = conf.settings
         pathspace = s.overlay.frr_pathspace if s.overlay is not None else ""
         return FrrAgent(Vtysh(pathspace), os.path.join(s.state_dir, "frr-part.json"),
-                        s.run_dir)
+                        s.run_dir, sweep=SWEEP_INTERVAL)
 
     async def _serve_control(self) -> Any:
         try:

@@ -61,6 +61,8 @@ class FrrView(Protocol):
     @property
     def status(self) -> Any: ...
 
+    async def refresh(self) -> None: ...  # the BGP peers read now, bounded in time
+
 
 class Core(ForwardsMixin):
     version = __version__
@@ -293,6 +295,12 @@ class Core(ForwardsMixin):
             "frr": self.frr_status(),
         }
 
+    async def refresh_frr(self) -> None:
+        """Before an answer that shows FRR's BGP peers: FRR pushes no peer state, so it is
+        read when asked (bounded: a slow FRR leaves the last value read)."""
+        if self.frr is not None:
+            await self.frr.refresh()
+
     def frr_status(self) -> dict[str, Any]:
         """kvmnetd's part in FRR: applied or not and why, and the BGP peers' states."""
         if self.frr is None:
@@ -326,6 +334,7 @@ class Core(ForwardsMixin):
         """Why a guest may have no network: findings, each with what to do."""
         from kvmnetd.app.doctor import doctor
 
+        await self.refresh_frr()
         nets = self.build_desired().active_networks()
         findings = await doctor(
             nets, self.rec.netlink.observed,

@@ -35,6 +35,8 @@ class CoreAPI(Protocol):
 
     def describe(self) -> dict[str, Any]: ...  # the whole state, JSON-able
 
+    async def refresh_frr(self) -> None: ...  # before describe: FRR's peers read now
+
     async def doctor(self) -> list[dict[str, Any]]: ...  # findings, JSON-able
 
     async def define_network(self, caller: Caller, toml_text: str, persist: bool) -> str: ...

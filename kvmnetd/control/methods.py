@@ -87,6 +87,7 @@ async def _list_networks(core: CoreAPI, _c: Caller | None, _a: list[Any]) -> Any
 
 
 async def _describe(core: CoreAPI, _c: Caller | None, _a: list[Any]) -> Any:
+    await core.refresh_frr()
     return json.dumps(core.describe(), sort_keys=True, default=str)
 
 

@@ -80,7 +80,9 @@ def test_frr_killed_is_reported_and_healed(evpn: EvpnFabric) -> None:
     applies = evpn.status(h2)["applies"]
     d = evpn.frr["h2"]
     d.stop(sig=signal.SIGKILL)
-    assert wait_until(lambda: evpn.status(h2)["state"] == "down", 20), evpn.status(h2)
+    # A killed daemon leaves its vty socket: its exit is seen through its pidfd.
+    assert wait_until(lambda: evpn.status(h2)["state"] == "down"
+                      and "exited (pid" in evpn.status(h2)["reason"], 20), evpn.status(h2)
     doctor = h2.box.ctl("doctor", "--json", check=False)
     assert '"frr-down"' in doctor.stdout
     # The other hosts see their neighbour go.

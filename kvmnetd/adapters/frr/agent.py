@@ -10,9 +10,12 @@ background, one step after another, and stops at the first that fails:
      anything outside our `router bgp` instance is refused;
   5. frr-reload.py --reload;
   6. read the running configuration again: it must hold our part.
-The vty sockets of zebra and bgpd are watched (inotify): FRR stopping is reported, and
-once it is back the part is applied again. BGP peers are read every few seconds while
-the part exists, so a lost peer is reported.
+FRR's run directory is watched (inotify) for the daemons' vty sockets and pid files, and
+each daemon's exit through a pidfd: FRR stopping or being killed is reported at once, and
+once it is back the part is applied again. Nothing runs on a timer at rest: FRR has no
+push for BGP peer states, so they are read after an apply (a few times, until the
+sessions are up), when a caller asks (status, doctor), and on a slow sweep. A lost peer
+is reported within a sweep, and at once when asked.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from typing import Any
 import structlog
 
 from kvmnetd.adapters.files import atomic_write
+from kvmnetd.adapters.frr.daemons import DAEMONS, DaemonWatch
 from kvmnetd.adapters.frr.vtysh import NOT_INSTALLED, Vtysh
-from kvmnetd.adapters.inotify import DirWatch
+from kvmnetd.adapters.inotify import DirWatch, wait_for_path
 from kvmnetd.plan.frr import (
     FrrPart,
     config_lines,
@@ -41,10 +45,16 @@ from kvmnetd.plan.frr import (
 
 log = structlog.get_logger("kvmnetd.frr")
 
-PEER_INTERVAL = 2.0  # seconds between reads of the BGP peers' state
+# The BGP peers' states are read this often at rest, so a lost peer is reported within
+# a minute; the daemon passes the reconciler's SWEEP_INTERVAL.
+PEER_SWEEP = 60.0
+# After an apply or FRR's return the sessions take a few seconds to come up: read again
+# after these delays, until every peer is Established, then only on the sweep.
+PEER_FOLLOW = (1.0, 2.0, 4.0, 8.0, 16.0)
+ASKED_READ = 2.0  # a caller (status, doctor) waits this long for a fresh read at most
 RETRY_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)  # after a failed apply
 SETTLE = 0.2  # after a vty socket appears: the daemon reads its own config first
-WAIT_DIR = 2.0  # FRR's run directory does not exist yet: looked for this often
+WATCHED = {f"{d}.{kind}" for d in DAEMONS for kind in ("vty", "pid")}
 
 
 @dataclass
@@ -64,8 +74,10 @@ class FrrStatus:
 
 class FrrAgent:
     def __init__(self, vtysh: Vtysh, record_path: str, work_dir: str,
-                 on_change: Callable[[FrrStatus], None] | None = None) -> None:
+                 on_change: Callable[[FrrStatus], None] | None = None,
+                 sweep: float = PEER_SWEEP) -> None:
         self.vtysh = vtysh
+        self.sweep = sweep
         self.record_path = record_path
         self.work_dir = work_dir
         self.status = FrrStatus(pathspace=vtysh.pathspace)
@@ -78,7 +90,13 @@ class FrrAgent:
         self._task: asyncio.Task[None] | None = None
         self._peers_task: asyncio.Task[None] | None = None
         self._watch: DirWatch | None = None
+        self._dir_wait: asyncio.Task[None] | None = None  # FRR's run directory not there yet
+        self._daemons = DaemonWatch(self._daemon_exited)
+        self._exits: dict[str, int] = {}  # daemons whose pidfd said they exited, and pids
         self._failures = 0
+        self._peers_due = asyncio.Event()  # read the peers now: an apply was verified
+        self._follow: int | None = None  # reads since that apply, while sessions come up
+        self._reading: asyncio.Task[None] | None = None  # the read running, shared
 
     # -- the reconciler's side ----------------------------------------------------------------
 
@@ -108,6 +126,13 @@ class FrrAgent:
                         and self.status.state not in ("down", "failed")):
                     await asyncio.sleep(0.05)
 
+    async def refresh(self, timeout: float = ASKED_READ) -> None:
+        """A caller asks (status, doctor): the peers are read now, or the read already
+        running is joined; after `timeout` the last value read stands."""
+        if self.status.state != "applied" or self.wanted is None:
+            return
+        await asyncio.wait({self._peer_read()}, timeout=timeout)
+
     def use_pathspace(self, pathspace: str) -> None:
         """[daemon.overlay] frr_pathspace changed (a reload): talk to that FRR from now on.
         The part stays in the FRR left behind; kvmnetd no longer owns anything there."""
@@ -124,18 +149,23 @@ class FrrAgent:
             self._kick.set()
 
     def _stop_watch(self) -> None:
+        if self._dir_wait is not None:
+            self._dir_wait.cancel()
+            self._dir_wait = None
         if self._watch is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._watch.fd)
             self._watch.close()
             self._watch = None
+        self._daemons.disarm()
 
     async def close(self) -> None:
-        for task in (self._task, self._peers_task):
+        for task in (self._task, self._peers_task, self._reading, self._dir_wait):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        self._dir_wait = None
         self._stop_watch()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -147,30 +177,55 @@ class FrrAgent:
             self._start_watch()
 
     def _start_watch(self) -> None:
-        if self._watch is not None or not os.path.isdir(self.vtysh.run_dir):
+        if self._watch is not None:
+            return
+        run_dir = self.vtysh.run_dir
+        if not os.path.isdir(run_dir):
+            if self._dir_wait is None or self._dir_wait.done():
+                self._dir_wait = asyncio.ensure_future(self._wait_dir(run_dir))
             return
         try:
             watch = DirWatch(self._on_file)
-            watch.add(self.vtysh.run_dir)
+            watch.add(run_dir)
         except OSError as e:
-            log.warning("frr.watch_failed", dir=self.vtysh.run_dir, error=str(e))
+            log.warning("frr.watch_failed", dir=run_dir, error=str(e))
             return
         self._watch = watch
         asyncio.get_running_loop().add_reader(watch.fd, watch.readable)
 
+    async def _wait_dir(self, run_dir: str) -> None:
+        """FRR's run directory appears when FRR first starts: then watch it."""
+        try:
+            await wait_for_path(run_dir)
+        except OSError as e:
+            log.warning("frr.watch_failed", dir=run_dir, error=str(e))
+            return
+        if run_dir == self.vtysh.run_dir:
+            self._kick.set()  # the loop starts the watch and looks
+
     def _on_file(self, _directory: str, name: str) -> None:
-        if name in ("zebra.vty", "bgpd.vty"):
-            # Gone: FRR stopped (reported by the next look). Back: our part again.
+        if name in WATCHED:
+            # A socket gone: FRR stopped (reported by the next look). A socket or pid
+            # file new: a daemon (re)started, our part again and its new pid watched.
             self._verified = False
             self._kick.set()
+
+    def _daemon_exited(self, name: str, pid: int) -> None:
+        if self.wanted is None and self.applied is None:
+            return
+        self._verified = False
+        self.status.peers = {}
+        self._exits[name] = pid
+        self._set("down", " and ".join(f"{n} exited (pid {p})" for n, p in self._exits.items()))
+        self._kick.set()
 
     async def _run(self) -> None:
         while True:
             timeout = None
-            if self._watch is None:
-                timeout = WAIT_DIR  # nothing tells us when FRR's directory appears
-            elif self.status.state == "failed":
+            if self.status.state == "failed":
                 timeout = RETRY_BACKOFF[min(self._failures, len(RETRY_BACKOFF)) - 1]
+            elif self._watch is None and (self._dir_wait is None or self._dir_wait.done()):
+                timeout = self.sweep  # no inotify here: look again on the sweep
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._kick.wait()
@@ -184,19 +239,17 @@ class FrrAgent:
 
     async def _step(self) -> None:
         if self.wanted is None and self.applied is None:
+            self._daemons.disarm()
             self._set("off")
             return
         if not self.vtysh.installed():
             self._set("failed", NOT_INSTALLED)
             return
-        zebra, bgpd = self.vtysh.daemons_up()
-        if not (zebra and bgpd):
-            gone = " and ".join(n for n, up in (("zebra", zebra), ("bgpd", bgpd)) if not up)
-            self._set("down", f"{gone} not running (no vty socket in {self.vtysh.run_dir})")
-            self.status.peers = {}
+        if not self._daemons_answer():
             return
         if self.status.state == "down":
             await asyncio.sleep(SETTLE)
+        self._daemons.arm(self.vtysh.run_dir)
         if self._verified and self.wanted == self.applied:
             return
         self._set("applying")
@@ -205,9 +258,30 @@ class FrrAgent:
             self._failures = 0
             self._verified = True
             self._set("applied" if self.wanted is not None else "off")
+            self._follow = 0
+            self._peers_due.set()
         else:
             self._failures += 1
             self._set("failed", err)
+
+    def _daemons_answer(self) -> bool:
+        """Both daemons answer on their vty sockets; if not, FRR is reported down."""
+        zebra, bgpd = self.vtysh.daemons_up()
+        if zebra and bgpd:
+            self._exits.clear()
+            return True
+        if self._watch is not None and not os.path.isdir(self.vtysh.run_dir):
+            self._stop_watch()  # its directory went: wait for it anew
+            self._start_watch()
+        gone = [n for n, up in (("zebra", zebra), ("bgpd", bgpd)) if not up]
+        self.status.peers = {}
+        if set(gone) <= set(self._exits):  # keep the reason its pidfd gave
+            reason = " and ".join(f"{n} exited (pid {self._exits[n]})" for n in gone)
+        else:
+            reason = (f"{' and '.join(gone)} not running (no answer on the vty socket in "
+                      f"{self.vtysh.run_dir})")
+        self._set("down", reason)
+        return False
 
     async def _apply(self, part: FrrPart | None, previous: FrrPart | None) -> str | None:
         """One apply: None when FRR holds `part`, else why not."""
@@ -290,18 +364,44 @@ class FrrAgent:
     # -- peers --------------------------------------------------------------------------------
 
     async def _watch_peers(self) -> None:
+        """Reads after an apply until the sessions are up, then one per sweep."""
         while True:
-            await asyncio.sleep(PEER_INTERVAL)
-            if self.status.state != "applied" or self.wanted is None:
-                continue
-            try:
-                data = await self.vtysh.show_json("show bgp l2vpn evpn summary json")
-            except OSError as e:
-                # A daemon killed leaves its socket file: no event, but no answer either.
-                log.debug("frr.peers_unread", error=str(e))
-                self._verified = False
-                self._kick.set()
-                continue
+            delay = self.sweep if self._follow is None else PEER_FOLLOW[self._follow]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._peers_due.wait()
+            due = self._peers_due.is_set()
+            self._peers_due.clear()
+            await asyncio.wait({self._peer_read()})
+            if self._follow is not None and not due:
+                self._follow += 1
+            peers = self.status.peers
+            if self._follow is not None and (
+                    self._follow >= len(PEER_FOLLOW)
+                    or (peers and all(st == "Established" for st in peers.values()))):
+                self._follow = None
+
+    def _peer_read(self) -> asyncio.Task[None]:
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._read_peers())
+        return self._reading
+
+    async def _read_peers(self) -> None:
+        if self.status.state != "applied" or self.wanted is None:
+            return
+        try:
+            data = await self.vtysh.show_json("show bgp l2vpn evpn summary json")
+        except OSError as e:
+            # A daemon killed where pidfds are not to be had: no event, but no answer.
+            log.debug("frr.peers_unread", error=str(e))
+            self._verified = False
+            self._daemons_answer()
+            self._kick.set()
+            return
+        except Exception:
+            log.exception("frr.peers_unread")
+            return
+        if self.status.state == "applied":  # not gone down while it was read
             self._peers_seen(data)
 
     def _peers_seen(self, data: Any) -> None:
