@@ -416,11 +416,13 @@ class Reconciler:
         # On disk before any caller hears back: a kill now must not lose the port.
         self._save_owned_if_dirty()
         self.completed += 1
-        self._ports_changed(set(queue))
+        # Callers first: what listeners start (signals, STATUS=) then runs after the
+        # reply, not between the port's ack and its caller.
         for waiters in queue.values():
             for done in waiters:
                 if not done.done():
                     done.set_result(None)
+        self._ports_changed(set(queue))
 
     async def _guard_ports(self, actions: list[A.Action], observed: ObservedState
                            ) -> tuple[list[A.Action], frozenset[GuardElement]]:

@@ -251,6 +251,11 @@ class RequestChannel:
                 self.sock.send(header + body)
             except OSError as exc:
                 future.set_exception(OSError(exc.errno, exc.strerror))
+            else:
+                # The kernel ran the request inside send(): its ack is already queued.
+                # Read it now, so its caller goes on before the loop decodes the burst
+                # of events the request caused.
+                self._readable()
         return future
 
     def _send_loop(self) -> None:
