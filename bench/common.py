@@ -85,6 +85,24 @@ def attach_rule(network: str, ifname: str) -> str:
 DAEMON_TOML = '[daemon]\nlibvirt_uri = ""\n'
 
 
+def drain_notify(sock: Any) -> threading.Event:
+    """Read a daemon's NOTIFY_SOCKET in a thread, as systemd does (kvmnetd's sendto blocks
+    when it is full), until the returned event is set or the socket closes."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    threading.Thread(target=loop, daemon=True).start()
+    return stop
+
+
 class Box(Sandbox):
     """The tests' Sandbox (host + upstream namespaces, the real daemon) with bench helpers."""
 
@@ -139,19 +157,9 @@ class Box(Sandbox):
         self._drain_stop.set()
         self.start_daemon(*more, *extra, env=env, timeout=timeout)
         # Keep reading NOTIFY_SOCKET as systemd does: kvmnetd's sendto blocks when it is full.
-        self._drain_stop = stop = threading.Event()
-        threading.Thread(target=self._drain, args=(self.notify, stop), daemon=True).start()
+        self._drain_stop = drain_notify(self.notify)
 
     _drain_stop = threading.Event()
-
-    def _drain(self, sock: Any, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
 
     def ready_writes(self) -> int:
         lines = [ln for ln in self.log.read_text().splitlines() if "daemon.ready" in ln]

@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
 from typing import Any
 
-from bench.common import log, summary
+from bench.common import drain_notify, log, summary
 from tests.support.fabric import Fabric, FabricGuest, FabricHost
 from tests.support.netns import netns, sh
 from tests.support.rig import PY, wait_until
@@ -189,19 +188,8 @@ def _cost(count: int) -> dict[str, Any]:
 
 
 def _drain(host: FabricHost) -> None:
-    sock = host.box.notify
-    assert sock is not None
-
-    def loop() -> None:
-        while True:
-            try:
-                sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    threading.Thread(target=loop, daemon=True).start()
+    assert host.box.notify is not None
+    drain_notify(host.box.notify)
 
 
 def _ready_writes(host: FabricHost) -> int:
