@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import Network
@@ -14,6 +15,18 @@ from kvmnetd.model.observed import Link, ObservedState, Vxlan
 from kvmnetd.model.rate import SetPortRate
 from kvmnetd.model.records import Caller, DhcpStatus, Lease
 
+
+async def apply_each(apply: Callable[[Any], Awaitable[None]],
+                     actions: Sequence[Any]) -> list[BaseException | None]:
+    """apply() for each, in order: one result per action, None or its error."""
+    out: list[BaseException | None] = []
+    for action in actions:
+        try:
+            await apply(action)
+            out.append(None)
+        except Exception as e:
+            out.append(e)
+    return out
 
 class FakeNetlink:
     def __init__(self, *links: Link) -> None:
@@ -27,13 +40,7 @@ class FakeNetlink:
 
     async def apply_many(self, actions: Sequence[A.Action],
                          sent: Callable[[], None] | None = None) -> list[BaseException | None]:
-        out: list[BaseException | None] = []
-        for action in actions:
-            try:
-                await self.apply(action)
-                out.append(None)
-            except Exception as e:
-                out.append(e)
+        out = await apply_each(self.apply, actions)
         if sent is not None:
             sent()
         return out
@@ -168,14 +175,7 @@ class FakeRates:
         self.qdiscs[action.ifb] = (action.rate, False)
 
     async def apply_many(self, actions: Sequence[SetPortRate]) -> list[BaseException | None]:
-        out: list[BaseException | None] = []
-        for action in actions:
-            try:
-                await self.apply(action)
-                out.append(None)
-            except Exception as e:
-                out.append(e)
-        return out
+        return await apply_each(self.apply, actions)
 
 
 class FakeFirewall:
