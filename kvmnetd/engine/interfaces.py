@@ -35,6 +35,10 @@ class NetlinkPort(Protocol):
         """Kernel events are waiting to be read: the mirror may still show a passing state."""
         ...
 
+    def follow(self, port_flags: bool, fdb: bool) -> None:
+        """Follow bridge ports' flags and fdb entries (or stop: they read as unknown)."""
+        ...
+
     def take_changes(self) -> tuple[set[int], bool]:
         """(link indexes events changed, anything else changed) since the last call."""
         ...

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from kvmnetd.adapters.owned_file import load_owned, save_owned
+from kvmnetd.engine.eager import start_eagerly
 from kvmnetd.engine.interfaces import (
     CoexistPort,
     DhcpPort,
@@ -31,7 +32,7 @@ from kvmnetd.model.rate import SetPortRate
 from kvmnetd.plan.adopt import adopt_ports
 from kvmnetd.plan.coexist import ForeignForward
 from kvmnetd.plan.frr import frr_part
-from kvmnetd.plan.planner import Plan, attach_for, plan
+from kvmnetd.plan.planner import Plan, attach_for, followed_news, plan
 from kvmnetd.plan.rate import port_rates
 
 log = structlog.get_logger("kvmnetd.reconcile")
@@ -44,6 +45,11 @@ SWEEP_INTERVAL = 60.0
 RETRY_INTERVAL = 1.0
 # How long after an event on a settled port its own plan looks at it.
 RECHECK_DELAY = 0.02
+# Ports placed while more events wait to be read (a burst of new taps) and nobody waits
+# for: owned.json and the port listeners hear of them once the events stop, or this long
+# after the first of them at the latest.
+TELL_WITHIN = 0.1
+TELL_POLL = 0.005
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,8 @@ class Reconciler:
         # between them would undo what is already done.
         self._recheck: set[str] = set()
         self._recheck_due: float | None = None
+        self._untold: set[str] = set()  # ports placed in a burst, not yet saved and told
+        self._tell_due: float | None = None
 
     def on_state(self, listener: Callable[[str, NetState], None]) -> None:
         self._listeners.append(listener)
@@ -313,9 +321,12 @@ class Reconciler:
         events, and the next taps' pass may send while the kernel still works on these."""
         if not self._port_queue:
             return
-        task = asyncio.get_running_loop().create_task(self._port_pass_logged())
-        self._port_tasks.add(task)
-        task.add_done_callback(self._port_tasks.discard)
+        # Started here: planned and sent before the caller (often the callback reading
+        # a burst of events) goes on; only the acks are awaited in the background.
+        task = start_eagerly(self._port_pass_logged())
+        if task is not None:
+            self._port_tasks.add(task)
+            task.add_done_callback(self._port_tasks.discard)
 
     async def _port_pass_logged(self) -> None:
         try:
@@ -413,16 +424,43 @@ class Reconciler:
                 self._port_queue.setdefault(ifname, [])
                 self._wake.set()
             self._inflight_seen.discard(ifname)
+        self.completed += 1
+        self._untold.update(queue)
+        if not any(queue.values()) and self.netlink.events_pending():
+            # A burst: a file write and the listeners' work for each tap would hold up
+            # the next taps' events. Nobody waits for these; they are told after.
+            self._tell_soon()
+            return
         # On disk before any caller hears back: a kill now must not lose the port.
         self._save_owned_if_dirty()
-        self.completed += 1
         # Callers first: what listeners start (signals, STATUS=) then runs after the
         # reply, not between the port's ack and its caller.
         for waiters in queue.values():
             for done in waiters:
                 if not done.done():
                     done.set_result(None)
-        self._ports_changed(set(queue))
+        self._tell()
+
+    def _tell_soon(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._tell_due is None:
+            self._tell_due = loop.time() + TELL_WITHIN
+            loop.call_later(TELL_POLL, self._tell_when_quiet)
+
+    def _tell_when_quiet(self) -> None:
+        due = self._tell_due
+        if due is None:
+            return  # a pass with callers told everything meanwhile
+        if self.netlink.events_pending() and asyncio.get_running_loop().time() < due:
+            asyncio.get_running_loop().call_later(TELL_POLL, self._tell_when_quiet)
+            return
+        self._save_owned_if_dirty()
+        self._tell()
+
+    def _tell(self) -> None:
+        names, self._untold, self._tell_due = self._untold, set(), None
+        if names:
+            self._ports_changed(names)
 
     async def _guard_ports(self, actions: list[A.Action], observed: ObservedState
                            ) -> tuple[list[A.Action], frozenset[GuardElement]]:
@@ -581,6 +619,9 @@ class Reconciler:
             await self.frr.sync(frr_part(self.desired.overlay, self.desired.active_networks()))
         self.last_plan = p  # before listeners run: they read ports from it
         self._settle_all(p, observed)
+        # After the writes: a pass that stops following port flags has just planned
+        # with them (turning isolation off on the last network that had it).
+        self.netlink.follow(*followed_news(self.desired))
         self.completed += 1
         log.debug("reconcile.pass", number=self.passes, actions=len(p.actions),
                   applied=applied, problems=sorted(p.problems))

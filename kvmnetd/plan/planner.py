@@ -349,6 +349,16 @@ def wanted_ports(desired: DesiredState, observed: ObservedState) -> dict[str, st
     return ports
 
 
+def followed_news(desired: DesiredState) -> tuple[bool, bool]:
+    """(bridge ports' flags, fdb entries): the optional kernel news a plan reads. Port
+    flags while a network isolates its ports or runs an overlay (the VXLAN port's
+    neigh_suppress); fdb entries for overlays only. While no network needs them, a flag
+    set by hand on a port is not seen, and so left alone."""
+    active = desired.active_networks()
+    overlay = any(n.overlay is not None for n in active)
+    return any(n.isolate_ports for n in active) or overlay, overlay
+
+
 def port_network(desired: DesiredState, observed: ObservedState, ifname: str) -> str | None:
     """Where one port belongs: its explicit request, else the attach policy."""
     if ifname in desired.ports:

@@ -46,6 +46,8 @@ def port_guard_actions(desired: DesiredState, observed: ObservedState, ifname: s
     """One port's elements (the loop's single-port work). None when the table is not in
     place: then the port must wait for a full pass, or it would join unguarded."""
     guarded = net is not None and net.anti_spoofing
+    if observed.guard is None:
+        return None if guarded else []  # no table (the common case): nothing to render
     if observed.guard != fingerprint(table):
         return None if guarded else []
     want = port_elements(ifname, net, desired.identities.get(ifname)) \

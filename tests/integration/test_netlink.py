@@ -14,7 +14,13 @@ import pytest
 
 from kvmnetd.adapters.rtnl import requests as raw
 from kvmnetd.adapters.rtnl.adapter import NetlinkAdapter
-from kvmnetd.adapters.rtnl.decode import RTM_DELLINK, RTM_NEWLINK, messages
+from kvmnetd.adapters.rtnl.decode import (
+    RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    messages,
+)
 from kvmnetd.model import actions as act
 from kvmnetd.model.errors import Conflict, InvalidArgument, NoSuchPort
 from kvmnetd.model.observed import Route
@@ -363,32 +369,40 @@ async def test_lost_events_are_recovered_by_a_resync(ns: str) -> None:
             assert nl.observed.routes == fresh.observed.routes
 
 
-def _link_events(sock: socket.socket) -> list[tuple[int, int]]:
-    """(message type, family) of each link event read."""
+def _events(sock: socket.socket) -> list[tuple[int, int]]:
+    """(message type, family) of each link and neighbour event read."""
     events = []
     with contextlib.suppress(BlockingIOError):
         while True:
             data = sock.recv(1 << 16)
             for kind, _, _, start, _ in messages(data, len(data)):
-                if kind in (RTM_NEWLINK, RTM_DELLINK):
+                if kind in (RTM_NEWLINK, RTM_DELLINK, RTM_NEWNEIGH, RTM_DELNEIGH):
                     events.append((kind, data[start]))
     return events
 
 
-async def test_event_filter_drops_only_bridge_port_releases(ns: str) -> None:
+@pytest.mark.parametrize(("port_flags", "fdb"), [(True, True), (False, True), (True, False),
+                                                 (False, False)])
+async def test_event_filter_keeps_what_is_followed(ns: str, port_flags: bool,
+                                                   fdb: bool) -> None:
     plain = raw.open_socket(raw.GROUPS, 1 << 20)
     filtered = raw.open_socket(raw.GROUPS, 1 << 20)
-    raw.drop_bridge_copies(filtered)
+    raw.attach_filter(filtered, raw.event_filter(port_flags, fdb))
     try:
         sh("ip", "-batch", "-", ns=ns, input="link add brf type bridge\ntuntap add tf0 mode tap\n"
            "link set tf0 master brf up\nlink set tf0 nomaster\nlink del tf0\n")
         await asyncio.sleep(0.1)
-        everything, kept = _link_events(plain), _link_events(filtered)
-        dropped = (RTM_DELLINK, socket.AF_BRIDGE)
-        assert dropped in everything
-        # The port's own view of a change (isolation, say) still comes through.
-        assert (RTM_NEWLINK, socket.AF_BRIDGE) in kept
-        assert kept == [e for e in everything if e != dropped]
+        everything, kept = _events(plain), _events(filtered)
+        bridge = socket.AF_BRIDGE
+        for event in [(RTM_DELLINK, bridge), (RTM_NEWLINK, bridge), (RTM_NEWNEIGH, bridge),
+                      (RTM_NEWLINK, socket.AF_UNSPEC)]:
+            assert event in everything
+        dropped = {(RTM_DELLINK, bridge)}  # a port's own view of its release: never needed
+        if not port_flags:
+            dropped.add((RTM_NEWLINK, bridge))
+        if not fdb:
+            dropped |= {(RTM_NEWNEIGH, bridge), (RTM_DELNEIGH, bridge)}
+        assert kept == [e for e in everything if e not in dropped]
     finally:
         plain.close()
         filtered.close()

@@ -37,6 +37,7 @@ class FakeNetlink:
         self.changed: set[int] = set()  # what tests say events changed
         self.changed_other = False
         self.delay = 0.0  # seconds each change takes, for calls that must overlap
+        self.following = (True, True)  # (port flags, fdb), as the real adapter starts
 
     async def apply_many(self, actions: Sequence[A.Action],
                          sent: Callable[[], None] | None = None) -> list[BaseException | None]:
@@ -53,6 +54,9 @@ class FakeNetlink:
 
     def events_pending(self) -> bool:
         return False
+
+    def follow(self, port_flags: bool, fdb: bool) -> None:
+        self.following = (port_flags, fdb)
 
     def take_changes(self) -> tuple[set[int], bool]:
         out = (self.changed, self.changed_other)

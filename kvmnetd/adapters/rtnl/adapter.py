@@ -189,6 +189,25 @@ class NetlinkAdapter:
         if changed:
             self._notify()
 
+    def follow(self, port_flags: bool, fdb: bool) -> None:
+        """Which optional kernel news to follow: bridge ports' flags (isolated,
+        neigh_suppress) and fdb entries. Each enslave brings four such messages, most of
+        what a burst of new taps costs to read, so they are followed only while a network
+        needs them. What stops being followed reads as unknown; what starts is read anew."""
+        if self._events is None or self._chan is None:
+            return
+        before = (self._events.port_flags, self._events.fdb)
+        if before == (port_flags, fdb):
+            return
+        self._events.follow(port_flags, fdb)
+        self._chan.port_flags = port_flags
+        if before[0] and not port_flags:
+            self._mirror.forget_port_flags()
+        if before[1] and not fdb:
+            self._mirror.forget_fdb()
+        if (port_flags and not before[0]) or (fdb and not before[1]):
+            self._overflow()  # the same full re-read as after lost events
+
     def events_pending(self) -> bool:
         """Kernel events not yet read: the mirror may still show a passing state."""
         return self._events is not None and self._events.pending()
@@ -293,8 +312,11 @@ class NetlinkAdapter:
                 assert isinstance(action, act.Enslave)
                 # One alone (an API call, a single new tap) goes out from here: handing
                 # it to the sender thread would cost a thread wake-up for nothing.
-                acks.append((i, self._start_enslave(action, master,
-                                                    background=len(actions) > 1)))
+                # During a burst (events waiting) the sender thread takes it too: from
+                # here the loop would wait in the kernel while the tool making the taps
+                # holds the rtnl lock.
+                background = len(actions) > 1 or self.events_pending()
+                acks.append((i, self._start_enslave(action, master, background)))
                 started()
             elif isinstance(action, _PIPELINED):
                 batch.append(i)

@@ -154,13 +154,17 @@ def attrs(buf: Buffer, off: int, end: int) -> dict[int, tuple[int, int]]:
     return out
 
 
-def decode(kind: int, flags: int, buf: Buffer, start: int, end: int) -> Record | None:
-    """One message body as a record; None for what the mirror does not follow."""
+def decode(kind: int, flags: int, buf: Buffer, start: int, end: int,
+           port_flags: bool = True) -> Record | None:
+    """One message body as a record; None for what the mirror does not follow.
+
+    port_flags: read bridge ports' isolated and neigh_suppress flags. Without, links
+    show them as None (not known): their ~40 attributes are most of a port's decoding."""
     if kind == RTM_NEWLINK or kind == RTM_DELLINK:
         if kind == RTM_NEWLINK and end - start >= IFINFOMSG.size \
                 and buf[start] == socket.AF_BRIDGE:
-            return decode_port(buf, start, end)
-        link = decode_link(buf, start, end)
+            return decode_port(buf, start, end) if port_flags else None
+        link = decode_link(buf, start, end, port_flags)
         return LinkRec(kind == RTM_NEWLINK, link) if link is not None else None
     if kind == RTM_NEWADDR or kind == RTM_DELADDR:
         addr = decode_addr(buf, start, end)
@@ -226,7 +230,7 @@ def _str(buf: Buffer, span: tuple[int, int]) -> str:
     return bytes(buf[span[0]:span[1]]).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def decode_link(buf: Buffer, start: int, end: int) -> Link | None:
+def decode_link(buf: Buffer, start: int, end: int, port_flags: bool = True) -> Link | None:
     if end - start < IFINFOMSG.size:
         return None
     family, _, index, ifflags, _ = IFINFOMSG.unpack_from(buf, start)
@@ -245,7 +249,7 @@ def decode_link(buf: Buffer, start: int, end: int) -> Link | None:
     if info is not None:
         sub = attrs(buf, *info)
         slave = sub.get(IFLA_INFO_SLAVE_DATA)
-        if slave is not None and sub.get(IFLA_INFO_SLAVE_KIND) is not None \
+        if port_flags and slave is not None and sub.get(IFLA_INFO_SLAVE_KIND) is not None \
                 and _str(buf, sub[IFLA_INFO_SLAVE_KIND]) == "bridge":
             port = attrs(buf, *slave)
             flag = _u8(buf, port.get(IFLA_BRPORT_ISOLATED))

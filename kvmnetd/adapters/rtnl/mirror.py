@@ -39,6 +39,16 @@ class Mirror:
         for rec in records:
             self.apply(rec)
 
+    def forget_port_flags(self) -> None:
+        """No longer followed: ports' isolated and neigh_suppress flags read as unknown."""
+        for index, link in list(self.state.links.items()):
+            if link.isolated is not None or link.neigh_suppress is not None:
+                self.state.links[index] = dataclasses.replace(link, isolated=None,
+                                                              neigh_suppress=None)
+
+    def forget_fdb(self) -> None:
+        self.state.fdb = {}
+
     def link(self, name: str) -> Link | None:
         index = self.by_name.get(name)
         return self.state.links.get(index) if index is not None else None

@@ -31,6 +31,7 @@ from kvmnetd.adapters.rtnl.decode import (
     RTM_DELLINK,
     RTM_DELNEIGH,
     RTM_GETLINK,
+    RTM_NEWLINK,
     RTM_NEWNEIGH,
     Record,
     decode,
@@ -97,35 +98,69 @@ def _be16(value: int) -> int:
     return int.from_bytes(struct.pack("=H", value), "big")
 
 
-# Accept everything except RTM_DELLINK of family AF_BRIDGE: a bridge port's own copy of a
-# release or deletion, which says nothing the device's own event does not. Dropping them in
-# the kernel saves a wake-up and a read for each. The AF_BRIDGE RTM_NEWLINK copies are kept:
-# `bridge link set ... isolated` is announced only that way, and port isolation is healed.
-# Of the neighbour messages only the bridge family's (fdb entries) and IPv4's (which
-# guest holds which address) pass: the host's IPv6 neighbour churn never wakes the daemon.
-_DROP_BRIDGE_COPIES = (
-    (0x28, 0, 0, 4),  # 0: ldh [4]: nlmsg_type
-    (0x15, 3, 0, _be16(RTM_DELLINK)),  # 1: jeq -> 5
-    (0x15, 5, 0, _be16(RTM_NEWNEIGH)),  # 2: jeq -> 8
-    (0x15, 4, 0, _be16(RTM_DELNEIGH)),  # 3: jeq -> 8
-    (0x06, 0, 0, 0xFFFFFFFF),  # 4: ret: accept
-    (0x30, 0, 0, 16),  # 5: ldb [16]: ifi_family
-    (0x15, 0, 4, socket.AF_BRIDGE),  # 6: jeq -> 7 (drop), else -> 11 (accept)
-    (0x06, 0, 0, 0),  # 7: ret: drop
-    (0x30, 0, 0, 16),  # 8: ldb [16]: ndm_family
-    (0x15, 1, 0, socket.AF_BRIDGE),  # 9: jeq -> 11 (accept)
-    (0x15, 0, 1, socket.AF_INET),  # 10: jeq -> 11 (accept), else -> 12 (drop)
-    (0x06, 0, 0, 0xFFFFFFFF),  # 11: ret: accept
-    (0x06, 0, 0, 0),  # 12: ret: drop
-)
 SO_ATTACH_FILTER = 26
 
 
-def drop_bridge_copies(sock: socket.socket) -> None:
-    code = b"".join(struct.pack("=HBBI", *ins) for ins in _DROP_BRIDGE_COPIES)
+def _newly_registered(buf: bytearray, start: int) -> bool:
+    # ifi_change is ~0 only in the message announcing a device's registration.
+    return buf[start + 12:start + 16] == b"\xff\xff\xff\xff"
+
+
+_LDH, _LDB, _JEQ, _RET = 0x28, 0x30, 0x15, 0x06  # classic BPF, absolute loads
+_ACCEPT, _DROP = 0xFFFFFFFF, 0
+
+
+def event_filter(port_flags: bool, fdb: bool) -> list[tuple[int, int, int, int]]:
+    """Classic BPF for the event socket: which copies the kernel need not wake us for.
+
+    Always dropped: a bridge port's AF_BRIDGE RTM_DELLINK (the device's own event says the
+    same) and neighbours other than the bridge family's (fdb) and IPv4's (which guest holds
+    which address), so the host's IPv6 neighbour churn never wakes the daemon.
+    port_flags: keep the ports' AF_BRIDGE RTM_NEWLINK copies, the only news of a
+    `bridge link set ... isolated` (three come with every enslave).
+    fdb: keep fdb entries (one comes with every enslave; only the overlay reads them).
+    """
+    link_bridge = "accept" if port_flags else "drop"
+    neigh_bridge = "accept" if fdb else "drop"
+    # (op, k, jump-if-true label or None: next, jump-if-false label or None: next)
+    code: list[tuple[int, int, str | None, str | None] | str] = [
+        (_LDH, 4, None, None),  # nlmsg_type
+        (_JEQ, _be16(RTM_NEWLINK), "newlink", None),
+        (_JEQ, _be16(RTM_DELLINK), "dellink", None),
+        (_JEQ, _be16(RTM_NEWNEIGH), "neigh", None),
+        (_JEQ, _be16(RTM_DELNEIGH), "neigh", "accept"),
+        "newlink", (_LDB, 16, None, None),  # ifi_family
+        (_JEQ, socket.AF_BRIDGE, link_bridge, "accept"),
+        "dellink", (_LDB, 16, None, None),
+        (_JEQ, socket.AF_BRIDGE, "drop", "accept"),
+        "neigh", (_LDB, 16, None, None),  # ndm_family
+        (_JEQ, socket.AF_BRIDGE, neigh_bridge, None),
+        (_JEQ, socket.AF_INET, "accept", "drop"),
+        "accept", (_RET, _ACCEPT, None, None),
+        "drop", (_RET, _DROP, None, None),
+    ]
+    at: dict[str, int] = {}  # label -> the index of the instruction after it
+    for item in code:
+        if isinstance(item, str):
+            at[item] = len([x for x in code[:code.index(item)] if not isinstance(x, str)])
+    prog: list[tuple[int, int, int, int]] = []
+    for item in code:
+        if isinstance(item, str):
+            continue
+        op, k, yes, no = item
+        pc = len(prog)
+        jt = at[yes] - pc - 1 if yes is not None else 0
+        jf = at[no] - pc - 1 if no is not None else 0
+        prog.append((op, jt, jf, k))
+    return prog
+
+
+def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:
+    """Install (or replace) a socket's classic BPF filter."""
+    code = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
     buf = ctypes.create_string_buffer(code, len(code))
-    prog = struct.pack("HP", len(_DROP_BRIDGE_COPIES), ctypes.addressof(buf))  # sock_fprog
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+    fprog = struct.pack("HP", len(prog), ctypes.addressof(buf))  # sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 def open_socket(groups: int, rcvbuf: int) -> socket.socket:
@@ -151,12 +186,19 @@ class EventSocket:
     def __init__(self, on_records: Callable[[list[Record]], None],
                  on_overflow: Callable[[], None], rcvbuf: int = EVENT_RCVBUF) -> None:
         self.sock = open_socket(GROUPS, rcvbuf)
-        drop_bridge_copies(self.sock)
+        self.port_flags = self.fdb = True
+        attach_filter(self.sock, event_filter(True, True))
         self._buf = bytearray(RECV_SIZE)
         self._on_records = on_records
         self._on_overflow = on_overflow
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._readable)
+
+    def follow(self, port_flags: bool, fdb: bool) -> None:
+        """Which optional events to receive and decode (see event_filter)."""
+        if (port_flags, fdb) != (self.port_flags, self.fdb):
+            attach_filter(self.sock, event_filter(port_flags, fdb))
+            self.port_flags, self.fdb = port_flags, fdb
 
     def pending(self) -> bool:
         """Events are waiting to be read: what was read so far may be behind the kernel."""
@@ -169,7 +211,7 @@ class EventSocket:
 
     def _readable(self) -> None:
         records: list[Record] = []
-        buf = self._buf
+        buf, port_flags = self._buf, self.port_flags
         # Bounded per wake-up so a flood cannot starve the rest of the loop.
         for _ in range(256):
             try:
@@ -181,10 +223,18 @@ class EventSocket:
                     raise
                 self._on_overflow()
                 continue
+            born = False
             for kind, flags, _, start, end in messages(buf, size):
-                rec = decode(kind, flags, buf, start, end)
+                rec = decode(kind, flags, buf, start, end, port_flags)
                 if rec is not None:
                     records.append(rec)
+                    # A device registered (all flags "changed"): a new tap is handed on
+                    # at once, so its enslave goes out before the rest of a burst's
+                    # events are read, not after.
+                    born = born or (kind == RTM_NEWLINK and _newly_registered(buf, start))
+            if born:
+                self._on_records(records)
+                records = []
         if records:
             self._on_records(records)
 
@@ -217,6 +267,7 @@ class RequestChannel:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(SOL_NETLINK, opt, 1)
         self._buf = bytearray(RECV_SIZE)
+        self.port_flags = True  # decode dumps and replies as the event socket does
         self._seq = itertools.count(1)
         self._waiting: dict[int, _Waiter] = {}
         self._loop = asyncio.get_running_loop()
@@ -333,7 +384,7 @@ class RequestChannel:
             else:
                 waiter.future.set_result(waiter.records)
         else:
-            rec = decode(kind, flags, buf, start, end)
+            rec = decode(kind, flags, buf, start, end, self.port_flags)
             if rec is not None:
                 waiter.records.append(rec)
             if not flags & NLM_F_MULTI:
