@@ -434,3 +434,24 @@ async def test_background_enslaves_keep_their_order_with_later_requests(
     assert link is not None and link.master == br and link.up
     [err] = await nl.apply_many([act.Enslave(None, "nosuch", "br0")])
     assert isinstance(err, NoSuchPort) and "attach nosuch to bridge br0" in str(err)
+
+
+async def test_port_flags_read_as_unknown_unless_followed(ns: str, nl: NetlinkAdapter) -> None:
+    await bridge(nl, "br0")
+    sh("ip", "-batch", "-", ns=ns, input="tuntap add pf0 mode tap\nlink set pf0 master br0\n")
+    sh("bridge", "link", "set", "dev", "pf0", "isolated", "on", ns=ns)
+    assert await until(lambda: (link := nl.observed.link("pf0")) is not None
+                       and link.isolated is True)
+    nl.follow(False, False)
+    link = nl.observed.link("pf0")
+    assert link is not None and link.isolated is None
+    # Not followed: a flag set by hand is not seen (nor decoded from later events).
+    sh("bridge", "link", "set", "dev", "pf0", "isolated", "off", ns=ns)
+    sh("ip", "link", "set", "pf0", "up", ns=ns)
+    assert await until(lambda: (link := nl.observed.link("pf0")) is not None and link.up)
+    assert nl.observed.link("pf0").isolated is None  # type: ignore[union-attr]
+    # Followed again: read anew, then kept up to date by events.
+    nl.follow(True, False)
+    assert await until(lambda: nl.observed.link("pf0").isolated is False)  # type: ignore[union-attr]
+    sh("bridge", "link", "set", "dev", "pf0", "isolated", "on", ns=ns)
+    assert await until(lambda: nl.observed.link("pf0").isolated is True)  # type: ignore[union-attr]

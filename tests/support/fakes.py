@@ -38,6 +38,7 @@ class FakeNetlink:
         self.changed_other = False
         self.delay = 0.0  # seconds each change takes, for calls that must overlap
         self.following = (True, True)  # (port flags, fdb), as the real adapter starts
+        self.pending = False  # what events_pending() says: True in a burst
 
     async def apply_many(self, actions: Sequence[A.Action],
                          sent: Callable[[], None] | None = None) -> list[BaseException | None]:
@@ -53,7 +54,7 @@ class FakeNetlink:
         return link.tun_owner, link.tun_group
 
     def events_pending(self) -> bool:
-        return False
+        return self.pending
 
     def follow(self, port_flags: bool, fdb: bool) -> None:
         self.following = (port_flags, fdb)

@@ -386,3 +386,50 @@ async def test_every_pass_hands_frr_its_part(tmp_path: Path) -> None:
     # The evpn network stopped: FRR is told kvmnetd wants nothing there any more.
     await rec.set_desired(DesiredState(networks={"nat": ov}, active=frozenset(), overlay=host))
     assert frr.parts[-1] is None
+
+
+async def test_a_burst_saves_and_tells_once_its_events_are_read(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       rules=(AttachRule("nat", ifname="vnet*"),)))
+    told: list[set[str] | None] = []
+    rec.on_ports(told.append)
+    rec._running = True  # as run() does: each new tap's pass starts from its event
+    nl.pending = True  # more of the burst waits to be read
+    for i in range(3):
+        tap = Link(index=40 + i, name=f"vnet{i}", kind="tun")
+        nl.observed.links[tap.index] = tap
+        rec.link_added(tap)
+    await asyncio.sleep(0.02)
+    assert all(nl.observed.link(f"vnet{i}").master is not None for i in range(3))  # type: ignore[union-attr]
+    assert told == [] and "vnet0" not in load_owned(str(tmp_path / "owned.json")).ports
+    nl.pending = False
+    await asyncio.sleep(0.02)
+    assert told == [{"vnet0", "vnet1", "vnet2"}]
+    assert set(load_owned(str(tmp_path / "owned.json")).ports) == {"vnet0", "vnet1", "vnet2"}
+
+
+async def test_a_caller_in_a_burst_is_answered_after_the_save(tmp_path: Path) -> None:
+    tap = Link(index=40, name="vnet0", kind="tun")
+    rec, nl, _, _ = make(tmp_path, tap)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"})))
+    told: list[set[str] | None] = []
+    rec.on_ports(told.append)
+    rec._running = True
+    nl.pending = True
+    await rec.request_port("vnet0", "nat")
+    assert load_owned(str(tmp_path / "owned.json")).ports == {"vnet0": "kvbr0"}
+    assert told == [{"vnet0"}]
+
+
+async def test_port_flags_and_fdb_are_followed_only_while_a_network_reads_them(
+        tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    plain = nets()
+    await rec.set_desired(DesiredState(networks=plain, active=frozenset({"nat"})))
+    assert nl.following == (False, False)
+    isolating = {**plain, "iso": replace(plain["iso"], isolate_ports=True)}
+    await rec.set_desired(DesiredState(networks=isolating, active=frozenset({"nat", "iso"})))
+    assert nl.following == (True, False)
+    await rec.set_desired(DesiredState(networks=isolating, active=frozenset({"nat"})))
+    assert nl.following == (False, False)
