@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from kvmnetd.adapters.rtnl import bpf
 from kvmnetd.adapters.rtnl import requests as raw
 from kvmnetd.adapters.rtnl.adapter import NetlinkAdapter
 from kvmnetd.adapters.rtnl.decode import (
@@ -387,7 +388,7 @@ async def test_event_filter_keeps_what_is_followed(ns: str, port_flags: bool,
                                                    fdb: bool) -> None:
     plain = raw.open_socket(raw.GROUPS, 1 << 20)
     filtered = raw.open_socket(raw.GROUPS, 1 << 20)
-    raw.attach_filter(filtered, raw.event_filter(port_flags, fdb))
+    bpf.attach_filter(filtered, bpf.event_filter(port_flags, fdb))
     try:
         sh("ip", "-batch", "-", ns=ns, input="link add brf type bridge\ntuntap add tf0 mode tap\n"
            "link set tf0 master brf up\nlink set tf0 nomaster\nlink del tf0\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import itertools
 import os
@@ -16,6 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvmnetd.adapters.rtnl.bpf import attach_filter, event_filter
 from kvmnetd.adapters.rtnl.decode import (
     IFF_UP,
     IFINFOMSG,
@@ -28,11 +28,8 @@ from kvmnetd.adapters.rtnl.decode import (
     NLMSGERR,
     NLMSGHDR,
     RTA,
-    RTM_DELLINK,
-    RTM_DELNEIGH,
     RTM_GETLINK,
     RTM_NEWLINK,
-    RTM_NEWNEIGH,
     Record,
     decode,
     decode_error,
@@ -93,74 +90,9 @@ def set_link(name: str, attrs: bytes = b"", up: bool = False) -> bytes:
     return ifinfo(0, flags, flags) + attr_str(IFLA_IFNAME, name) + attrs
 
 
-def _be16(value: int) -> int:
-    # Classic BPF reads packet halfwords big-endian; netlink headers are host order.
-    return int.from_bytes(struct.pack("=H", value), "big")
-
-
-SO_ATTACH_FILTER = 26
-
-
 def _newly_registered(buf: bytearray, start: int) -> bool:
     # ifi_change is ~0 only in the message announcing a device's registration.
     return buf[start + 12:start + 16] == b"\xff\xff\xff\xff"
-
-
-_LDH, _LDB, _JEQ, _RET = 0x28, 0x30, 0x15, 0x06  # classic BPF, absolute loads
-_ACCEPT, _DROP = 0xFFFFFFFF, 0
-
-
-def event_filter(port_flags: bool, fdb: bool) -> list[tuple[int, int, int, int]]:
-    """Classic BPF for the event socket: which copies the kernel need not wake us for.
-
-    Always dropped: a bridge port's AF_BRIDGE RTM_DELLINK (the device's own event says the
-    same) and neighbours other than the bridge family's (fdb) and IPv4's (which guest holds
-    which address), so the host's IPv6 neighbour churn never wakes the daemon.
-    port_flags: keep the ports' AF_BRIDGE RTM_NEWLINK copies, the only news of a
-    `bridge link set ... isolated` (three come with every enslave).
-    fdb: keep fdb entries (one comes with every enslave; only the overlay reads them).
-    """
-    link_bridge = "accept" if port_flags else "drop"
-    neigh_bridge = "accept" if fdb else "drop"
-    # (op, k, jump-if-true label or None: next, jump-if-false label or None: next)
-    code: list[tuple[int, int, str | None, str | None] | str] = [
-        (_LDH, 4, None, None),  # nlmsg_type
-        (_JEQ, _be16(RTM_NEWLINK), "newlink", None),
-        (_JEQ, _be16(RTM_DELLINK), "dellink", None),
-        (_JEQ, _be16(RTM_NEWNEIGH), "neigh", None),
-        (_JEQ, _be16(RTM_DELNEIGH), "neigh", "accept"),
-        "newlink", (_LDB, 16, None, None),  # ifi_family
-        (_JEQ, socket.AF_BRIDGE, link_bridge, "accept"),
-        "dellink", (_LDB, 16, None, None),
-        (_JEQ, socket.AF_BRIDGE, "drop", "accept"),
-        "neigh", (_LDB, 16, None, None),  # ndm_family
-        (_JEQ, socket.AF_BRIDGE, neigh_bridge, None),
-        (_JEQ, socket.AF_INET, "accept", "drop"),
-        "accept", (_RET, _ACCEPT, None, None),
-        "drop", (_RET, _DROP, None, None),
-    ]
-    at: dict[str, int] = {}  # label -> the index of the instruction after it
-    for item in code:
-        if isinstance(item, str):
-            at[item] = len([x for x in code[:code.index(item)] if not isinstance(x, str)])
-    prog: list[tuple[int, int, int, int]] = []
-    for item in code:
-        if isinstance(item, str):
-            continue
-        op, k, yes, no = item
-        pc = len(prog)
-        jt = at[yes] - pc - 1 if yes is not None else 0
-        jf = at[no] - pc - 1 if no is not None else 0
-        prog.append((op, jt, jf, k))
-    return prog
-
-
-def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:
-    """Install (or replace) a socket's classic BPF filter."""
-    code = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
-    buf = ctypes.create_string_buffer(code, len(code))
-    fprog = struct.pack("HP", len(prog), ctypes.addressof(buf))  # sock_fprog
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 def open_socket(groups: int, rcvbuf: int) -> socket.socket:
