@@ -54,7 +54,7 @@ def main() -> None:
         if select.select([sock], [], [], QUIET_S if backlog else None)[0]:
             continue
         for t, data in backlog:
-            for rec in decode_all(data, len(data)):
+            for rec in decode_all(data, len(data), port_flags=False):
                 if not isinstance(rec, LinkRec):
                     continue
                 link = rec.link

@@ -29,18 +29,21 @@ async def _carry_on(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
             if waiting is None:
                 await asyncio.sleep(0)  # a bare yield: one turn of the loop
             else:
-                # What a Task does with a yielded future: wait until it is done (failed
-                # or not; the coroutine reads its outcome itself), then resume.
+                # What a Task does with a yielded future: wait until it is done, then
+                # resume; the coroutine reads the outcome (result or error) itself.
                 waiting._asyncio_future_blocking = False
-                await asyncio.wait((waiting,))
+                await waiting
         except asyncio.CancelledError:
-            try:
-                waiting = coro.throw(asyncio.CancelledError())
-            except StopIteration:
-                return
-            continue
+            if waiting is None or not waiting.cancelled():
+                # This task was cancelled, not the future: the coroutine is told.
+                try:
+                    waiting = coro.throw(asyncio.CancelledError())
+                except StopIteration:
+                    return
+                continue
+        except Exception:
+            pass
         try:
             waiting = coro.send(None)
         except StopIteration:
             return
-

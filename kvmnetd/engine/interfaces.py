@@ -21,10 +21,12 @@ class NetlinkPort(Protocol):
     async def apply(self, action: A.Action) -> None: ...
 
     async def apply_many(self, actions: Sequence[A.Action],
-                         sent: Callable[[], None] | None = None) -> list[BaseException | None]:
+                         sent: Callable[[], None] | None = None,
+                         waited: bool = True) -> list[BaseException | None]:
         """apply() for each, in order, as fast as the kernel takes them (pipelined): one
         result per action, None or the error apply() would have raised. sent() is called
-        once every request has gone out, before the acks are awaited."""
+        once every request has gone out, before the acks are awaited. waited: a caller
+        waits for these (answer it first), or not (keep the event loop free)."""
         ...
 
     async def tap_info(self, ifname: str) -> tuple[int | None, int | None] | None:

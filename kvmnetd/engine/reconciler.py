@@ -129,6 +129,7 @@ class Reconciler:
         # between them would undo what is already done.
         self._recheck: set[str] = set()
         self._recheck_due: float | None = None
+        self._wake_timer: asyncio.TimerHandle | None = None
         self._untold: set[str] = set()  # ports placed in a burst, not yet saved and told
         self._tell_due: float | None = None
 
@@ -262,6 +263,12 @@ class Reconciler:
                     if not self.foreign_events:
                         self._foreign_known = False
                     self._rates_known = False
+                elif not self._other_trigger and self.netlink.events_pending():
+                    # Mid-burst: the events still to read wake the loop again (or, if
+                    # they change nothing, the timer does): one look after them, not
+                    # one per datagram read.
+                    self._wake_later()
+                    continue
                 else:
                     if not self._other_trigger:
                         self._start_port_pass()
@@ -273,6 +280,12 @@ class Reconciler:
                 await self.converge()
             except Exception:  # the loop must survive anything a pass throws
                 log.exception("reconcile.crashed")
+
+    def _wake_later(self) -> None:
+        if self._wake_timer is None or self._wake_timer.when() <= \
+                asyncio.get_running_loop().time():
+            self._wake_timer = asyncio.get_running_loop().call_later(RECHECK_DELAY,
+                                                                     self._wake.set)
 
     async def converge(self, max_passes: int = 4, quick: bool = False) -> Plan:
         """Run passes until one has nothing left to do (or only failures remain).
@@ -297,6 +310,8 @@ class Reconciler:
         self._take_rechecks(now=True)
         if self._port_queue:
             await self._port_pass()
+        self._save_owned_if_dirty()  # its caller waits for all of it: nothing deferred
+        self._tell()
 
     def _take_rechecks(self, now: bool = False) -> None:
         """Queue the settled ports events touched, a moment after the first of them and
@@ -383,7 +398,8 @@ class Reconciler:
             self._inflight_passes += 1
             self._no_inflight.clear()
             try:
-                results = await self._apply_batch(p.actions, observed, failed, sent=unlock)
+                results = await self._apply_batch(p.actions, observed, failed, sent=unlock,
+                                                  waited=any(queue.values()))
             finally:
                 for name in queue:
                     left = self._inflight.pop(name) - 1
@@ -426,9 +442,10 @@ class Reconciler:
             self._inflight_seen.discard(ifname)
         self.completed += 1
         self._untold.update(queue)
-        if not any(queue.values()) and self.netlink.events_pending():
-            # A burst: a file write and the listeners' work for each tap would hold up
-            # the next taps' events. Nobody waits for these; they are told after.
+        if not any(queue.values()):
+            # Nobody waits (a new tap, maybe one of a burst): its file write and the
+            # listeners' work would hold up the next taps' events, so they come once
+            # no event waits to be read (TELL_POLL, at most TELL_WITHIN later).
             self._tell_soon()
             return
         # On disk before any caller hears back: a kill now must not lose the port.
@@ -650,8 +667,8 @@ class Reconciler:
         return out
 
     async def _apply_batch(self, batch: list[A.Action], observed: ObservedState,
-                           failed: dict[str, str],
-                           sent: Callable[[], None] | None = None) -> list[BaseException | None]:
+                           failed: dict[str, str], sent: Callable[[], None] | None = None,
+                           waited: bool = True) -> list[BaseException | None]:
         # A failure is settled after each batch; other actions are batches of one, so
         # a network that failed earlier in this pass is skipped here.
         todo = [a for a in batch if a.network is None or a.network not in failed]
@@ -662,7 +679,7 @@ class Reconciler:
         if len(links) > 1 or (links and isinstance(links[0], _PORT_WRITES)):
             # sent() as soon as the links' requests are out, unless tc follows.
             early = sent if len(links) == len(todo) else None
-            for action, err in zip(links, await self.netlink.apply_many(links, early),
+            for action, err in zip(links, await self.netlink.apply_many(links, early, waited),
                                    strict=True):
                 results[id(action)] = err
         if len(limits) > 1 and self.rate is not None:

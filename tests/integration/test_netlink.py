@@ -7,6 +7,7 @@ import contextlib
 import errno
 import ipaddress
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -370,15 +371,18 @@ async def test_lost_events_are_recovered_by_a_resync(ns: str) -> None:
             assert nl.observed.routes == fresh.observed.routes
 
 
-def _events(sock: socket.socket) -> list[tuple[int, int]]:
-    """(message type, family) of each link and neighbour event read."""
+def _events(sock: socket.socket) -> list[tuple[int, int, int]]:
+    """(message type, family, ifi_change or 0) of each link and neighbour event read."""
     events = []
     with contextlib.suppress(BlockingIOError):
         while True:
             data = sock.recv(1 << 16)
             for kind, _, _, start, _ in messages(data, len(data)):
-                if kind in (RTM_NEWLINK, RTM_DELLINK, RTM_NEWNEIGH, RTM_DELNEIGH):
-                    events.append((kind, data[start]))
+                if kind in (RTM_NEWLINK, RTM_DELLINK):
+                    change = int.from_bytes(data[start + 12:start + 16], sys.byteorder)
+                    events.append((kind, data[start], change))
+                elif kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
+                    events.append((kind, data[start], 0))
     return events
 
 
@@ -394,16 +398,21 @@ async def test_event_filter_keeps_what_is_followed(ns: str, port_flags: bool,
            "link set tf0 master brf up\nlink set tf0 nomaster\nlink del tf0\n")
         await asyncio.sleep(0.1)
         everything, kept = _events(plain), _events(filtered)
-        bridge = socket.AF_BRIDGE
-        for event in [(RTM_DELLINK, bridge), (RTM_NEWLINK, bridge), (RTM_NEWNEIGH, bridge),
-                      (RTM_NEWLINK, socket.AF_UNSPEC)]:
-            assert event in everything
-        dropped = {(RTM_DELLINK, bridge)}  # a port's own view of its release: never needed
-        if not port_flags:
-            dropped.add((RTM_NEWLINK, bridge))
-        if not fdb:
-            dropped |= {(RTM_NEWNEIGH, bridge), (RTM_DELNEIGH, bridge)}
-        assert kept == [e for e in everything if e not in dropped]
+        bridge, promisc = socket.AF_BRIDGE, 0x100
+
+        def dropped(kind: int, family: int, change: int) -> bool:
+            if family == bridge:
+                # A port's own view of its release is never needed; the others are
+                # kept while port flags or fdb entries are followed.
+                return kind == RTM_DELLINK or (kind == RTM_NEWLINK and not port_flags) \
+                    or (kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and not fdb)
+            return kind == RTM_NEWLINK and change == promisc  # the bridge sets it: unread
+
+        kinds = {(kind, family) for kind, family, _ in everything}
+        assert {(RTM_DELLINK, bridge), (RTM_NEWLINK, bridge), (RTM_NEWNEIGH, bridge),
+                (RTM_NEWLINK, socket.AF_UNSPEC)} <= kinds
+        assert any(change == promisc for _, _, change in everything)
+        assert kept == [e for e in everything if not dropped(*e)]
     finally:
         plain.close()
         filtered.close()

@@ -41,7 +41,8 @@ class FakeNetlink:
         self.pending = False  # what events_pending() says: True in a burst
 
     async def apply_many(self, actions: Sequence[A.Action],
-                         sent: Callable[[], None] | None = None) -> list[BaseException | None]:
+                         sent: Callable[[], None] | None = None,
+                         waited: bool = True) -> list[BaseException | None]:
         out = await apply_each(self.apply, actions)
         if sent is not None:
             sent()

@@ -334,7 +334,7 @@ class _HeldAcks(FakeNetlink):
         self.acks = asyncio.Event()
         self.sent_batches: list[list[str]] = []
 
-    async def apply_many(self, actions, sent=None):  # type: ignore[no-untyped-def]
+    async def apply_many(self, actions, sent=None, waited=True):  # type: ignore[no-untyped-def]
         out = await super().apply_many(actions)
         self.sent_batches.append([a.ifname for a in actions])
         if sent is not None:

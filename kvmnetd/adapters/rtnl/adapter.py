@@ -247,7 +247,8 @@ class NetlinkAdapter:
     # -- writes ------------------------------------------------------------------------------
 
     async def apply_many(self, actions: Sequence[act.Action],
-                         sent: Callable[[], None] | None = None) -> list[BaseException | None]:
+                         sent: Callable[[], None] | None = None,
+                         waited: bool = True) -> list[BaseException | None]:
         """Apply in order; runs of port actions are sent together and their acks collected
         after. One result per action: None, or the error apply() would have raised.
 
@@ -312,10 +313,10 @@ class NetlinkAdapter:
                 assert isinstance(action, act.Enslave)
                 # One alone (an API call, a single new tap) goes out from here: handing
                 # it to the sender thread would cost a thread wake-up for nothing.
-                # During a burst (events waiting) the sender thread takes it too: from
-                # here the loop would wait in the kernel while the tool making the taps
-                # holds the rtnl lock.
-                background = len(actions) > 1 or self.events_pending()
+                # Nobody waiting (a new tap of a burst): the sender thread takes it too;
+                # from here the loop would wait in the kernel while the tool making the
+                # taps holds the rtnl lock, instead of reading the next taps' events.
+                background = len(actions) > 1 or not waited
                 acks.append((i, self._start_enslave(action, master, background)))
                 started()
             elif isinstance(action, _PIPELINED):

@@ -15,8 +15,13 @@ def _be16(value: int) -> int:
     return int.from_bytes(struct.pack("=H", value), "big")
 
 
+def _be32(value: int) -> int:
+    return int.from_bytes(struct.pack("=I", value), "big")
+
+
 SO_ATTACH_FILTER = 26
-_LDH, _LDB, _JEQ, _RET = 0x28, 0x30, 0x15, 0x06  # classic BPF, absolute loads
+_LD, _LDH, _LDB, _JEQ, _RET = 0x20, 0x28, 0x30, 0x15, 0x06  # classic BPF, absolute loads
+IFF_PROMISC = 0x100
 _ACCEPT, _DROP = 0xFFFFFFFF, 0
 
 
@@ -24,8 +29,10 @@ def event_filter(port_flags: bool, fdb: bool) -> list[tuple[int, int, int, int]]
     """Classic BPF for the event socket: which copies the kernel need not wake us for.
 
     Always dropped: a bridge port's AF_BRIDGE RTM_DELLINK (the device's own event says the
-    same) and neighbours other than the bridge family's (fdb) and IPv4's (which guest holds
-    which address), so the host's IPv6 neighbour churn never wakes the daemon.
+    same); a link event whose only change is IFF_PROMISC (a bridge sets it on each new
+    port; nothing here reads it); neighbours other than the bridge family's (fdb) and
+    IPv4's (which guest holds which address), so the host's IPv6 neighbour churn never
+    wakes the daemon.
     port_flags: keep the ports' AF_BRIDGE RTM_NEWLINK copies, the only news of a
     `bridge link set ... isolated` (three come with every enslave).
     fdb: keep fdb entries (one comes with every enslave; only the overlay reads them).
@@ -40,7 +47,9 @@ def event_filter(port_flags: bool, fdb: bool) -> list[tuple[int, int, int, int]]
         (_JEQ, _be16(RTM_NEWNEIGH), "neigh", None),
         (_JEQ, _be16(RTM_DELNEIGH), "neigh", "accept"),
         "newlink", (_LDB, 16, None, None),  # ifi_family
-        (_JEQ, socket.AF_BRIDGE, link_bridge, "accept"),
+        (_JEQ, socket.AF_BRIDGE, link_bridge, None),
+        (_LD, 28, None, None),  # ifi_change
+        (_JEQ, _be32(IFF_PROMISC), "drop", "accept"),
         "dellink", (_LDB, 16, None, None),
         (_JEQ, socket.AF_BRIDGE, "drop", "accept"),
         "neigh", (_LDB, 16, None, None),  # ndm_family

@@ -209,10 +209,10 @@ def decode_fdb(new: bool, buf: Buffer, start: int, end: int) -> FdbRec | NeighRe
     return FdbRec(new, index, bytes(buf[mac[0]:mac[1]]).hex(":"), where)
 
 
-def decode_all(buf: Buffer, size: int) -> list[Record]:
+def decode_all(buf: Buffer, size: int, port_flags: bool = True) -> list[Record]:
     out = []
     for kind, flags, _, start, end in messages(buf, size):
-        rec = decode(kind, flags, buf, start, end)
+        rec = decode(kind, flags, buf, start, end, port_flags)
         if rec is not None:
             out.append(rec)
     return out
