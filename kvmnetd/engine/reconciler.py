@@ -156,7 +156,7 @@ class Reconciler:
             if self._running:
                 # Its pass starts now rather than when the loop next wakes: a guest's
                 # tap waits for no other event of the burst to be read first.
-                self._start_port_pass()
+                self._start_port_pass(now=True)
             self._wake.set()
 
     async def request_port(self, ifname: str, network: str) -> None:
@@ -331,14 +331,19 @@ class Reconciler:
         self._recheck.clear()
         self._recheck_due = None
 
-    def _start_port_pass(self) -> None:
+    def _start_port_pass(self, now: bool = False) -> None:
         """The queued ports, without waiting for them: the loop goes back to reading
-        events, and the next taps' pass may send while the kernel still works on these."""
+        events, and the next taps' pass may send while the kernel still works on these.
+
+        now: planned and sent before this returns (a new tap, from the callback reading
+        its event: else its enslave would wait until the rest of a burst is read). API
+        calls start a task instead: calls arriving together then share one pass."""
         if not self._port_queue:
             return
-        # Started here: planned and sent before the caller (often the callback reading
-        # a burst of events) goes on; only the acks are awaited in the background.
-        task = start_eagerly(self._port_pass_logged())
+        if now:
+            task = start_eagerly(self._port_pass_logged())
+        else:
+            task = asyncio.get_running_loop().create_task(self._port_pass_logged())
         if task is not None:
             self._port_tasks.add(task)
             task.add_done_callback(self._port_tasks.discard)
