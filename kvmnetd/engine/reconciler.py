@@ -45,9 +45,9 @@ SWEEP_INTERVAL = 60.0
 RETRY_INTERVAL = 1.0
 # How long after an event on a settled port its own plan looks at it.
 RECHECK_DELAY = 0.02
-# Ports placed while more events wait to be read (a burst of new taps) and nobody waits
-# for: owned.json and the port listeners hear of them once the events stop, or this long
-# after the first of them at the latest.
+# Ports placed with nobody waiting (new taps, often a burst): owned.json and the port
+# listeners hear of them once no event waits to be read, or this long after the first at
+# the latest. A kill meanwhile loses nothing: a restart adopts what is on our bridges.
 TELL_WITHIN = 0.1
 TELL_POLL = 0.005
 

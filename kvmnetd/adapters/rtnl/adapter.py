@@ -206,7 +206,7 @@ class NetlinkAdapter:
         if before[1] and not fdb:
             self._mirror.forget_fdb()
         if (port_flags and not before[0]) or (fdb and not before[1]):
-            self._overflow()  # the same full re-read as after lost events
+            self._reread()
 
     def events_pending(self) -> bool:
         """Kernel events not yet read: the mirror may still show a passing state."""
@@ -220,6 +220,11 @@ class NetlinkAdapter:
 
     def _overflow(self) -> None:
         log.warning("netlink events lost; re-reading all links")
+        self.resyncs += 1
+        self._reread()
+
+    def _reread(self) -> None:
+        """A full re-read in the background (events that arrive meanwhile are replayed)."""
         if self._resync is not None and not self._resync.done():
             self._resync_again = True
             return
@@ -230,7 +235,6 @@ class NetlinkAdapter:
         self._resync_again = True
         while self._resync_again:
             self._resync_again = False
-            self.resyncs += 1
             try:
                 await self.refresh()
             except Exception as exc:
