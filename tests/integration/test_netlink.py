@@ -336,6 +336,10 @@ async def test_apply_many_pipelines_ports_and_reports_each(ns: str, nl: NetlinkA
     names = [f"p{i}" for i in range(150)]
     sh("ip", "-batch", "-", ns=ns, input="".join(f"tuntap add {n} mode tap\n" for n in names))
     assert await until(lambda: all(nl.observed.link(n) is not None for n in names))
+    # A new device's event is handed on as soon as it is read: the ones after it (the
+    # taps' own later changes, which show them unenslaved) are read first here, so
+    # they cannot land on top of what the acks below say.
+    assert await until(lambda: not nl.events_pending())
     actions: list[act.Action] = [act.Enslave(None, n, "br0") for n in names]
     actions.insert(10, act.Enslave(None, "nosuch", "br0"))
     actions.insert(20, act.SetMtu(None, "br0", 1400))  # pipelined too: one socket keeps order
