@@ -67,6 +67,7 @@ class NetlinkAdapter:
         self._dump_lock = asyncio.Lock()
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
+        self._following = (True, True)  # (port flags, fdb entries): what the sockets read
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -74,6 +75,7 @@ class NetlinkAdapter:
         """Subscribe, dump, then follow events. Sockets live in the caller's network namespace."""
         self._on_change = on_change
         self._chan = raw.RequestChannel()
+        self._following = (True, True)  # new sockets read everything
         self._events = raw.EventSocket(self._on_records, self._overflow,
                                        self.event_rcvbuf)
         await self._dump()
@@ -194,11 +196,10 @@ class NetlinkAdapter:
         neigh_suppress) and fdb entries. Each enslave brings four such messages, most of
         what a burst of new taps costs to read, so they are followed only while a network
         needs them. What stops being followed reads as unknown; what starts is read anew."""
-        if self._events is None or self._chan is None:
+        before = self._following
+        if self._events is None or self._chan is None or before == (port_flags, fdb):
             return
-        before = (self._events.port_flags, self._events.fdb)
-        if before == (port_flags, fdb):
-            return
+        self._following = (port_flags, fdb)
         self._events.follow(port_flags, fdb)
         self._chan.port_flags = port_flags
         if before[0] and not port_flags:
@@ -315,11 +316,11 @@ class NetlinkAdapter:
                 # Sent before this returns to the loop: a tap's enslave waits for no
                 # other callback (a burst of events being read) to run first.
                 assert isinstance(action, act.Enslave)
-                # One alone (an API call, a single new tap) goes out from here: handing
-                # it to the sender thread would cost a thread wake-up for nothing.
-                # Nobody waiting (a new tap of a burst): the sender thread takes it too;
-                # from here the loop would wait in the kernel while the tool making the
-                # taps holds the rtnl lock, instead of reading the next taps' events.
+                # One alone that a caller waits for (an API call) goes out from here:
+                # the sender thread would cost a wake-up. Nobody waiting (a new tap,
+                # maybe of a burst): the sender thread takes it, or the loop would wait
+                # in the kernel while the tool making the taps holds the rtnl lock,
+                # instead of reading the next taps' events.
                 background = len(actions) > 1 or not waited
                 acks.append((i, self._start_enslave(action, master, background)))
                 started()

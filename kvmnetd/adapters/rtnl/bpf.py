@@ -59,9 +59,12 @@ def event_filter(port_flags: bool, fdb: bool) -> list[tuple[int, int, int, int]]
         "drop", (_RET, _DROP, None, None),
     ]
     at: dict[str, int] = {}  # label -> the index of the instruction after it
+    count = 0
     for item in code:
         if isinstance(item, str):
-            at[item] = len([x for x in code[:code.index(item)] if not isinstance(x, str)])
+            at[item] = count
+        else:
+            count += 1
     prog: list[tuple[int, int, int, int]] = []
     for item in code:
         if isinstance(item, str):

@@ -118,7 +118,7 @@ class EventSocket:
     def __init__(self, on_records: Callable[[list[Record]], None],
                  on_overflow: Callable[[], None], rcvbuf: int = EVENT_RCVBUF) -> None:
         self.sock = open_socket(GROUPS, rcvbuf)
-        self.port_flags = self.fdb = True
+        self.port_flags = True
         attach_filter(self.sock, event_filter(True, True))
         self._buf = bytearray(RECV_SIZE)
         self._on_records = on_records
@@ -128,9 +128,8 @@ class EventSocket:
 
     def follow(self, port_flags: bool, fdb: bool) -> None:
         """Which optional events to receive and decode (see event_filter)."""
-        if (port_flags, fdb) != (self.port_flags, self.fdb):
-            attach_filter(self.sock, event_filter(port_flags, fdb))
-            self.port_flags, self.fdb = port_flags, fdb
+        attach_filter(self.sock, event_filter(port_flags, fdb))
+        self.port_flags = port_flags
 
     def pending(self) -> bool:
         """Events are waiting to be read: what was read so far may be behind the kernel."""
