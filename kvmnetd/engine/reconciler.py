@@ -107,9 +107,9 @@ class Reconciler:
         # Ports to look at without a full pass (new taps, API calls): ifname -> the
         # callers waiting for it. One queue: whoever asked, the same planner and writes.
         self._port_queue: dict[str, list[asyncio.Future[None]]] = {}
-        # Ports settled since the last full pass: ifname -> (its index, its bridge's index).
+        # Ports settled since the last full pass: ifname -> its link as it was left.
         # Their own netlink events then need no pass.
-        self._settled_ports: dict[str, tuple[int, int | None]] = {}
+        self._settled_ports: dict[str, Link] = {}
         self._settled_index: dict[int, str] = {}  # the same, by link index
         # Our bridges as the last full pass left them (MAC blanked): link index -> link.
         self._settled_bridges: dict[int, Link] = {}
@@ -202,14 +202,18 @@ class Reconciler:
                 if name is None:
                     return False
                 settled = self._settled_ports.get(name)
-                if settled is not None and settled[0] == index:
+                if settled is not None and settled.index == index:
                     gone.append(name)  # not yet seen gone by its own plan
                 continue
-            if self._settled_ports.get(link.name) != (index, link.master):
+            settled = self._settled_ports.get(link.name)
+            if settled is None or (settled.index, settled.master) != (index, link.master):
                 return False
-            # Anything else on a settled port (down, or on its way out: `ip link del`
-            # downs it first; its isolation flag changed by hand): its own plan looks.
-            gone.append(link.name)
+            if link != settled:
+                # Anything else on a settled port (down, or on its way out: `ip link del`
+                # downs it first; its isolation flag changed by hand): its own plan looks.
+                # Events of its enslave read after the ack may show it half-way (on the
+                # bridge, not yet up): if the last one puts it back, nothing is planned.
+                gone.append(link.name)
         self._recheck.update(gone)
         return True
 
@@ -327,7 +331,8 @@ class Reconciler:
             loop.call_later(max(wait, 0.005), self._wake.set)
             return
         for name in self._recheck:
-            self._port_queue.setdefault(name, [])
+            if self._settled_ports.get(name) != self.netlink.observed.link(name):
+                self._port_queue.setdefault(name, [])
         self._recheck.clear()
         self._recheck_due = None
 
@@ -431,9 +436,9 @@ class Reconciler:
             net_bridge = self.desired.networks[net].bridge if net else None
             link, br = observed.link(ifname), observed.link(net_bridge) if net_bridge else None
             if link is not None and br is not None and link.master == br.index:
-                self._settle_port(ifname, link.index, br.index)
+                self._settle_port(ifname, link)
             elif link is not None and net is None and link.master is None:
-                self._settle_port(ifname, link.index, None)
+                self._settle_port(ifname, link)
             elif link is None and ifname in absent:
                 # Its index stays known until the deletion event is read: that event
                 # then needs no plan. A port that vanished while its writes ran stays
@@ -532,11 +537,11 @@ class Reconciler:
             link = observed.link(ifname)
             master = bridges.get(net_name)
             if link is not None and master is not None and link.master == master and link.up:
-                self._settle_port(ifname, link.index, master)
+                self._settle_port(ifname, link)
 
-    def _settle_port(self, ifname: str, index: int, master: int | None) -> None:
-        self._settled_ports[ifname] = (index, master)
-        self._settled_index[index] = ifname
+    def _settle_port(self, ifname: str, link: Link) -> None:
+        self._settled_ports[ifname] = link
+        self._settled_index[link.index] = ifname
 
     def _ports_changed(self, names: set[str] | None) -> None:
         for listener in self._port_listeners:

@@ -282,6 +282,30 @@ async def test_port_events_after_a_full_pass_need_no_pass(tmp_path: Path) -> Non
     assert rec.passes == passes and "vnet9" not in rec.owned.ports
 
 
+async def test_a_settled_port_seen_half_way_and_back_plans_nothing(tmp_path: Path) -> None:
+    tap = Link(index=91, name="vnet9", kind="tun")
+    rec, nl, _, _ = make(tmp_path, tap)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       ports={"vnet9": "nat"}))
+    completed, writes = rec.completed, rec.writes
+    # Events of its enslave read after the ack: on the bridge and still down, then up.
+    nl._set("vnet9", up=False)
+    nl.changed = {91}
+    assert not rec.needs_pass()
+    nl._set("vnet9", up=True)
+    nl.changed = {91}
+    assert not rec.needs_pass()
+    await rec.apply_queued()
+    assert (rec.completed, rec.writes) == (completed, writes), "as it was left: no plan"
+    # Left down (a guest's tap downed by hand): its own plan brings it up again.
+    nl._set("vnet9", up=False)
+    nl.changed = {91}
+    assert not rec.needs_pass()
+    await rec.apply_queued()
+    assert rec.completed == completed + 1 and rec.writes == writes + 1
+    assert nl.observed.link("vnet9").up  # type: ignore[union-attr]
+
+
 async def test_other_changes_of_our_bridge_still_wake_the_planner(tmp_path: Path) -> None:
     rec, nl, _, _ = make(tmp_path)
     await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"})))

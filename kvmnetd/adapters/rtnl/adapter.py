@@ -429,10 +429,11 @@ class NetlinkAdapter:
                 out.cancel()
             elif (exc := f.exception()) is None:
                 # A port joining a bridge starts without isolation; the plan sets it after.
+                # Unless port flags are followed, the flag stays unknown, as its events say.
                 old = self._mirror.link(name)
                 moved = old is None or old.master != master
-                self._mirror.update_link(name, master=master, up=True,
-                                         **({"isolated": False} if moved else {}))
+                reset = {"isolated": False} if moved and self._following[0] else {}
+                self._mirror.update_link(name, master=master, up=True, **reset)
                 out.set_result(None)
             elif isinstance(exc, NetlinkFailure):
                 err = kernel_error(exc.code, exc.reason, _attach(action))
