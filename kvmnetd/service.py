@@ -113,7 +113,7 @@ class Service:
         self.core.forget_gone_limits()
         # Qdisc changes (ours healed, a `tc qdisc del`) come as rtnetlink tc events.
         self.tcmon.start(self.rec.rates_changed)
-        self.netlink.on_link_added = self.rec.link_added
+        self.netlink.on_links_added = self.rec.links_added
         # Listen first, then observe: no ruleset change falls between.
         self.nftmon.table = s.firewall_table
         await self.nftmon.start(self.rec.firewall_changed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import structlog
@@ -148,16 +148,20 @@ class Reconciler:
         """Netlink events changed links: a pass, unless the ports settled explain them all."""
         self._wake.set()
 
-    def link_added(self, link: Link) -> None:
-        """Netlink saw this link for the first time: a tap or veth is looked at on its
-        own (policy may place it, a request may wait for it), not by a full pass."""
-        if link.kind in PORT_KINDS:
+    def links_added(self, links: Sequence[Link]) -> None:
+        """Netlink saw these links for the first time: taps and veths are looked at on
+        their own (policy may place them, a request may wait for them), not by a full
+        pass; the ones read together, in one port pass."""
+        ports = [link for link in links if link.kind in PORT_KINDS]
+        if not ports:
+            return
+        for link in ports:
             self._port_queue.setdefault(link.name, [])
-            if self._running:
-                # Its pass starts now rather than when the loop next wakes: a guest's
-                # tap waits for no other event of the burst to be read first.
-                self._start_port_pass(now=True)
-            self._wake.set()
+        if self._running:
+            # The pass starts now rather than when the loop next wakes: a guest's tap
+            # waits for no other event of the burst to be read first.
+            self._start_port_pass(now=True)
+        self._wake.set()
 
     async def request_port(self, ifname: str, network: str) -> None:
         """An explicit request for one port ("" detaches it): returns once it is applied."""

@@ -25,7 +25,7 @@ from kvmnetd.adapters.rtnl.decode import (
 )
 from kvmnetd.model import actions as act
 from kvmnetd.model.errors import Conflict, InvalidArgument, NoSuchPort
-from kvmnetd.model.observed import Route
+from kvmnetd.model.observed import Link, Route
 from tests.support.netns import entered, netns, sh
 
 pytestmark = pytest.mark.integration
@@ -223,6 +223,28 @@ async def test_kernel_refusals_are_typed_and_name_the_device(ns: str, nl: Netlin
     await bridge(nl, "br0")
     with pytest.raises(Conflict, match="already exists"):
         await nl.apply(act.CreateBridge(None, "br0"))
+
+
+async def test_new_links_read_together_come_first_and_together(
+        ns: str, nl: NetlinkAdapter) -> None:
+    ip(ns, "tuntap", "add", "d0", "mode", "tap")
+    assert await until(lambda: nl.observed.link("d0") is not None)
+    seen: list[tuple[list[str], int]] = []
+
+    def added(links: list[Link]) -> None:
+        d0 = nl.observed.link("d0")
+        assert d0 is not None
+        seen.append(([link.name for link in links], d0.mtu))
+
+    nl.on_links_added = added
+    # ip runs while the loop waits: all three events are queued before any is read.
+    ip(ns, "link", "set", "d0", "mtu", "1400")
+    ip(ns, "tuntap", "add", "d1", "mode", "tap")
+    ip(ns, "tuntap", "add", "d2", "mode", "tap")
+    assert await until(lambda: (d0 := nl.observed.link("d0")) is not None and d0.mtu == 1400)
+    # Handed on in one call, before the news about d0 read with them was decoded.
+    assert seen == [(["d1", "d2"], 1500)]
+    assert nl.observed.link("d1") is not None and nl.observed.link("d2") is not None
 
 
 async def test_addresses_and_routes(ns: str, nl: NetlinkAdapter) -> None:

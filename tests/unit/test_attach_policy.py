@@ -70,7 +70,7 @@ async def test_loop_new_tap(tmp_path: Path, rules: tuple[AttachRule, ...], activ
     await rec.set_desired(desired(rules, active))
     link = tap(name, mac)
     nl.observed.links[link.index] = link
-    rec.link_added(link)
+    rec.links_added([link])
     await rec.apply_queued()
     now = nl.observed.link(name)
     assert now is not None

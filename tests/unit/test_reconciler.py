@@ -119,7 +119,7 @@ async def test_a_new_tap_matching_policy_is_attached_from_its_own_event(tmp_path
     writes, passes = rec.writes, rec.passes
     tap = Link(index=7, name="vnet3", kind="tun")
     nl.observed.links[7] = tap
-    rec.link_added(tap)
+    rec.links_added([tap])
     await _settled(rec)
     kvbr1 = nl.observed.link("kvbr1")
     vnet = nl.observed.link("vnet3")
@@ -144,7 +144,7 @@ async def test_fast_attach_leaves_what_policy_does_not_claim(tmp_path: Path) -> 
                  Link(index=23, name="iso0", kind="tun"),  # its network is not active
                  Link(index=24, name="other0", kind="tun")):  # no rule
         nl.observed.links[link.index] = link
-        rec.link_added(link)
+        rec.links_added([link])
     await _settled(rec)
     assert rec.writes == writes
 
@@ -156,7 +156,7 @@ async def test_fast_attach_failure_is_the_ports_and_wakes_the_loop(tmp_path: Pat
     nl.fail_on.add("vnet4")
     tap = Link(index=30, name="vnet4", kind="tun")
     nl.observed.links[30] = tap
-    rec.link_added(tap)
+    rec.links_added([tap])
     await _settled(rec)
     assert "refused" in rec.port_errors["vnet4"] and rec.needs_pass()
     assert rec.states["nat"].state == "active"
@@ -170,7 +170,7 @@ async def test_no_pass_when_only_fast_attached_taps_changed(tmp_path: Path) -> N
     taps = [Link(index=40 + i, name=f"vnet{i}", kind="tun") for i in range(3)]
     for tap in taps:
         nl.observed.links[tap.index] = tap
-        rec.link_added(tap)
+        rec.links_added([tap])
     await _settled(rec)
     nl.changed = {40, 41, 42}
     assert not rec.needs_pass()  # each settled port's own plan looks, no full pass
@@ -252,7 +252,7 @@ async def test_a_new_tap_no_rule_claims_needs_no_pass(tmp_path: Path) -> None:
                                        rules=(AttachRule("nat", ifname="vnet*"),)))
     tap = Link(index=80, name="other0", kind="tun")  # down, as a new tap is
     nl.observed.links[80] = tap
-    rec.link_added(tap)
+    rec.links_added([tap])
     await rec.apply_queued()
     nl.changed = {80}
     assert not rec.needs_pass(), "looked at alone: nothing to do, and no pass over all"
@@ -304,6 +304,23 @@ async def test_a_settled_port_seen_half_way_and_back_plans_nothing(tmp_path: Pat
     await rec.apply_queued()
     assert rec.completed == completed + 1 and rec.writes == writes + 1
     assert nl.observed.link("vnet9").up  # type: ignore[union-attr]
+
+
+async def test_taps_read_together_share_one_port_pass(tmp_path: Path) -> None:
+    rec, nl, _, _ = make(tmp_path)
+    await rec.set_desired(DesiredState(networks=nets(), active=frozenset({"nat"}),
+                                       rules=(AttachRule("nat", ifname="vnet*"),)))
+    rec._running = True
+    completed = rec.completed
+    taps = [Link(index=50 + i, name=f"vnet{i}", kind="tun") for i in range(3)]
+    for tap in taps:
+        nl.observed.links[tap.index] = tap
+    rec.links_added([*taps, Link(index=60, name="br9", kind="bridge")])
+    await asyncio.sleep(0.02)
+    assert rec.completed == completed + 1
+    kvbr0 = nl.observed.link("kvbr0")
+    assert kvbr0 is not None
+    assert all(nl.observed.link(t.name).master == kvbr0.index for t in taps)  # type: ignore[union-attr]
 
 
 async def test_other_changes_of_our_bridge_still_wake_the_planner(tmp_path: Path) -> None:
@@ -423,7 +440,7 @@ async def test_a_burst_saves_and_tells_once_its_events_are_read(tmp_path: Path) 
     for i in range(3):
         tap = Link(index=40 + i, name=f"vnet{i}", kind="tun")
         nl.observed.links[tap.index] = tap
-        rec.link_added(tap)
+        rec.links_added([tap])
     await asyncio.sleep(0.02)
     assert all(nl.observed.link(f"vnet{i}").master is not None for i in range(3))  # type: ignore[union-attr]
     assert told == [] and "vnet0" not in load_owned(str(tmp_path / "owned.json")).ports

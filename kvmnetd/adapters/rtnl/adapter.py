@@ -58,8 +58,9 @@ class NetlinkAdapter:
         # While a dump runs, events wait here and are replayed after it, in order.
         self._pending: list[Record] | None = None
         self._on_change: Callable[[], None] = lambda: None
-        # Called with each link an event shows for the first time (not for dumps).
-        self.on_link_added: Callable[[Link], None] | None = None
+        # Called with the links a read of events shows for the first time, together
+        # (not for dumps).
+        self.on_links_added: Callable[[list[Link]], None] | None = None
         # What events changed since take_changes(): link indexes, and whether anything else
         # (an address, a route, a re-read) did.
         self._changed: set[int] = set()
@@ -180,14 +181,13 @@ class NetlinkAdapter:
                     changed = True
             elif apply(rec):
                 self._changed_other = changed = True
-        if added and self.on_link_added is not None:
-            for index in added:
-                link = links.get(index)  # as the whole batch left it
-                if link is not None:
-                    try:
-                        self.on_link_added(link)
-                    except Exception:
-                        log.exception("on_link_added callback failed")
+        if added and self.on_links_added is not None:
+            # As the whole batch left them.
+            born = [link for index in added if (link := links.get(index)) is not None]
+            try:
+                self.on_links_added(born)
+            except Exception:
+                log.exception("on_links_added callback failed")
         if changed:
             self._notify()
 

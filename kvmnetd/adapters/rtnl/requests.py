@@ -32,6 +32,7 @@ from kvmnetd.adapters.rtnl.decode import (
     RTM_NEWLINK,
     Record,
     decode,
+    decode_all,
     decode_error,
     messages,
 )
@@ -112,8 +113,10 @@ def open_socket(groups: int, rcvbuf: int) -> socket.socket:
 
 
 class EventSocket:
-    """The multicast groups, read from the event loop. `on_records` gets each batch decoded;
-    `on_overflow` is called when the kernel dropped events (ENOBUFS): the stream has a gap."""
+    """The multicast groups, read from the event loop. `on_records` gets each batch decoded,
+    what announces new devices before the rest read with it (each device's own news stays
+    in order); `on_overflow` is called when the kernel dropped events (ENOBUFS): the stream
+    has a gap."""
 
     def __init__(self, on_records: Callable[[list[Record]], None],
                  on_overflow: Callable[[], None], rcvbuf: int = EVENT_RCVBUF) -> None:
@@ -141,7 +144,8 @@ class EventSocket:
             return True  # ENOBUFS: events were lost; the resync that follows catches up
 
     def _readable(self) -> None:
-        records: list[Record] = []
+        born: list[bytearray] = []
+        rest: list[bytearray] = []
         buf, port_flags = self._buf, self.port_flags
         # Bounded per wake-up so a flood cannot starve the rest of the loop.
         for _ in range(256):
@@ -154,20 +158,17 @@ class EventSocket:
                     raise
                 self._on_overflow()
                 continue
-            born = False
-            for kind, flags, _, start, end in messages(buf, size):
-                rec = decode(kind, flags, buf, start, end, port_flags)
-                if rec is not None:
-                    records.append(rec)
-                    # A device registered (all flags "changed"): a new tap is handed on
-                    # at once, so its enslave goes out before the rest of a burst's
-                    # events are read, not after.
-                    born = born or (kind == RTM_NEWLINK and _newly_registered(buf, start))
-            if born:
+            # A device registered (all its flags "changed"): new taps are handed on
+            # first, together, before the news about known devices read with them is
+            # decoded. A loop that falls behind in a burst of taps then plans the taps
+            # waiting in one pass, and no tap waits for the echoes of earlier ones.
+            announces = any(kind == RTM_NEWLINK and _newly_registered(buf, start)
+                            for kind, _, _, start, _ in messages(buf, size))
+            (born if announces else rest).append(buf[:size])
+        for group in (born, rest):
+            records = [rec for data in group for rec in decode_all(data, len(data), port_flags)]
+            if records:
                 self._on_records(records)
-                records = []
-        if records:
-            self._on_records(records)
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
