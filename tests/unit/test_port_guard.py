@@ -23,7 +23,7 @@ from kvmnetd.model import actions as A
 from kvmnetd.model.desired import DesiredState, Dhcp, DhcpHost, Mode, Network, Settings
 from kvmnetd.model.domxml import DomainNic
 from kvmnetd.model.errors import ConfigError
-from kvmnetd.model.guard import PortIdentity
+from kvmnetd.model.guard import GuardElement, PortIdentity
 from kvmnetd.model.observed import RTPROT_RA, Link, ObservedState, Route
 from kvmnetd.model.owned import Owned
 from kvmnetd.model.records import ROOT, CoreEvent, Lease
@@ -188,6 +188,35 @@ async def test_loop_applies_the_guard_and_converges(tmp_path: Path) -> None:
     # The network goes: so does the table.
     await rec.set_desired(DesiredState())
     assert guard.fingerprint is None
+
+
+async def test_both_tables_are_read_at_once_and_a_failed_read_is_read_again(
+        tmp_path: Path) -> None:
+    guard_reading = asyncio.Event()
+    failures = [OSError("nft: out of memory")]
+
+    class SlowFirewall(FakeFirewall):
+        async def observe(self) -> str | None:
+            # Returns only once the guard's read has started: a heal waits for one nft
+            # run, not two in a row.
+            await guard_reading.wait()
+            if failures:
+                raise failures.pop()
+            return await super().observe()
+
+    class WatchedGuard(FakePortGuard):
+        async def observe(self) -> tuple[str | None, frozenset[GuardElement]]:
+            guard_reading.set()
+            return await super().observe()
+
+    guard = WatchedGuard()
+    rec = Reconciler(FakeNetlink(replace(TAP, up=False)), SlowFirewall(), FakeSysctl(),
+                     FakeDhcp(), str(tmp_path / "o.json"), guard=guard)
+    async with asyncio.timeout(2):
+        with pytest.raises(OSError, match="out of memory"):
+            await rec.set_desired(state(guarded(), PortIdentity(MAC)))
+        await rec.converge()  # neither read is trusted after one failed
+    assert guard.fingerprint == fingerprint()
 
 
 async def test_a_port_attached_alone_is_guarded_before_it_joins(tmp_path: Path) -> None:
