@@ -677,11 +677,17 @@ class Reconciler:
             reads.append(read_foreign())
         if not reads:
             return
-        for result in await asyncio.gather(*reads, return_exceptions=True):
-            if isinstance(result, BaseException):
-                self._firewall_known = self._firewall_known and not ours
-                self._foreign_known = self._foreign_known and not foreign
-                raise result
+        try:
+            # Each read runs to its end; the first failure is raised after all of them.
+            for result in await asyncio.gather(*reads, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
+        except BaseException:
+            if ours:
+                self._firewall_known = False
+            if foreign:
+                self._foreign_known = False
+            raise
 
     def _save_owned_if_dirty(self) -> None:
         if self.owned_dirty:
