@@ -21,6 +21,7 @@ from kvmnetd.engine.interfaces import (
     RatePort,
     SysctlPort,
 )
+from kvmnetd.engine.settled import Settled
 from kvmnetd.model import actions as A
 from kvmnetd.model.desired import DesiredState
 from kvmnetd.model.errors import KvmnetError, NoSuchPort
@@ -107,12 +108,9 @@ class Reconciler:
         # Ports to look at without a full pass (new taps, API calls): ifname -> the
         # callers waiting for it. One queue: whoever asked, the same planner and writes.
         self._port_queue: dict[str, list[asyncio.Future[None]]] = {}
-        # Ports settled since the last full pass: ifname -> its link as it was left.
-        # Their own netlink events then need no pass.
-        self._settled_ports: dict[str, Link] = {}
-        self._settled_index: dict[int, str] = {}  # the same, by link index
-        # Our bridges as the last full pass left them (MAC blanked): link index -> link.
-        self._settled_bridges: dict[int, Link] = {}
+        # Ports and bridges settled since the last full pass: their own netlink events
+        # then need no pass.
+        self._settled = Settled()
         self._port_listeners: list[Callable[[set[str] | None], None]] = []
         self._running = False  # run() is draining the port queue
         # Ports whose writes are sent and not yet acknowledged: ifname -> how many
@@ -186,7 +184,7 @@ class Reconciler:
 
     def _covers(self, changed: set[int]) -> bool:
         links = self.netlink.observed.links
-        gone: list[str] = []
+        rest: list[int] = []
         for index in changed:
             link = links.get(index)
             if link is not None and link.name in self._port_queue:
@@ -194,31 +192,11 @@ class Reconciler:
             if link is not None and link.name in self._inflight:
                 self._inflight_seen.add(link.name)  # its own pass settles it
                 continue
-            if link is not None and index in self._settled_bridges:
-                # A bridge without a fixed address takes its lowest port's MAC: a port
-                # coming or going changes it, and nothing the planner reads.
-                if replace(link, mac="") == self._settled_bridges[index]:
-                    continue
-                return False
-            if link is None:
-                # A settled port's tap deleted (a guest stopped): that port's plan forgets it.
-                name = self._settled_index.pop(index, None)
-                if name is None:
-                    return False
-                settled = self._settled_ports.get(name)
-                if settled is not None and settled.index == index:
-                    gone.append(name)  # not yet seen gone by its own plan
-                continue
-            settled = self._settled_ports.get(link.name)
-            if settled is None or (settled.index, settled.master) != (index, link.master):
-                return False
-            if link != settled:
-                # Anything else on a settled port (down, or on its way out: `ip link del`
-                # downs it first; its isolation flag changed by hand): its own plan looks.
-                # Events of its enslave read after the ack may show it half-way (on the
-                # bridge, not yet up): if the last one puts it back, nothing is planned.
-                gone.append(link.name)
-        self._recheck.update(gone)
+            rest.append(index)
+        again = self._settled.explain(rest, links)
+        if again is None:
+            return False
+        self._recheck.update(again)
         return True
 
     def _rates_wanted(self) -> bool:
@@ -335,7 +313,7 @@ class Reconciler:
             loop.call_later(max(wait, 0.005), self._wake.set)
             return
         for name in self._recheck:
-            if self._settled_ports.get(name) != self.netlink.observed.link(name):
+            if not self._settled.still(name, self.netlink.observed.link(name)):
                 self._port_queue.setdefault(name, [])
         self._recheck.clear()
         self._recheck_due = None
@@ -440,14 +418,14 @@ class Reconciler:
             net_bridge = self.desired.networks[net].bridge if net else None
             link, br = observed.link(ifname), observed.link(net_bridge) if net_bridge else None
             if link is not None and br is not None and link.master == br.index:
-                self._settle_port(ifname, link)
+                self._settled.port(ifname, link)
             elif link is not None and net is None and link.master is None:
-                self._settle_port(ifname, link)
+                self._settled.port(ifname, link)
             elif link is None and ifname in absent:
                 # Its index stays known until the deletion event is read: that event
                 # then needs no plan. A port that vanished while its writes ran stays
                 # settled: its deletion event brings the plan that forgets it.
-                self._settled_ports.pop(ifname, None)
+                self._settled.forget(ifname)
             elif link is not None and ifname in self._inflight_seen:
                 # Not where its plan put it, and the events that would have told the
                 # loop were read while its writes were in flight: look again.
@@ -536,16 +514,12 @@ class Reconciler:
             br = observed.link(net.bridge)
             if br is not None:
                 bridges[net.name] = br.index
-                self._settled_bridges[br.index] = replace(br, mac="")
+                self._settled.bridge(br)
         for ifname, net_name in p.ports.items():
             link = observed.link(ifname)
             master = bridges.get(net_name)
             if link is not None and master is not None and link.master == master and link.up:
-                self._settle_port(ifname, link)
-
-    def _settle_port(self, ifname: str, link: Link) -> None:
-        self._settled_ports[ifname] = link
-        self._settled_index[link.index] = ifname
+                self._settled.port(ifname, link)
 
     def _ports_changed(self, names: set[str] | None) -> None:
         for listener in self._port_listeners:
@@ -589,11 +563,9 @@ class Reconciler:
         # From here on this pass sees everything: later changes are for the next look.
         self._other_trigger = False
         self.netlink.take_changes()
-        self._settled_ports.clear()
-        self._settled_index.clear()
+        self._settled.clear()
         self._recheck.clear()
         self._recheck_due = None
-        self._settled_bridges.clear()
         queue, self._port_queue = self._port_queue, {}
         await self._read_rulesets()
         if not self._rates_known and self.rate is not None and self._rates_wanted():
