@@ -409,9 +409,7 @@ def do_forward_remove(c: Client, o: argparse.Namespace) -> None:
          f"{o.network}: {o.proto} {o.port} removed")
 
 
-def add_forward_verbs(verbs: Any, verb: Any) -> None:
-    fwd = verbs.add_parser("forward", help="port forwards from the host to guests").add_subparsers(
-        dest="sub", required=True, metavar="ACTION")
+def _forward_verbs(fwd: Any, verb: Any) -> None:
     a = verb(fwd, "add", do_forward_add, "forward a host port (or range) to a guest",
              change=True)
     a.add_argument("network")
@@ -440,7 +438,48 @@ def simple(method: str, *attrs: str) -> Any:
     return run
 
 
-def parser() -> argparse.ArgumentParser:
+def _network_verbs(net: Any, verb: Any) -> None:
+    verb(net, "list", do_network_list, "list networks", True)
+    verb(net, "show", do_network_show, "show one network", True).add_argument("name")
+    verb(net, "start", do_network_start, "start a network", change=True).add_argument("name")
+    verb(net, "stop", do_network_stop, "stop a network", change=True).add_argument("name")
+    d = verb(net, "define", do_network_define, "define a network from a TOML file ('-': stdin)",
+             change=True)
+    d.add_argument("file")
+    d.add_argument("--runtime", action="store_true", help="until the next restart only")
+    u = verb(net, "undefine", do_network_undefine, "remove a network", change=True)
+    u.add_argument("name")
+    u.add_argument("--runtime", action="store_true", help="keep the persistent definition")
+    from kvmnetd.cli_libvirt import add_verbs as add_libvirt_verbs
+
+    add_libvirt_verbs(net, verb)
+
+
+def _port_verbs(port: Any, verb: Any) -> None:
+    a = verb(port, "attach", do_port_attach, "attach an interface to a network", change=True)
+    a.add_argument("ifname")
+    a.add_argument("network")
+    a.add_argument("--force", action="store_true", help="take it from another network")
+    verb(port, "detach", do_port_detach, "detach an interface", change=True).add_argument(
+        "ifname")
+    m = verb(port, "move", do_port_move, "move to another network", change=True)
+    m.add_argument("ifname")
+    m.add_argument("network")
+    lim = verb(port, "limit", do_port_limit,
+               "limit a port's rate each way (kept across restarts and moves)", change=True)
+    lim.add_argument("ifname")
+    lim.add_argument("rate", help='e.g. 20mbit; "none": no limit; "default": the '
+                                  "network's port_rate")
+    verb(port, "list", do_port_list, "list ports (with the rate limit in effect)", True)
+    verb(port, "stats", do_port_stats,
+         "traffic counters per port, from the guest's side (tx: sent by the guest)",
+         True).add_argument("ifname", nargs="?", help="one port (default: all)")
+
+
+def parser(only: str | None = None) -> argparse.ArgumentParser:
+    """kvmnetctl's arguments. only: the verb the command line names; the other verb
+    groups are listed with their help but not filled in: a call builds its own group's
+    parsers, not all ~40 (5 ms of every call)."""
     p = argparse.ArgumentParser(prog="kvmnetctl", description="Control kvmnetd.")
     p.add_argument("--bus-address", metavar="ADDR", help="use the D-Bus bus at ADDR")
     p.add_argument("--bus", action="store_true", help="use the system bus only")
@@ -462,44 +501,19 @@ def parser() -> argparse.ArgumentParser:
             v.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
         return v
 
-    verb(verbs, "status", do_status, "daemon and network overview", True)
-    net = verbs.add_parser("network", help="networks").add_subparsers(
-        dest="sub", required=True, metavar="ACTION")
-    verb(net, "list", do_network_list, "list networks", True)
-    verb(net, "show", do_network_show, "show one network", True).add_argument("name")
-    verb(net, "start", do_network_start, "start a network", change=True).add_argument("name")
-    verb(net, "stop", do_network_stop, "stop a network", change=True).add_argument("name")
-    d = verb(net, "define", do_network_define, "define a network from a TOML file ('-': stdin)",
-             change=True)
-    d.add_argument("file")
-    d.add_argument("--runtime", action="store_true", help="until the next restart only")
-    u = verb(net, "undefine", do_network_undefine, "remove a network", change=True)
-    u.add_argument("name")
-    u.add_argument("--runtime", action="store_true", help="keep the persistent definition")
-    from kvmnetd.cli_libvirt import add_verbs as add_libvirt_verbs
+    def group(name: str, help: str) -> Any | None:
+        g = verbs.add_parser(name, help=help)
+        if only is not None and only != name:
+            return None
+        return g.add_subparsers(dest="sub", required=True, metavar="ACTION")
 
-    add_libvirt_verbs(net, verb)
-    port = verbs.add_parser("port", help="guest ports").add_subparsers(
-        dest="sub", required=True, metavar="ACTION")
-    a = verb(port, "attach", do_port_attach, "attach an interface to a network", change=True)
-    a.add_argument("ifname")
-    a.add_argument("network")
-    a.add_argument("--force", action="store_true", help="take it from another network")
-    verb(port, "detach", do_port_detach, "detach an interface", change=True).add_argument(
-        "ifname")
-    m = verb(port, "move", do_port_move, "move to another network", change=True)
-    m.add_argument("ifname")
-    m.add_argument("network")
-    lim = verb(port, "limit", do_port_limit,
-               "limit a port's rate each way (kept across restarts and moves)", change=True)
-    lim.add_argument("ifname")
-    lim.add_argument("rate", help='e.g. 20mbit; "none": no limit; "default": the '
-                                  "network's port_rate")
-    verb(port, "list", do_port_list, "list ports (with the rate limit in effect)", True)
-    verb(port, "stats", do_port_stats,
-         "traffic counters per port, from the guest's side (tx: sent by the guest)",
-         True).add_argument("ifname", nargs="?", help="one port (default: all)")
-    add_forward_verbs(verbs, verb)
+    verb(verbs, "status", do_status, "daemon and network overview", True)
+    if (net := group("network", "networks")) is not None:
+        _network_verbs(net, verb)
+    if (port := group("port", "guest ports")) is not None:
+        _port_verbs(port, verb)
+    if (fwd := group("forward", "port forwards from the host to guests")) is not None:
+        _forward_verbs(fwd, verb)
     verb(verbs, "leases", do_leases, "DHCP leases of a network", True).add_argument("network")
     verb(verbs, "doctor", do_doctor, "explain why a guest may have no network", True)
     verb(verbs, "reload", simple("Reload"), "re-read the configuration")
@@ -510,8 +524,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def verb_of(argv: list[str]) -> str | None:
+    """The verb a command line names: its first word that is neither an option nor an
+    option's value; None if it has none (then every verb is built, for --help)."""
+    value_next = False
+    for arg in argv:
+        if value_next:
+            value_next = False
+        elif arg in ("--bus-address", "--socket"):
+            value_next = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    opts = parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    opts = parser(verb_of(args)).parse_args(args)
     try:
         opts.fn(Client(opts), opts)
     except CallFailed as exc:
