@@ -169,12 +169,23 @@ def _bus_method(m: Method) -> Callable[..., Any]:
     async def call(self: Manager, *args: Any) -> Any:
         try:
             caller = await self._svc.caller(m.name) if needs_caller else None
-            result = await m.run(self._svc.core, caller, list(args))
+            result = m.run(self._svc.core, caller, list(args))
+            if inspect.isawaitable(result):
+                result = await result
             self._svc.after(m, list(args), result)
         except Exception as exc:
             raise to_dbus_error(exc, m.name) from None
         return result
 
+    def call_now(self: Manager, *args: Any) -> Any:
+        # A read that waits for nothing: answered in its own dispatch, no task.
+        try:
+            return m.run(self._svc.core, None, list(args))
+        except Exception as exc:
+            raise to_dbus_error(exc, m.name) from None
+
+    if not needs_caller and not inspect.iscoroutinefunction(m.run):
+        call = call_now
     call.__name__ = call.__qualname__ = m.name
     # dbus-fast reads the D-Bus types from the annotations, as signature strings.
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]

@@ -10,7 +10,7 @@ import: a NamedTuple and plain strings (dataclasses and enum classes cost a qemu
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from kvmnetd.control.names import network_path
@@ -31,7 +31,9 @@ Refresh = Literal["none", "arg", "result", "all"]
 # Python types of the D-Bus argument codes used here (the socket checks them exactly).
 _PY_TYPES: dict[str, type] = {"s": str, "b": bool}
 
-Handler = Callable[["CoreAPI", "Caller | None", list[Any]], Awaitable[Any]]
+# A read that waits for nothing is a plain function: the bus answers it in the call's
+# own dispatch, without a task per call.
+Handler = Callable[["CoreAPI", "Caller | None", list[Any]], Any]
 
 
 class Method(NamedTuple):
@@ -82,7 +84,7 @@ def _caller(c: Caller | None) -> Caller:
     return c
 
 
-async def _list_networks(core: CoreAPI, _c: Caller | None, _a: list[Any]) -> Any:
+def _list_networks(core: CoreAPI, _c: Caller | None, _a: list[Any]) -> Any:
     return [[n.name, n.mode, n.bridge, n.state] for n in core.list_networks()]
 
 
@@ -95,15 +97,15 @@ async def _doctor(core: CoreAPI, _c: Caller | None, _a: list[Any]) -> Any:
     return json.dumps(await core.doctor(), sort_keys=True)
 
 
-async def _get_network(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
+def _get_network(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
     return network_path(core.network(a[0]).name)
 
 
-async def _list_ports(core: CoreAPI, _c: Caller | None, _a: list[Any]) -> Any:
+def _list_ports(core: CoreAPI, _c: Caller | None, _a: list[Any]) -> Any:
     return [[p.ifname, p.network, p.state] for p in core.list_ports()]
 
 
-async def _port_stats(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
+def _port_stats(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
     return [[r.ifname, r.network, r.rx_bytes, r.tx_bytes, r.rx_packets, r.tx_packets,
              r.drops, r.spoof_drops] for r in core.port_stats(a[0])]
 
@@ -151,7 +153,7 @@ async def _set_log_level(core: CoreAPI, c: Caller | None, a: list[Any]) -> Any:
 # ---- port forwards ----------------------------------------------------------------------
 
 
-async def _list_forwards(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
+def _list_forwards(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
     # to_port 0: the same port(s) as on the host.
     return [[r.network, r.proto, r.port, r.to, r.to_port or 0, r.runtime]
             for r in core.list_forwards(a[0])]
@@ -165,15 +167,15 @@ async def _remove_forward(core: CoreAPI, c: Caller | None, a: list[Any]) -> Any:
     await core.remove_forward(_caller(c), a[0], a[1], a[2])
 
 
-async def _network(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
+def _network(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
     return network_properties(core.network(a[0]))
 
 
-async def _leases(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
+def _leases(core: CoreAPI, _c: Caller | None, a: list[Any]) -> Any:
     return lease_rows(core, a[0])
 
 
-async def _version(core: CoreAPI, _c: Caller | None, _a: list[Any]) -> Any:
+def _version(core: CoreAPI, _c: Caller | None, _a: list[Any]) -> Any:
     return core.version
 
 

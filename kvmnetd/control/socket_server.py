@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import socket
@@ -55,7 +56,9 @@ async def handle_request(core: CoreAPI, caller: Caller, req: Any) -> dict[str, A
         return {**reply, "ok": False, "error": INVALID_ARGS,
                 "message": f"{method} takes [{sig}]"}
     try:
-        result = await entry.run(core, caller, args)
+        result = entry.run(core, caller, args)
+        if inspect.isawaitable(result):
+            result = await result
     except Exception as exc:
         name, message = classify(exc, str(method))
         return {**reply, "ok": False, "error": name, "message": message}
